@@ -1,0 +1,84 @@
+# Entry points of the pipeline; `make help` lists them. Each stage reads only the artifacts of
+# the stage before it, so each can be rerun alone. Every target first runs `setup` (idempotent).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+
+# make data: IMAGENET=<root> SPLITS=<dir with train/val/test.pickle> builds imagenet50;
+# FOLDER=<class folders> builds data/<folder name>; neither builds the embedded fashion50.
+IMAGENET ?=
+SPLITS ?=
+FOLDER ?=
+PER_CLASS ?= 50,50,0.5
+DATA_ARGS ?=
+# make train / logits: MODEL=<configs/models name>, DATA=<configs/data name>, ARGS="key=value ..."
+MODEL ?= effnet_b7
+DATA ?=
+ARGS ?=
+ACCELERATE_CONFIG ?=
+# make ensemble: ENSEMBLE=<configs/ensembles name>, or MODELS="a b" WEIGHTS="1 2" NAME=<name>
+ENSEMBLE ?= vipriors16
+MODELS ?=
+WEIGHTS ?=
+NAME ?=
+SUBMISSION ?=
+LABELS ?=
+
+.PHONY: help setup data train logits ensemble evaluate demo ablation sweep bench bench-data test test-fast lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: ## .venv with the pinned requirements, and Debian's Fashion-MNIST
+	@VENV=$(VENV) bash scripts/setup.sh
+
+data: setup ## build a dataset (IMAGENET= SPLITS= | FOLDER= | the embedded fashion50)
+ifneq ($(IMAGENET),)
+	$(PY) -m data_prep imagenet --imagenet $(IMAGENET) --splits $(SPLITS) $(DATA_ARGS)
+else ifneq ($(FOLDER),)
+	$(PY) -m data_prep folder --root $(FOLDER) --per-class $(PER_CLASS) $(DATA_ARGS)
+else
+	$(PY) -m data_prep fashion $(DATA_ARGS)
+endif
+
+train: setup ## train MODEL= [DATA=] [ARGS="epochs=2 ..."] under accelerate launch
+	$(PY) -m train.launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG)) -- \
+		$(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS)
+
+logits: setup ## TenCrop probabilities of MODEL= for val and test
+	$(PY) -m ensemble.logits $(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS)
+
+ensemble: setup ## average models into submissions/<name>.csv/.zip/.json
+	$(PY) -m ensemble.blend $(if $(MODELS),--models $(MODELS),--config $(ENSEMBLE)) \
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(NAME),--name $(NAME))
+
+evaluate: setup ## validate SUBMISSION= and score it against LABELS=
+	$(PY) -m ensemble.evaluate $(SUBMISSION) $(if $(LABELS),--labels $(LABELS))
+
+demo: setup ## the whole pipeline on the embedded benchmark (CPU, ~15 min)
+	$(PY) -m scripts.demo
+
+ablation: setup ## the paper's Table 2/3 rows on the embedded benchmark
+	$(PY) -m scripts.ablation $(ARGS)
+
+sweep: setup ## beta / tau / gamma / EMA-horizon sweeps on the embedded benchmark
+	$(PY) -m scripts.ablation --sweep $(ARGS)
+
+bench: setup ## every benchmark; ratios measured side by side in one run
+	$(PY) -m scripts.bench
+
+bench-data: setup ## make data: link vs copy on 150,000 synthetic files
+	$(PY) -m scripts.bench_data
+
+test: setup ## the whole test suite (CI runs exactly this)
+	$(PY) -m pytest -q
+
+test-fast: setup ## the tests not marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup ## ruff
+	$(VENV)/bin/ruff check .
+
+clean: ## remove generated runs, logits and submissions (keeps data/ and .venv)
+	rm -rf runs logits results submissions/*.csv submissions/*.zip submissions/*.json

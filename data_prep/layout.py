@@ -1,0 +1,96 @@
+"""The on-disk layout of a prepared dataset: the contract between `make data` and every later stage.
+
+```
+<root>/train/<class>/<file>      training images, one folder per class
+<root>/val/<class>/<file>        validation images, same classes
+<root>/test/imgs/img_<i>.<ext>   test images, named as the challenge's toolkit names them
+<root>/test_labels.csv           `Image IDs,label` for local evaluation only: training never reads it
+<root>/manifest.json             counts, source, options, checksum; written last, so it marks completion
+```
+Class index = position of the class folder name in sorted order (as `ImageFolder` numbers them,
+and as the VIPriors submission expects). Every row carries an id: a val image's id is
+`<class>/<file>`, a test image's id is its file name `img_<i>.<ext>` (the submission's `Image IDs`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+TEST_NAME = re.compile(r"^img_(\d+)\.[A-Za-z]+$")
+LABELS_HEADER = ("Image IDs", "label")
+
+
+def test_name(index: int, ext: str) -> str:
+    """File name (and submission id) of test image `index`: `img_<index><ext>`."""
+    return f"img_{index}{ext}"
+
+
+def test_index(name: str) -> int:
+    match = TEST_NAME.match(name)
+    if match is None:
+        raise UserError(f"{name!r} is not a test image name; expected img_<index>.<ext>")
+    return int(match.group(1))
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one prepared dataset."""
+
+    root: Path
+
+    def split_dir(self, split: str) -> Path:
+        return self.root / split
+
+    @property
+    def test_dir(self) -> Path:
+        return self.root / "test" / "imgs"
+
+    @property
+    def test_labels(self) -> Path:
+        return self.root / "test_labels.csv"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    def read_manifest(self) -> dict:
+        if not self.manifest.is_file():
+            raise UserError(
+                f"{self.manifest} is missing: {self.root} is not a complete dataset; "
+                "run `make data` (or `python -m data_prep ...`) to build or finish it"
+            )
+        return json.loads(self.manifest.read_text())
+
+    def classes(self) -> list[str]:
+        """Class names in index order (sorted), read from the manifest."""
+        return list(self.read_manifest()["classes"])
+
+    def split_items(self, split: str) -> list[tuple[str, Path, int]]:
+        """(id, path, label) of every image of `split` ("train" or "val"), sorted by id."""
+        classes = self.classes()
+        items = []
+        for label, name in enumerate(classes):
+            folder = self.split_dir(split) / name
+            if not folder.is_dir():
+                raise UserError(f"{folder} is missing; rerun `make data` to repair {self.root}")
+            items += [
+                (f"{name}/{p.name}", p, label) for p in sorted(folder.iterdir()) if is_image(p)
+            ]
+        return items
+
+    def test_items(self) -> list[tuple[str, Path]]:
+        """(id, path) of every test image, in index order (`img_0`, `img_1`, ...)."""
+        self.read_manifest()
+        paths = [p for p in self.test_dir.iterdir() if is_image(p)]
+        paths.sort(key=lambda p: test_index(p.name))
+        return [(p.name, p) for p in paths]
