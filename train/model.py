@@ -1,0 +1,166 @@
+"""The network: a timm backbone from scratch, the auxiliary classifier, DSK-ResNeXt101, the teacher.
+
+RECIPE.md sections 2, 3 and 5. The auxiliary classifier (global average pool, dropout, linear)
+reads an intermediate stage chosen through timm's feature API (`feature_info`, and
+`forward_intermediates(..., intermediates_only=False)`, which returns the final features and the
+intermediate of ONE pass), so the same code serves EfficientNet, ResNet, SE-ResNet and the
+selective-kernel ResNeXt. Auxiliary Fusion predicts w * softmax(aux) + (1 - w) * softmax(main).
+The Mean Teacher is timm's `ModelEmaV3`, which averages parameters and buffers (batch-norm
+running statistics included).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from timm.layers import ClassifierHead
+from timm.models import ResNet, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.sknet import SelectiveKernelBottleneck
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from data_prep.errors import UserError
+
+# timm's register_model appends the model's name to its module's __all__: declare ours first.
+__all__ = ["AuxNet", "build_model", "build_teacher", "ema_decay"]
+
+default_cfgs = generate_default_cfgs({
+    "dsk_resnext101_32x4d.untrained": {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bicubic", "mean": timm.data.IMAGENET_DEFAULT_MEAN,
+        "std": timm.data.IMAGENET_DEFAULT_STD, "first_conv": "conv1", "classifier": "fc",
+    },
+})
+
+
+@register_model
+def dsk_resnext101_32x4d(pretrained: bool = False, **kwargs) -> ResNet:
+    """Selective-kernel ResNeXt-101 32x4d: an APPROXIMATION of DSK-ResNeXt101.
+
+    DSK-net ("dual selective kernel", Sun et al. 2020) has no public code. This is timm's
+    `SelectiveKernelBottleneck` (two kernel branches fused by channel attention, as in
+    `skresnext50_32x4d`) on the ResNeXt-101 32x4d layout: layers [3, 4, 23, 3], cardinality 32,
+    base width 4. It lacks DSK's second (spatial) selection. Never pretrained.
+    """
+    if pretrained:
+        raise ValueError("dsk_resnext101_32x4d has no pretrained weights; the recipe uses none")
+    sk_kwargs = dict(rd_ratio=1 / 16, rd_divisor=32, split_input=False)
+    model_args = dict(
+        block=SelectiveKernelBottleneck, layers=[3, 4, 23, 3], cardinality=32, base_width=4,
+        block_args=dict(sk_kwargs=sk_kwargs), zero_init_last=False,
+    )
+    return build_model_with_cfg(ResNet, "dsk_resnext101_32x4d", False, **dict(model_args, **kwargs))
+
+
+class AuxNet(nn.Module):
+    """A backbone with an optional auxiliary classifier on feature stage `aux_index`.
+
+    `forward(x)` returns (main logits, auxiliary logits or None), in train and eval mode alike.
+    """
+
+    def __init__(self, backbone: nn.Module, aux_index: int | None, aux_drop_rate: float):
+        super().__init__()
+        self.backbone = backbone
+        self.aux_index = aux_index
+        self.aux_feature_info: dict[str, Any] | None = None
+        self.aux_head: ClassifierHead | None = None
+        if aux_index is not None:
+            self.aux_feature_info = {"index": aux_index, **backbone.feature_info[aux_index]}
+            self.aux_head = ClassifierHead(
+                self.aux_feature_info["num_chs"], backbone.num_classes, pool_type="avg",
+                drop_rate=aux_drop_rate,
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.aux_head is None:
+            return self.backbone(x), None
+        final, (stage,) = self.backbone.forward_intermediates(
+            x, indices=[self.aux_index], intermediates_only=False
+        )
+        return self.backbone.forward_head(final), self.aux_head(stage)
+
+    def predict(self, x: torch.Tensor, fusion_weight: float) -> torch.Tensor:
+        """Auxiliary Fusion: w softmax(aux) + (1 - w) softmax(main); main alone without a head."""
+        if not 0.0 <= fusion_weight <= 1.0:
+            raise ValueError(f"fusion_weight={fusion_weight} must lie in [0, 1]")
+        main, aux = self(x)
+        probs = main.float().softmax(-1)
+        if aux is None:
+            return probs
+        return fusion_weight * aux.float().softmax(-1) + (1.0 - fusion_weight) * probs
+
+
+def _create_backbone(cfg: dict[str, Any]) -> nn.Module:
+    kwargs = dict(pretrained=False, num_classes=cfg["num_classes"], drop_rate=cfg["drop_rate"])
+    if cfg["drop_path_rate"] > 0:
+        kwargs["drop_path_rate"] = cfg["drop_path_rate"]
+    try:
+        return timm.create_model(cfg["arch"], **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" not in str(err):
+            raise
+        raise UserError(
+            f"arch={cfg['arch']!r} is not a timm model ({err}); pick one from timm.list_models()"
+        ) from None
+    except TypeError as err:
+        if "drop_path_rate" not in str(err):
+            raise
+        raise UserError(
+            f"arch={cfg['arch']!r} has no stochastic depth; set drop_path_rate=0"
+        ) from None
+
+
+def _aux_index(backbone: nn.Module, cfg: dict[str, Any]) -> int:
+    stages = getattr(backbone, "feature_info", None)
+    if not isinstance(stages, list) or not hasattr(backbone, "forward_intermediates"):
+        raise UserError(
+            f"arch={cfg['arch']!r} lacks timm's feature API (feature_info, forward_intermediates) "
+            "that the auxiliary head needs; choose another arch or set aux_weight=0"
+        )
+    k = cfg["aux_stage"]
+    if not -len(stages) <= k < len(stages):
+        raise UserError(
+            f"aux_stage={k} is out of range: {cfg['arch']} has {len(stages)} feature stages "
+            f"({', '.join(s['module'] for s in stages)}); use -{len(stages)}..{len(stages) - 1}"
+        )
+    return k % len(stages)
+
+
+def build_model(cfg: dict[str, Any]) -> AuxNet:
+    """`cfg["arch"]` from scratch, with the auxiliary head on `aux_stage` if aux_weight > 0."""
+    backbone = _create_backbone(cfg)
+    if cfg["aux_weight"] <= 0:
+        return AuxNet(backbone, None, 0.0)
+    return AuxNet(backbone, _aux_index(backbone, cfg), cfg["aux_drop_rate"])
+
+
+def ema_decay(cfg: dict[str, Any], total_steps: int) -> float:
+    """The teacher's eta per optimiser step.
+
+    `ema_decay`, or with `ema_horizon` h set, eta = 1 - 1 / (h * total_steps), clamped to [0, 1).
+    An EMA with decay eta averages over a time constant of 1 / (1 - eta) steps (the weight of a
+    step decays by 1/e after that many), so h is the fraction of the run the teacher remembers.
+    """
+    horizon = cfg["ema_horizon"]
+    if horizon is None:
+        eta = cfg["ema_decay"]
+        if not 0.0 <= eta < 1.0:
+            raise UserError(f"ema_decay={eta} must lie in [0, 1) (0.9998 in the paper)")
+        return float(eta)
+    if horizon <= 0 or total_steps <= 0:
+        raise UserError(f"ema_horizon={horizon} must be > 0 (a fraction of the run, e.g. 0.1)")
+    return max(0.0, 1.0 - 1.0 / (horizon * total_steps))
+
+
+def build_teacher(student: nn.Module, decay: float, warmup: bool) -> ModelEmaV3:
+    """The Mean Teacher: an EMA copy of `student` (parameters AND buffers), never trained.
+
+    Call `teacher.update(student, step)` after each optimiser step, with the number of steps done
+    so far (timm's convention: at step <= 1 the teacher copies the student; with `warmup` the
+    decay grows as 1 - (1 + step)^(-2/3) up to `decay`). Pass the unwrapped student (not DDP).
+    """
+    teacher = ModelEmaV3(student, decay=decay, use_warmup=warmup, exclude_buffers=False)
+    teacher.requires_grad_(False)
+    return teacher

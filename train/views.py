@@ -1,0 +1,302 @@
+"""Two augmented views per image and the Mixup/CutMix that both views share (RECIPE.md section 2).
+
+The Strong Baseline's transform is timm's ImageNet training pipeline (RandomResizedCrop, flip,
+AutoAugment, normalisation, RandomErasing), every knob from the config. `MultiViewDataset`
+decodes each image once and applies that transform `num_views` times, independently.
+`SharedMixup` then mixes every view with ONE partner pairing, ONE lambda and ONE CutMix box, so
+that the views of an image carry identical soft targets (timm's `Mixup` on a batch holding both
+views would mix view 1 with view 2). The mixing follows timm's `timm/data/mixup.py` (Beta lambda,
+square box, lambda corrected to the clipped box area), drawing from a passed generator instead of
+numpy's global state.
+
+Randomness is a pure function of its keys: (seed, epoch, index, rank) for the augmentation of an
+image, (seed, epoch, step, rank) for the mixing of a batch, so that a resumed run replays it
+whatever worker or process does the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import operator
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data.mixup import one_hot
+from torch.utils.data import Dataset
+
+from data_prep.errors import UserError
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def stable_seed(*keys: int | str) -> int:
+    """A 63-bit seed that depends only on `keys` (not on Python's per-process salted `hash`)."""
+    canonical = [k if isinstance(k, str) else operator.index(k) for k in keys]
+    digest = hashlib.blake2b(json.dumps(canonical).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def generator_for(*keys: int | str) -> torch.Generator:
+    """A CPU torch.Generator seeded by `stable_seed(*keys)`."""
+    return torch.Generator().manual_seed(stable_seed(*keys))
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's `random`, numpy's and torch's CPU global RNGs; restore all three on exit.
+
+    timm's crop and AutoAugment draw from `random` (RandAugment from numpy), torchvision's flip
+    and RandomErasing's noise from torch. Restoring keeps the dataset from disturbing the training
+    RNG when it runs in the main process (workers=0). CUDA generators are never touched.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def build_train_transform(cfg: dict[str, Any]) -> Transform:
+    """The Strong Baseline: RRC, flip, AutoAugment, to tensor, normalise, RandomErasing."""
+    return create_transform(
+        input_size=cfg["img_size"],
+        is_training=True,
+        scale=tuple(cfg["rrc_scale"]),
+        ratio=tuple(cfg["rrc_ratio"]),
+        hflip=cfg["hflip"],
+        color_jitter=None,  # the recipe has no colour jitter (timm also drops it under AutoAugment)
+        auto_augment=cfg["auto_augment"],
+        interpolation=cfg["interpolation"],
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        re_prob=cfg["reprob"],
+        re_mode=cfg["remode"],
+    )
+
+
+def build_eval_transform(cfg: dict[str, Any]) -> Transform:
+    """Short side to floor(test_size / test_resize_ratio), centre crop test_size, normalise."""
+    return create_transform(
+        input_size=cfg["test_size"],
+        is_training=False,
+        crop_pct=cfg["test_resize_ratio"],
+        interpolation=cfg["interpolation"],
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+    )
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode any image file (CMYK, grayscale, palette, a PNG named .JPEG) as RGB."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not inside a transform
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(
+            f"cannot read image {path} ({err}); replace or remove the file and rerun `make data`"
+        ) from None
+
+
+class MultiViewDataset(Dataset):
+    """Items `(id, path, label)` -> (`num_views` views [V, C, H, W], label, index).
+
+    The image is decoded once; the views are independent draws of `transform`, seeded by
+    (seed, epoch, index, rank). The epoch lives in shared memory so that `set_epoch` reaches
+    DataLoader workers too, persistent ones included (call it before iterating the loader).
+    """
+
+    def __init__(
+        self,
+        items: Sequence[tuple[str, Path, int]],
+        transform: Transform,
+        num_views: int,
+        seed: int,
+        rank: int = 0,
+    ):
+        if num_views < 1:
+            raise ValueError(f"num_views={num_views}: need at least one view")
+        self.items = list(items)
+        self.transform = transform
+        self.num_views = num_views
+        self.seed = seed
+        self.rank = rank
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        _, path, label = self.items[index]
+        image = load_rgb(path)
+        with seeded_global_rngs(stable_seed(self.seed, self.epoch, index, self.rank)):
+            views = torch.stack([self.transform(image) for _ in range(self.num_views)])
+        return views, label, index
+
+
+class EvalDataset(Dataset):
+    """Items `(id, path, label)` or `(id, path)` -> (image tensor, label or -1, index)."""
+
+    def __init__(self, items: Sequence[tuple], transform: Transform):
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        item = self.items[index]
+        label = item[2] if len(item) > 2 else -1
+        return self.transform(load_rgb(item[1])), label, index
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """One batch's mixing: image i becomes lam * image i + (1 - lam) * image partner[i]."""
+
+    lam: float
+    partner: torch.Tensor  # [N] long; the identity when the batch is not mixed
+    box: tuple[int, int, int, int] | None  # CutMix (y0, y1, x0, x1) pasted from the partner
+
+
+def cutmix_box(
+    height: int, width: int, lam: float, rng: np.random.Generator
+) -> tuple[tuple[int, int, int, int], float]:
+    """timm's `rand_bbox` + `cutmix_bbox_and_lam` from `rng`: a box of area ~(1 - lam) H W,
+    clipped at the border, and lam corrected to the area actually pasted."""
+    ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, width)
+    return (y0, y1, x0, x1), 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+
+
+def random_pairing(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random involution without fixed points: images are mixed in pairs (i <-> partner[i]),
+    as timm's flip pairs them, so no image is ever mixed with itself."""
+    order = rng.permutation(n)
+    partner = np.empty(n, dtype=np.int64)
+    partner[order[0::2]] = order[1::2]
+    partner[order[1::2]] = order[0::2]
+    return partner
+
+
+class SharedMixup:
+    """Mixup or CutMix with the same pairing, lambda and box for every view; smoothed targets.
+
+    Args:
+        mixup_alpha: Beta(alpha, alpha) of Mixup; 0 disables Mixup.
+        cutmix_alpha: Beta(alpha, alpha) of CutMix; 0 disables CutMix.
+        mix_prob: probability that a batch is mixed at all.
+        switch_prob: probability of CutMix rather than Mixup when both are enabled.
+        smoothing: label smoothing (off value smoothing / C, on value 1 - smoothing + off).
+        num_classes: C.
+    """
+
+    def __init__(
+        self,
+        mixup_alpha: float,
+        cutmix_alpha: float,
+        mix_prob: float,
+        switch_prob: float,
+        smoothing: float,
+        num_classes: int,
+    ):
+        for name, value in (("mix_prob", mix_prob), ("switch_prob", switch_prob),
+                            ("smoothing", smoothing)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value} must lie in [0, 1]")
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ValueError(f"mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha} must be >= 0")
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.mix_prob, self.switch_prob = mix_prob, switch_prob
+        self.smoothing, self.num_classes = smoothing, num_classes
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> SharedMixup:
+        return cls(
+            cfg["mixup_alpha"], cfg["cutmix_alpha"], cfg["mix_prob"], cfg["switch_prob"],
+            cfg["smoothing"], cfg["num_classes"],
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> MixParams:
+        """This batch's mixing parameters, from exactly one draw of `generator`."""
+        if self.enabled and n % 2:
+            raise ValueError(
+                f"Mixup/CutMix mixes images in pairs: a batch of {n} images is odd; "
+                "use an even batch_size and drop the last incomplete batch"
+            )
+        # One draw seeds a private numpy Generator (torch has no Beta sampler that takes a
+        # generator), so the torch stream advances by one value per batch whatever the branch.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        rng = np.random.default_rng(seed)
+        if not self.enabled or rng.random() >= self.mix_prob:
+            return MixParams(1.0, torch.arange(n), None)
+        use_cutmix = self.cutmix_alpha > 0 and (
+            self.mixup_alpha <= 0 or rng.random() < self.switch_prob
+        )
+        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+        lam = float(rng.beta(alpha, alpha))
+        partner = torch.from_numpy(random_pairing(n, rng))
+        if not use_cutmix:
+            return MixParams(lam, partner, None)
+        box, lam = cutmix_box(height, width, lam, rng)
+        return MixParams(lam, partner, box)
+
+    def targets(self, labels: torch.Tensor, params: MixParams) -> torch.Tensor:
+        """Smoothed one-hot targets mixed with the partner's: [N, C], rows summing to 1."""
+        off = self.smoothing / self.num_classes
+        y = one_hot(labels, self.num_classes, on_value=1.0 - self.smoothing + off, off_value=off)
+        partner = params.partner.to(labels.device)
+        return y * params.lam + y[partner] * (1.0 - params.lam)
+
+    def __call__(
+        self, views: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """views [V, N, C, H, W], labels [N] -> (mixed views [V, N, C, H, W], targets [N, C]).
+
+        An unmixed batch returns `views` itself (not a copy) with smoothed targets.
+        """
+        if views.ndim != 5 or labels.shape != views.shape[1:2]:
+            raise ValueError(
+                f"expected views [V, N, C, H, W] and labels [N], got {tuple(views.shape)} "
+                f"and {tuple(labels.shape)}"
+            )
+        params = self.draw(views.shape[1], views.shape[3], views.shape[4], generator)
+        targets = self.targets(labels, params)
+        if params.lam == 1.0 and params.box is None:
+            return views, targets
+        partner = params.partner.to(views.device)
+        if params.box is None:
+            return views.mul(params.lam).add_(views[:, partner], alpha=1.0 - params.lam), targets
+        y0, y1, x0, x1 = params.box
+        mixed = views.clone()
+        mixed[..., y0:y1, x0:x1] = views[:, partner, :, y0:y1, x0:x1]
+        return mixed, targets
