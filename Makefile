@@ -17,6 +17,7 @@ MODEL ?= effnet_b7
 DATA ?=
 ARGS ?=
 ACCELERATE_CONFIG ?=
+NPROC ?=
 # make ensemble: ENSEMBLE=<configs/ensembles name>, or MODELS="a b" WEIGHTS="1 2" NAME=<name>
 ENSEMBLE ?= vipriors16
 MODELS ?=
@@ -25,7 +26,7 @@ NAME ?=
 SUBMISSION ?=
 LABELS ?=
 
-.PHONY: help setup data train logits ensemble evaluate demo ablation sweep bench bench-data test test-fast lint clean
+.PHONY: help setup data train logits ensemble evaluate demo ablation sweep bench bench-data test test-fast lint clean slurm
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,7 +44,7 @@ else
 endif
 
 train: setup ## train MODEL= [DATA=] [ARGS="epochs=2 ..."] under accelerate launch
-	$(PY) -m train.launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG)) -- \
+	$(PY) -m train.launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG)) $(if $(NPROC),--num_processes $(NPROC)) \
 		$(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS)
 
 logits: setup ## TenCrop probabilities of MODEL= for val and test
@@ -82,3 +83,6 @@ lint: setup ## ruff
 
 clean: ## remove generated runs, logits and submissions (keeps data/ and .venv)
 	rm -rf runs logits results submissions/*.csv submissions/*.zip submissions/*.json
+
+slurm: setup ## print a requeueing SLURM job for MODEL= on NODES= nodes (multi-node accelerate)
+	@$(PY) -m train.slurm $(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS) --nodes $(or $(NODES),2)

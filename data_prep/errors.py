@@ -27,7 +27,10 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            # Raised in a DataLoader worker, it arrives wrapped in the worker's traceback:
+            # keep the one line the user needs.
+            message = str(err).rsplit("UserError: ", 1)[-1].strip()
+            print(f"error: {message}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper

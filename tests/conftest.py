@@ -30,3 +30,23 @@ def run_command(*args: str, cwd: Path = ROOT, check: bool = True, **kwargs):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory) -> Path:
+    """The embedded benchmark, built once by the real command."""
+    out = tmp_path_factory.mktemp("data") / "fashion50"
+    run_command("-m", "data_prep", "fashion", "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(fashion_dir, tmp_path_factory) -> Path:
+    """A 10-class dataset of 8 train, 3 val and 2 test images per class, cut from fashion50
+    by the `folder` source: small enough for training runs inside tests."""
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    run_command(
+        "-m", "data_prep", "folder", "--root", str(fashion_dir / "train"),
+        "--per-class", "8,3,2", "--out", str(out),
+    )  # fmt: skip
+    return out

@@ -70,22 +70,37 @@ def _merge(cfg: dict, layer: dict, origin: str) -> None:
         cfg[key] = _check_type(key, value, cfg[key], origin)
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`key=value` strings to a dict; values parse as YAML (`epochs=2`, `train_splits=[train,val]`)."""
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`key=value` strings to a dict of raw text; `_coerce` types them against base.yaml."""
     out = {}
     for arg in args:
         key, sep, text = arg.partition("=")
         if not sep or not key:
             raise UserError(f"override {arg!r} is not key=value (for example epochs=2)")
-        out[key] = yaml.safe_load(text) if text else None
+        out[key] = text
     return out
 
 
-def load_config(model: str, overrides: list[str] | dict[str, Any] = ()) -> dict[str, Any]:
+def _coerce(text: str, default: Any) -> Any:
+    """Command-line text as YAML (`epochs=2`, `train_splits=[train,val]`), except that a
+    string-typed key keeps its text: YAML 1.1 would read `mixed_precision=no` as false."""
+    if text in ("", "null", "~"):
+        return None
+    if isinstance(default, str):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
     """Resolve the config of `model` (a name in configs/models/ or a path to a YAML file)."""
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
     base = _read_yaml(CONFIG_DIR / "base.yaml")
+    overrides = overrides or {}
+    if isinstance(overrides, list):
+        raw = parse_overrides(overrides)
+        overrides = {k: _coerce(v, base.get(k)) for k, v in raw.items()}
     model_path = Path(model)
     if model_path.suffix in (".yaml", ".yml") and model_path.is_file():
         model_layer, model_name = _read_yaml(model_path), model_path.stem

@@ -1,0 +1,74 @@
+"""Config loading: layers, overrides, and the errors a user sees for a typo."""
+
+from __future__ import annotations
+
+import pytest
+
+from data_prep.errors import UserError
+from tests.conftest import run_command
+from train.config import available, load_config
+
+ENSEMBLE_ARCHS = {
+    "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+    "dsk_resnext101_32x4d", "resnet152", "seresnet152",
+}  # fmt: skip
+
+
+def test_layers_apply_in_order_data_then_model_then_command_line():
+    cfg = load_config("effnet_b7", ["epochs=2", "lr=0.01", "data=fashion50", "seed=5"])
+    assert cfg["arch"] == "efficientnet_b7"  # model layer
+    assert cfg["num_classes"] == 10  # data layer chosen on the command line
+    assert cfg["img_size"] == 448  # model layer beats the data layer
+    assert (cfg["epochs"], cfg["lr"], cfg["seed"]) == (2, 0.01, 5)
+    assert cfg["name"] == "effnet_b7"
+
+
+def test_every_run_accepts_the_common_overrides():
+    cfg = load_config(
+        "effnet_b2_ablation", ["data=fashion50", "epochs=1", "seed=3", "batch_size=8", "out_dir=/x"]
+    )
+    assert (cfg["epochs"], cfg["seed"], cfg["batch_size"], cfg["out_dir"]) == (1, 3, 8, "/x")
+
+
+def test_string_keys_keep_yaml_1_1_booleans_as_text():
+    cfg = load_config("effnet_b7", ["mixed_precision=no", "auto_augment=null"])
+    assert cfg["mixed_precision"] == "no"
+    assert cfg["auto_augment"] is None
+
+
+def test_lists_and_ints_for_floats_parse():
+    cfg = load_config("effnet_b7", ["train_splits=[train]", "lr=1"])
+    assert cfg["train_splits"] == ["train"] and cfg["lr"] == 1.0
+
+
+def test_unknown_key_is_refused_with_the_valid_keys():
+    with pytest.raises(UserError, match=r"unknown config key learning_rate; valid keys: .*\blr\b"):
+        load_config("effnet_b7", ["learning_rate=0.1"])
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(UserError, match=r"epochs='ten' is a str, expected a int"):
+        load_config("effnet_b7", ["epochs=ten"])
+
+
+def test_unknown_model_names_the_valid_ones():
+    with pytest.raises(UserError, match=r"unknown model 'effnet_b9'.*valid: .*effnet_b7"):
+        load_config("effnet_b9")
+
+
+def test_the_paper_ensemble_has_sixteen_configs_of_six_architectures_on_train_and_val():
+    members = [load_config(m) for m in available("models") if m.split("_")[0] != "demo"]
+    final = [c for c in members if c["train_splits"] == ["train", "val"]]
+    assert len(final) == 16
+    assert {c["arch"] for c in final} == ENSEMBLE_ARCHS
+    assert len({(c["arch"], c["seed"], c["img_size"]) for c in final}) == 16
+    assert all(c["img_size"] >= 448 and c["holdout_per_class"] > 0 for c in final)
+
+
+def test_config_errors_exit_2_with_one_line_through_the_command():
+    proc = run_command("-m", "train", "effnet_b7", "epochz=3", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "unknown config key epochz" in proc.stderr
+    proc = run_command("-m", "train", "no_such_model", check=False)
+    assert proc.returncode == 2 and "unknown model 'no_such_model'" in proc.stderr

@@ -1,0 +1,187 @@
+"""Training runs through the real commands: exact resume, preemption, two processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, run_command
+
+pytestmark = pytest.mark.slow
+
+# 80 training images, batch 8: 10 steps an epoch, 20 in all; a checkpoint every 3 steps.
+RUN_ARGS = [
+    "demo_resnet18", "epochs=2", "batch_size=8", "workers=1", "ckpt_every_steps=3",
+    "keep_last=50", "eval_every=1", "warmup_epochs=1", "lr=0.05",
+]  # fmt: skip
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [*RUN_ARGS, f"data_dir={data}", f"out_dir={out}", *extra]
+
+
+def start(args: list[str], module: str = "train") -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def newest_step(run: Path) -> int:
+    steps = [int(p.name[5:14]) for p in (run / "checkpoints").glob("step_*") if p.is_dir()
+             and (p / "COMPLETE").is_file()]  # fmt: skip
+    return max(steps, default=-1)
+
+
+def final_state(run: Path) -> dict[str, dict]:
+    last = sorted((run / "checkpoints").glob("step_000000020"))[0]
+    state = torch.load(last / "state.pt", weights_only=True)
+    return {
+        "student": load_file(last / "student.safetensors"),
+        "teacher": load_file(last / "teacher.safetensors"),
+        "optimizer": state["optimizer"]["state"],
+    }
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    for part in ("student", "teacher"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+    assert a["optimizer"].keys() == b["optimizer"].keys()
+    for pid, slots in a["optimizer"].items():
+        for name, value in slots.items():
+            other = b["optimizer"][pid][name]
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), f"opt {pid}.{name}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    run_command("-m", "train", *train_args(tiny_dir, out))
+    return out / "demo_resnet18"
+
+
+def test_an_uninterrupted_run_writes_config_metrics_curves_and_checkpoints(uninterrupted):
+    metrics = pd.read_csv(uninterrupted / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2]
+    for column in ("loss", "ce", "rce", "cr", "mt", "aux", "lr", "img_per_s", "val_student",
+                   "val_teacher", "val_fused"):  # fmt: skip
+        assert metrics[column].notna().all(), column
+    assert (metrics["cr"] > 0).all() and (metrics["mt"] > 0).all()
+    assert (uninterrupted / "curves.png").stat().st_size > 1000
+    assert (uninterrupted / "config.yaml").is_file()
+    assert (uninterrupted / "checkpoints" / "best" / "COMPLETE").is_file()
+
+
+def test_a_run_killed_at_a_random_step_resumes_bit_identical(uninterrupted, tiny_dir, tmp_path):
+    kill_after = random.Random(os.getpid()).randrange(3, 18)
+    proc = start(train_args(tiny_dir, tmp_path))
+    run = tmp_path / "demo_resnet18"
+    while newest_step(run) < kill_after and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert newest_step(run) < 20, "the run finished before it was killed"
+    resumed = run_command("-m", "train", *train_args(tiny_dir, tmp_path))
+    assert "resumed from" in resumed.stdout
+    assert_bit_identical(final_state(uninterrupted), final_state(run))
+    assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_a_kill_while_a_checkpoint_is_written_resumes_bit_identical(
+    uninterrupted, tiny_dir, tmp_path
+):
+    proc = start(train_args(tiny_dir, tmp_path))
+    ckpts = tmp_path / "demo_resnet18" / "checkpoints"
+    # Poll fast for a folder still being assembled; kill the moment one is seen.
+    while proc.poll() is None and not any(p.name.endswith(".tmp") for p in ckpts.glob("step_*")):
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    partial = [p for p in ckpts.glob("step_*.tmp")]
+    assert partial, "the kill did not land inside a checkpoint write"
+    run_command("-m", "train", *train_args(tiny_dir, tmp_path))
+    assert_bit_identical(final_state(uninterrupted), final_state(tmp_path / "demo_resnet18"))
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(uninterrupted, tiny_dir, tmp_path):
+    proc = start(train_args(tiny_dir, tmp_path))
+    run = tmp_path / "demo_resnet18"
+    while newest_step(run) < 9 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    newest = run / "checkpoints" / f"step_{newest_step(run):09d}"
+    weights = newest / "student.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, marker still present
+    resumed = run_command("-m", "train", *train_args(tiny_dir, tmp_path))
+    assert "incomplete or corrupt" in resumed.stderr
+    assert_bit_identical(final_state(uninterrupted), final_state(run))
+
+
+def test_sigterm_checkpoints_exits_75_and_the_rerun_continues(uninterrupted, tiny_dir, tmp_path):
+    args = train_args(tiny_dir, tmp_path)
+    proc = start(args, module="train.launch")  # the make train path: accelerate launch
+    run = tmp_path / "demo_resnet18"
+    while newest_step(run) < 4 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, output
+    assert "stopped on request" in output
+    stopped_at = newest_step(run)
+    assert 4 <= stopped_at < 20
+    resumed = run_command("-m", "train.launch", *args)
+    assert f"step {stopped_at})" in resumed.stdout
+    assert_bit_identical(final_state(uninterrupted), final_state(run))
+
+
+def test_a_checkpoint_of_another_config_is_refused(uninterrupted, tiny_dir, tmp_path):
+    out = uninterrupted.parent
+    proc = run_command("-m", "train", *train_args(tiny_dir, out, "cr_weight=0.5"), check=False)
+    assert proc.returncode == 2
+    assert "different config (cr_weight)" in proc.stderr and "allow_config_change" in proc.stderr
+
+
+def test_a_world_size_the_accelerator_does_not_see_is_refused(tiny_dir, tmp_path):
+    env = {"WORLD_SIZE": "2"}
+    proc = run_command("-m", "train", *train_args(tiny_dir, tmp_path), check=False, env=env)
+    assert proc.returncode == 2
+    assert "WORLD_SIZE=2" in proc.stderr and "--multi_gpu" in proc.stderr
+
+
+def test_two_cpu_processes_validate_like_one_process(tiny_dir, tmp_path):
+    args = train_args(tiny_dir, tmp_path, "epochs=1", "batch_size=4")
+    out = run_command("-m", "train.launch", "--num_processes", "2", *args)
+    assert "world size 2" in out.stdout
+    run = tmp_path / "demo_resnet18"
+    logged = pd.read_csv(run / "metrics.csv").iloc[-1]
+    # One process, the same weights, every val image once.
+    from data_prep.layout import Layout
+    from train.config import load_config
+    from train.engine import predict, top1
+    from train.data import eval_loader
+    from train.distributed import make_accelerator
+    from train.model import build_model
+
+    cfg = load_config(args[0], args[1:])
+    model = build_model(cfg)
+    model.load_state_dict(load_file(run / "checkpoints" / "best" / "student.safetensors"))
+    items = Layout(tiny_dir).split_items("val")
+    acc = make_accelerator("no")
+    probs, _ = predict(acc, model, eval_loader(cfg, items, 0, 1, 7), len(items), 10, True)
+    labels = torch.tensor([item[2] for item in items])
+    assert probs.shape[0] == len(items)
+    assert top1(probs, labels) == pytest.approx(logged["val_student"], abs=1e-4)

@@ -1,0 +1,29 @@
+"""`python -m train MODEL [key=value ...]`: one training run (under `accelerate launch` or alone)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_prep.errors import cli_main
+from train.config import available, load_config
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train one backbone under the Attract-and-Repulse recipe; a rerun resumes.",
+        epilog=f"models: {', '.join(available('models'))}",
+    )
+    parser.add_argument("model", help="a name in configs/models/ or a path to a YAML file")
+    parser.add_argument("overrides", nargs="*", help="key=value settings (see configs/base.yaml)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.model, args.overrides)
+    from train.run import train  # after the config is valid: a typo fails fast, before torch
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

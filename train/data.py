@@ -1,0 +1,118 @@
+"""What a run trains and evaluates on, and in which order: resumable, seeded, sharded.
+
+The training order is a seeded permutation per epoch, cut into global batches of
+`batch_size x world` images; process r takes the r-th slice of each. A run resumed at
+(epoch, step) replays exactly the batches it had not yet seen, so a resumed run matches an
+uninterrupted one. Augmentation randomness lives in the dataset (per image, from seed, epoch,
+index and rank), so workers and restarts do not change it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler, Subset
+
+from data_prep.errors import UserError
+from data_prep.layout import Layout
+from train.distributed import shard
+from train.views import (
+    EvalDataset,
+    MultiViewDataset,
+    build_eval_transform,
+    build_train_transform,
+    generator_for,
+)
+
+Item = tuple[str, Path, int]
+
+
+def split_train_eval(cfg: dict[str, Any]) -> tuple[list[Item], list[Item]]:
+    """Training items of `train_splits`, and the items that validate the run.
+
+    Trained on `train` alone, a run validates on `val`. Trained on train+val (the final models),
+    it holds out `holdout_per_class` images per class (seeded) for monitoring, as the paper does.
+    """
+    layout = Layout(Path(cfg["data_dir"]))
+    unknown = set(cfg["train_splits"]) - {"train", "val"}
+    if unknown or not cfg["train_splits"]:
+        raise UserError(f"train_splits={cfg['train_splits']}: use [train] or [train, val]")
+    train = [item for split in cfg["train_splits"] for item in layout.split_items(split)]
+    if "val" not in cfg["train_splits"]:
+        return train, layout.split_items("val")
+    holdout = cfg["holdout_per_class"]
+    by_class: dict[int, list[Item]] = defaultdict(list)
+    for item in train:
+        by_class[item[2]].append(item)
+    keep, held = [], []
+    for label in sorted(by_class):
+        items = by_class[label]
+        order = torch.randperm(len(items), generator=generator_for(cfg["seed"], "holdout", label))
+        chosen = set(order[:holdout].tolist())
+        for i, item in enumerate(items):
+            (held if i in chosen else keep).append(item)
+    return keep, held
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """This process's batches of one epoch, from `start_step` on (drop_last: fixed step count)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.steps = n // (batch_size * world)
+        if self.steps == 0:
+            raise UserError(
+                f"{n} training images cannot fill one global batch of {batch_size} x {world} "
+                "processes; lower batch_size"
+            )
+        self.epoch, self.start_step = 0, 0
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps - self.start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=generator_for(self.seed, "order", self.epoch))
+        per_step = self.batch_size * self.world
+        for step in range(self.start_step, self.steps):
+            first = step * per_step + self.rank * self.batch_size
+            yield order[first : first + self.batch_size].tolist()
+
+
+def train_loader(
+    cfg: dict[str, Any], items: list[Item], rank: int, world: int
+) -> tuple[DataLoader, MultiViewDataset, EpochBatchSampler]:
+    if cfg["num_views"] not in (1, 2):
+        raise UserError(f"num_views={cfg['num_views']}: the recipe uses 1 or 2 views")
+    dataset = MultiViewDataset(
+        items, build_train_transform(cfg), cfg["num_views"], cfg["seed"], rank=rank
+    )
+    sampler = EpochBatchSampler(len(items), cfg["batch_size"], cfg["seed"], rank, world)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg["workers"],
+        pin_memory=torch.cuda.is_available(),
+        # A private generator: creating an epoch's iterator must not draw from the global RNG,
+        # or a run resumed mid-epoch would shift the dropout stream of the uninterrupted run.
+        generator=torch.Generator().manual_seed(cfg["seed"]),
+    )
+    return loader, dataset, sampler
+
+
+def eval_loader(
+    cfg: dict[str, Any], items: list[Item], rank: int, world: int, batch_size: int
+) -> DataLoader:
+    """This process's shard of `items` (every item on exactly one process), centre-cropped."""
+    dataset = EvalDataset(items, build_eval_transform(cfg))
+    return DataLoader(
+        Subset(dataset, list(shard(len(items), rank, world))),
+        batch_size=batch_size,
+        num_workers=cfg["workers"],
+    )

@@ -1,0 +1,67 @@
+"""Processes and devices: the one place that talks to Accelerate about them.
+
+`make_accelerator` forces the CPU when CUDA is absent. Without that, `accelerate launch
+--multi_gpu --num_processes 2` on a CPU machine starts two processes that each believe they are
+alone and write the same checkpoints; with it they form one gloo group. A launcher/Accelerator
+disagreement on the world size is refused rather than trained through.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+
+from data_prep.errors import UserError
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    """`auto` = bf16 where the GPU supports it, full precision elsewhere (bf16 on CPU is slow)."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(mixed_precision)
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UserError(
+            f"the launcher started WORLD_SIZE={launched} processes but the Accelerator sees "
+            f"{accelerator.num_processes}; on a CPU machine launch with `--multi_gpu "
+            "--num_processes N` (make train does), not `--cpu --num_processes N`"
+        )
+    return accelerator
+
+
+def shard(n: int, rank: int, world: int) -> range:
+    """Indices this process handles: rank, rank + world, ... (every index on exactly one rank)."""
+    return range(rank, n, world)
+
+
+def gather_rows(
+    accelerator: Accelerator, index: torch.Tensor, values: torch.Tensor, total: int
+) -> torch.Tensor:
+    """Rows of all processes as one [total, ...] tensor ordered by global index, on every process.
+
+    Shards may be uneven: each pads to the longest with index -1, and the padding is dropped
+    after the gather, so every image counts exactly once (no duplicated rows at the end).
+    """
+    longest = -(-total // accelerator.num_processes)
+    pad = longest - index.numel()
+    index = torch.cat([index.long(), index.new_full((pad,), -1, dtype=torch.long)])
+    values = torch.cat([values, values.new_zeros((pad, *values.shape[1:]))])
+    all_index = accelerator.gather(index.to(accelerator.device)).cpu()
+    all_values = accelerator.gather(values.to(accelerator.device)).cpu()
+    keep = all_index >= 0
+    all_index, all_values = all_index[keep], all_values[keep]
+    if all_index.numel() != total or not torch.equal(all_index.sort().values, torch.arange(total)):
+        raise RuntimeError(f"gathered {all_index.numel()} rows for {total} indices: shards overlap")
+    out = torch.empty_like(all_values)
+    out[all_index] = all_values
+    return out

@@ -1,0 +1,109 @@
+"""`make train`: `accelerate launch` with launch settings that fit this machine.
+
+Without `--config_file`, the settings come from configs/accelerate/: every visible GPU on one
+machine, or one CPU process (`--num_processes N` for N CPU processes). CPU machines need care:
+`accelerate launch --cpu --num_processes N` starts a single process, so N > 1 CPU processes are
+launched as `--multi_gpu` and train/distributed.py puts them on the CPU (gloo).
+
+The launcher relays SIGTERM/SIGUSR1 to every training process (accelerate's launcher does not)
+and, since accelerate reports any failure as status 1, turns a stop it relayed into
+EXIT_PREEMPTED, so a job script can requeue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from data_prep.errors import UserError, cli_main
+from train.config import CONFIG_DIR, load_config
+
+EXIT_PREEMPTED = 75  # the same value as train.run.EXIT_PREEMPTED (kept import-light: no torch)
+
+
+def gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return out.stdout.count("GPU ") if out.returncode == 0 else 0
+
+
+def launch_args(config_file: str | None, num_processes: int | None, gpus: int) -> list[str]:
+    """The `accelerate launch` options for this machine and request."""
+    if config_file is None:
+        if gpus > 0:
+            name, procs = "gpu.yaml", num_processes or gpus
+        else:
+            procs = num_processes or 1
+            name = "cpu.yaml" if procs == 1 else "cpu_2proc.yaml"
+        args = ["--config_file", str(CONFIG_DIR / "accelerate" / name)]
+        return args + ["--num_processes", str(procs)]
+    path = Path(config_file)
+    if not path.is_file():
+        raise UserError(f"accelerate config {path} does not exist; pass an existing file")
+    settings = yaml.safe_load(path.read_text()) or {}
+    procs = num_processes or int(settings.get("num_processes", 1))
+    args = ["--config_file", str(path)] + (["--num_processes", str(procs)] if num_processes else [])
+    if gpus == 0 and procs > 1 and settings.get("distributed_type") != "MULTI_GPU":
+        print(f"launch: {path} asks for {procs} CPU processes; launching them as --multi_gpu")
+        args.append("--multi_gpu")
+    return args
+
+
+def run(command: list[str]) -> int:
+    """Run the launcher in its own process group, relaying stop signals to all of it."""
+    relayed = []
+    process = subprocess.Popen(command, start_new_session=True)
+
+    def relay(signum, frame):
+        relayed.append(signum)
+        os.killpg(process.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, relay)
+    code = process.wait()
+    if relayed:
+        _wait_for_group(process.pid)
+    if relayed and code != 0 and signal.SIGINT not in relayed:
+        return EXIT_PREEMPTED
+    return code
+
+
+def _wait_for_group(pgid: int) -> None:
+    """After a relayed stop, wait until every process of the group has exited: torchrun dies
+    of SIGUSR1 at once, while its workers are still writing their checkpoint."""
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.launch", description=__doc__)
+    parser.add_argument("--config_file", help="your own accelerate config")
+    parser.add_argument("--num_processes", type=int, help="processes (default: GPUs, or 1 CPU)")
+    parser.add_argument("--accelerate-args", default="", help="more `accelerate launch` options")
+    parser.add_argument("model")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    load_config(args.model, args.overrides)  # refuse a bad config before starting processes
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    options = launch_args(args.config_file, args.num_processes, gpu_count())
+    options += shlex.split(args.accelerate_args)
+    return run([accelerate, "launch", *options, "-m", "train", args.model, *args.overrides])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
