@@ -1,11 +1,11 @@
-"""The on-disk layout of a prepared dataset: the contract between `make data` and every later stage.
+"""The on-disk layout of a prepared dataset: the contract between `make data` and later stages.
 
 ```
 <root>/train/<class>/<file>      training images, one folder per class
 <root>/val/<class>/<file>        validation images, same classes
 <root>/test/imgs/img_<i>.<ext>   test images, named as the challenge's toolkit names them
-<root>/test_labels.csv           `Image IDs,label` for local evaluation only: training never reads it
-<root>/manifest.json             counts, source, options, checksum; written last, so it marks completion
+<root>/test_labels.csv           `Image IDs,label`, local evaluation only: training never reads it
+<root>/manifest.json             counts, source, options, checksum; written last: marks completion
 ```
 Class index = position of the class folder name in sorted order (as `ImageFolder` numbers them,
 and as the VIPriors submission expects). Every row carries an id: a val image's id is
@@ -14,7 +14,9 @@ and as the VIPriors submission expects). Every row carries an id: a val image's 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,3 +96,34 @@ class Layout:
         paths = [p for p in self.test_dir.iterdir() if is_image(p)]
         paths.sort(key=lambda p: test_index(p.name))
         return [(p.name, p) for p in paths]
+
+
+CHECKSUM_EXCLUDES = ("manifest.json", ".data_prep.json")
+
+
+def dataset_files(root: Path) -> list[tuple[str, int]]:
+    """(path relative to `root`, size in bytes) of every file of a dataset, sorted by path.
+
+    Covers the images and `test_labels.csv`; leaves out the manifest (it holds the checksum) and
+    the build's identity marker.
+    """
+    files = []
+    for dirpath, _, names in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        for name in names:
+            path = rel / name
+            if path.as_posix() not in CHECKSUM_EXCLUDES:
+                files.append((path.as_posix(), os.stat(Path(dirpath) / name).st_size))
+    return sorted(files)
+
+
+def tree_checksum(files: list[tuple[str, int]]) -> str:
+    """sha256 over the sorted `path<TAB>size` lines of `dataset_files`: the manifest's checksum.
+
+    Paths and sizes, not contents: hashing 150,000 images would cost as much as copying them,
+    while a renamed, missing, extra or truncated file already changes this digest.
+    """
+    digest = hashlib.sha256()
+    for path, size in sorted(files):
+        digest.update(f"{path}\t{size}\n".encode())
+    return digest.hexdigest()

@@ -1,0 +1,150 @@
+"""`python -m data_prep folder`: a user's own `ImageFolder`-style tree in the VIPriors layout.
+
+`--root DIR` holds one folder per class (images may sit in subfolders, as `ImageFolder` allows).
+`--per-class TRAIN,VAL,TEST` gives each split a count per class (`50`) or a fraction of the
+class's images (`0.5`, rounded half up); the draw is stratified (every class on its own) and
+seeded, and the test images of all classes are then shuffled into `test/imgs/img_<i>.<ext>`,
+keeping each source file's extension. A class with too few images is an error that names it.
+Files are placed as `imagenet` places them (hard links by default, `--mode`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.build import Plan, build
+from data_prep.errors import UserError
+from data_prep.layout import is_image, test_name
+from data_prep.place import MODES, file_writer, run_parallel
+
+COUNT = re.compile(r"^\d+$")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, required=True, help="one folder per class")
+    parser.add_argument(
+        "--per-class", default="50,50,0.5", help="TRAIN,VAL,TEST counts or fractions"
+    )
+    parser.add_argument("--out", type=Path, help="default: data/<name of --root>")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", choices=MODES, default="link", help="default: hard links")
+    parser.add_argument("--workers", type=int, default=8, help="I/O threads")
+
+
+def run(args: argparse.Namespace) -> None:
+    root = args.root.resolve()
+    if not root.is_dir():
+        raise UserError(f"--root {args.root} is not a folder; pass the folder of class folders")
+    spec = parse_per_class(args.per_class)
+    images = class_images(root)
+    plan = make_plan(images, spec, args.seed)
+    sources = [(src, src) for src, _ in plan.items]
+    run_parallel(lambda src, _: check_image(src), sources, args.workers, desc="check")
+    plan = replace(plan, inputs={"root": str(root), "mode": args.mode})
+    out = args.out if args.out is not None else Path("data") / root.name
+    build(out, plan, file_writer(args.mode, None), args.workers)
+
+
+def parse_per_class(text: str) -> list[int | float]:
+    """`"50,50,0.5"` -> [50, 50, 0.5]: integers are counts, values in (0, 1) fractions."""
+    values = [_count_or_fraction(part.strip()) for part in text.split(",")]
+    if len(values) != 3 or None in values:
+        raise UserError(
+            f"--per-class {text!r} is not TRAIN,VAL,TEST; give three counts (50) or fractions "
+            "in (0, 1) (0.5), e.g. --per-class 50,50,0.5"
+        )
+    return values
+
+
+def _count_or_fraction(text: str) -> int | float | None:
+    if COUNT.match(text):
+        return int(text)
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value < 1 else None
+
+
+def class_images(root: Path) -> dict[str, list[tuple[Path, str]]]:
+    """Each class's images as (path, output name), sorted so that the seed alone decides the draw.
+
+    An image in a subfolder of a class folder gets its relative path with "/" written "__" as
+    its output name, since the output keeps one flat folder per class.
+    """
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"--root {root} has no class folders; put each class's images in one")
+    images = {}
+    for name in classes:
+        found = {}
+        for dirpath, dirnames, files in os.walk(root / name):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for file in files:
+                path = Path(dirpath) / file
+                if is_image(path):
+                    flat = "__".join(path.relative_to(root / name).parts)
+                    if flat in found:
+                        raise UserError(
+                            f"{path} and {found[flat]} would both become {name}/{flat}; "
+                            "rename one of them"
+                        )
+                    found[flat] = path
+        images[name] = sorted((path, flat) for flat, path in found.items())
+    return images
+
+
+def split_sizes(n: int, spec: list[int | float]) -> list[int]:
+    """Counts per split for a class of `n` images; fractions round half up."""
+    return [v if isinstance(v, int) else math.floor(v * n + 0.5) for v in spec]
+
+
+def make_plan(
+    images: dict[str, list[tuple[Path, str]]], spec: list[int | float], seed: int
+) -> Plan:
+    """The stratified seeded draw, then one seeded shuffle of all test images."""
+    rng = np.random.default_rng(seed)
+    classes = sorted(images)
+    items, test_pool = [], []
+    for label, name in enumerate(classes):
+        files = images[name]
+        n_train, n_val, n_test = split_sizes(len(files), spec)
+        if n_train < 1 or n_val < 1 or n_train + n_val + n_test > len(files):
+            raise UserError(
+                f"class {name!r} has {len(files)} images, too few for --per-class "
+                f"{','.join(map(str, spec))} ({n_train} train, {n_val} val, {n_test} test); "
+                "add images to it, remove it, or lower --per-class"
+            )
+        drawn = [files[i] for i in rng.permutation(len(files))]
+        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val)}
+        for split, (lo, hi) in bounds.items():
+            items += [(src, f"{split}/{name}/{flat}") for src, flat in drawn[lo:hi]]
+        test_pool += [(src, label) for src, _ in drawn[n_train + n_val : n_train + n_val + n_test]]
+    order = rng.permutation(len(test_pool))
+    names = [test_name(i, test_pool[j][0].suffix) for i, j in enumerate(order)]
+    items += [(test_pool[j][0], f"test/imgs/{name}") for name, j in zip(names, order, strict=True)]
+    return Plan(
+        source="folder",
+        options={"per_class": spec, "seed": seed},
+        classes=classes,
+        items=items,
+        test_labels=[(name, test_pool[j][1]) for name, j in zip(names, order, strict=True)],
+    )
+
+
+def check_image(path: Path) -> str:
+    """Parse the image header, so that a non-image fails the build before a file is placed."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            return "readable"
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise UserError(f"{path} is not a readable image ({err}); remove or replace it") from None

@@ -1,0 +1,170 @@
+"""Putting one source file in place: hard link, symlink, copy or downscaled copy; and doing many.
+
+Every way of creating a file is atomic, so a process killed at any moment leaves each output
+either absent or complete, and "the file exists" is a sufficient test of "this file is done":
+`os.link` and `os.symlink` create the name in one step, and copies and resizes are written to a
+temporary name and renamed (`data_prep.fs.atomic_path`). That is what makes every build
+resumable without per-file bookkeeping.
+
+The work is I/O bound (link/stat/copy syscalls, which release the GIL), so a thread pool over
+chunks of files keeps the disk busy; one chunk is one task, so that 150,000 files cost a few
+hundred futures rather than 150,000.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import TypeVar
+
+from tqdm import tqdm
+
+from data_prep.errors import UserError
+from data_prep.fs import atomic_path
+
+T = TypeVar("T")
+MODES = ("link", "symlink", "copy")
+CHUNK = 256
+JPEG_QUALITY = 95
+# Hard links fail across file systems (EXDEV), on files another user owns when the kernel's
+# protected_hardlinks is on (EPERM), at the link-count limit (EMLINK) and on file systems
+# without links (ENOTSUP): a copy gives the same bytes in every case.
+LINK_FALLBACK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def copy_file(src: Path, dst: Path) -> str:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return "copied"
+
+
+def place(src: Path, dst: Path, mode: str) -> str:
+    """Make `dst` hold `src`'s bytes by `mode`; return what was done ("kept" if already there)."""
+    try:
+        return _place(src, dst, mode)
+    except OSError as err:
+        # A source that vanished or is unreadable, a full disk: the user's to fix, not a bug.
+        raise UserError(
+            f"cannot {mode} {src} to {dst} ({err.strerror}); check that the file is readable "
+            "and that the target has free space, then run the command again"
+        ) from None
+
+
+def _place(src: Path, dst: Path, mode: str) -> str:
+    if mode == "copy":
+        return "kept" if dst.exists() else copy_file(src, dst)
+    try:
+        if mode == "link":
+            os.link(src, dst)
+            return "linked"
+        os.symlink(src, dst)
+        return "symlinked"
+    except FileExistsError:
+        if dst.exists():
+            return "kept"
+        # A dangling symlink: its target moved since the last run. Point it at the current file.
+        dst.unlink()
+        return _place(src, dst, mode)
+    except OSError as err:
+        if mode == "link" and err.errno in LINK_FALLBACK:
+            return "kept" if dst.exists() else copy_file(src, dst)
+        raise
+
+
+def resize_image(src: Path, dst: Path, short_side: int) -> str:
+    """Write `src` as an RGB JPEG whose short side is at most `short_side`.
+
+    Handles what ImageNet holds besides RGB JPEGs: a PNG named .JPEG (PIL reads by content),
+    CMYK JPEGs and grayscale images (all converted to RGB, as every loader would). PIL's own
+    resize, which torchvision's `Resize` calls on PIL images, with the same size rule; importing
+    torch would cost seconds per run for one function call.
+    """
+    if dst.exists():
+        return "kept"
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(src) as img:
+            size = scaled_size(img.size, short_side)
+            if size != img.size:
+                # JPEG DCT scaling decodes straight to >= the target size: several times faster.
+                img.draft("RGB", size)
+            img = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise UserError(
+            f"{src} is not a readable image ({err}); replace it with an intact copy"
+        ) from None
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    with atomic_path(dst) as tmp:
+        img.save(tmp, format="JPEG", quality=JPEG_QUALITY)
+    return "resized"
+
+
+def scaled_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side at most `short_side`, as torchvision's Resize(int)."""
+    w, h = size
+    if min(w, h) <= short_side:
+        return w, h
+    if w <= h:
+        return short_side, int(short_side * h / w)
+    return int(short_side * w / h), short_side
+
+
+def file_writer(mode: str, resize: int | None) -> Callable[[Path, Path], str]:
+    """The per-file function for a build from files: `--resize` wins over `--mode`."""
+    if resize is not None:
+        return lambda src, dst: resize_image(src, dst, resize)
+    if mode not in MODES:
+        raise UserError(f"--mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    return lambda src, dst: place(src, dst, mode)
+
+
+def run_parallel(
+    write: Callable[[T, Path], str],
+    items: Sequence[tuple[T, Path]],
+    workers: int,
+    desc: str,
+) -> Counter:
+    """Apply `write(payload, dst)` to every item on `workers` threads; tally the outcomes.
+
+    The first exception (a `UserError` for an unreadable image, say) cancels what has not
+    started and is re-raised here, so a failure stops the build at once.
+    """
+    if workers < 1:
+        raise UserError(f"--workers {workers} must be at least 1")
+    chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+    tally: Counter = Counter()
+    with tqdm(total=len(items), desc=desc, unit="file") as bar:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending = {pool.submit(_run_chunk, write, chunk) for chunk in chunks}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    if future.exception() is not None:
+                        for rest in pending:
+                            rest.cancel()
+                        raise future.exception()
+                    tally.update(future.result())
+                    bar.update(sum(future.result().values()))
+    return tally
+
+
+def _run_chunk(write: Callable[[T, Path], str], chunk: Sequence[tuple[T, Path]]) -> Counter:
+    return Counter(write(payload, dst) for payload, dst in chunk)
+
+
+def require_files(paths: Sequence[Path], listed_in: str, fix: str) -> None:
+    """Fail with the count and the first few names if any of `paths` is not a file."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:5])
+        raise UserError(
+            f"{len(missing)} of {len(paths)} files listed in {listed_in} are missing "
+            f"(first: {shown}); {fix}"
+        )

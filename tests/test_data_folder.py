@@ -1,0 +1,123 @@
+"""`python -m data_prep folder`: a user's class folders, split stratified and seeded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import run_command
+
+# Class -> [(relative path in the class folder, format)]; bird 12, cat 20 (5 nested), dog 15.
+TREE = {
+    "bird": [(f"b{i}.jpg", "JPEG") for i in range(12)],
+    "cat": [(f"c{i}.jpg", "JPEG") for i in range(15)]
+    + [(f"indoor/c{i}.jpg", "JPEG") for i in range(5)],
+    "dog": [(f"d{i}.PNG", "PNG") for i in range(10)] + [(f"e{i}.jpeg", "JPEG") for i in range(5)],
+}
+# --per-class 4,3,0.3: test = 0.3 * size rounded half up (12 -> 3.6 -> 4, 20 -> 6, 15 -> 4.5 -> 5).
+EXPECTED = {"bird": (4, 3, 4), "cat": (4, 3, 6), "dog": (4, 3, 5)}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("user") / "photos"
+    rng = np.random.default_rng(0)
+    for name, files in TREE.items():
+        for rel, fmt in files:
+            path = root / name / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path, fmt)
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / ".hidden.jpg").write_text("ignored")
+    return root
+
+
+def build_folder(root: Path, out: Path | None, *extra: str, check=True, cwd=None):
+    args = ["-m", "data_prep", "folder", "--root", str(root), "--per-class", "4,3,0.3", *extra]
+    args += ["--out", str(out)] if out is not None else []
+    kwargs = {"cwd": cwd} if cwd is not None else {}
+    return run_command(*args, check=check, **kwargs)
+
+
+def sources_by_inode(root: Path) -> dict[int, tuple[str, Path]]:
+    return {p.stat().st_ino: (p.relative_to(root).parts[0], p) for p in root.rglob("*")
+            if p.is_file()}  # fmt: skip
+
+
+def drawn(out: Path, photos: Path) -> dict[str, list[tuple[str, Path]]]:
+    """Split -> [(class the output claims, source file it is)] for a link-mode build."""
+    sources = sources_by_inode(photos)
+    result = {}
+    for split in ("train", "val"):
+        result[split] = [(p.parent.name, sources[p.stat().st_ino][1])
+                         for p in sorted((out / split).rglob("*")) if p.is_file()]  # fmt: skip
+    classes = json.loads((out / "manifest.json").read_text())["classes"]
+    rows = (out / "test_labels.csv").read_text().splitlines()[1:]
+    result["test"] = [(classes[int(label)], sources[(out / "test/imgs" / name).stat().st_ino][1])
+                      for name, label in (row.split(",") for row in rows)]  # fmt: skip
+    return result
+
+
+def test_a_stratified_split_of_hard_links_to_the_right_classes(photos, tmp_path):
+    out = tmp_path / "mine"
+    build_folder(photos, out)
+    splits = drawn(out, photos)
+    for split, column in (("train", 0), ("val", 1), ("test", 2)):
+        per_class = {name: sum(c == name for c, _ in splits[split]) for name in TREE}
+        assert per_class == {name: n[column] for name, n in EXPECTED.items()}, split
+        # Every output is a source image of the class it is filed under (or labelled with).
+        assert all(src.relative_to(photos).parts[0] == c for c, src in splits[split]), split
+    used = [src for split in splits.values() for _, src in split]
+    assert len(used) == len(set(used)) == sum(sum(n) for n in EXPECTED.values())
+    names = sorted(p.name for p in (out / "test/imgs").iterdir())
+    assert names == sorted(f"img_{i}{src.suffix}" for i, (_, src) in enumerate(splits["test"]))
+    nested = [p for p in (out / "train" / "cat").iterdir() if p.name.startswith("indoor__")]
+    assert all(os.path.samefile(p, photos / "cat/indoor" / p.name[8:]) for p in nested)
+
+
+def test_the_draw_is_seeded(photos, tmp_path):
+    first, again, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    build_folder(photos, first)
+    build_folder(photos, again)
+    build_folder(photos, other, "--seed", "1")
+    checksums = [json.loads((p / "manifest.json").read_text())["checksum"] for p in (first, again)]
+    assert drawn(first, photos) == drawn(again, photos) and checksums[0] == checksums[1]
+    assert drawn(first, photos) != drawn(other, photos)
+
+
+def test_the_default_out_is_data_slash_the_folder_name(photos, tmp_path):
+    build_folder(photos, None, cwd=tmp_path)
+    assert (tmp_path / "data" / "photos" / "manifest.json").is_file()
+
+
+def test_a_class_with_too_few_images_is_named(photos, tmp_path):
+    out = tmp_path / "out"
+    proc = build_folder(photos, out, "--per-class", "9,3,0.3", check=False)
+    assert proc.returncode == 2
+    assert "class 'bird' has 12 images, too few" in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("spec", ["4,3", "4,3,1.5", "a,3,1", "4,-3,1", "4,3,0.3,1"])
+def test_a_malformed_per_class_is_an_error(photos, tmp_path, spec):
+    proc = build_folder(photos, tmp_path / "out", "--per-class", spec, check=False)
+    assert proc.returncode == 2 and f"--per-class {spec!r} is not TRAIN,VAL,TEST" in proc.stderr
+
+
+def test_an_unreadable_image_is_named(photos, tmp_path):
+    root = tmp_path / "broken"
+    for name, files in TREE.items():
+        for rel, _ in files:
+            (root / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(photos / name / rel, root / name / rel)
+    bad = root / "dog" / "d3.PNG"
+    bad.unlink()
+    bad.write_bytes(b"\x00" * 100)
+    out = tmp_path / "out"
+    proc = build_folder(root, out, "--per-class", "0.6,0.4,0", check=False)  # draws every image
+    assert proc.returncode == 2 and f"{bad} is not a readable image" in proc.stderr
+    assert not out.exists()
