@@ -1,0 +1,210 @@
+"""`make ensemble`: the weighted mean of several models' probabilities, and the submission.
+
+RECIPE.md 5: the paper averages the TenCrop probabilities of its 16 models and takes the argmax.
+Models come from an ensemble config (`configs/ensembles/<name>.yaml`: `models`, optional
+`weights`) or from `--models`; weights are equal by default, or given (`--weights` or the
+config), or searched on val (`--search-weights`, see `ensemble.search`). Every model is aligned by
+id with the first (`ensemble.members`), and the mean is streamed: one model's arrays and the
+running float32 sum are in memory at a time, whatever the number of models. Writes
+`submissions/<name>.csv` (test index order), `<name>.zip` and `<name>.json` (models, weights, val
+top-1 of each model and of the ensemble), then prints each model's val top-1 with and without
+TenCrop beside the ensemble's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from data_prep.errors import UserError, cli_main
+from data_prep.fs import write_text_atomic
+from data_prep.layout import test_index
+from ensemble.members import Member, SplitReader, open_members
+from ensemble.search import search_weights
+from ensemble.submission import write_submission
+from train.config import CONFIG_DIR, available
+
+ENSEMBLE_KEYS = ("models", "weights", "description")
+
+
+@dataclass
+class Blend:
+    """The weighted mean of one split: reference ids, mean probabilities, labels (val only)."""
+
+    ids: np.ndarray
+    probs: np.ndarray
+    labels: np.ndarray | None
+    member_top1: dict[str, float]
+
+    def top1(self) -> float | None:
+        return None if self.labels is None else top1(self.probs, self.labels)
+
+
+def top1(probs: np.ndarray, labels: np.ndarray) -> float:
+    return 100.0 * float((probs.argmax(1) == labels).mean())
+
+
+def blend_split(members: list[Member], weights: Sequence[float], split: str) -> Blend:
+    """Weighted mean of the members' `split` probabilities, streamed one member at a time."""
+    reader = SplitReader(split)
+    total = scratch = None
+    member_top1 = {}
+    for member, weight in zip(members, weights, strict=True):
+        probs = reader.read(member)
+        if total is None:
+            total = np.zeros(probs.shape, dtype=np.float32)
+        if reader.labels is not None:
+            member_top1[member.name] = top1(probs, reader.labels)
+        if weight == 1.0:
+            np.add(total, probs, out=total)  # casts chunk by chunk: no full-size float32 copy
+        elif weight > 0:
+            if scratch is None:
+                scratch = np.empty_like(total)
+            np.multiply(probs, np.float32(weight), out=scratch, dtype=np.float32)
+            total += scratch
+        del probs
+    total /= np.float32(sum(weights))
+    return Blend(reader.ids, total, reader.labels, member_top1)
+
+
+def load_ensemble_config(name: str) -> dict[str, Any]:
+    path = CONFIG_DIR / "ensembles" / f"{name}.yaml"
+    if not path.is_file():
+        valid = ", ".join(available("ensembles"))
+        raise UserError(f"unknown ensemble {name!r} (no {path}); valid: {valid}")
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(data) - set(ENSEMBLE_KEYS))
+    if unknown or not data.get("models"):
+        raise UserError(
+            f"{path}: needs a `models:` list (unknown keys: {', '.join(unknown) or 'none'}; "
+            f"valid: {', '.join(ENSEMBLE_KEYS)})"
+        )
+    return data
+
+
+def check_weights(weights: Sequence[float], models: Sequence[str], origin: str) -> list[float]:
+    weights = [float(w) for w in weights]
+    if len(weights) != len(models):
+        raise UserError(f"{origin}: {len(weights)} weights for {len(models)} models; give one each")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"{origin}: weights {weights} must be finite, >= 0, and not all 0")
+    return weights
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ensemble.blend", description=__doc__.split("\n")[0]
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="configs/ensembles name (vipriors16, demo)")
+    source.add_argument("--models", nargs="+", help="logits folder names under --logits-dir")
+    parser.add_argument("--weights", nargs="+", type=float, help="one weight per model")
+    parser.add_argument("--search-weights", action="store_true", help="search weights on val")
+    parser.add_argument("--min-gain", type=float, default=0.1, help="search: points per move")
+    parser.add_argument("--name", help="submission name (default: the config name, or ensemble)")
+    parser.add_argument("--logits-dir", type=Path, default=Path("logits"))
+    parser.add_argument("--out-dir", type=Path, default=Path("submissions"))
+    args = parser.parse_args(argv)
+    if args.weights and args.search_weights:
+        parser.error("--weights and --search-weights exclude each other")
+    return args
+
+
+def resolve_models(args: argparse.Namespace) -> tuple[str, list[str], list[float] | None, str]:
+    """(name, models, given weights or None, where the weights come from)."""
+    if args.config:
+        config = load_ensemble_config(args.config)
+        name, models = args.name or args.config, list(config["models"])
+        weights, origin = config.get("weights"), f"configs/ensembles/{args.config}.yaml"
+    else:
+        name, models, weights, origin = args.name or "ensemble", args.models, None, "equal"
+    if args.weights:
+        weights, origin = args.weights, "--weights"
+    if weights is None:
+        return name, models, None, "equal"
+    return name, models, check_weights(weights, models, origin), origin
+
+
+def format_table(members: list[Member], weights: list[float], ensemble_top1: float) -> str:
+    """Each model's val top-1 (TenCrop and centre crop, from its meta.json), then the ensemble's."""
+    def cell(value: float | None) -> str:
+        return f"{value:9.2f}" if value is not None else f"{'-':>9}"
+
+    total = sum(weights)
+    width = max(len("ensemble"), *(len(m.name) for m in members))
+    lines = [f"{'model':<{width}}  {'weight':>6}  {'TenCrop':>9}  {'centre':>9}"]
+    for member, weight in zip(members, weights, strict=True):
+        meta = member.meta
+        seen = "  (trained on val)" if meta.get("val_seen_in_training") else ""
+        lines.append(
+            f"{member.name:<{width}}  {weight / total:6.3f}  {cell(meta.get('val_top1_tencrop'))}"
+            f"  {cell(meta.get('val_top1_center'))}{seen}"
+        )
+    lines.append(f"{'ensemble':<{width}}  {1:6.3f}  {cell(ensemble_top1)}  (val top-1, %)")
+    return "\n".join(lines)
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(report, indent=1) + "\n")
+
+
+def submission_order(ids: np.ndarray) -> np.ndarray:
+    """Row order of the submission: test index order (img_0, img_1, ...)."""
+    return np.argsort([test_index(str(i)) for i in ids], kind="stable")
+
+
+def val_summary(members: list[Member], weights: list[float]) -> dict[str, Any]:
+    """Val top-1 of each member and of the ensemble; the val arrays are freed on return."""
+    val = blend_split(members, weights, "val")
+    return {"models": val.member_top1, "ensemble": val.top1(), "rows": len(val.ids)}
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    name, models, weights, origin = resolve_models(args)
+    members = open_members(args.logits_dir, models)
+    search = None
+    if args.search_weights:
+        weights, search = search_weights(members, args.min_gain)
+        origin = "search" if search["accepted"] else "equal (search not better on held-out val)"
+    weights = weights or [1.0] * len(members)
+    val = val_summary(members, weights)
+    test = blend_split(members, weights, "test")
+    order = submission_order(test.ids)
+    num_classes = int(test.probs.shape[1])
+    csv_path = args.out_dir / f"{name}.csv"
+    zip_path = write_submission(
+        csv_path, test.ids[order].tolist(), test.probs.argmax(1)[order], num_classes
+    )
+    report = {
+        "name": name,
+        "models": models,
+        "weights": [w / sum(weights) for w in weights],
+        "weights_from": origin,
+        "val_top1": {"models": val["models"], "ensemble": val["ensemble"]},
+        "val_top1_tencrop": {m.name: m.meta.get("val_top1_tencrop") for m in members},
+        "val_top1_center": {m.name: m.meta.get("val_top1_center") for m in members},
+        "search": search,
+        "num_classes": num_classes,
+        "data_dir": members[0].meta.get("data_dir"),
+        "rows": {"val": val["rows"], "test": len(test.ids)},
+        "csv": str(csv_path),
+        "zip": str(zip_path),
+    }
+    write_report(args.out_dir / f"{name}.json", report)
+    print(format_table(members, weights, val["ensemble"]))
+    print(f"wrote {csv_path}, {zip_path} and {args.out_dir / f'{name}.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

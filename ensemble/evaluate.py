@@ -1,0 +1,92 @@
+"""`make evaluate SUBMISSION=... [LABELS=...]`: validate a submission, then score its top-1.
+
+The score is the challenge's (`evaluate_classification.py`: correct rows over compared rows), but
+only after `validate_submission` has checked that the submission holds exactly the labels' ids,
+once each, with integer classes in range: the official script would silently score a
+submission with missing rows on the rows it has. Labels default to the `test_labels.csv` of the
+dataset the submission was made from (named by `--data`, or by the `<name>.json` that
+`make ensemble` wrote beside the CSV); any `Image IDs,label` file works, val labels included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from data_prep.errors import UserError, cli_main
+from data_prep.layout import Layout
+from ensemble.submission import read_labels, validate_submission
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ensemble.evaluate", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("submission", type=Path, help="an `Image IDs,Predictions` CSV")
+    parser.add_argument("--labels", type=Path, help="an `Image IDs,label` CSV")
+    parser.add_argument("--data", type=Path, help="a prepared dataset: its test_labels.csv")
+    parser.add_argument("--num-classes", type=int, help="default: the json or the manifest")
+    return parser.parse_args(argv)
+
+
+def _report(submission: Path) -> dict[str, Any]:
+    """The `<name>.json` that `make ensemble` wrote beside the CSV, or {}."""
+    path = submission.with_suffix(".json")
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def resolve_labels(args: argparse.Namespace, report: dict[str, Any]) -> Path:
+    if args.labels is not None:
+        return args.labels
+    data_dir = args.data or (Path(report["data_dir"]) if report.get("data_dir") else None)
+    if data_dir is None:
+        raise UserError(
+            f"no labels for {args.submission}: pass --labels FILE or --data DIR "
+            "(no json with the dataset beside it)"
+        )
+    labels = Layout(Path(data_dir)).test_labels
+    if not labels.is_file():
+        raise UserError(f"{labels} is missing; pass --labels FILE or rebuild {data_dir}")
+    return labels
+
+
+def resolve_num_classes(args: argparse.Namespace, report: dict[str, Any], labels: Path) -> int:
+    """--num-classes, or the submission's json, or the manifest of the labels' dataset."""
+    if args.num_classes is not None:
+        return args.num_classes
+    if report.get("num_classes"):
+        return int(report["num_classes"])
+    layout = Layout(labels.parent)
+    if layout.manifest.is_file():
+        return len(layout.classes())
+    raise UserError(f"the class count for {args.submission} is unknown; pass --num-classes K")
+
+
+def score(submission: Path, labels: Path, num_classes: int) -> tuple[int, int]:
+    """(correct, total) of a valid submission against a labels file."""
+    truth = read_labels(labels)
+    if not truth:
+        raise UserError(f"{labels} holds no rows; pass a labels file with one row per image")
+    predicted = validate_submission(submission, truth.keys(), num_classes)
+    correct = sum(predicted[i] == label for i, label in truth.items())
+    return correct, len(truth)
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> float:
+    args = parse_args(argv)
+    if not args.submission.is_file():
+        raise UserError(f"{args.submission} does not exist; run `make ensemble` first")
+    report = _report(args.submission)
+    labels = resolve_labels(args, report)
+    correct, total = score(args.submission, labels, resolve_num_classes(args, report, labels))
+    top1 = 100.0 * correct / total
+    print(f"{args.submission}: valid; top-1 {top1:.2f}% ({correct}/{total}) against {labels}")
+    return top1
+
+
+if __name__ == "__main__":
+    main()

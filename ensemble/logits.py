@@ -1,0 +1,241 @@
+"""`make logits MODEL=...`: one model's TenCrop probabilities for val and test (RECIPE.md 5).
+
+Loads the run's saved config (`runs/<name>/config.yaml`, the resolved config it trained with)
+and a checkpoint (best by default, the teacher by default), predicts every val and test image
+with TenCrop and per-crop Auxiliary Fusion (`ensemble.tencrop`), picks the fusion weight on val,
+and writes `logits/<name>/val.npz` (ids, probs float16, labels), `test.npz` (ids, probs) and
+`meta.json`, written last so that a folder with a meta.json is complete. Images are sharded over
+the processes of `accelerate launch` and gathered back into id order: one row per image, the
+same rows whatever the number of processes. A test image that cannot be read stops the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from data_prep.errors import UserError, cli_main
+from data_prep.fs import write_text_atomic
+from data_prep.layout import Layout
+from ensemble.members import write_npz
+from ensemble.tencrop import build_crop_transform, fuse, predict_crops, resize_size
+from train.checkpoint import load_weights
+from train.config import load_config, logits_dir, run_dir
+from train.distributed import make_accelerator, shard
+from train.engine import best_fusion, top1
+from train.model import build_model
+from train.views import EvalDataset
+
+SPLITS = ("val", "test")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ensemble.logits", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("model", help="configs/models name (or a YAML path) of a trained run")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, as in training")
+    parser.add_argument("--checkpoint", default="best", help="best, last or a checkpoint folder")
+    parser.add_argument("--role", default="teacher", choices=("teacher", "student"))
+    parser.add_argument(
+        "--center-crop", action="store_true", help="plain centre crop instead of TenCrop"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per forward (TenCrop: 10 crops each); default 2 * batch_size / crops",
+    )
+    return parser.parse_intermixed_args(argv)
+
+
+def resolve_config(model: str, overrides: list[str]) -> dict[str, Any]:
+    """The run's saved config when it exists (plus the overrides), else the model's config."""
+    cfg = load_config(model, list(overrides))
+    saved = run_dir(cfg) / "config.yaml"
+    return load_config(str(saved), list(overrides)) if saved.is_file() else cfg
+
+
+def channels_last(cfg: dict[str, Any], device: torch.device) -> bool:
+    """As in training: the config's choice, or on for CUDA when it is null."""
+    return device.type == "cuda" if cfg["channels_last"] is None else bool(cfg["channels_last"])
+
+
+def load_model(
+    cfg: dict[str, Any], checkpoint: str, role: str, device: torch.device
+) -> torch.nn.Module:
+    model = build_model(cfg)
+    model.load_state_dict(load_weights(run_dir(cfg), checkpoint, role))
+    if channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device).eval()
+
+
+def split_loader(
+    cfg: dict[str, Any], items: list, view: str, batch_size: int, rank: int, world: int
+) -> DataLoader:
+    """This process's shard of `items` (rank, rank + world, ...) as batches of crops."""
+    dataset = EvalDataset(items, build_crop_transform(cfg, view))
+    return DataLoader(
+        Subset(dataset, list(shard(len(items), rank, world))),
+        batch_size=batch_size,
+        num_workers=cfg["workers"],
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _worker_error(err: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker arrives as a whole traceback: keep its message."""
+    last_line = str(err).rstrip().splitlines()[-1]
+    return UserError(last_line.split("UserError: ", 1)[-1])
+
+
+def predict_split(
+    accelerator: Accelerator, model: torch.nn.Module, cfg: dict[str, Any], items: list, split: str,
+    view: str, batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """Crop-averaged main (and aux) probabilities of every image of `split`, in item order."""
+    loader = split_loader(
+        cfg, items, view, batch_size, accelerator.process_index, accelerator.num_processes
+    )
+    progress = tqdm(
+        loader, desc=f"{cfg['name']} {split}", disable=not accelerator.is_local_main_process
+    )
+    try:
+        return predict_crops(
+            accelerator, model, progress, len(items), cfg["num_classes"],
+            has_aux=cfg["aux_weight"] > 0, keep_center=split == "val" and view == "tencrop",
+            channels_last=channels_last(cfg, accelerator.device),
+        )
+    except UserError as err:
+        raise _worker_error(err) from None
+
+
+def choose_fusion_weight(
+    cfg: dict[str, Any], val: dict[str, torch.Tensor], labels: torch.Tensor
+) -> tuple[float, str]:
+    """The config's fusion_weight, or the best on val (ties -> smaller w), or 0 without a head."""
+    if "aux" not in val:
+        return 0.0, "no auxiliary head"
+    if cfg["fusion_weight"] is not None:
+        return float(cfg["fusion_weight"]), "config"
+    weight, _ = best_fusion(val["main"], val["aux"], labels)
+    return round(weight, 4), "val"
+
+
+def stored(probs: torch.Tensor) -> np.ndarray:
+    """Probabilities at the precision the files keep (float16 halves the ensemble's reading)."""
+    return probs.numpy().astype(np.float16)
+
+
+def stored_top1(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 of `probs` as stored: what `make ensemble` will measure from the file."""
+    return top1(torch.from_numpy(stored(probs).astype(np.float32)), labels)
+
+
+def _items(layout: Layout, split: str) -> list:
+    items = layout.split_items("val") if split == "val" else layout.test_items()
+    if not items:
+        raise UserError(f"{layout.root} has no {split} images; rerun `make data`")
+    return items
+
+
+def _check_classes(cfg: dict[str, Any], layout: Layout) -> None:
+    classes = layout.classes()
+    if len(classes) != cfg["num_classes"]:
+        raise UserError(
+            f"{layout.manifest} lists {len(classes)} classes but num_classes={cfg['num_classes']}; "
+            "pass data=<the dataset config> or num_classes="
+        )
+
+
+def build_meta(
+    cfg: dict[str, Any], args: argparse.Namespace, weight: float, source: str,
+    val: dict[str, torch.Tensor], labels: torch.Tensor,
+) -> dict[str, Any]:
+    """meta.json: where the probabilities come from, the fusion weight and the val top-1s."""
+    view = "center" if args.center_crop else "tencrop"
+    fused = stored_top1(fuse(val["main"], val.get("aux"), weight), labels)
+    center = fused
+    if "center_main" in val:
+        center = stored_top1(fuse(val["center_main"], val.get("center_aux"), weight), labels)
+    return {
+        "model": cfg["name"],
+        "arch": cfg["arch"],
+        "run_dir": str(run_dir(cfg)),
+        "checkpoint": args.checkpoint,
+        "role": args.role,
+        "view": view,
+        "test_size": cfg["test_size"],
+        "resize_size": resize_size(cfg),
+        "fusion_weight": weight,
+        "fusion_weight_from": source,
+        "val_top1": fused,
+        "val_top1_unfused": stored_top1(val["main"], labels),
+        "val_top1_tencrop": fused if view == "tencrop" else None,
+        "val_top1_center": center,
+        # Final models train on train+val: their val figures are not held-out accuracies.
+        "val_seen_in_training": "val" in cfg["train_splits"],
+        "num_classes": cfg["num_classes"],
+        "data_dir": str(cfg["data_dir"]),
+    }
+
+
+def write_outputs(folder: Path, arrays: dict[str, dict[str, np.ndarray]], meta: dict) -> None:
+    """The npz files first, meta.json last: its presence marks a complete folder."""
+    for split, split_arrays in arrays.items():
+        write_npz(folder / f"{split}.npz", **split_arrays)
+    write_text_atomic(folder / "meta.json", json.dumps(meta, indent=1) + "\n")
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    cfg = resolve_config(args.model, args.overrides)
+    view = "center" if args.center_crop else "tencrop"
+    batch_size = args.batch_size or max(1, 2 * cfg["batch_size"] // (1 if args.center_crop else 10))
+    layout = Layout(Path(cfg["data_dir"]))
+    _check_classes(cfg, layout)
+    items = {split: _items(layout, split) for split in SPLITS}
+    accelerator = make_accelerator(cfg["mixed_precision"])
+    model = load_model(cfg, args.checkpoint, args.role, accelerator.device)
+    probs = {
+        split: predict_split(accelerator, model, cfg, items[split], split, view, batch_size)
+        for split in SPLITS
+    }
+    labels = torch.tensor([label for _, _, label in items["val"]])
+    weight, source = choose_fusion_weight(cfg, probs["val"], labels)
+    meta = build_meta(cfg, args, weight, source, probs["val"], labels)
+    meta["rows"] = {split: len(items[split]) for split in SPLITS}
+    meta["processes"] = accelerator.num_processes
+    if accelerator.is_main_process:
+        arrays = {
+            split: {
+                "ids": np.array([item[0] for item in items[split]], dtype=str),
+                "probs": stored(fuse(probs[split]["main"], probs[split].get("aux"), weight)),
+            }
+            for split in SPLITS
+        }
+        arrays["val"]["labels"] = labels.numpy().astype(np.int64)
+        write_outputs(logits_dir(cfg), arrays, meta)
+        print(
+            f"{cfg['name']}: val top-1 {meta['val_top1']:.2f}% ({view}, fusion weight {weight} "
+            f"from {source}); wrote {logits_dir(cfg)}/"
+        )
+        if meta["val_seen_in_training"]:
+            print(f"note: {cfg['name']} trained on val; its val top-1 is not a held-out figure")
+    accelerator.wait_for_everyone()
+    return meta
+
+
+if __name__ == "__main__":
+    main()

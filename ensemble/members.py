@@ -1,0 +1,148 @@
+"""The artifacts of `make logits`: written, then read back one model at a time, aligned by id.
+
+A member is one model's `logits/<name>/` folder: `meta.json` (written last, so its presence marks a
+complete folder), `val.npz` (ids, probs, labels) and `test.npz` (ids, probs). The first member
+read fixes a split's reference ids, class count and (val) labels; every later member's rows are
+matched to them by id, never by position. Missing, extra or duplicate ids, another class count,
+other labels or a non-finite probability are refused with a message naming the file
+(DESIGN.md: stages align rows by id, never by position).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.errors import UserError
+from data_prep.fs import atomic_path
+
+SHOWN = 3  # ids named in a mismatch message
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model's logits folder and its meta.json."""
+
+    name: str
+    folder: Path
+    meta: dict[str, Any]
+
+    def path(self, split: str) -> Path:
+        return self.folder / f"{split}.npz"
+
+
+def open_members(root: Path, names: list[str]) -> list[Member]:
+    """Members `root/<name>` in the order given; each must hold a meta.json."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"models listed twice: {', '.join(repeated)}; give weights instead")
+    members = []
+    for name in names:
+        folder = Path(root) / name
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise UserError(
+                f"{meta_path} is missing: {name} has no complete logits; "
+                f"run `make logits MODEL={name}` first"
+            )
+        members.append(Member(name, folder, json.loads(meta_path.read_text())))
+    return members
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Plain arrays only (ids as fixed-width unicode), loadable with allow_pickle=False."""
+    for key, array in arrays.items():
+        if array.dtype == object:
+            raise TypeError(f"{key} is an object array; it would need pickle to load")
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The named arrays of an npz file, loaded without pickle."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise UserError(f"{path} lacks {', '.join(missing)}; rerun `make logits` for it")
+            return {k: data[k] for k in keys}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise UserError(f"{path} cannot be read ({err}); rerun `make logits` for it") from None
+
+
+def _id_mismatch(path: Path, reference: np.ndarray, ids: np.ndarray) -> str | None:
+    if len(np.unique(ids)) != len(ids):
+        return f"{path}: duplicate ids"
+    for what, diff in (
+        ("missing", np.setdiff1d(reference, ids)),
+        ("unexpected", np.setdiff1d(ids, reference)),
+    ):
+        if len(diff):
+            shown = ", ".join(diff[:SHOWN].tolist()) + (", ..." if len(diff) > SHOWN else "")
+            return f"{path}: {len(diff)} ids {what} compared with the first model ({shown})"
+    return None
+
+
+class SplitReader:
+    """One split (val or test) of several members, each aligned to the first member read."""
+
+    def __init__(self, split: str):
+        self.split = split
+        self.ids: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+        self.num_classes: int | None = None
+        self._order: dict[str, np.ndarray | None] = {}
+
+    def read(self, member: Member) -> np.ndarray:
+        """The member's probabilities [n, K], rows in the reference id order (dtype as stored)."""
+        path = member.path(self.split)
+        keys = ("ids", "probs", "labels") if self.split == "val" else ("ids", "probs")
+        arrays = read_npz(path, keys)
+        probs = arrays["probs"]
+        if probs.ndim != 2 or len(probs) != len(arrays["ids"]):
+            raise UserError(f"{path}: probs {probs.shape} do not hold one row per id")
+        if not np.isfinite(probs).all():
+            raise UserError(f"{path}: probabilities hold NaN or inf; rerun `make logits` for it")
+        if self.ids is None:
+            self._set_reference(path, arrays)
+        if probs.shape[1] != self.num_classes:
+            raise UserError(
+                f"{path}: {probs.shape[1]} classes where the first model has {self.num_classes}"
+            )
+        order = self._alignment(member.name, path, arrays["ids"])
+        if order is not None:
+            probs = probs[order]
+        if self.labels is not None:
+            labels = arrays["labels"] if order is None else arrays["labels"][order]
+            if not np.array_equal(labels, self.labels):
+                raise UserError(f"{path}: val labels differ from the first model's")
+        return probs
+
+    def _set_reference(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        if len(np.unique(arrays["ids"])) != len(arrays["ids"]):
+            raise UserError(f"{path}: duplicate ids; rerun `make logits` for it")
+        self.ids, self.num_classes = arrays["ids"], arrays["probs"].shape[1]
+        self.labels = arrays.get("labels")
+
+    def _alignment(self, name: str, path: Path, ids: np.ndarray) -> np.ndarray | None:
+        """Row index that puts `ids` in reference order (None: already in it); cached per member."""
+        if name in self._order:
+            cached = self._order[name]
+            ok = np.array_equal(self.ids, ids if cached is None else ids[cached])
+            if ok:
+                return cached
+        if np.array_equal(self.ids, ids):
+            order = None
+        else:
+            problem = _id_mismatch(path, self.ids, ids)
+            if problem:
+                raise UserError(f"{problem}; rerun `make logits` on the same dataset")
+            by_id = np.argsort(ids)
+            order = by_id[np.searchsorted(ids[by_id], self.ids)]
+        self._order[name] = order
+        return order

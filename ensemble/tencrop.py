@@ -1,0 +1,123 @@
+"""TenCrop inference with Auxiliary Fusion per crop (RECIPE.md 5, the paper's "TenCrop inference").
+
+An image is decoded once, its short side resized to floor(test_size / test_resize_ratio) (448 ->
+512, as timm's eval transform computes it), normalised, and cut by torchvision's `ten_crop` into
+the four corners and the centre of the image and of its mirror image (the paper's PyTorch
+TenCrop; with an odd margin its mirrored centre crop sits one pixel off the mirror of the centre
+crop, the other four are exact mirrors). Every crop goes through the model; main and auxiliary
+logits become softmax probabilities per crop, and the ten are averaged. Fusion
+w * aux + (1 - w) * main is linear, so fusing per crop and then averaging equals averaging main
+and aux separately and fusing after: keeping the two averages lets the fusion weight be chosen
+on val without a second pass. The centre crop (`ten_crop`'s fifth) is the plain centre-crop
+prediction of the same pass, the one timm's eval transform would give.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from timm.data.transforms import str_to_interp_mode
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from torchvision.transforms import functional as F
+
+from train.distributed import gather_rows
+
+VIEWS = ("tencrop", "center")
+CENTER = 4  # ten_crop order: top-left, top-right, bottom-left, bottom-right, centre; then flipped
+
+
+def resize_size(cfg: dict[str, Any]) -> int:
+    """Short side before cropping: floor(test_size / test_resize_ratio)."""
+    return math.floor(cfg["test_size"] / cfg["test_resize_ratio"])
+
+
+class CropViews:
+    """Normalised image [3, H, W] -> [V, 3, s, s]: `ten_crop` (V = 10) or the centre (V = 1)."""
+
+    def __init__(self, size: int, view: str):
+        if view not in VIEWS:
+            raise ValueError(f"view {view!r} is not one of {VIEWS}")
+        self.size, self.view = [size, size], view
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.view == "center":
+            return F.center_crop(image, self.size).unsqueeze(0)
+        return torch.stack(F.ten_crop(image, self.size))
+
+
+def build_crop_transform(cfg: dict[str, Any], view: str = "tencrop") -> transforms.Compose:
+    """PIL image -> [V, 3, test_size, test_size]; normalised once before cropping (it commutes)."""
+    interpolation = str_to_interp_mode(cfg["interpolation"])
+    return transforms.Compose(
+        [
+            transforms.Resize(resize_size(cfg), interpolation=interpolation),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=cfg["mean"], std=cfg["std"]),
+            CropViews(cfg["test_size"], view),
+        ]
+    )
+
+
+def crop_probabilities(
+    model: torch.nn.Module, crops: torch.Tensor, channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax of the main and auxiliary heads per crop, [B, V, K] each (aux None without a head).
+
+    `model(x)` returns `(main_logits, aux_logits or None)`; all B x V crops go in one forward.
+    """
+    batch, views = crops.shape[:2]
+    inputs = crops.flatten(0, 1)
+    if channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    main, aux = model(inputs)
+    main = main.float().softmax(-1).unflatten(0, (batch, views))
+    if aux is not None:
+        aux = aux.float().softmax(-1).unflatten(0, (batch, views))
+    return main, aux
+
+
+def fuse(main: torch.Tensor, aux: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """Auxiliary Fusion: w * aux + (1 - w) * main (main alone without an auxiliary head)."""
+    return main if aux is None else weight * aux + (1 - weight) * main
+
+
+@torch.inference_mode()
+def predict_crops(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader: DataLoader,
+    total: int,
+    num_classes: int,
+    has_aux: bool,
+    keep_center: bool,
+    channels_last: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Crop-averaged probabilities of this process's shard, gathered into index order on all.
+
+    The loader yields `(crops [B, V, 3, s, s], label, index)`. Returns "main" and, with an
+    auxiliary head, "aux" (each the mean over the V crops) and, with `keep_center`,
+    "center_main" (and "center_aux"): the centre crop alone (the only crop of the centre view).
+    Every process joins every gather, also one whose shard is empty.
+    """
+    keys = ["main", "aux"] if has_aux else ["main"]
+    keys += [f"center_{k}" for k in keys] if keep_center else []
+    rows: dict[str, list[torch.Tensor]] = {k: [torch.zeros(0, num_classes)] for k in keys}
+    indices = [torch.zeros(0, dtype=torch.long)]
+    for crops, _, index in loader:
+        with accelerator.autocast():
+            main, aux = crop_probabilities(model, crops.to(accelerator.device), channels_last)
+        if has_aux and aux is None:
+            raise RuntimeError("aux_weight > 0 but the model returned no auxiliary logits")
+        per_crop = {"main": main, "aux": aux}
+        center = CENTER if main.shape[1] > CENTER else 0
+        for key in keys:
+            probs = per_crop[key.removeprefix("center_")]
+            reduced = probs[:, center] if key.startswith("center_") else probs.mean(1)
+            rows[key].append(reduced.cpu())
+        indices.append(index)
+    index = torch.cat(indices)
+    return {k: gather_rows(accelerator, index, torch.cat(rows[k]), total) for k in keys}

@@ -1,0 +1,278 @@
+"""`make ensemble` (ensemble/blend.py, members.py, search.py) on synthetic logits folders."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from data_prep.errors import UserError
+from ensemble.blend import blend_split, load_ensemble_config
+from ensemble.members import open_members, write_npz
+from ensemble.search import coordinate_ascent, search_weights
+from tests.conftest import run_command
+from train.config import CONFIG_DIR
+
+K = 4
+VAL_IDS = np.array([f"c{i % K}/v{i:02d}.png" for i in range(24)])
+VAL_LABELS = np.array([i % K for i in range(24)])
+TEST_IDS = np.array([f"img_{i}.png" for i in range(10)])
+
+
+def random_probs(rng: np.random.Generator, n: int, k: int = K) -> np.ndarray:
+    return rng.dirichlet(np.ones(k), size=n).astype(np.float16)
+
+
+def make_member(root, name, val_probs, test_probs, *, val_ids=VAL_IDS, labels=VAL_LABELS,
+                test_ids=TEST_IDS, meta=None):
+    folder = root / name
+    folder.mkdir(parents=True)
+    write_npz(folder / "val.npz", ids=val_ids, probs=val_probs, labels=labels)
+    write_npz(folder / "test.npz", ids=test_ids, probs=test_probs)
+    top1 = 100.0 * float((val_probs.argmax(1) == labels).mean())
+    info = {"val_top1_tencrop": top1, "val_top1_center": top1 - 1, "data_dir": "data/x"}
+    (folder / "meta.json").write_text(json.dumps({**info, **(meta or {})}))
+    return folder
+
+
+@pytest.fixture
+def three(tmp_path):
+    """Three members with random probabilities; returns (root, {name: (val, test)})."""
+    rng = np.random.default_rng(0)
+    probs = {n: (random_probs(rng, 24), random_probs(rng, 10)) for n in ("a", "b", "c")}
+    for name, (val, test) in probs.items():
+        make_member(tmp_path, name, val, test)
+    return tmp_path, probs
+
+
+def test_identical_models_ensemble_to_the_single_model(tmp_path):
+    rng = np.random.default_rng(1)
+    val, test = random_probs(rng, 24), random_probs(rng, 10)
+    for name in ("x", "y", "z"):
+        make_member(tmp_path, name, val, test)
+    members = open_members(tmp_path, ["x", "y", "z"])
+    for split, probs in (("val", val), ("test", test)):
+        blend = blend_split(members, [1.0, 1.0, 1.0], split)
+        np.testing.assert_array_equal(blend.probs, probs.astype(np.float32))
+
+
+def test_a_weight_vector_gives_the_weighted_mean_computed_by_hand(three):
+    root, probs = three
+    weights = [0.5, 2.0, 1.25]
+    blend = blend_split(open_members(root, ["a", "b", "c"]), weights, "test")
+    expected = np.zeros((10, K))
+    for i in range(10):
+        for k in range(K):
+            num = sum(w * float(probs[n][1][i, k]) for w, n in zip(weights, "abc", strict=True))
+            expected[i, k] = num / sum(weights)
+    np.testing.assert_allclose(blend.probs, expected, atol=1e-6)
+
+
+def test_weight_zero_drops_a_model(three):
+    root, _ = three
+    with_zero = blend_split(open_members(root, ["a", "b", "c"]), [1.0, 0.0, 1.0], "val")
+    without = blend_split(open_members(root, ["a", "c"]), [1.0, 1.0], "val")
+    np.testing.assert_array_equal(with_zero.probs, without.probs)
+    assert with_zero.top1() == without.top1()
+
+
+def test_val_top1_of_each_member_and_of_the_ensemble(three):
+    root, probs = three
+    blend = blend_split(open_members(root, ["a", "b", "c"]), [1.0, 1.0, 1.0], "val")
+    for name, (val, _) in probs.items():
+        right = sum(int(np.argmax(val[i].astype(np.float64)) == VAL_LABELS[i]) for i in range(24))
+        assert blend.member_top1[name] == pytest.approx(100.0 * right / 24)
+    mean = sum(probs[n][0].astype(np.float64) for n in "abc") / 3
+    assert blend.top1() == pytest.approx(100.0 * (mean.argmax(1) == VAL_LABELS).mean())
+
+
+def test_rows_are_aligned_by_id_not_by_position(tmp_path):
+    rng = np.random.default_rng(2)
+    val_a, test_a, val_b, test_b = (random_probs(rng, n) for n in (24, 10, 24, 10))
+    make_member(tmp_path, "a", val_a, test_a)
+    make_member(tmp_path, "b", val_b, test_b)
+    order, test_order = rng.permutation(24), rng.permutation(10)
+    make_member(tmp_path, "b_shuffled", val_b[order], test_b[test_order], val_ids=VAL_IDS[order],
+                labels=VAL_LABELS[order], test_ids=TEST_IDS[test_order])
+    for split in ("val", "test"):
+        plain = blend_split(open_members(tmp_path, ["a", "b"]), [1, 1], split)
+        shuffled = blend_split(open_members(tmp_path, ["a", "b_shuffled"]), [1, 1], split)
+        np.testing.assert_array_equal(plain.probs, shuffled.probs)
+        np.testing.assert_array_equal(plain.ids, shuffled.ids)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"test_ids": TEST_IDS[:-1]}, "1 ids missing compared with the first model (img_9.png)"),
+        ({"test_ids": np.append(TEST_IDS, "img_10.png")}, "1 ids unexpected"),
+        ({"test_ids": np.array(["img_0.png"] + list(TEST_IDS[:-1]))}, "duplicate ids"),
+        ({"classes": K + 1}, "5 classes where the first model has 4"),
+        ({"nan": True}, "NaN or inf"),
+        ({"labels": (VAL_LABELS + 1) % K}, "val labels differ from the first model's"),
+    ],
+)
+def test_mismatched_members_are_refused(tmp_path, change, message):
+    rng = np.random.default_rng(3)
+    make_member(tmp_path, "good", random_probs(rng, 24), random_probs(rng, 10))
+    test_ids = change.get("test_ids", TEST_IDS)
+    k = change.get("classes", K)
+    val, test = random_probs(rng, 24, k), random_probs(rng, len(test_ids), k)
+    if change.get("nan"):
+        test[3, 1] = np.nan
+    make_member(tmp_path, "bad", val, test, test_ids=test_ids,
+                labels=change.get("labels", VAL_LABELS))
+    members = open_members(tmp_path, ["good", "bad"])
+    split = "val" if "labels" in change else "test"
+    with pytest.raises(UserError) as err:
+        blend_split(members, [1, 1], split)
+    assert message in str(err.value)
+    assert str(tmp_path / "bad" / f"{split}.npz") in str(err.value)
+
+
+def test_a_folder_without_meta_or_with_pickled_arrays_is_refused(tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(UserError, match="run `make logits MODEL=half` first"):
+        open_members(tmp_path, ["half"])
+    rng = np.random.default_rng(4)
+    folder = make_member(tmp_path, "pickled", random_probs(rng, 24), random_probs(rng, 10))
+    np.savez(folder / "test.npz", ids=np.array(list(TEST_IDS), dtype=object),
+             probs=random_probs(rng, 10))
+    with pytest.raises(UserError, match="cannot be read"):
+        blend_split(open_members(tmp_path, ["pickled"]), [1], "test")
+
+
+def test_coordinate_ascent_drops_a_confidently_wrong_model():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, K, 400)
+    good = [np.eye(K)[labels] * 0.3 + rng.dirichlet(np.ones(K), 400) for _ in range(2)]
+    wrong = np.eye(K)[(labels + 1) % K] * 3.0  # outvotes the others wherever it is counted
+    probs = [*good, wrong]
+    weights = coordinate_ascent(lambda j: probs[j].astype(np.float32), 3, labels, 0.1, 3)
+    assert weights[2] == 0.0 and weights[0] > 0 and weights[1] > 0
+
+
+def test_weight_search_is_kept_only_when_it_wins_on_held_out_val(tmp_path):
+    rng = np.random.default_rng(6)
+    n = len(VAL_LABELS)
+    onehot = np.eye(K)[VAL_LABELS]
+    # Two useful members, and one that is sure of a wrong class and outvotes them.
+    good = [(0.35 * onehot + 0.65 * rng.dirichlet(np.ones(K), n)).astype(np.float16) for _ in "ab"]
+    wrong = np.eye(K)[(VAL_LABELS + 1) % K].astype(np.float16)
+    for name, val in zip(("a", "b", "wrong"), (*good, wrong), strict=True):
+        make_member(tmp_path, name, val, random_probs(rng, 10))
+    weights, report = search_weights(open_members(tmp_path, ["a", "b", "wrong"]))
+    assert report["accepted"] and weights[2] < min(weights[:2])
+    assert report["held_out_top1_searched"] > report["held_out_top1_equal"]
+    members = open_members(tmp_path, ["a", "b", "wrong"])
+    assert blend_split(members, weights, "val").top1() > blend_split(members, [1] * 3, "val").top1()
+    for name in ("c", "d", "e"):  # identical members: nothing to gain, equal weights stay
+        make_member(tmp_path, name, good[0], random_probs(rng, 10))
+    weights, report = search_weights(open_members(tmp_path, ["c", "d", "e"]))
+    assert not report["accepted"] and weights == [1.0, 1.0, 1.0]
+
+
+def test_ensemble_configs_name_existing_model_configs():
+    paper = load_ensemble_config("vipriors16")
+    assert len(paper["models"]) == 16 and "weights" not in paper
+    assert load_ensemble_config("demo")["models"] == [
+        "demo_resnet18", "demo_effnet_b0", "demo_seresnet18"
+    ]
+    for name in paper["models"]:
+        assert (CONFIG_DIR / "models" / f"{name}.yaml").is_file(), name
+
+
+def blend_command(*args, check=True):
+    return run_command("-m", "ensemble.blend", *args, check=check)
+
+
+def test_blend_command_writes_csv_zip_json_and_prints_the_table(three, tmp_path):
+    root, probs = three
+    out = tmp_path / "subs"
+    proc = blend_command("--models", "a", "b", "c", "--weights", "1", "2", "1", "--name", "abc",
+                         "--logits-dir", str(root), "--out-dir", str(out))
+    mean = sum(w * probs[n][1].astype(np.float64) for w, n in zip((1, 2, 1), "abc", strict=True))
+    frame = pd.read_csv(out / "abc.csv")
+    assert frame["Image IDs"].tolist() == TEST_IDS.tolist()
+    assert frame["Predictions"].tolist() == mean.argmax(1).tolist()
+    with zipfile.ZipFile(out / "abc.zip") as archive:
+        assert archive.read("abc.csv") == (out / "abc.csv").read_bytes()
+    report = json.loads((out / "abc.json").read_text())
+    assert report["models"] == ["a", "b", "c"] and report["weights"] == [0.25, 0.5, 0.25]
+    assert report["weights_from"] == "--weights" and report["num_classes"] == K
+    assert set(report["val_top1"]["models"]) == {"a", "b", "c"}
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["model", "weight", "TenCrop", "centre"]
+    assert [line.split()[0] for line in lines[1:5]] == ["a", "b", "c", "ensemble"]
+    assert lines[2].split()[1] == "0.500"
+    assert f"{report['val_top1']['ensemble']:.2f}" in lines[4]
+
+
+def test_blend_command_rows_follow_test_index_order(tmp_path):
+    rng = np.random.default_rng(7)
+    order = rng.permutation(10)
+    val, test = random_probs(rng, 24), random_probs(rng, 10)
+    make_member(tmp_path, "m", val, test, test_ids=TEST_IDS[order])
+    blend_command("--models", "m", "--logits-dir", str(tmp_path), "--out-dir", str(tmp_path / "s"))
+    frame = pd.read_csv(tmp_path / "s" / "ensemble.csv")
+    assert frame["Image IDs"].tolist() == [f"img_{i}.png" for i in range(10)]
+
+
+def test_blend_command_reads_models_and_weights_from_an_ensemble_config(tmp_path):
+    rng = np.random.default_rng(8)
+    names = load_ensemble_config("demo")["models"]
+    for name in names:
+        make_member(tmp_path, name, random_probs(rng, 24), random_probs(rng, 10))
+    blend_command("--config", "demo", "--logits-dir", str(tmp_path), "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert report["models"] == names and report["weights_from"] == "equal"
+    assert report["weights"] == pytest.approx([1 / 3] * 3)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--models", "a", "b", "--weights", "1"], "1 weights for 2 models"),
+        (["--models", "a", "b", "--weights", "1", "-1"], "must be finite, >= 0, and not all 0"),
+        (["--models", "a", "b", "--weights", "0", "0"], "must be finite, >= 0, and not all 0"),
+        (["--models", "a", "a"], "models listed twice: a"),
+        (["--models", "a", "nope"], "run `make logits MODEL=nope` first"),
+        (["--config", "no_such_ensemble"], "unknown ensemble 'no_such_ensemble'"),
+    ],
+)
+def test_blend_command_refuses_bad_requests_in_one_line(three, args, message):
+    root, _ = three
+    proc = blend_command(*args, "--logits-dir", str(root), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ensemble_config_keys_are_checked(tmp_path, monkeypatch):
+    folder = tmp_path / "ensembles"
+    folder.mkdir()
+    (folder / "typo.yaml").write_text(yaml.safe_dump({"model": ["a"]}))
+    monkeypatch.setattr("ensemble.blend.CONFIG_DIR", tmp_path)
+    with pytest.raises(UserError, match="needs a `models:` list .unknown keys: model"):
+        load_ensemble_config("typo")
+
+
+def test_blend_command_records_a_weight_search(tmp_path):
+    rng = np.random.default_rng(9)
+    onehot = np.eye(K)[VAL_LABELS]
+    for name in ("a", "b"):
+        noise = rng.dirichlet(np.ones(K), len(VAL_LABELS))
+        make_member(tmp_path, name, (0.35 * onehot + 0.65 * noise).astype(np.float16),
+                    random_probs(rng, 10))
+    wrong = np.eye(K)[(VAL_LABELS + 1) % K].astype(np.float16)
+    make_member(tmp_path, "wrong", wrong, random_probs(rng, 10))
+    blend_command("--models", "a", "b", "wrong", "--search-weights", "--logits-dir",
+                  str(tmp_path), "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "ensemble.json").read_text())
+    assert report["weights_from"] == "search" and report["search"]["accepted"]
+    assert report["weights"][2] < min(report["weights"][:2])
+    assert report["val_top1"]["ensemble"] > report["val_top1"]["models"]["wrong"]

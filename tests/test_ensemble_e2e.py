@@ -1,0 +1,206 @@
+"""`make logits` -> `make ensemble` -> `make evaluate` through the real commands on tiny data.
+
+A 3-class dataset of odd-sized PNGs is built by `python -m data_prep folder`; two runs get
+randomly initialised checkpoints written by the real `train.checkpoint` functions (student and
+teacher differ), with their resolved configs saved as training saves them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from data_prep.layout import Layout
+from ensemble.tencrop import fuse
+from tests.conftest import ROOT, run_command
+from tests.test_logits import explicit_ten_crops, softmax64
+from train.checkpoint import load_weights
+from train.config import load_config
+from train.model import build_model
+
+TINY = {
+    "arch": "resnet18", "data": "fashion50", "num_classes": 3, "drop_path_rate": 0.0,
+    "batch_size": 4, "workers": 0, "test_size": 16, "test_resize_ratio": 0.8,
+}  # fmt: skip
+
+MAKE_RUNS = """
+import json, sys, torch
+from train.checkpoint import mark_best, save_checkpoint
+from train.config import load_config, run_dir, save_config
+from train.distributed import make_accelerator
+from train.model import build_model
+accelerator = make_accelerator()
+for model, overrides in json.loads(sys.argv[1]):
+    cfg = load_config(model, overrides)
+    torch.manual_seed(cfg["seed"])
+    weights = {role: build_model(cfg).state_dict() for role in ("student", "teacher")}
+    save_config(cfg, run_dir(cfg) / "config.yaml")
+    step = save_checkpoint(accelerator, run_dir(cfg), 1, weights, {"random_init": True}, 1)
+    mark_best(run_dir(cfg), step)
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Paths of the tiny dataset, the model config and the runs (seeds 0 and 1)."""
+    base = tmp_path_factory.mktemp("ensemble_e2e")
+    rng = np.random.default_rng(0)
+    for name in ("ant", "bee", "cat"):
+        (base / "src" / name).mkdir(parents=True)
+        for i in range(7):
+            height, width = rng.integers(14, 40, size=2)
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(base / "src" / name / f"{name}_{i}.png")
+    run_command(
+        "-m", "data_prep", "folder", "--root", str(base / "src"), "--per-class", "2,3,2",
+        "--out", str(base / "data"), "--mode", "copy", "--workers", "1",
+    )  # fmt: skip
+    (base / "tiny.yaml").write_text(json.dumps(TINY))
+    paths = {"base": base, "data": base / "data", "model": str(base / "tiny.yaml")}
+    runs = [[paths["model"], [f"name=tiny_{s}", f"seed={s}", *common(paths)]] for s in (0, 1)]
+    run_command("-c", MAKE_RUNS, json.dumps(runs))
+    return paths
+
+
+def common(paths: dict, logits: str = "logits") -> list[str]:
+    base = paths["base"]
+    return [f"data_dir={paths['data']}", f"out_dir={base / 'runs'}", f"logits_dir={base / logits}"]
+
+
+def logits_command(paths: dict, name: str, *extra: str, logits: str = "logits", check=True):
+    return run_command(
+        "-m", "ensemble.logits", paths["model"], f"name={name}", *common(paths, logits), *extra,
+        check=check,
+    )  # fmt: skip
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="module")
+def logits_0(world):
+    proc = logits_command(world, "tiny_0")
+    return world["base"] / "logits" / "tiny_0", proc
+
+
+def test_logits_writes_one_row_per_image_in_id_order(world, logits_0):
+    folder, proc = logits_0
+    layout = Layout(world["data"])
+    val, test = load(folder / "val.npz"), load(folder / "test.npz")
+    assert val["ids"].tolist() == [item[0] for item in layout.split_items("val")]
+    assert val["labels"].tolist() == [item[2] for item in layout.split_items("val")]
+    assert test["ids"].tolist() == [f"img_{i}.png" for i in range(6)]
+    assert val["ids"].dtype.kind == "U" and val["probs"].dtype == np.float16
+    assert val["probs"].shape == (9, 3) and test["probs"].shape == (6, 3)
+    np.testing.assert_allclose(test["probs"].astype(np.float64).sum(1), 1.0, atol=3e-3)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["rows"] == {"val": 9, "test": 6} and meta["view"] == "tencrop"
+    assert meta["role"] == "teacher" and meta["checkpoint"] == "best"
+    assert meta["resize_size"] == 20 and meta["fusion_weight_from"] == "val"
+    assert meta["fusion_weight"] in [round(0.05 * i, 2) for i in range(21)]
+    right = (val["probs"].astype(np.float32).argmax(1) == val["labels"]).mean()
+    assert meta["val_top1"] == pytest.approx(100.0 * right) == meta["val_top1_tencrop"]
+    assert meta["val_top1_center"] is not None
+    assert "tiny_0: val top-1" in proc.stdout
+
+
+def test_logits_rows_equal_an_explicit_tencrop_of_the_teacher(world, logits_0):
+    folder, _ = logits_0
+    meta = json.loads((folder / "meta.json").read_text())
+    cfg = load_config(str(world["base"] / "runs" / "tiny_0" / "config.yaml"))
+    model = build_model(cfg)
+    model.load_state_dict(load_weights(world["base"] / "runs" / "tiny_0", "best", "teacher"))
+    model.eval()
+    assert cfg["interpolation"] == "bilinear"  # as explicit_ten_crops resizes
+    test = load(folder / "test.npz")
+    for row in (0, 4):
+        image = Image.open(world["data"] / "test" / "imgs" / f"img_{row}.png").convert("RGB")
+        main, aux = np.zeros(3), np.zeros(3)
+        with torch.no_grad():
+            for crop in explicit_ten_crops(image, cfg):
+                m, a = model(torch.tensor(crop.copy(), dtype=torch.float32).unsqueeze(0))
+                main, aux = main + softmax64(m[0]) / 10, aux + softmax64(a[0]) / 10
+        expected = fuse(main, aux, meta["fusion_weight"])
+        np.testing.assert_allclose(test["probs"][row].astype(np.float64), expected, atol=1e-3)
+
+
+def test_logits_student_and_centre_crop_options(world, logits_0):
+    folder, _ = logits_0
+    logits_command(world, "tiny_0", "--role", "student", "--center-crop", logits="logits_student")
+    other = world["base"] / "logits_student" / "tiny_0"
+    meta = json.loads((other / "meta.json").read_text())
+    assert (meta["role"], meta["view"], meta["val_top1_tencrop"]) == ("student", "center", None)
+    assert meta["val_top1_center"] == meta["val_top1"]
+    teacher, student = load(folder / "test.npz"), load(other / "test.npz")
+    assert teacher["ids"].tolist() == student["ids"].tolist()
+    assert not np.array_equal(teacher["probs"], student["probs"])
+
+
+def test_an_unreadable_test_image_stops_logits_naming_it(world, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    (data / "test" / "imgs" / "img_2.png").write_bytes(b"not a png")
+    paths = {**world, "data": data, "base": tmp_path}
+    shutil.copytree(world["base"] / "runs", tmp_path / "runs")
+    proc = logits_command(paths, "tiny_0", "workers=1", check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot read image") and "img_2.png" in last
+    assert not (tmp_path / "logits" / "tiny_0" / "meta.json").exists()
+
+
+def test_logits_then_ensemble_then_evaluate(world, logits_0):
+    logits_command(world, "tiny_1")
+    base = world["base"]
+    subs = base / "submissions"
+    run_command(
+        "-m", "ensemble.blend", "--models", "tiny_0", "tiny_1", "--name", "pair",
+        "--logits-dir", str(base / "logits"), "--out-dir", str(subs),
+    )  # fmt: skip
+    tests = [load(base / "logits" / n / "test.npz")["probs"].astype(np.float64) for n in
+             ("tiny_0", "tiny_1")]  # fmt: skip
+    frame = pd.read_csv(subs / "pair.csv")
+    assert frame["Predictions"].tolist() == ((tests[0] + tests[1]) / 2).argmax(1).tolist()
+    proc = run_command("-m", "ensemble.evaluate", str(subs / "pair.csv"))
+    labels = pd.read_csv(world["data"] / "test_labels.csv")
+    right = int((labels["label"].to_numpy() == frame["Predictions"].to_numpy()).sum())
+    assert f"({right}/6) against {world['data'] / 'test_labels.csv'}" in proc.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_logits_equal_one_process_logits_row_for_row(world):
+    # One image per forward in both runs: the same batches, so CPU kernels round alike and the
+    # rows must be bit-identical; shards of 5 and 4 val images test the uneven gather.
+    args = [world["model"], "name=tiny_1", "--batch-size", "1"]
+    run_command("-m", "ensemble.logits", *args, *common(world, "one"))
+    run_command(
+        "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        "--main_process_port", str(free_port()),
+        "-m", "ensemble.logits", *args, *common(world, "two"),
+    )  # fmt: skip
+    one, two = world["base"] / "one" / "tiny_1", world["base"] / "two" / "tiny_1"
+    for split in ("val", "test"):
+        a, b = load(one / f"{split}.npz"), load(two / f"{split}.npz")
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{split} {key}")
+    meta_one, meta_two = (json.loads((p / "meta.json").read_text()) for p in (one, two))
+    assert (meta_one.pop("processes"), meta_two.pop("processes")) == (1, 2)
+    assert meta_one == meta_two
