@@ -22,6 +22,7 @@ NPROC ?=
 ENSEMBLE ?= vipriors16
 MODELS ?=
 WEIGHTS ?=
+SEARCH ?=
 NAME ?=
 SUBMISSION ?=
 LABELS ?=
@@ -47,12 +48,13 @@ train: setup ## train MODEL= [DATA=] [ARGS="epochs=2 ..."] under accelerate laun
 	$(PY) -m train.launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG)) $(if $(NPROC),--num_processes $(NPROC)) \
 		$(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS)
 
-logits: setup ## TenCrop probabilities of MODEL= for val and test
-	$(PY) -m ensemble.logits $(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS)
+logits: setup ## TenCrop probabilities of MODEL= for val and test (NPROC= processes)
+	$(if $(filter-out 1,$(or $(NPROC),1)),$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC),$(PY)) \
+		-m ensemble.logits $(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS)
 
 ensemble: setup ## average models into submissions/<name>.csv/.zip/.json
 	$(PY) -m ensemble.blend $(if $(MODELS),--models $(MODELS),--config $(ENSEMBLE)) \
-		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(NAME),--name $(NAME))
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SEARCH),--search-weights) $(if $(NAME),--name $(NAME))
 
 evaluate: setup ## validate SUBMISSION= and score it against LABELS=
 	$(PY) -m ensemble.evaluate $(SUBMISSION) $(if $(LABELS),--labels $(LABELS))

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from data_prep.errors import UserError, cli_main
 from data_prep.layout import Layout
 from ensemble.submission import read_labels, validate_submission
@@ -73,6 +75,21 @@ def score(submission: Path, labels: Path, num_classes: int) -> tuple[int, int]:
     predicted = validate_submission(submission, truth.keys(), num_classes)
     correct = sum(predicted[i] == label for i, label in truth.items())
     return correct, len(truth)
+
+
+def logits_top1(folder: Path, labels: Path, split: str = "test") -> float:
+    """Top-1 of one model's stored probabilities (`logits/<name>/<split>.npz`), rows matched
+    to the labels file by id: every labelled id must be present."""
+    with np.load(Path(folder) / f"{split}.npz", allow_pickle=False) as data:
+        ids, probs = data["ids"].tolist(), data["probs"]
+    truth = read_labels(labels)
+    row = {image_id: i for i, image_id in enumerate(ids)}
+    missing = [image_id for image_id in truth if image_id not in row]
+    if missing:
+        raise UserError(f"{folder}/{split}.npz lacks {len(missing)} ids of {labels}; rerun logits")
+    order = np.array([row[image_id] for image_id in truth])
+    predicted = probs[order].argmax(1)
+    return 100.0 * float((predicted == np.array(list(truth.values()))).mean())
 
 
 @cli_main

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_prep.errors import UserError
 from tests.conftest import ROOT, run_command
 
 pytestmark = pytest.mark.slow
@@ -155,11 +156,20 @@ def test_a_checkpoint_of_another_config_is_refused(uninterrupted, tiny_dir, tmp_
     assert "different config (cr_weight)" in proc.stderr and "allow_config_change" in proc.stderr
 
 
-def test_a_world_size_the_accelerator_does_not_see_is_refused(tiny_dir, tmp_path):
-    env = {"WORLD_SIZE": "2"}
-    proc = run_command("-m", "train", *train_args(tiny_dir, tmp_path), check=False, env=env)
-    assert proc.returncode == 2
-    assert "WORLD_SIZE=2" in proc.stderr and "--multi_gpu" in proc.stderr
+def test_a_world_size_the_accelerator_does_not_see_is_refused(monkeypatch):
+    """The launcher says two processes; an Accelerator that sees one must not train alone."""
+    import train.distributed as distributed
+
+    class OneProcess:
+        num_processes = 1
+
+        def __init__(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(distributed, "Accelerator", OneProcess)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"WORLD_SIZE=2 .* sees 1.*--multi_gpu"):
+        distributed.make_accelerator("no")
 
 
 def test_two_cpu_processes_validate_like_one_process(tiny_dir, tmp_path):

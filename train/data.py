@@ -9,6 +9,7 @@ index and rank), so workers and restarts do not change it.
 
 from __future__ import annotations
 
+import signal
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +59,14 @@ def split_train_eval(cfg: dict[str, Any]) -> tuple[list[Item], list[Item]]:
     return keep, held
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints:
+    a launcher or SLURM signals the whole process group, and a worker killed by it would
+    crash the step instead."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """This process's batches of one epoch, from `start_step` on (drop_last: fixed step count)."""
 
@@ -98,6 +107,7 @@ def train_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=cfg["workers"],
+        worker_init_fn=ignore_stop_signals,
         pin_memory=torch.cuda.is_available(),
         # A private generator: creating an epoch's iterator must not draw from the global RNG,
         # or a run resumed mid-epoch would shift the dropout stream of the uninterrupted run.
@@ -115,4 +125,5 @@ def eval_loader(
         Subset(dataset, list(shard(len(items), rank, world))),
         batch_size=batch_size,
         num_workers=cfg["workers"],
+        worker_init_fn=ignore_stop_signals,
     )

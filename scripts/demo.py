@@ -1,0 +1,94 @@
+"""`make demo`: the whole pipeline on the embedded benchmark, from a fresh clone, on the CPU.
+
+data (fashion50) -> train each model of configs/ensembles/demo.yaml (accelerate launch) ->
+TenCrop logits -> ensemble -> submissions/demo.csv -> evaluation against the local test labels
+-> a closing table. Every stage is the real command; a rerun reuses what is done (training
+resumes or finds its run complete, logits newer than their checkpoint are kept).
+
+`python -m scripts.demo [key=value ...]` passes overrides to every model (the tests run the same
+script on a tiny dataset with `epochs=1 data_dir=... out_dir=... logits_dir=...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from data_prep.layout import Layout
+from ensemble.blend import load_ensemble_config
+from ensemble.evaluate import logits_top1, score
+from train.checkpoint import checkpoint_root
+from train.config import load_config, logits_dir, run_dir
+
+ENSEMBLE = "demo"
+
+
+def step(title: str, *args: str) -> None:
+    print(f"\n==> {title}: python -m {' '.join(args)}", flush=True)
+    started = time.perf_counter()
+    if subprocess.run([sys.executable, "-m", *args]).returncode != 0:
+        raise SystemExit(f"demo: `python -m {' '.join(args)}` failed; fix it and rerun make demo")
+    print(f"    ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def logits_current(cfg: dict) -> bool:
+    """True when the model's logits are complete and newer than its best checkpoint."""
+    meta = logits_dir(cfg) / "meta.json"
+    best = checkpoint_root(run_dir(cfg)) / "best" / "COMPLETE"
+    return meta.is_file() and best.is_file() and meta.stat().st_mtime > best.stat().st_mtime
+
+
+def closing_table(configs: list[dict], submission: Path, ensemble: dict, labels: Path) -> str:
+    lines = [f"{'model':<22}{'val top-1':>10}{'test top-1':>12}   artifacts"]
+    for cfg in configs:
+        meta = json.loads((logits_dir(cfg) / "meta.json").read_text())
+        test = logits_top1(logits_dir(cfg), labels)
+        lines.append(
+            f"{cfg['name']:<22}{meta['val_top1']:>9.2f}%{test:>11.2f}%   {run_dir(cfg)}/, "
+            f"{logits_dir(cfg)}/"
+        )
+    lines.append(
+        f"{'ensemble':<22}{ensemble['val']:>9.2f}%{ensemble['test']:>11.2f}%   "
+        f"{submission}, {submission.with_suffix('.zip')}, {submission.with_suffix('.json')}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="key=value for every model")
+    parser.add_argument("--submissions", type=Path, default=Path("submissions"))
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    models = load_ensemble_config(ENSEMBLE)["models"]
+    configs = [load_config(model, args.overrides) for model in models]
+    data = Path(configs[0]["data_dir"])
+    if Layout(data).manifest.is_file():
+        print(f"==> data: {data} is complete, kept")
+    else:
+        step("data", "data_prep", "fashion", "--out", str(data))
+    for model in models:
+        step(f"train {model}", "train.launch", model, *args.overrides)
+    for model, cfg in zip(models, configs, strict=True):
+        if logits_current(cfg):
+            print(f"\n==> logits {model}: up to date, kept")
+        else:
+            step(f"TenCrop logits {model}", "ensemble.logits", model, *args.overrides)
+    step("ensemble", "ensemble.blend", "--config", ENSEMBLE, "--name", ENSEMBLE,
+         "--logits-dir", configs[0]["logits_dir"], "--out-dir", str(args.submissions))  # fmt: skip
+    submission = args.submissions / f"{ENSEMBLE}.csv"
+    labels = Layout(data).test_labels
+    step("evaluate", "ensemble.evaluate", str(submission), "--labels", str(labels))
+    report = json.loads(submission.with_suffix(".json").read_text())
+    correct, total = score(submission, labels, len(Layout(data).classes()))
+    scores = {"val": report["val_top1"]["ensemble"], "test": 100.0 * correct / total}
+    print("\n" + closing_table(configs, submission, scores, labels))
+    print(f"\nmake demo: done in {(time.perf_counter() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""`make demo` and `make ablation` end to end, through their real scripts, on a tiny dataset."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from ensemble.blend import load_ensemble_config
+from tests.conftest import run_command
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_demo_runs_every_stage_and_prints_the_closing_table(tiny_dir, tmp_path):
+    overrides = [f"data_dir={tiny_dir}", f"out_dir={tmp_path / 'runs'}",
+                 f"logits_dir={tmp_path / 'logits'}", "epochs=1", "batch_size=8",
+                 "holdout_per_class=0", "warmup_epochs=0", "ckpt_every_steps=0"]  # fmt: skip
+    args = ["-m", "scripts.demo", *overrides, "--submissions", str(tmp_path / "subs")]
+    out = run_command(*args).stdout
+    models = load_ensemble_config("demo")["models"]
+    assert len(models) >= 3
+    for model in models:
+        assert (tmp_path / "runs" / model / "metrics.csv").is_file()
+        assert (tmp_path / "logits" / model / "test.npz").is_file()
+        assert model in out.split("model")[-1]
+    assert (tmp_path / "subs" / "demo.zip").is_file()
+    assert "valid; top-1" in out and "ensemble" in out.splitlines()[-3]
+    again = run_command(*args).stdout  # a rerun reuses what is done
+    assert again.count("up to date, kept") == len(models)
+
+
+def test_the_ablation_appends_a_row_per_run_and_writes_its_table(tiny_dir, tmp_path):
+    overrides = [f"data_dir={tiny_dir}", "epochs=1", "batch_size=8", "ckpt_every_steps=0"]
+    args = ["-m", "scripts.ablation", "--rows", "strong_baseline", "plus_cr", "--seeds", "0",
+            "--results", str(tmp_path), *overrides]  # fmt: skip
+    run_command(*args)
+    frame = pd.read_csv(tmp_path / "ablation.csv")
+    assert frame["row"].tolist() == ["strong_baseline", "plus_cr"]
+    assert frame["test_top1"].between(0, 100).all()
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| strong_baseline |" in table and "58.77" in table
+    assert (tmp_path / "ablation.png").stat().st_size > 1000
+    rerun = run_command(*args)  # finished rows are not trained again
+    assert "seed 0: test top-1" not in rerun.stdout
