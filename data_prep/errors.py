@@ -19,6 +19,12 @@ class UserError(Exception):
     """Input the user can fix; the message names the file or value and the fix."""
 
 
+def user_message(err: UserError) -> str:
+    """The one line a user needs. Raised in a DataLoader worker, a UserError arrives wrapped in
+    the worker's traceback ("Caught UserError in DataLoader worker ... UserError: <line>")."""
+    return str(err).rstrip().splitlines()[-1].split("UserError: ", 1)[-1] if str(err) else ""
+
+
 def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
     """Run a command's main; report `UserError` as `error: <message>` and exit 2."""
 
@@ -27,10 +33,7 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            # Raised in a DataLoader worker, it arrives wrapped in the worker's traceback:
-            # keep the one line the user needs.
-            message = str(err).rsplit("UserError: ", 1)[-1].strip()
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {user_message(err)}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper

@@ -93,12 +93,6 @@ def split_loader(
     )
 
 
-def _worker_error(err: UserError) -> UserError:
-    """A UserError raised in a DataLoader worker arrives as a whole traceback: keep its message."""
-    last_line = str(err).rstrip().splitlines()[-1]
-    return UserError(last_line.split("UserError: ", 1)[-1])
-
-
 def predict_split(
     accelerator: Accelerator, model: torch.nn.Module, cfg: dict[str, Any], items: list, split: str,
     view: str, batch_size: int,
@@ -110,14 +104,11 @@ def predict_split(
     progress = tqdm(
         loader, desc=f"{cfg['name']} {split}", disable=not accelerator.is_local_main_process
     )
-    try:
-        return predict_crops(
-            accelerator, model, progress, len(items), cfg["num_classes"],
-            has_aux=cfg["aux_weight"] > 0, keep_center=split == "val" and view == "tencrop",
-            channels_last=channels_last(cfg, accelerator.device),
-        )
-    except UserError as err:
-        raise _worker_error(err) from None
+    return predict_crops(
+        accelerator, model, progress, len(items), cfg["num_classes"],
+        has_aux=cfg["aux_weight"] > 0, keep_center=split == "val" and view == "tencrop",
+        channels_last=channels_last(cfg, accelerator.device),
+    )
 
 
 def choose_fusion_weight(

@@ -11,8 +11,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from data_prep.errors import UserError
-from ensemble.logits import _worker_error, choose_fusion_weight
+from data_prep.errors import UserError, user_message
+from ensemble.logits import choose_fusion_weight
 from ensemble.tencrop import (
     CENTER,
     build_crop_transform,
@@ -226,7 +226,7 @@ def test_a_user_error_from_a_loader_worker_keeps_its_one_line_message():
         'last):\n  File "x.py", line 1\ndata_prep.errors.UserError: cannot read image '
         "data/d/test/imgs/img_3.png (broken); replace or remove the file\n"
     )
-    assert str(_worker_error(wrapped)) == (
+    assert user_message(wrapped) == (
         "cannot read image data/d/test/imgs/img_3.png (broken); replace or remove the file"
     )
-    assert str(_worker_error(UserError("plain message"))) == "plain message"
+    assert user_message(UserError("plain message")) == "plain message"

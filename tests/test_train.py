@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 # 80 training images, batch 8: 10 steps an epoch, 20 in all; a checkpoint every 3 steps.
 RUN_ARGS = [
     "demo_resnet18", "epochs=2", "batch_size=8", "workers=1", "ckpt_every_steps=3",
-    "keep_last=50", "eval_every=1", "warmup_epochs=1", "lr=0.05",
+    "keep_last=50", "eval_every=1", "warmup_epochs=1", "lr=0.05", "train_splits=[train]",
 ]  # fmt: skip
 
 
@@ -181,9 +181,9 @@ def test_two_cpu_processes_validate_like_one_process(tiny_dir, tmp_path):
     # One process, the same weights, every val image once.
     from data_prep.layout import Layout
     from train.config import load_config
-    from train.engine import predict, top1
     from train.data import eval_loader
     from train.distributed import make_accelerator
+    from train.engine import predict, top1
     from train.model import build_model
 
     cfg = load_config(args[0], args[1:])

@@ -1,4 +1,4 @@
-"""`python -m train MODEL [key=value ...]`: one training run (under `accelerate launch` or alone)."""
+"""`python -m train MODEL [key=value ...]`: one training run, under `accelerate launch` or alone."""
 
 from __future__ import annotations
 

@@ -155,7 +155,9 @@ def latest_valid(run_dir: Path) -> Path | None:
     for step_dir in reversed(_step_dirs(checkpoint_root(run_dir))):
         if verify(step_dir):
             return step_dir
-        warnings.warn(f"{step_dir} is incomplete or corrupt; resuming from an older checkpoint")
+        warnings.warn(
+            f"{step_dir} is incomplete or corrupt; resuming from an older checkpoint", stacklevel=2
+        )
     return None
 
 
@@ -169,7 +171,7 @@ def load_state(step_dir: Path, rank: int) -> tuple[dict, dict, dict]:
 
 
 def load_weights(run_dir: Path, which: str = "best", role: str = "teacher") -> dict:
-    """Weights of one role from a run's `best`, `last` (newest valid) or a named checkpoint folder."""
+    """Weights of one role from a run's `best`, `last` (newest valid) or a checkpoint folder."""
     if role not in WEIGHTS:
         raise UserError(f"role {role!r} is not one of {', '.join(WEIGHTS)}")
     if which == "last":

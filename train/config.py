@@ -64,7 +64,8 @@ def _merge(cfg: dict, layer: dict, origin: str) -> None:
     unknown = sorted(set(layer) - set(cfg))
     if unknown:
         raise UserError(
-            f"{origin}: unknown config key {', '.join(unknown)}; valid keys: {', '.join(sorted(cfg))}"
+            f"{origin}: unknown config key {', '.join(unknown)}; "
+            f"valid keys: {', '.join(sorted(cfg))}"
         )
     for key, value in layer.items():
         cfg[key] = _check_type(key, value, cfg[key], origin)

@@ -91,7 +91,7 @@ def top1(probs: torch.Tensor, labels: torch.Tensor) -> float:
 def best_fusion(
     main: torch.Tensor, aux: torch.Tensor | None, labels: torch.Tensor
 ) -> tuple[float, float]:
-    """(fusion weight, top-1) of w * aux + (1 - w) * main, best on these labels (ties: smaller w)."""
+    """(w, top-1) of w * aux + (1 - w) * main, best on these labels (ties: the smaller w)."""
     if aux is None:
         return 0.0, top1(main, labels)
     scores = [top1(w * aux + (1 - w) * main, labels) for w in FUSION_GRID.tolist()]

@@ -87,7 +87,9 @@ class Run:
         self.sampler.steps -= self.sampler.steps % accum  # whole optimiser steps per epoch
         self.steps_per_epoch = self.sampler.steps // accum
         if self.steps_per_epoch == 0:
-            raise UserError(f"grad_accum={accum} exceeds the {self.sampler.steps} steps of an epoch")
+            raise UserError(
+                f"grad_accum={accum} exceeds the {self.sampler.steps} steps of an epoch"
+            )
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
         self.channels_last = cfg["channels_last"]
         if self.channels_last is None:

@@ -37,7 +37,8 @@ head_node=$$(scontrol show hostnames "$$SLURM_JOB_NODELIST" | head -n 1)
 srun --kill-on-bad-exit=1 bash -c '
   exec .venv/bin/python -m train.launch \
     --config_file configs/accelerate/multinode.yaml --num_processes $$(( $nodes * $gpus )) \
-    --accelerate-args "--num_machines $nodes --machine_rank $$SLURM_NODEID --main_process_ip '"$$head_node"' --main_process_port 29500" \
+    --accelerate-args "--num_machines $nodes --machine_rank $$SLURM_NODEID \
+      --main_process_ip '"$$head_node"' --main_process_port 29500" \
     $model $overrides
 ' &
 srun_pid=$$!
@@ -50,7 +51,9 @@ while true; do
   kill -0 "$$srun_pid" 2>/dev/null || break  # wait returned for the trap, not for srun
 done
 
-if [ "$$status" -eq $preempted ] || { [ "$$status" -ne 0 ] && ls runs/$name/checkpoints/step_* >/dev/null 2>&1; }; then
+# Stopped with a checkpoint (75), or failed after making one (a node lost): requeue and resume.
+checkpointed=$$(ls -d runs/$name/checkpoints/step_* 2>/dev/null | head -n 1)
+if [ "$$status" -eq $preempted ] || { [ "$$status" -ne 0 ] && [ -n "$$checkpointed" ]; }; then
   echo "stopped with a checkpoint (status $$status): requeueing $$SLURM_JOB_ID"
   scontrol requeue "$$SLURM_JOB_ID"
 fi
