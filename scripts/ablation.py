@@ -81,9 +81,12 @@ def summarise(frame: pd.DataFrame, rows: list[dict], path: Path, title: str) -> 
 def sweep_rows(spec: dict) -> list[dict]:
     """One row per swept value, around the full recipe (plus_aux_classifier's settings)."""
     full = next(r for r in spec["rows"] if r["name"] == "plus_aux_classifier")
+    def setting(key, value) -> str:
+        return f"{key}={'null' if value is None else value}"
+
     return [
-        {"name": f"{key}={value}", "eval": full["eval"],
-         "overrides": [*full["overrides"], f"{key}={value}"]}
+        {"name": setting(key, value), "eval": full["eval"],
+         "overrides": [*full["overrides"], setting(key, value)]}
         for key, values in spec["sweep"].items() for value in values
     ]  # fmt: skip
 

@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     options = launch_args(args.config_file, args.num_processes, gpu_count())
     options += shlex.split(args.accelerate_args)
-    return run([accelerate, "launch", *options, "-m", "train", args.model, *args.overrides])
+    # --quiet: a failing run has printed its one-line error; no launcher traceback after it.
+    command = [accelerate, "launch", "--quiet", *options, "-m", "train", args.model]
+    return run(command + args.overrides)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,10 @@ from train.model import build_model, build_teacher, ema_decay
 from train.views import SharedMixup
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; rerun to continue
-# Keys that change where or how often things happen, never the numbers a run computes.
+# Keys that change where, how often or how a run is evaluated, never the weights it computes.
 RESUME_NEUTRAL_KEYS = {
     "workers", "eval_every", "ckpt_every_steps", "keep_last", "allow_config_change",
-    "out_dir", "logits_dir", "data_dir",
+    "out_dir", "logits_dir", "data_dir", "test_resize_ratio", "fusion_weight",
 }  # fmt: skip
 TERMS = ("loss", "ce", "rce", "cr", "mt", "aux")
 
