@@ -1,6 +1,6 @@
 """The last stages: TenCrop probabilities per model, the ensemble, the submission and its score.
 
-`ensemble.tencrop` (crops and per-crop fusion), `ensemble.logits` (`make logits`), `ensemble.blend`
+`ensemble.logits` (`make logits`), `ensemble.blend`
 (`make ensemble`), `ensemble.submission` (the CSV the challenge server reads, and its validator),
 `ensemble.evaluate` (`make evaluate`). RECIPE.md section 5 fixes the defaults.
 """

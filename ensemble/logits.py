@@ -2,7 +2,7 @@
 
 Loads the run's saved config (`runs/<name>/config.yaml`, the resolved config it trained with)
 and a checkpoint (best by default, the teacher by default), predicts every val and test image
-with TenCrop and per-crop Auxiliary Fusion (`ensemble.tencrop`), picks the fusion weight on val,
+with TenCrop and per-crop Auxiliary Fusion (`train.inference`), picks the fusion weight on val,
 and writes `logits/<name>/val.npz` (ids, probs float16, labels), `test.npz` (ids, probs) and
 `meta.json`, written last so that a folder with a meta.json is complete. Images are sharded over
 the processes of `accelerate launch` and gathered back into id order: one row per image, the
@@ -27,11 +27,11 @@ from data_prep.errors import UserError, cli_main
 from data_prep.fs import write_text_atomic
 from data_prep.layout import Layout
 from ensemble.members import write_npz
-from ensemble.tencrop import build_crop_transform, fuse, predict_crops, resize_size
 from train.checkpoint import load_weights
 from train.config import load_config, logits_dir, run_dir
 from train.distributed import make_accelerator, shard
 from train.engine import best_fusion, top1
+from train.inference import build_crop_transform, fuse, predict_crops, resize_size
 from train.model import build_model
 from train.views import EvalDataset
 

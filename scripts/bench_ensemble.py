@@ -127,8 +127,8 @@ def bench_tencrop(images: int, size: int, repeats: int) -> dict[str, float]:
     import timm
     from torch.utils.data import DataLoader
 
-    from ensemble.tencrop import build_crop_transform, predict_crops
     from train.distributed import make_accelerator
+    from train.inference import build_crop_transform, predict_crops
     from train.views import EvalDataset
 
     cfg = {"test_size": size, "test_resize_ratio": 0.875, "interpolation": "bicubic",

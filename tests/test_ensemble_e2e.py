@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from data_prep.layout import Layout
-from ensemble.tencrop import fuse
 from tests.conftest import ROOT, run_command
 from tests.test_logits import explicit_ten_crops, softmax64
 from train.checkpoint import load_weights
 from train.config import load_config
+from train.inference import fuse
 from train.model import build_model
 
 TINY = {

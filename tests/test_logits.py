@@ -1,4 +1,4 @@
-"""TenCrop and per-crop Auxiliary Fusion (ensemble/tencrop.py), checked against explicit loops."""
+"""TenCrop and per-crop Auxiliary Fusion (train/inference.py), checked against explicit loops."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from data_prep.errors import UserError, user_message
 from ensemble.logits import choose_fusion_weight
-from ensemble.tencrop import (
+from train.distributed import make_accelerator
+from train.inference import (
     CENTER,
     build_crop_transform,
     crop_probabilities,
@@ -21,8 +22,7 @@ from ensemble.tencrop import (
     predict_crops,
     resize_size,
 )
-from train.distributed import make_accelerator
-from train.views import EvalDataset, build_eval_transform
+from train.views import EvalDataset
 
 CFG = {
     "test_size": 8,
@@ -122,11 +122,10 @@ def test_tencrop_crops_are_the_five_crops_of_the_image_and_of_its_mirror_in_orde
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_centre_view_is_the_eval_transform_of_training_and_the_fifth_crop():
+def test_centre_view_is_the_fifth_crop():
     image = random_image(19, 14, seed=2)
     cfg = {**CFG, "interpolation": "bicubic"}
-    centre = build_eval_transform(cfg)(image)
-    torch.testing.assert_close(build_crop_transform(cfg, "center")(image)[0], centre)
+    centre = build_crop_transform(cfg, "center")(image)[0]
     torch.testing.assert_close(build_crop_transform(cfg, "tencrop")(image)[CENTER], centre)
 
 

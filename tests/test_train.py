@@ -183,7 +183,8 @@ def test_two_cpu_processes_validate_like_one_process(tiny_dir, tmp_path):
     from train.config import load_config
     from train.data import eval_loader
     from train.distributed import make_accelerator
-    from train.engine import predict, top1
+    from train.engine import top1
+    from train.inference import predict_crops
     from train.model import build_model
 
     cfg = load_config(args[0], args[1:])
@@ -191,7 +192,8 @@ def test_two_cpu_processes_validate_like_one_process(tiny_dir, tmp_path):
     model.load_state_dict(load_file(run / "checkpoints" / "best" / "student.safetensors"))
     items = Layout(tiny_dir).split_items("val")
     acc = make_accelerator("no")
-    probs, _ = predict(acc, model, eval_loader(cfg, items, 0, 1, 7), len(items), 10, True)
+    loader = eval_loader(cfg, items, 0, 1, 7)
+    probs = predict_crops(acc, model.eval(), loader, len(items), 10, True, False)["main"]
     labels = torch.tensor([item[2] for item in items])
     assert probs.shape[0] == len(items)
     assert top1(probs, labels) == pytest.approx(logged["val_student"], abs=1e-4)

@@ -20,11 +20,11 @@ from torchvision import transforms
 
 from data_prep.errors import UserError
 from tests.conftest import ROOT
+from train.inference import build_crop_transform
 from train.views import (
     EvalDataset,
     MultiViewDataset,
     SharedMixup,
-    build_eval_transform,
     build_train_transform,
     generator_for,
     load_rgb,
@@ -184,7 +184,7 @@ def test_eval_transform_resizes_the_short_side_then_centre_crops():
     resized = np.asarray(image.resize((long, short), Image.BICUBIC), dtype=np.float64) / 255.0
     top, left = round((short - 64) / 2), round((long - 64) / 2)
     expected = (resized[top : top + 64, left : left + 64] - cfg["mean"]) / np.array(cfg["std"])
-    out = build_eval_transform(cfg)(image).double().permute(1, 2, 0).numpy()
+    out = build_crop_transform(cfg, "center")(image)[0].double().permute(1, 2, 0).numpy()
     assert out.shape == (64, 64, 3)
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
@@ -262,10 +262,10 @@ def test_persistent_workers_load_the_same_views_and_follow_set_epoch(image_items
 
 
 def test_eval_dataset_returns_image_label_or_minus_one_and_index(image_items):
-    transform = build_eval_transform(config())
+    transform = build_crop_transform(config(), "center")
     labelled = EvalDataset(image_items, transform)
     image, label, index = labelled[2]
-    assert image.shape == (3, 48, 48) and label == image_items[2][2] and index == 2
+    assert image.shape == (1, 3, 48, 48) and label == image_items[2][2] and index == 2
     unlabelled = EvalDataset([(f"img_{i}.JPEG", p) for i, (_, p, _) in enumerate(image_items)],
                              transform)
     image2, label2, index2 = unlabelled[2]

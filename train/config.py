@@ -16,6 +16,7 @@ import yaml
 from data_prep.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+KINDS = {"models": "model", "data": "dataset", "ensembles": "ensemble"}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def _named(kind: str, name: str) -> dict[str, Any]:
     path = CONFIG_DIR / kind / f"{name}.yaml"
     if not path.is_file():
         raise UserError(
-            f"unknown {kind[:-1]} {name!r} (no {path}); valid: {', '.join(available(kind))}"
+            f"unknown {KINDS[kind]} {name!r} (no {path}); valid: {', '.join(available(kind))}"
         )
     return _read_yaml(path)
 

@@ -21,13 +21,8 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from data_prep.errors import UserError
 from data_prep.layout import Layout
 from train.distributed import shard
-from train.views import (
-    EvalDataset,
-    MultiViewDataset,
-    build_eval_transform,
-    build_train_transform,
-    generator_for,
-)
+from train.inference import build_crop_transform
+from train.views import EvalDataset, MultiViewDataset, build_train_transform, generator_for
 
 Item = tuple[str, Path, int]
 
@@ -122,8 +117,8 @@ def train_loader(
 def eval_loader(
     cfg: dict[str, Any], items: list[Item], rank: int, world: int, batch_size: int
 ) -> DataLoader:
-    """This process's shard of `items` (every item on exactly one process), centre-cropped."""
-    dataset = EvalDataset(items, build_eval_transform(cfg))
+    """This process's shard of `items` (every item on exactly one process), as centre views."""
+    dataset = EvalDataset(items, build_crop_transform(cfg, "center"))
     return DataLoader(
         Subset(dataset, list(shard(len(items), rank, world))),
         batch_size=batch_size,

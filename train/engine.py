@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from train.distributed import gather_rows
 from train.views import generator_for
 
 FUSION_GRID = torch.linspace(0, 1, 21)
@@ -59,29 +58,6 @@ def forward_step(
 def step_generator(cfg: dict[str, Any], epoch: int, step: int, rank: int) -> torch.Generator:
     """Mixing randomness of one step: a function of (seed, epoch, step, rank), replayable."""
     return generator_for(cfg["seed"], "mix", epoch, step, rank)
-
-
-@torch.no_grad()
-def predict(
-    accelerator, model, loader, total: int, num_classes: int, has_aux: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Softmax of the main head and of the auxiliary head, one row per image in index order."""
-    model.eval()
-    index, main, aux = [torch.zeros(0, dtype=torch.long)], [], []
-    empty = torch.zeros(0, num_classes)
-    for images, _, idx in loader:
-        with accelerator.autocast():
-            logits, aux_logits = model(images.to(accelerator.device))
-        index.append(idx)
-        main.append(logits.float().softmax(-1).cpu())
-        if has_aux:
-            aux.append(aux_logits.float().softmax(-1).cpu())
-    index = torch.cat(index)
-    # Every process joins both gathers, also one whose shard is empty.
-    main_probs = gather_rows(accelerator, index, torch.cat([empty, *main]), total)
-    if not has_aux:
-        return main_probs, None
-    return main_probs, gather_rows(accelerator, index, torch.cat([empty, *aux]), total)
 
 
 def top1(probs: torch.Tensor, labels: torch.Tensor) -> float:

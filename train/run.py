@@ -26,7 +26,8 @@ from train import checkpoint as ckpt
 from train.config import run_dir, save_config
 from train.data import eval_loader, split_train_eval, train_loader
 from train.distributed import make_accelerator
-from train.engine import best_fusion, forward_step, predict, step_generator, top1, two_view_batch
+from train.engine import best_fusion, forward_step, step_generator, top1, two_view_batch
+from train.inference import predict_crops
 from train.losses import AttractRepulseLoss
 from train.metrics import write_metrics
 from train.model import build_model, build_teacher, ema_decay
@@ -312,15 +313,15 @@ class Run:
         cfg = self.cfg
         loader = eval_loader(cfg, self.eval_items, self.rank, self.world, cfg["batch_size"] * 2)
         labels = torch.tensor([item[2] for item in self.eval_items])
-        has_aux = cfg["aux_weight"] > 0
-        args = (loader, len(self.eval_items), cfg["num_classes"], has_aux)
-        student, _ = predict(self.acc, self.model, *args)
-        teacher, teacher_aux = predict(self.acc, self.teacher.module, *args)
+        args = (loader, len(self.eval_items), cfg["num_classes"], cfg["aux_weight"] > 0, False)
+        self.model.eval()
+        student = predict_crops(self.acc, self.model, *args, self.channels_last)
+        teacher = predict_crops(self.acc, self.teacher.module, *args, self.channels_last)
         self.model.train()
-        weight, fused = best_fusion(teacher, teacher_aux, labels)
+        weight, fused = best_fusion(teacher["main"], teacher.get("aux"), labels)
         return {
-            "val_student": top1(student, labels),
-            "val_teacher": top1(teacher, labels),
+            "val_student": top1(student["main"], labels),
+            "val_teacher": top1(teacher["main"], labels),
             "val_fused": fused,
             "fusion_w": weight,
         }

@@ -89,18 +89,6 @@ def build_train_transform(cfg: dict[str, Any]) -> Transform:
     )
 
 
-def build_eval_transform(cfg: dict[str, Any]) -> Transform:
-    """Short side to floor(test_size / test_resize_ratio), centre crop test_size, normalise."""
-    return create_transform(
-        input_size=cfg["test_size"],
-        is_training=False,
-        crop_pct=cfg["test_resize_ratio"],
-        interpolation=cfg["interpolation"],
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-    )
-
-
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode any image file (CMYK, grayscale, palette, a PNG named .JPEG) as RGB."""
     try:
