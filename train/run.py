@@ -289,15 +289,13 @@ class Run:
             row.update(self.evaluate())
             score = row["val_teacher"] if cfg["mt_weight"] > 0 else row["val_student"]
         self.history.append(row)
+        # Without a validation set (train+val, nothing held out) the newest epoch is the best.
+        improved = not self.eval_items or (score is not None and score > self.best)
+        if score is not None:
+            self.best = max(self.best, score)  # before the save: a resumed run keeps it
         self.epoch, self.micro = self.epoch + 1, 0
         self.sums = torch.zeros_like(self.sums)
         step_dir = self.save()
-        # Without a validation set (train+val, nothing held out) the newest epoch is the best.
-        if not self.eval_items:
-            improved = True
-        else:
-            improved = score is not None and score > self.best
-            self.best = max(self.best, score) if score is not None else self.best
         if self.acc.is_main_process:
             if improved:
                 ckpt.mark_best(self.dir, step_dir)
