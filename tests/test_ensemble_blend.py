@@ -179,10 +179,9 @@ def test_weight_search_is_kept_only_when_it_wins_on_held_out_val(tmp_path):
 def test_ensemble_configs_name_existing_model_configs():
     paper = load_ensemble_config("vipriors16")
     assert len(paper["models"]) == 16 and "weights" not in paper
-    assert load_ensemble_config("demo")["models"] == [
-        "demo_resnet18", "demo_effnet_b0", "demo_seresnet18"
-    ]
-    for name in paper["models"]:
+    demo = load_ensemble_config("demo")["models"]
+    assert len(demo) >= 3
+    for name in paper["models"] + demo:
         assert (CONFIG_DIR / "models" / f"{name}.yaml").is_file(), name
 
 
