@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
             result = score_run(spec["model"], row, seed, common, folder)
             frame = pd.concat([frame, pd.DataFrame([result])], ignore_index=True)
             write_text_atomic(csv, frame.to_csv(index=False))
-            summarise(frame, rows, args.results / stage, f"{stage} on the embedded benchmark")
             print(f"{row['name']} seed {seed}: test top-1 {result['test_top1']:.2f}%", flush=True)
+    summarise(frame, rows, args.results / stage, f"{stage} on the embedded benchmark")
 
 
 if __name__ == "__main__":
