@@ -103,9 +103,8 @@ def train_loader(
         batch_sampler=sampler,
         num_workers=cfg["workers"],
         worker_init_fn=ignore_stop_signals,
-        # Workers live across epochs (set_epoch reaches them through shared memory): starting
-        # them anew each epoch costs more than a short epoch's compute on a small dataset.
-        persistent_workers=cfg["workers"] > 0,
+        # Not persistent: workers that ignore SIGTERM cannot be terminated by the DataLoader's
+        # shutdown fallback, and a persistent pool hung a resumed run at exit in a test.
         pin_memory=torch.cuda.is_available(),
         # A private generator: creating an epoch's iterator must not draw from the global RNG,
         # or a run resumed mid-epoch would shift the dropout stream of the uninterrupted run.
