@@ -26,7 +26,7 @@ import yaml
 from data_prep.errors import UserError, cli_main
 from train.config import CONFIG_DIR, load_config
 
-EXIT_PREEMPTED = 75  # the same value as train.run.EXIT_PREEMPTED (kept import-light: no torch)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; rerun to continue
 
 
 def gpu_count() -> int:

@@ -28,12 +28,12 @@ from train.data import eval_loader, split_train_eval, train_loader
 from train.distributed import make_accelerator
 from train.engine import best_fusion, forward_step, step_generator, top1, two_view_batch
 from train.inference import predict_crops
+from train.launch import EXIT_PREEMPTED
 from train.losses import AttractRepulseLoss
 from train.metrics import write_metrics
 from train.model import build_model, build_teacher, ema_decay
 from train.views import SharedMixup
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; rerun to continue
 # Keys that change where, how often or how a run is evaluated, never the weights it computes.
 RESUME_NEUTRAL_KEYS = {
     "workers", "eval_every", "ckpt_every_steps", "keep_last", "allow_config_change",
