@@ -80,8 +80,9 @@ test: setup ## the whole test suite (CI runs exactly this)
 test-fast: setup ## the tests not marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-lint: setup ## ruff
+lint: setup ## ruff check and ruff format --check (the tree is formatted by ruff format)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean: ## remove generated runs, logits and submissions (keeps data/ and .venv)
 	rm -rf runs logits results submissions/*.csv submissions/*.zip submissions/*.json

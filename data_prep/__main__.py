@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from common.errors import cli_main
 from data_prep import fashion, folder, imagenet
-from data_prep.errors import cli_main
 
 SOURCES = {
     "imagenet": (imagenet, "the VIPriors ImageNet subset from an ImageNet-1k copy"),

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import UserError
-from data_prep.fs import write_text_atomic
+from common.errors import UserError
+from common.fs import write_text_atomic
 from data_prep.layout import LABELS_HEADER, Layout, dataset_files, tree_checksum
 from data_prep.place import run_parallel
 

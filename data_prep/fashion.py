@@ -20,17 +20,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.errors import UserError
+from common.fs import write_bytes_atomic
 from data_prep.build import Plan, build
-from data_prep.errors import UserError
-from data_prep.fs import write_bytes_atomic
 from data_prep.layout import test_name
 
 IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Fashion-MNIST's label order, as folder names; the sorted order defines the class index.
 LABEL_NAMES = (
-    "t-shirt_top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle_boot",
-)  # fmt: skip
+    "t-shirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+)
 PER_CLASS = (50, 50)
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

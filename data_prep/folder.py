@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import UserError
 from data_prep.build import Plan, build
-from data_prep.errors import UserError
 from data_prep.layout import is_image, test_name
 from data_prep.place import MODES, file_writer, run_parallel
 

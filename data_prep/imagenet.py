@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.errors import UserError
 from data_prep.build import Plan, build
-from data_prep.errors import UserError
 from data_prep.layout import test_name
 from data_prep.place import MODES, file_writer, require_files
 from data_prep.splits import NUM_CLASSES, Splits, read_splits

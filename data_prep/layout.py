@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 TEST_NAME = re.compile(r"^img_(\d+)\.[A-Za-z]+$")

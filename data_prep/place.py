@@ -3,7 +3,7 @@
 Every way of creating a file is atomic, so a process killed at any moment leaves each output
 either absent or complete, and "the file exists" is a sufficient test of "this file is done":
 `os.link` and `os.symlink` create the name in one step, and copies and resizes are written to a
-temporary name and renamed (`data_prep.fs.atomic_path`). That is what makes every build
+temporary name and renamed (`common.fs.atomic_path`). That is what makes every build
 resumable without per-file bookkeeping.
 
 The work is I/O bound (link/stat/copy syscalls, which release the GIL), so a thread pool over
@@ -24,8 +24,8 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from data_prep.errors import UserError
-from data_prep.fs import atomic_path
+from common.errors import UserError
+from common.fs import atomic_path
 
 T = TypeVar("T")
 MODES = ("link", "symlink", "copy")

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 NUM_CLASSES = 1000
 PER_CLASS = 50

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from data_prep.errors import UserError, cli_main
-from data_prep.fs import write_text_atomic
+from common.errors import UserError, cli_main
+from common.fs import write_text_atomic
 from data_prep.layout import test_index
 from ensemble.members import Member, SplitReader, open_members
 from ensemble.search import search_weights
@@ -135,6 +135,7 @@ def resolve_models(args: argparse.Namespace) -> tuple[str, list[str], list[float
 
 def format_table(members: list[Member], weights: list[float], ensemble_top1: float) -> str:
     """Each model's val top-1 (TenCrop and centre crop, from its meta.json), then the ensemble's."""
+
     def cell(value: float | None) -> str:
         return f"{value:9.2f}" if value is not None else f"{'-':>9}"
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.errors import UserError, cli_main
+from common.errors import UserError, cli_main
 from data_prep.layout import Layout
 from ensemble.submission import read_labels, validate_submission
 

@@ -23,8 +23,8 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from data_prep.errors import UserError, cli_main
-from data_prep.fs import write_text_atomic
+from common.errors import UserError, cli_main
+from common.fs import write_text_atomic
 from data_prep.layout import Layout
 from ensemble.members import write_npz
 from train.checkpoint import load_weights
@@ -94,8 +94,13 @@ def split_loader(
 
 
 def predict_split(
-    accelerator: Accelerator, model: torch.nn.Module, cfg: dict[str, Any], items: list, split: str,
-    view: str, batch_size: int,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    cfg: dict[str, Any],
+    items: list,
+    split: str,
+    view: str,
+    batch_size: int,
 ) -> dict[str, torch.Tensor]:
     """Crop-averaged main (and aux) probabilities of every image of `split`, in item order."""
     loader = split_loader(
@@ -105,8 +110,13 @@ def predict_split(
         loader, desc=f"{cfg['name']} {split}", disable=not accelerator.is_local_main_process
     )
     return predict_crops(
-        accelerator, model, progress, len(items), cfg["num_classes"],
-        has_aux=cfg["aux_weight"] > 0, keep_center=split == "val" and view == "tencrop",
+        accelerator,
+        model,
+        progress,
+        len(items),
+        cfg["num_classes"],
+        has_aux=cfg["aux_weight"] > 0,
+        keep_center=split == "val" and view == "tencrop",
         channels_last=channels_last(cfg, accelerator.device),
     )
 
@@ -150,8 +160,12 @@ def _check_classes(cfg: dict[str, Any], layout: Layout) -> None:
 
 
 def build_meta(
-    cfg: dict[str, Any], args: argparse.Namespace, weight: float, source: str,
-    val: dict[str, torch.Tensor], labels: torch.Tensor,
+    cfg: dict[str, Any],
+    args: argparse.Namespace,
+    weight: float,
+    source: str,
+    val: dict[str, torch.Tensor],
+    labels: torch.Tensor,
 ) -> dict[str, Any]:
     """meta.json: where the probabilities come from, the fusion weight and the val top-1s."""
     view = "center" if args.center_crop else "tencrop"

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.errors import UserError
-from data_prep.fs import atomic_path
+from common.errors import UserError
+from common.fs import atomic_path
 
 SHOWN = 3  # ids named in a mismatch message
 

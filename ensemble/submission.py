@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError
-from data_prep.fs import atomic_path
+from common.errors import UserError
+from common.fs import atomic_path
 
 HEADER = ("Image IDs", "Predictions")
 LABELS_HEADER = ("Image IDs", "label")

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from data_prep.fs import atomic_path, write_text_atomic
+from common.fs import atomic_path, write_text_atomic
 from ensemble.evaluate import logits_top1
 from train.config import CONFIG_DIR, load_config
 
@@ -35,18 +35,26 @@ def score_run(model: str, row: dict, seed: int, common: list[str], stage: Path) 
     """Train (or resume) one run, predict val and test with the row's head, return its scores."""
     runs = stage / "runs"
     name = f"{row.get('same_runs_as', row['name'])}_s{seed}"
-    overrides = [*common, *row["overrides"], f"seed={seed}", f"name={name}", f"out_dir={runs}",
-                 f"logits_dir={stage / 'logits' / row['name']}"]  # fmt: skip
+    overrides = [
+        *common,
+        *row["overrides"],
+        f"seed={seed}",
+        f"name={name}",
+        f"out_dir={runs}",
+        f"logits_dir={stage / 'logits' / row['name']}",
+    ]
     run_module("train", model, *overrides)
     run_module("ensemble.logits", model, *overrides, "--center-crop", "--role", ROLE[row["eval"]])
     cfg = load_config(model, overrides)
     logits = Path(cfg["logits_dir"]) / name
     meta = yaml.safe_load((logits / "meta.json").read_text())
     return {
-        "row": row["name"], "seed": seed, "val_top1": meta["val_top1"],
+        "row": row["name"],
+        "seed": seed,
+        "val_top1": meta["val_top1"],
         "test_top1": logits_top1(logits, Path(cfg["data_dir"]) / "test_labels.csv"),
         "epochs": cfg["epochs"],
-    }  # fmt: skip
+    }
 
 
 def summarise(frame: pd.DataFrame, rows: list[dict], path: Path, title: str) -> None:
@@ -55,8 +63,12 @@ def summarise(frame: pd.DataFrame, rows: list[dict], path: Path, title: str) -> 
     order = [r["name"] for r in rows if r["name"] in stats.index]
     stats = stats.loc[order]
     paper = {r["name"]: r.get("paper") for r in rows}
-    lines = [f"# {title}", "", "| row | test top-1 (%) mean ± std | seeds | paper (ImageNet val) |",
-             "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# {title}",
+        "",
+        "| row | test top-1 (%) mean ± std | seeds | paper (ImageNet val) |",
+        "|---|---|---|---|",
+    ]
     for name, stat in stats.iterrows():
         ref = "" if paper.get(name) is None else f"{paper[name]:.2f}"
         std = 0.0 if np.isnan(stat["std"]) else stat["std"]
@@ -81,14 +93,19 @@ def summarise(frame: pd.DataFrame, rows: list[dict], path: Path, title: str) -> 
 def sweep_rows(spec: dict) -> list[dict]:
     """One row per swept value, around the full recipe (plus_aux_classifier's settings)."""
     full = next(r for r in spec["rows"] if r["name"] == "plus_aux_classifier")
+
     def setting(key, value) -> str:
         return f"{key}={'null' if value is None else value}"
 
     return [
-        {"name": setting(key, value), "eval": full["eval"],
-         "overrides": [*full["overrides"], setting(key, value)]}
-        for key, values in spec["sweep"].items() for value in values
-    ]  # fmt: skip
+        {
+            "name": setting(key, value),
+            "eval": full["eval"],
+            "overrides": [*full["overrides"], setting(key, value)],
+        }
+        for key, values in spec["sweep"].items()
+        for value in values
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

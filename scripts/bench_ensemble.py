@@ -90,9 +90,16 @@ def bench_blend(models: int, rows: int, classes: int, search: bool = False) -> d
         names = write_members(root / "logits", models, rows, classes)
         written = time.perf_counter() - start
         blend = [
-            "--models", *names, "--name", "bench", *(["--search-weights"] if search else []),
-            "--logits-dir", str(root / "logits"), "--out-dir", str(root / "submissions"),
-        ]  # fmt: skip
+            "--models",
+            *names,
+            "--name",
+            "bench",
+            *(["--search-weights"] if search else []),
+            "--logits-dir",
+            str(root / "logits"),
+            "--out-dir",
+            str(root / "submissions"),
+        ]
         wall, peak = run_measured("ensemble.blend", blend)
         _, baseline = run_measured("ensemble.blend", [], run=False)
         csv_rows = len((root / "submissions" / "bench.csv").read_text().splitlines()) - 1
@@ -131,8 +138,13 @@ def bench_tencrop(images: int, size: int, repeats: int) -> dict[str, float]:
     from train.inference import build_crop_transform, predict_crops
     from train.views import EvalDataset
 
-    cfg = {"test_size": size, "test_resize_ratio": 0.875, "interpolation": "bicubic",
-           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # fmt: skip
+    cfg = {
+        "test_size": size,
+        "test_resize_ratio": 0.875,
+        "interpolation": "bicubic",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
     accelerator = make_accelerator("no")
     model = timm.create_model("resnet18", num_classes=100).eval()
 
@@ -156,8 +168,13 @@ def bench_tencrop(images: int, size: int, repeats: int) -> dict[str, float]:
             passes = [run("center", per_forward) for _ in range(10)]
             ten_passes.append(sum(passes))
             one_pass.append(min(passes))
-    return {"tencrop_s": min(tencrop), "ten_passes_s": min(ten_passes), "one_pass_s": min(one_pass),
-            "images": images, "size": size}  # fmt: skip
+    return {
+        "tencrop_s": min(tencrop),
+        "ten_passes_s": min(ten_passes),
+        "one_pass_s": min(one_pass),
+        "images": images,
+        "size": size,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -87,13 +87,17 @@ def main(argv: list[str] | None = None) -> None:
                     times[name][r, i] = seconds(fn, i)
     best = {k: float(v.min(0).sum()) for k, v in times.items()}
     once_rate, twice_rate = 2 * n / best["once"], 2 * n / best["twice"]
-    print(f"loader: {n} JPEGs of 320-500 px, {args.img_size} px views, AutoAugment original, "
-          f"1 thread, per-image best of {args.repeats} passes")
+    print(
+        f"loader: {n} JPEGs of 320-500 px, {args.img_size} px views, AutoAugment original, "
+        f"1 thread, per-image best of {args.repeats} passes"
+    )
     print(f"  decode once, two views:   {once_rate:8.1f} views/s per core")
     print(f"  decode twice (2 x 1 view): {twice_rate:7.1f} views/s per core")
     print(f"  ratio once / twice:       {once_rate / twice_rate:8.2f}x")
-    print(f"  one decode {1e3 * best['decode'] / n:.2f} ms, "
-          f"one view's transform {1e3 * best['transform'] / n:.2f} ms")
+    print(
+        f"  one decode {1e3 * best['decode'] / n:.2f} ms, "
+        f"one view's transform {1e3 * best['transform'] / n:.2f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -104,10 +104,27 @@ def child(args: argparse.Namespace) -> None:
 def measure(
     variant: str, rows: int, args: argparse.Namespace, batch: str = "mixed", repeat: int = 0
 ) -> dict:
-    cmd = [sys.executable, "-m", "scripts.bench_losses", "--child", variant, "--rows", str(rows),
-           "--classes", str(args.classes), "--threads", str(args.threads), "--batch", batch,
-           "--repeat", str(repeat or args.repeat), "--step-views", str(args.step_views),
-           "--step-size", str(args.step_size)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.bench_losses",
+        "--child",
+        variant,
+        "--rows",
+        str(rows),
+        "--classes",
+        str(args.classes),
+        "--threads",
+        str(args.threads),
+        "--batch",
+        batch,
+        "--repeat",
+        str(repeat or args.repeat),
+        "--step-views",
+        str(args.step_views),
+        "--step-size",
+        str(args.step_size),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -154,16 +171,22 @@ def main(argv: list[str] | None = None) -> None:
         if brute_seen:
             need = brute_seen[1] * (rows / brute_seen[0]) ** 2
         if need > MEMORY_SHARE * available_mb():
-            print(f"  brute-force mask: skipped, needs ~{need / 1024:.1f} GB of "
-                  f"{available_mb() / 1024:.1f} GB available")
+            print(
+                f"  brute-force mask: skipped, needs ~{need / 1024:.1f} GB of "
+                f"{available_mb() / 1024:.1f} GB available"
+            )
         else:
             brute = measure("brute_mask", rows, args, repeat=1)
             _row("brute-force mask jensen_shannon(t, t) <= delta", brute)
-            print(f"  brute / production: time x{brute['seconds'] / mask['seconds']:.1f}, "
-                  f"memory x{brute['peak_mb'] / max(mask['peak_mb'], 0.1):.1f}")
+            print(
+                f"  brute / production: time x{brute['seconds'] / mask['seconds']:.1f}, "
+                f"memory x{brute['peak_mb'] / max(mask['peak_mb'], 0.1):.1f}"
+            )
             brute_seen = (rows, brute["peak_mb"])
-        print(f"  CR / reference step ({rows} views of efficientnet_b2 at {args.step_size} px, "
-              f"{per_view * rows:.0f} s): {cr['seconds'] / (per_view * rows):.2%}")
+        print(
+            f"  CR / reference step ({rows} views of efficientnet_b2 at {args.step_size} px, "
+            f"{per_view * rows:.0f} s): {cr['seconds'] / (per_view * rows):.2%}"
+        )
 
 
 if __name__ == "__main__":

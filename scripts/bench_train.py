@@ -116,10 +116,12 @@ class Step:
 def measure(arch: str, size: int, batch: int, repeat: int) -> dict[str, dict[str, float]]:
     common = [f"arch={arch}", f"img_size={size}", "drop_path_rate=0.0", "data=fashion50"]
     configs = {
-        "baseline": load_config("demo_resnet18", [*common, "num_views=1", "cr_weight=0",
-                                                   "mt_weight=0", "aux_weight=0", "rce_weight=0"]),
+        "baseline": load_config(
+            "demo_resnet18",
+            [*common, "num_views=1", "cr_weight=0", "mt_weight=0", "aux_weight=0", "rce_weight=0"],
+        ),
         "attract_repulse": load_config("demo_resnet18", [*common, "num_views=2"]),
-    }  # fmt: skip
+    }
     images = torch.randn(batch, 2, 3, size, size)
     labels = torch.randint(0, 10, (batch,))
     steps = {name: Step(cfg, images, labels) for name, cfg in configs.items()}
@@ -142,20 +144,29 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     results = measure(args.arch, args.size, args.batch, args.repeat)
     base, ar = results["baseline"], results["attract_repulse"]
-    where = torch.cuda.get_device_name() + ", bf16" if DEVICE.type == "cuda" else (
-        f"CPU, {torch.get_num_threads()} threads")
-    print(f"\n== train step: {args.arch} at {args.size} px, {args.batch} images per step, "
-          f"{where} (median of {args.repeat}) ==")  # fmt: skip
+    where = (
+        torch.cuda.get_device_name() + ", bf16"
+        if DEVICE.type == "cuda"
+        else (f"CPU, {torch.get_num_threads()} threads")
+    )
+    print(
+        f"\n== train step: {args.arch} at {args.size} px, {args.batch} images per step, "
+        f"{where} (median of {args.repeat}) =="
+    )
     print(f"{'part':<20}{'baseline ms':>14}{'A&R ms':>12}")
     for part in ar:
         print(f"{part:<20}{1e3 * base.get(part, 0.0):>14.1f}{1e3 * ar[part]:>12.1f}")
-    print(f"ratio A&R / baseline (full step): {ar['full'] / base['full']:.2f} "
-          f"(arithmetic estimate 2.7); images/s: baseline {args.batch / base['full']:.0f}, "
-          f"A&R {args.batch / ar['full']:.0f}")  # fmt: skip
+    print(
+        f"ratio A&R / baseline (full step): {ar['full'] / base['full']:.2f} "
+        f"(arithmetic estimate 2.7); images/s: baseline {args.batch / base['full']:.0f}, "
+        f"A&R {args.batch / ar['full']:.0f}"
+    )
     nets = ar["forward_backward"] + ar["teacher_forward"]
-    print(f"ratio of the network passes alone: {nets / base['forward_backward']:.2f}; "
-          f"losses {1e3 * ar['losses_only']:.1f} ms, optimiser+EMA "
-          f"{1e3 * ar['optimizer_and_ema']:.1f} ms of {1e3 * ar['full']:.1f} ms")  # fmt: skip
+    print(
+        f"ratio of the network passes alone: {nets / base['forward_backward']:.2f}; "
+        f"losses {1e3 * ar['losses_only']:.1f} ms, optimiser+EMA "
+        f"{1e3 * ar['optimizer_and_ema']:.1f} ms of {1e3 * ar['full']:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

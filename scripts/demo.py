@@ -81,10 +81,26 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n==> logits {model}: up to date, kept")
         else:
             # 64 images (640 crops) a forward: the CPU's sweet spot at 32 px.
-            step(f"TenCrop logits {model}", "ensemble.logits", model, *args.overrides,
-                 "--batch-size", "64")  # fmt: skip
-    step("ensemble", "ensemble.blend", "--config", ENSEMBLE, "--name", ENSEMBLE,
-         "--logits-dir", configs[0]["logits_dir"], "--out-dir", str(args.submissions))  # fmt: skip
+            step(
+                f"TenCrop logits {model}",
+                "ensemble.logits",
+                model,
+                *args.overrides,
+                "--batch-size",
+                "64",
+            )
+    step(
+        "ensemble",
+        "ensemble.blend",
+        "--config",
+        ENSEMBLE,
+        "--name",
+        ENSEMBLE,
+        "--logits-dir",
+        configs[0]["logits_dir"],
+        "--out-dir",
+        str(args.submissions),
+    )
     submission = args.submissions / f"{ENSEMBLE}.csv"
     labels = Layout(data).test_labels
     step("evaluate", "ensemble.evaluate", str(submission), "--labels", str(labels))

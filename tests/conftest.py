@@ -46,7 +46,14 @@ def tiny_dir(fashion_dir, tmp_path_factory) -> Path:
     by the `folder` source: small enough for training runs inside tests."""
     out = tmp_path_factory.mktemp("data") / "tiny"
     run_command(
-        "-m", "data_prep", "folder", "--root", str(fashion_dir / "train"),
-        "--per-class", "8,3,2", "--out", str(out),
-    )  # fmt: skip
+        "-m",
+        "data_prep",
+        "folder",
+        "--root",
+        str(fashion_dir / "train"),
+        "--per-class",
+        "8,3,2",
+        "--out",
+        str(out),
+    )
     return out

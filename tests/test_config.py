@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from tests.conftest import run_command
 from train.config import available, load_config
 
 ENSEMBLE_ARCHS = {
-    "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
-    "dsk_resnext101_32x4d", "resnet152", "seresnet152",
-}  # fmt: skip
+    "efficientnet_b5",
+    "efficientnet_b6",
+    "efficientnet_b7",
+    "dsk_resnext101_32x4d",
+    "resnet152",
+    "seresnet152",
+}
 
 
 def test_layers_apply_in_order_data_then_model_then_command_line():

@@ -17,8 +17,18 @@ from tests.conftest import run_command
 
 IDX = Path("/usr/share/datasets/fashion-mnist")
 # Fashion-MNIST's documented label order, and the folder names the build promises.
-NAMES = ["t-shirt_top", "trouser", "pullover", "dress", "coat",
-         "sandal", "shirt", "sneaker", "bag", "ankle_boot"]  # fmt: skip
+NAMES = [
+    "t-shirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+]
 
 
 def read_idx(name: str, header: int) -> np.ndarray:
@@ -47,8 +57,11 @@ def built(fashion_dir) -> Path:
 
 
 def tree_digest(out: Path) -> dict[str, str]:
-    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_counts_and_class_folders(built):
@@ -60,7 +73,8 @@ def test_counts_and_class_folders(built):
             assert len(list((built / split / name).glob("*.png"))) == 50
     assert meta["counts"]["test"] == 10_000
     assert sorted(p.name for p in (built / "test/imgs").iterdir()) == sorted(
-        f"img_{i}.png" for i in range(10_000))  # fmt: skip
+        f"img_{i}.png" for i in range(10_000)
+    )
 
 
 def test_train_and_val_images_and_labels_match_the_source(built, source):
@@ -114,8 +128,16 @@ def test_another_seed_draws_other_images(source):
 
 
 def test_missing_idx_files_name_the_fix(tmp_path):
-    proc = run_command("-m", "data_prep", "fashion", "--out", str(tmp_path / "out"),
-                       "--idx", str(tmp_path), check=False)  # fmt: skip
+    proc = run_command(
+        "-m",
+        "data_prep",
+        "fashion",
+        "--out",
+        str(tmp_path / "out"),
+        "--idx",
+        str(tmp_path),
+        check=False,
+    )
     assert proc.returncode == 2
     assert f"{tmp_path / 'train-images-idx3-ubyte.gz'} is missing" in proc.stderr
     assert "make setup" in proc.stderr and not (tmp_path / "out").exists()

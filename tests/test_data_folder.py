@@ -45,8 +45,9 @@ def build_folder(root: Path, out: Path | None, *extra: str, check=True, cwd=None
 
 
 def sources_by_inode(root: Path) -> dict[int, tuple[str, Path]]:
-    return {p.stat().st_ino: (p.relative_to(root).parts[0], p) for p in root.rglob("*")
-            if p.is_file()}  # fmt: skip
+    return {
+        p.stat().st_ino: (p.relative_to(root).parts[0], p) for p in root.rglob("*") if p.is_file()
+    }
 
 
 def drawn(out: Path, photos: Path) -> dict[str, list[tuple[str, Path]]]:
@@ -54,12 +55,17 @@ def drawn(out: Path, photos: Path) -> dict[str, list[tuple[str, Path]]]:
     sources = sources_by_inode(photos)
     result = {}
     for split in ("train", "val"):
-        result[split] = [(p.parent.name, sources[p.stat().st_ino][1])
-                         for p in sorted((out / split).rglob("*")) if p.is_file()]  # fmt: skip
+        result[split] = [
+            (p.parent.name, sources[p.stat().st_ino][1])
+            for p in sorted((out / split).rglob("*"))
+            if p.is_file()
+        ]
     classes = json.loads((out / "manifest.json").read_text())["classes"]
     rows = (out / "test_labels.csv").read_text().splitlines()[1:]
-    result["test"] = [(classes[int(label)], sources[(out / "test/imgs" / name).stat().st_ino][1])
-                      for name, label in (row.split(",") for row in rows)]  # fmt: skip
+    result["test"] = [
+        (classes[int(label)], sources[(out / "test/imgs" / name).stat().st_ino][1])
+        for name, label in (row.split(",") for row in rows)
+    ]
     return result
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.errors import UserError
 from data_prep import place as place_module
-from data_prep.errors import UserError
 from tests.conftest import ROOT, run_command
 
 N_CLASSES = 3
@@ -36,8 +36,10 @@ class MiniImageNet:
 
     def __init__(self, splits_dir: Path, base: Path):
         self.splits_dir = splits_dir
-        lists = {n: pickle.loads((splits_dir / f"{n}.pickle").read_bytes())
-                 for n in ("train", "val", "test")}  # fmt: skip
+        lists = {
+            n: pickle.loads((splits_dir / f"{n}.pickle").read_bytes())
+            for n in ("train", "val", "test")
+        }
         self.classes = sorted({w for w, _ in lists["train"]})[:N_CLASSES]
         keep = set(self.classes)
         self.train = [(w, f) for w, f in lists["train"] if w in keep]
@@ -88,9 +90,20 @@ def mini(splits_dir, tmp_path_factory) -> MiniImageNet:
 
 
 def imagenet_args(mini: MiniImageNet, root: Path, out: Path, *extra: str) -> list[str]:
-    return ["-m", "data_prep", "imagenet", "--imagenet", str(root),
-            "--splits", str(mini.splits_dir), "--out", str(out),
-            "--classes", str(N_CLASSES), *extra]  # fmt: skip
+    return [
+        "-m",
+        "data_prep",
+        "imagenet",
+        "--imagenet",
+        str(root),
+        "--splits",
+        str(mini.splits_dir),
+        "--out",
+        str(out),
+        "--classes",
+        str(N_CLASSES),
+        *extra,
+    ]
 
 
 def build(mini, root, out, *extra, check=True):
@@ -121,7 +134,10 @@ def snapshot(out: Path) -> dict[str, str]:
 def test_builds_the_exact_layout_with_hard_links(mini, linked):
     expected = mini.expected_files()
     assert output_files(linked) == set(expected) | {
-        "test_labels.csv", "manifest.json", ".data_prep.json"}  # fmt: skip
+        "test_labels.csv",
+        "manifest.json",
+        ".data_prep.json",
+    }
     assert all(os.path.samefile(linked / rel, src) for rel, src in expected.items())
     assert (linked / "test_labels.csv").read_text().splitlines() == mini.expected_labels()
     meta = manifest(linked)
@@ -131,8 +147,11 @@ def test_builds_the_exact_layout_with_hard_links(mini, linked):
     assert meta["counts"]["test"] == 150
     assert meta["source"] == "imagenet" and meta["options"] == {"classes": 3, "resize": None}
     assert meta["inputs"]["val_layout"] == "classes"
-    lines = sorted(f"{rel}\t{(linked / rel).stat().st_size}\n" for rel in output_files(linked)
-                   if rel not in ("manifest.json", ".data_prep.json"))  # fmt: skip
+    lines = sorted(
+        f"{rel}\t{(linked / rel).stat().st_size}\n"
+        for rel in output_files(linked)
+        if rel not in ("manifest.json", ".data_prep.json")
+    )
     assert meta["checksum"] == hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
@@ -150,8 +169,12 @@ def test_a_rerun_restores_deleted_outputs_and_keeps_the_rest(mini, tmp_path):
     out = tmp_path / "rerun"
     build(mini, mini.root, out)
     before = snapshot(out)
-    deleted = ["train/" + "/".join(mini.train[3]), f"test/imgs/img_{mini.test[7][0]}.JPEG",
-               "test_labels.csv", "manifest.json"]  # fmt: skip
+    deleted = [
+        "train/" + "/".join(mini.train[3]),
+        f"test/imgs/img_{mini.test[7][0]}.JPEG",
+        "test_labels.csv",
+        "manifest.json",
+    ]
     for rel in deleted:
         (out / rel).unlink()
     proc = build(mini, mini.root, out)
@@ -165,7 +188,8 @@ def test_resize_writes_rgb_jpegs_from_cmyk_gray_and_png_named_jpeg(mini, tmp_pat
     build(mini, mini.root, out, "--resize", "32")
     expected = mini.expected_files()
     assert output_files(out) - {"test_labels.csv", "manifest.json", ".data_prep.json"} == set(
-        expected)
+        expected
+    )
     for rel, src in expected.items():
         with Image.open(out / rel) as img:
             assert (img.format, img.mode, min(img.size)) == ("JPEG", "RGB", 32), rel
@@ -192,7 +216,8 @@ def test_copy_and_symlink_modes_hold_the_same_bytes(mini, linked, tmp_path):
     for out in (copied, symlinked):
         assert manifest(out)["checksum"] == manifest(linked)["checksum"]
         assert {k: v for k, v in snapshot(out).items() if k != "manifest.json"} == {
-            k: v for k, v in reference.items() if k != "manifest.json"}  # fmt: skip
+            k: v for k, v in reference.items() if k != "manifest.json"
+        }
     for rel, src in mini.expected_files().items():
         assert not (copied / rel).is_symlink() and not os.path.samefile(copied / rel, src)
         assert (symlinked / rel).is_symlink() and os.readlink(symlinked / rel) == str(src)
@@ -203,8 +228,13 @@ def test_a_killed_run_then_a_rerun_equals_an_uninterrupted_run(mini, tmp_path):
     build(mini, mini.root, whole, "--resize", "40")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = imagenet_args(mini, mini.root, killed, "--resize", "40", "--workers", "1")
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
         if (killed / "train").is_dir() and len(list((killed / "train").rglob("*"))) > 20:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.splits import load_list
 from tests.conftest import run_command
 

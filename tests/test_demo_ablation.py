@@ -12,9 +12,16 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_demo_runs_every_stage_and_prints_the_closing_table(tiny_dir, tmp_path):
-    overrides = [f"data_dir={tiny_dir}", f"out_dir={tmp_path / 'runs'}",
-                 f"logits_dir={tmp_path / 'logits'}", "epochs=1", "batch_size=8",
-                 "holdout_per_class=0", "warmup_epochs=0", "ckpt_every_steps=0"]  # fmt: skip
+    overrides = [
+        f"data_dir={tiny_dir}",
+        f"out_dir={tmp_path / 'runs'}",
+        f"logits_dir={tmp_path / 'logits'}",
+        "epochs=1",
+        "batch_size=8",
+        "holdout_per_class=0",
+        "warmup_epochs=0",
+        "ckpt_every_steps=0",
+    ]
     args = ["-m", "scripts.demo", *overrides, "--submissions", str(tmp_path / "subs")]
     out = run_command(*args).stdout
     models = load_ensemble_config("demo")["models"]
@@ -34,8 +41,18 @@ def test_the_demo_runs_every_stage_and_prints_the_closing_table(tiny_dir, tmp_pa
 
 def test_the_ablation_appends_a_row_per_run_and_writes_its_table(tiny_dir, tmp_path):
     overrides = [f"data_dir={tiny_dir}", "epochs=1", "batch_size=8", "ckpt_every_steps=0"]
-    args = ["-m", "scripts.ablation", "--rows", "strong_baseline", "plus_cr", "--seeds", "0",
-            "--results", str(tmp_path), *overrides]  # fmt: skip
+    args = [
+        "-m",
+        "scripts.ablation",
+        "--rows",
+        "strong_baseline",
+        "plus_cr",
+        "--seeds",
+        "0",
+        "--results",
+        str(tmp_path),
+        *overrides,
+    ]
     run_command(*args)
     frame = pd.read_csv(tmp_path / "ablation.csv")
     assert frame["row"].tolist() == ["strong_baseline", "plus_cr"]

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from ensemble.blend import blend_split, load_ensemble_config
 from ensemble.members import open_members, write_npz
 from ensemble.search import coordinate_ascent, search_weights
@@ -27,8 +27,17 @@ def random_probs(rng: np.random.Generator, n: int, k: int = K) -> np.ndarray:
     return rng.dirichlet(np.ones(k), size=n).astype(np.float16)
 
 
-def make_member(root, name, val_probs, test_probs, *, val_ids=VAL_IDS, labels=VAL_LABELS,
-                test_ids=TEST_IDS, meta=None):
+def make_member(
+    root,
+    name,
+    val_probs,
+    test_probs,
+    *,
+    val_ids=VAL_IDS,
+    labels=VAL_LABELS,
+    test_ids=TEST_IDS,
+    meta=None,
+):
     folder = root / name
     folder.mkdir(parents=True)
     write_npz(folder / "val.npz", ids=val_ids, probs=val_probs, labels=labels)
@@ -96,8 +105,15 @@ def test_rows_are_aligned_by_id_not_by_position(tmp_path):
     make_member(tmp_path, "a", val_a, test_a)
     make_member(tmp_path, "b", val_b, test_b)
     order, test_order = rng.permutation(24), rng.permutation(10)
-    make_member(tmp_path, "b_shuffled", val_b[order], test_b[test_order], val_ids=VAL_IDS[order],
-                labels=VAL_LABELS[order], test_ids=TEST_IDS[test_order])
+    make_member(
+        tmp_path,
+        "b_shuffled",
+        val_b[order],
+        test_b[test_order],
+        val_ids=VAL_IDS[order],
+        labels=VAL_LABELS[order],
+        test_ids=TEST_IDS[test_order],
+    )
     for split in ("val", "test"):
         plain = blend_split(open_members(tmp_path, ["a", "b"]), [1, 1], split)
         shuffled = blend_split(open_members(tmp_path, ["a", "b_shuffled"]), [1, 1], split)
@@ -124,8 +140,9 @@ def test_mismatched_members_are_refused(tmp_path, change, message):
     val, test = random_probs(rng, 24, k), random_probs(rng, len(test_ids), k)
     if change.get("nan"):
         test[3, 1] = np.nan
-    make_member(tmp_path, "bad", val, test, test_ids=test_ids,
-                labels=change.get("labels", VAL_LABELS))
+    make_member(
+        tmp_path, "bad", val, test, test_ids=test_ids, labels=change.get("labels", VAL_LABELS)
+    )
     members = open_members(tmp_path, ["good", "bad"])
     split = "val" if "labels" in change else "test"
     with pytest.raises(UserError) as err:
@@ -140,8 +157,9 @@ def test_a_folder_without_meta_or_with_pickled_arrays_is_refused(tmp_path):
         open_members(tmp_path, ["half"])
     rng = np.random.default_rng(4)
     folder = make_member(tmp_path, "pickled", random_probs(rng, 24), random_probs(rng, 10))
-    np.savez(folder / "test.npz", ids=np.array(list(TEST_IDS), dtype=object),
-             probs=random_probs(rng, 10))
+    np.savez(
+        folder / "test.npz", ids=np.array(list(TEST_IDS), dtype=object), probs=random_probs(rng, 10)
+    )
     with pytest.raises(UserError, match="cannot be read"):
         blend_split(open_members(tmp_path, ["pickled"]), [1], "test")
 
@@ -192,8 +210,22 @@ def blend_command(*args, check=True):
 def test_blend_command_writes_csv_zip_json_and_prints_the_table(three, tmp_path):
     root, probs = three
     out = tmp_path / "subs"
-    proc = blend_command("--models", "a", "b", "c", "--weights", "1", "2", "1", "--name", "abc",
-                         "--logits-dir", str(root), "--out-dir", str(out))
+    proc = blend_command(
+        "--models",
+        "a",
+        "b",
+        "c",
+        "--weights",
+        "1",
+        "2",
+        "1",
+        "--name",
+        "abc",
+        "--logits-dir",
+        str(root),
+        "--out-dir",
+        str(out),
+    )
     mean = sum(w * probs[n][1].astype(np.float64) for w, n in zip((1, 2, 1), "abc", strict=True))
     frame = pd.read_csv(out / "abc.csv")
     assert frame["Image IDs"].tolist() == TEST_IDS.tolist()
@@ -265,12 +297,22 @@ def test_blend_command_records_a_weight_search(tmp_path):
     onehot = np.eye(K)[VAL_LABELS]
     for name in ("a", "b"):
         noise = rng.dirichlet(np.ones(K), len(VAL_LABELS))
-        make_member(tmp_path, name, (0.35 * onehot + 0.65 * noise).astype(np.float16),
-                    random_probs(rng, 10))
+        make_member(
+            tmp_path, name, (0.35 * onehot + 0.65 * noise).astype(np.float16), random_probs(rng, 10)
+        )
     wrong = np.eye(K)[(VAL_LABELS + 1) % K].astype(np.float16)
     make_member(tmp_path, "wrong", wrong, random_probs(rng, 10))
-    blend_command("--models", "a", "b", "wrong", "--search-weights", "--logits-dir",
-                  str(tmp_path), "--out-dir", str(tmp_path))
+    blend_command(
+        "--models",
+        "a",
+        "b",
+        "wrong",
+        "--search-weights",
+        "--logits-dir",
+        str(tmp_path),
+        "--out-dir",
+        str(tmp_path),
+    )
     report = json.loads((tmp_path / "ensemble.json").read_text())
     assert report["weights_from"] == "search" and report["search"]["accepted"]
     assert report["weights"][2] < min(report["weights"][:2])

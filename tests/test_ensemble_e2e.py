@@ -27,9 +27,15 @@ from train.inference import fuse
 from train.model import build_model
 
 TINY = {
-    "arch": "resnet18", "data": "fashion50", "num_classes": 3, "drop_path_rate": 0.0,
-    "batch_size": 4, "workers": 0, "test_size": 16, "test_resize_ratio": 0.8,
-}  # fmt: skip
+    "arch": "resnet18",
+    "data": "fashion50",
+    "num_classes": 3,
+    "drop_path_rate": 0.0,
+    "batch_size": 4,
+    "workers": 0,
+    "test_size": 16,
+    "test_resize_ratio": 0.8,
+}
 
 MAKE_RUNS = """
 import json, sys, torch
@@ -60,9 +66,20 @@ def world(tmp_path_factory):
             pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(base / "src" / name / f"{name}_{i}.png")
     run_command(
-        "-m", "data_prep", "folder", "--root", str(base / "src"), "--per-class", "2,3,2",
-        "--out", str(base / "data"), "--mode", "copy", "--workers", "1",
-    )  # fmt: skip
+        "-m",
+        "data_prep",
+        "folder",
+        "--root",
+        str(base / "src"),
+        "--per-class",
+        "2,3,2",
+        "--out",
+        str(base / "data"),
+        "--mode",
+        "copy",
+        "--workers",
+        "1",
+    )
     (base / "tiny.yaml").write_text(json.dumps(TINY))
     paths = {"base": base, "data": base / "data", "model": str(base / "tiny.yaml")}
     runs = [[paths["model"], [f"name=tiny_{s}", f"seed={s}", *common(paths)]] for s in (0, 1)]
@@ -77,9 +94,14 @@ def common(paths: dict, logits: str = "logits") -> list[str]:
 
 def logits_command(paths: dict, name: str, *extra: str, logits: str = "logits", check=True):
     return run_command(
-        "-m", "ensemble.logits", paths["model"], f"name={name}", *common(paths, logits), *extra,
+        "-m",
+        "ensemble.logits",
+        paths["model"],
+        f"name={name}",
+        *common(paths, logits),
+        *extra,
         check=check,
-    )  # fmt: skip
+    )
 
 
 def load(path: Path) -> dict[str, np.ndarray]:
@@ -164,11 +186,22 @@ def test_logits_then_ensemble_then_evaluate(world, logits_0):
     base = world["base"]
     subs = base / "submissions"
     run_command(
-        "-m", "ensemble.blend", "--models", "tiny_0", "tiny_1", "--name", "pair",
-        "--logits-dir", str(base / "logits"), "--out-dir", str(subs),
-    )  # fmt: skip
-    tests = [load(base / "logits" / n / "test.npz")["probs"].astype(np.float64) for n in
-             ("tiny_0", "tiny_1")]  # fmt: skip
+        "-m",
+        "ensemble.blend",
+        "--models",
+        "tiny_0",
+        "tiny_1",
+        "--name",
+        "pair",
+        "--logits-dir",
+        str(base / "logits"),
+        "--out-dir",
+        str(subs),
+    )
+    tests = [
+        load(base / "logits" / n / "test.npz")["probs"].astype(np.float64)
+        for n in ("tiny_0", "tiny_1")
+    ]
     frame = pd.read_csv(subs / "pair.csv")
     assert frame["Predictions"].tolist() == ((tests[0] + tests[1]) / 2).argmax(1).tolist()
     proc = run_command("-m", "ensemble.evaluate", str(subs / "pair.csv"))
@@ -190,11 +223,17 @@ def test_two_process_logits_equal_one_process_logits_row_for_row(world):
     args = [world["model"], "name=tiny_1", "--batch-size", "1"]
     run_command("-m", "ensemble.logits", *args, *common(world, "one"))
     run_command(
-        "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        "--main_process_port", str(free_port()),
-        "-m", "ensemble.logits", *args, *common(world, "two"),
-    )  # fmt: skip
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "ensemble.logits",
+        *args,
+        *common(world, "two"),
+    )
     one, two = world["base"] / "one" / "tiny_1", world["base"] / "two" / "tiny_1"
     for split in ("val", "test"):
         a, b = load(one / f"{split}.npz"), load(two / f"{split}.npz")

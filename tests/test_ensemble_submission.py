@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from ensemble.evaluate import score
 from ensemble.submission import read_labels, validate_submission, write_submission
 from tests.conftest import run_command
@@ -137,8 +137,13 @@ def test_labels_files_are_checked_too(tmp_path):
 
 def test_evaluate_command_scores_against_a_labels_file(submission, labels_file):
     proc = run_command(
-        "-m", "ensemble.evaluate", str(submission), "--labels", str(labels_file),
-        "--num-classes", "10",
+        "-m",
+        "ensemble.evaluate",
+        str(submission),
+        "--labels",
+        str(labels_file),
+        "--num-classes",
+        "10",
     )
     assert "valid; top-1 66.67% (8/12)" in proc.stdout
 
@@ -167,7 +172,13 @@ def test_evaluate_command_refuses_a_submission_with_missing_rows(submission, lab
     bad = tmp_path / "bad.csv"
     bad.write_text(broken(submission.read_text(), "missing id"))
     proc = run_command(
-        "-m", "ensemble.evaluate", str(bad), "--labels", str(labels_file), "--num-classes", "10",
+        "-m",
+        "ensemble.evaluate",
+        str(bad),
+        "--labels",
+        str(labels_file),
+        "--num-classes",
+        "10",
         check=False,
     )
     assert proc.returncode == 2

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from data_prep.errors import UserError, user_message
+from common.errors import UserError, user_message
 from ensemble.logits import choose_fusion_weight
 from train.distributed import make_accelerator
 from train.inference import (
@@ -210,11 +210,14 @@ def test_fusion_weight_is_picked_on_val_with_ties_to_the_smaller_weight():
     weight, source = choose_fusion_weight(cfg, {"main": main, "aux": aux}, labels)
     # Brute force over the same grid: both right for w in {0.6, 0.65, 0.7}; the smallest wins.
     grid = [i / 20 for i in range(21)]
-    scores = [sum(int(np.argmax(w * aux[i].numpy() + (1 - w) * main[i].numpy()) == 1)
-                  for i in range(2)) for w in grid]
+    scores = [
+        sum(int(np.argmax(w * aux[i].numpy() + (1 - w) * main[i].numpy()) == 1) for i in range(2))
+        for w in grid
+    ]
     assert (weight, source) == (grid[scores.index(max(scores))], "val") == (0.6, "val")
     assert choose_fusion_weight({"fusion_weight": 0.2}, {"main": main, "aux": aux}, labels) == (
-        0.2, "config"
+        0.2,
+        "config",
     )
     assert choose_fusion_weight(cfg, {"main": main}, labels) == (0.0, "no auxiliary head")
 
@@ -222,7 +225,7 @@ def test_fusion_weight_is_picked_on_val_with_ties_to_the_smaller_weight():
 def test_a_user_error_from_a_loader_worker_keeps_its_one_line_message():
     wrapped = UserError(
         "Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-        'last):\n  File "x.py", line 1\ndata_prep.errors.UserError: cannot read image '
+        'last):\n  File "x.py", line 1\ncommon.errors.UserError: cannot read image '
         "data/d/test/imgs/img_3.png (broken); replace or remove the file\n"
     )
     assert user_message(wrapped) == (

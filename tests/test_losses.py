@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from train.config import load_config
 from train.losses import (
     AttractRepulseLoss,
@@ -373,7 +373,10 @@ def test_from_config_reads_the_recipe_keys(tmp_path):
     assert (loss.cr_weight, loss.cr_tau, loss.mt_direction) == (0.7, 0.2, "student_teacher")
     assert (loss.rce_weight, loss.rce_log_min, loss.cr_delta) == (0.01, -4.0, 0.005)
     assert (loss.cr_normalize, loss.mt_weight, loss.aux_weight, loss.num_views) == (
-        True, 1.0, 0.4, 2
+        True,
+        1.0,
+        0.4,
+        2,
     )
     with pytest.raises(UserError, match="set num_views=2 or cr_weight=0"):
         AttractRepulseLoss.from_config(load_config(str(model), ["num_views=1"]))

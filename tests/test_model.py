@@ -12,14 +12,21 @@ import yaml
 from timm.layers import DropPath, SelectiveKernel
 from torch import nn
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from tests.conftest import ROOT
 from train.model import build_model, build_teacher, ema_decay
 
 # Every backbone that the model configs name (RECIPE.md sections 5 and 7).
 ARCHS = [
-    "efficientnet_b0", "efficientnet_b2", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
-    "resnet18", "resnet152", "seresnet152", "dsk_resnext101_32x4d",
+    "efficientnet_b0",
+    "efficientnet_b2",
+    "efficientnet_b5",
+    "efficientnet_b6",
+    "efficientnet_b7",
+    "resnet18",
+    "resnet152",
+    "seresnet152",
+    "dsk_resnext101_32x4d",
 ]
 
 
@@ -59,8 +66,12 @@ def test_each_backbone_builds_and_its_aux_head_reads_the_claimed_stage(arch):
     with torch.no_grad():
         main, aux = model(x)
         features = seen[-1]
-        assert features.shape == (2, info["num_chs"], 64 // info["reduction"],
-                                  64 // info["reduction"])
+        assert features.shape == (
+            2,
+            info["num_chs"],
+            64 // info["reduction"],
+            64 // info["reduction"],
+        )
         # the head is pool -> dropout (off in eval) -> linear over exactly that stage's output
         expected_aux = model.aux_head.fc(features.mean((2, 3)))
         assert torch.allclose(aux, expected_aux, atol=1e-5)
@@ -112,8 +123,10 @@ def test_predict_is_the_weighted_sum_of_the_two_softmaxes():
         for w in (0.0, 0.35, 1.0):
             expected = np.zeros_like(main)
             for i in range(3):
-                expected[i] = (w * np.exp(aux[i]) / np.exp(aux[i]).sum()
-                               + (1 - w) * np.exp(main[i]) / np.exp(main[i]).sum())
+                expected[i] = (
+                    w * np.exp(aux[i]) / np.exp(aux[i]).sum()
+                    + (1 - w) * np.exp(main[i]) / np.exp(main[i]).sum()
+                )
             probs = model.predict(x, w).double().numpy()
             np.testing.assert_allclose(probs, expected, atol=1e-6)
             np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
@@ -149,7 +162,11 @@ def test_dsk_resnext101_is_a_registered_selective_kernel_resnext101_32x4d():
 
 def small_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(4, 3),
     )
 
@@ -178,14 +195,16 @@ def test_teacher_averages_parameters_and_batchnorm_statistics(warmup):
         d = decays(step)
         for key, value in student.state_dict().items():
             value = value.double().numpy()
-            expected[key] = d * expected[key] + (1 - d) * value if key != "1.num_batches_tracked" \
-                else value
+            expected[key] = (
+                d * expected[key] + (1 - d) * value if key != "1.num_batches_tracked" else value
+            )
 
     state = teacher.module.state_dict()
     assert set(state) == set(expected) and {"1.running_mean", "1.running_var"} <= set(state)
     for key, value in expected.items():
-        np.testing.assert_allclose(state[key].double().numpy(), value, rtol=1e-5, atol=1e-6,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            state[key].double().numpy(), value, rtol=1e-5, atol=1e-6, err_msg=key
+        )
     # the batch-norm statistics moved, so the check above is not vacuous
     assert not np.allclose(expected["1.running_mean"], 0.0)
     assert int(state["1.num_batches_tracked"]) == 6

@@ -15,16 +15,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from tests.conftest import ROOT, run_command
 
 pytestmark = pytest.mark.slow
 
 # 80 training images, batch 8: 10 steps an epoch, 20 in all; a checkpoint every 3 steps.
 RUN_ARGS = [
-    "demo_resnet18", "epochs=2", "batch_size=8", "workers=1", "ckpt_every_steps=3",
-    "keep_last=50", "eval_every=1", "warmup_epochs=1", "lr=0.05", "train_splits=[train]",
-]  # fmt: skip
+    "demo_resnet18",
+    "epochs=2",
+    "batch_size=8",
+    "workers=1",
+    "ckpt_every_steps=3",
+    "keep_last=50",
+    "eval_every=1",
+    "warmup_epochs=1",
+    "lr=0.05",
+    "train_splits=[train]",
+]
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -34,14 +42,21 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
 def start(args: list[str], module: str = "train") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def newest_step(run: Path) -> int:
-    steps = [int(p.name[5:14]) for p in (run / "checkpoints").glob("step_*") if p.is_dir()
-             and (p / "COMPLETE").is_file()]  # fmt: skip
+    steps = [
+        int(p.name[5:14])
+        for p in (run / "checkpoints").glob("step_*")
+        if p.is_dir() and (p / "COMPLETE").is_file()
+    ]
     return max(steps, default=-1)
 
 
@@ -77,8 +92,19 @@ def uninterrupted(tiny_dir, tmp_path_factory) -> Path:
 def test_an_uninterrupted_run_writes_config_metrics_curves_and_checkpoints(uninterrupted):
     metrics = pd.read_csv(uninterrupted / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2]
-    for column in ("loss", "ce", "rce", "cr", "mt", "aux", "lr", "img_per_s", "val_student",
-                   "val_teacher", "val_fused"):  # fmt: skip
+    for column in (
+        "loss",
+        "ce",
+        "rce",
+        "cr",
+        "mt",
+        "aux",
+        "lr",
+        "img_per_s",
+        "val_student",
+        "val_teacher",
+        "val_fused",
+    ):
         assert metrics[column].notna().all(), column
     assert (metrics["cr"] > 0).all() and (metrics["mt"] > 0).all()
     assert (uninterrupted / "curves.png").stat().st_size > 1000

@@ -18,7 +18,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from tests.conftest import ROOT
 from train.inference import build_crop_transform
 from train.views import (
@@ -83,7 +83,11 @@ def test_stable_seed_is_pinned_so_that_old_runs_replay():
 def test_stable_seed_is_the_same_in_another_process_with_another_hash_salt():
     code = "from train.views import stable_seed; print(stable_seed(7, 'mix', 3, 1))"
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
         env={"PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "12345"},
     ).stdout
     assert int(out) == stable_seed(7, "mix", 3, 1)
@@ -91,8 +95,14 @@ def test_stable_seed_is_the_same_in_another_process_with_another_hash_salt():
 
 
 def test_stable_seed_distinguishes_order_type_and_value_of_keys():
-    seeds = {stable_seed(0, 1, 2), stable_seed(0, 2, 1), stable_seed(0, "1", 2), stable_seed(0, 1),
-             stable_seed(1, 1, 2), stable_seed(np.int64(0), 1, 3)}
+    seeds = {
+        stable_seed(0, 1, 2),
+        stable_seed(0, 2, 1),
+        stable_seed(0, "1", 2),
+        stable_seed(0, 1),
+        stable_seed(1, 1, 2),
+        stable_seed(np.int64(0), 1, 3),
+    }
     assert len(seeds) == 6
     assert stable_seed(np.int64(5), 2) == stable_seed(5, 2)
     with pytest.raises(TypeError):
@@ -146,8 +156,15 @@ def test_load_rgb_names_a_damaged_file(tmp_path):
 
 
 def test_train_transform_wires_every_config_key():
-    cfg = config(rrc_scale=[0.3, 0.9], rrc_ratio=[0.5, 2.0], hflip=0.3, reprob=0.4, remode="rand",
-                 auto_augment="original", interpolation="bilinear")
+    cfg = config(
+        rrc_scale=[0.3, 0.9],
+        rrc_ratio=[0.5, 2.0],
+        hflip=0.3,
+        reprob=0.4,
+        remode="rand",
+        auto_augment="original",
+        interpolation="bilinear",
+    )
     steps = build_train_transform(cfg).transforms
     rrc = next(t for t in steps if isinstance(t, RandomResizedCropAndInterpolation))
     assert rrc.size == (48, 48) and rrc.scale == (0.3, 0.9) and rrc.ratio == (0.5, 2.0)
@@ -160,15 +177,25 @@ def test_train_transform_wires_every_config_key():
     assert not any(isinstance(t, transforms.ColorJitter) for t in steps)
 
     plain = build_train_transform(config(auto_augment=None, reprob=0.0, hflip=0.0)).transforms
-    assert not any(isinstance(t, (AutoAugment, RandomErasing, transforms.RandomHorizontalFlip,
-                                  transforms.ColorJitter)) for t in plain)
+    assert not any(
+        isinstance(
+            t, (AutoAugment, RandomErasing, transforms.RandomHorizontalFlip, transforms.ColorJitter)
+        )
+        for t in plain
+    )
 
 
 def test_train_transform_without_randomness_is_resize_and_normalise():
     """With the whole image as the only crop and every random op off, the transform is a plain
     bicubic resize and normalisation, computed here with PIL and numpy."""
-    cfg = config(rrc_scale=[1.0, 1.0], rrc_ratio=[1.0, 1.0], hflip=0.0, auto_augment=None,
-                 reprob=0.0, interpolation="bicubic")
+    cfg = config(
+        rrc_scale=[1.0, 1.0],
+        rrc_ratio=[1.0, 1.0],
+        hflip=0.0,
+        auto_augment=None,
+        reprob=0.0,
+        interpolation="bicubic",
+    )
     image = smooth_image(np.random.default_rng(3), 80, 80)
     expected = np.asarray(image.resize((48, 48), Image.BICUBIC), dtype=np.float64) / 255.0
     expected = (expected - np.array(cfg["mean"])) / np.array(cfg["std"])
@@ -266,8 +293,9 @@ def test_eval_dataset_returns_image_label_or_minus_one_and_index(image_items):
     labelled = EvalDataset(image_items, transform)
     image, label, index = labelled[2]
     assert image.shape == (1, 3, 48, 48) and label == image_items[2][2] and index == 2
-    unlabelled = EvalDataset([(f"img_{i}.JPEG", p) for i, (_, p, _) in enumerate(image_items)],
-                             transform)
+    unlabelled = EvalDataset(
+        [(f"img_{i}.JPEG", p) for i, (_, p, _) in enumerate(image_items)], transform
+    )
     image2, label2, index2 = unlabelled[2]
     assert torch.equal(image, image2) and label2 == -1 and index2 == 2
 
@@ -401,7 +429,14 @@ def test_an_odd_batch_is_refused_when_mixing_is_on():
 
 
 def test_from_config_reads_the_recipe_keys():
-    mix = SharedMixup.from_config(config(mixup_alpha=0.2, cutmix_alpha=0.0, mix_prob=0.7,
-                                         switch_prob=0.1, smoothing=0.05))
-    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.mix_prob, mix.switch_prob, mix.smoothing,
-            mix.num_classes) == (0.2, 0.0, 0.7, 0.1, 0.05, 10)
+    mix = SharedMixup.from_config(
+        config(mixup_alpha=0.2, cutmix_alpha=0.0, mix_prob=0.7, switch_prob=0.1, smoothing=0.05)
+    )
+    assert (
+        mix.mixup_alpha,
+        mix.cutmix_alpha,
+        mix.mix_prob,
+        mix.switch_prob,
+        mix.smoothing,
+        mix.num_classes,
+    ) == (0.2, 0.0, 0.7, 0.1, 0.05, 10)

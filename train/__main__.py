@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.errors import cli_main
+from common.errors import cli_main
 from train.config import available, load_config
 
 

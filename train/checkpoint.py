@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_prep.errors import UserError
-from data_prep.fs import atomic_path, write_text_atomic
+from common.errors import UserError
+from common.fs import atomic_path, write_text_atomic
 
 MARKER = "COMPLETE"
 WEIGHTS = ("student", "teacher")

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 KINDS = {"models": "model", "data": "dataset", "ensembles": "ensemble"}
@@ -119,7 +119,7 @@ def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None)
 
 
 def save_config(cfg: dict[str, Any], path: Path) -> None:
-    from data_prep.fs import write_text_atomic
+    from common.fs import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.layout import Layout
 from train.distributed import shard
 from train.inference import build_crop_transform

@@ -13,7 +13,7 @@ import os
 import torch
 from accelerate import Accelerator
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 
 def resolve_precision(mixed_precision: str) -> str:

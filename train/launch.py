@@ -23,10 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.errors import UserError, cli_main
+from common.errors import UserError, cli_main
+from common.status import EXIT_PREEMPTED
 from train.config import CONFIG_DIR, load_config
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; rerun to continue
 
 
 def gpu_count() -> int:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 MT_DIRECTIONS = ("teacher_student", "student_teacher")
 # Elements of the candidate-pair blocks in `positive_mask` (2^20 float32 = 4 MB per temporary).
@@ -216,8 +216,18 @@ class AttractRepulseLoss(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> AttractRepulseLoss:
         """Build from the flat config dict (keys of configs/base.yaml); bad values: UserError."""
-        keys = ("rce_weight", "rce_log_min", "cr_weight", "cr_tau", "cr_delta", "cr_normalize",
-                "mt_weight", "mt_direction", "aux_weight", "num_views")
+        keys = (
+            "rce_weight",
+            "rce_log_min",
+            "cr_weight",
+            "cr_tau",
+            "cr_delta",
+            "cr_normalize",
+            "mt_weight",
+            "mt_direction",
+            "aux_weight",
+            "num_views",
+        )
         try:
             return cls(**{key: cfg[key] for key in keys})
         except ValueError as err:

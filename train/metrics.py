@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from data_prep.fs import atomic_path, write_text_atomic
+from common.fs import atomic_path, write_text_atomic
 
 LOSS_COLUMNS = ("loss", "ce", "rce", "cr", "mt", "aux")
 ACCURACY_COLUMNS = ("val_student", "val_teacher", "val_fused")

@@ -21,18 +21,27 @@ from timm.models.sknet import SelectiveKernelBottleneck
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 # timm's register_model appends the model's name to its module's __all__: declare ours first.
 __all__ = ["AuxNet", "build_model", "build_teacher", "ema_decay"]
 
-default_cfgs = generate_default_cfgs({
-    "dsk_resnext101_32x4d.untrained": {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic", "mean": timm.data.IMAGENET_DEFAULT_MEAN,
-        "std": timm.data.IMAGENET_DEFAULT_STD, "first_conv": "conv1", "classifier": "fc",
-    },
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "dsk_resnext101_32x4d.untrained": {
+            "url": "",
+            "num_classes": 1000,
+            "input_size": (3, 224, 224),
+            "pool_size": (7, 7),
+            "crop_pct": 0.875,
+            "interpolation": "bicubic",
+            "mean": timm.data.IMAGENET_DEFAULT_MEAN,
+            "std": timm.data.IMAGENET_DEFAULT_STD,
+            "first_conv": "conv1",
+            "classifier": "fc",
+        },
+    }
+)
 
 
 @register_model
@@ -48,8 +57,12 @@ def dsk_resnext101_32x4d(pretrained: bool = False, **kwargs) -> ResNet:
         raise ValueError("dsk_resnext101_32x4d has no pretrained weights; the recipe uses none")
     sk_kwargs = dict(rd_ratio=1 / 16, rd_divisor=32, split_input=False)
     model_args = dict(
-        block=SelectiveKernelBottleneck, layers=[3, 4, 23, 3], cardinality=32, base_width=4,
-        block_args=dict(sk_kwargs=sk_kwargs), zero_init_last=False,
+        block=SelectiveKernelBottleneck,
+        layers=[3, 4, 23, 3],
+        cardinality=32,
+        base_width=4,
+        block_args=dict(sk_kwargs=sk_kwargs),
+        zero_init_last=False,
     )
     return build_model_with_cfg(ResNet, "dsk_resnext101_32x4d", False, **dict(model_args, **kwargs))
 
@@ -69,7 +82,9 @@ class AuxNet(nn.Module):
         if aux_index is not None:
             self.aux_feature_info = {"index": aux_index, **backbone.feature_info[aux_index]}
             self.aux_head = ClassifierHead(
-                self.aux_feature_info["num_chs"], backbone.num_classes, pool_type="avg",
+                self.aux_feature_info["num_chs"],
+                backbone.num_classes,
+                pool_type="avg",
                 drop_rate=aux_drop_rate,
             )
 

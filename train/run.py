@@ -21,14 +21,14 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
-from data_prep.errors import UserError
+from common.errors import UserError
+from common.status import EXIT_PREEMPTED
 from train import checkpoint as ckpt
 from train.config import run_dir, save_config
 from train.data import eval_loader, split_train_eval, train_loader
 from train.distributed import make_accelerator
 from train.engine import best_fusion, forward_step, step_generator, top1, two_view_batch
 from train.inference import predict_crops
-from train.launch import EXIT_PREEMPTED
 from train.losses import AttractRepulseLoss
 from train.metrics import write_metrics
 from train.model import build_model, build_teacher, ema_decay
@@ -36,9 +36,17 @@ from train.views import SharedMixup
 
 # Keys that change where, how often or how a run is evaluated, never the weights it computes.
 RESUME_NEUTRAL_KEYS = {
-    "workers", "eval_every", "ckpt_every_steps", "keep_last", "allow_config_change",
-    "out_dir", "logits_dir", "data_dir", "test_resize_ratio", "fusion_weight",
-}  # fmt: skip
+    "workers",
+    "eval_every",
+    "ckpt_every_steps",
+    "keep_last",
+    "allow_config_change",
+    "out_dir",
+    "logits_dir",
+    "data_dir",
+    "test_resize_ratio",
+    "fusion_weight",
+}
 TERMS = ("loss", "ce", "rce", "cr", "mt", "aux")
 
 
@@ -200,9 +208,12 @@ class Run:
         self.dataset.set_epoch(self.epoch)
         self.model.train()
         bar = tqdm(
-            total=self.sampler.steps, initial=self.micro, disable=not self.acc.is_main_process,
-            desc=f"{cfg['name']} epoch {self.epoch + 1}/{cfg['epochs']}", leave=False,
-        )  # fmt: skip
+            total=self.sampler.steps,
+            initial=self.micro,
+            disable=not self.acc.is_main_process,
+            desc=f"{cfg['name']} epoch {self.epoch + 1}/{cfg['epochs']}",
+            leave=False,
+        )
         window_ok, started, images = True, time.perf_counter(), 0
         for batch in self.loader:
             boundary = (self.micro + 1) % accum == 0

@@ -12,9 +12,9 @@ import argparse
 import sys
 from string import Template
 
-from data_prep.errors import cli_main
+from common.errors import cli_main
+from common.status import EXIT_PREEMPTED
 from train.config import load_config
-from train.launch import EXIT_PREEMPTED
 
 TEMPLATE = Template(r"""#!/usr/bin/env bash
 #SBATCH --job-name=$name
@@ -61,13 +61,21 @@ exit "$$status"
 """)
 
 
-def render(model: str, overrides: list[str], nodes: int, gpus: int, cpus: int, time: str,
-           warning_s: int) -> str:  # fmt: skip
+def render(
+    model: str, overrides: list[str], nodes: int, gpus: int, cpus: int, time: str, warning_s: int
+) -> str:
     cfg = load_config(model, overrides)
     return TEMPLATE.substitute(
-        name=cfg["name"], model=model, overrides=" ".join(overrides), nodes=nodes, gpus=gpus,
-        cpus=cpus, time=time, warning=warning_s, preempted=EXIT_PREEMPTED,
-    )  # fmt: skip
+        name=cfg["name"],
+        model=model,
+        overrides=" ".join(overrides),
+        nodes=nodes,
+        gpus=gpus,
+        cpus=cpus,
+        time=time,
+        warning=warning_s,
+        preempted=EXIT_PREEMPTED,
+    )
 
 
 @cli_main
@@ -82,8 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warning-s", type=int, default=300, help="signal this early (seconds)")
     args = parser.parse_args(argv)
     sys.stdout.write(
-        render(args.model, args.overrides, args.nodes, args.gpus_per_node, args.cpus_per_task,
-               args.time, args.warning_s)  # fmt: skip
+        render(
+            args.model,
+            args.overrides,
+            args.nodes,
+            args.gpus_per_node,
+            args.cpus_per_task,
+            args.time,
+            args.warning_s,
+        )
     )
     return 0
 

@@ -34,7 +34,7 @@ from timm.data import create_transform
 from timm.data.mixup import one_hot
 from torch.utils.data import Dataset
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -213,8 +213,11 @@ class SharedMixup:
         smoothing: float,
         num_classes: int,
     ):
-        for name, value in (("mix_prob", mix_prob), ("switch_prob", switch_prob),
-                            ("smoothing", smoothing)):
+        for name, value in (
+            ("mix_prob", mix_prob),
+            ("switch_prob", switch_prob),
+            ("smoothing", smoothing),
+        ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value} must lie in [0, 1]")
         if mixup_alpha < 0 or cutmix_alpha < 0:
@@ -226,8 +229,12 @@ class SharedMixup:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> SharedMixup:
         return cls(
-            cfg["mixup_alpha"], cfg["cutmix_alpha"], cfg["mix_prob"], cfg["switch_prob"],
-            cfg["smoothing"], cfg["num_classes"],
+            cfg["mixup_alpha"],
+            cfg["cutmix_alpha"],
+            cfg["mix_prob"],
+            cfg["switch_prob"],
+            cfg["smoothing"],
+            cfg["num_classes"],
         )
 
     @property

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from common.status import EXIT_USER_ERROR
+
 T = TypeVar("T")
 
 
@@ -34,6 +36,6 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
             return fn(*args, **kwargs)
         except UserError as err:
             print(f"error: {user_message(err)}", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SystemExit(EXIT_USER_ERROR) from None
 
     return wrapper
