@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
+from common.metrics import top1
 from data_prep.layout import Layout
 from ensemble.members import write_npz
 from train.checkpoint import load_weights
 from train.config import load_config, logits_dir, run_dir
 from train.distributed import make_accelerator, shard
-from train.engine import best_fusion, top1
-from train.inference import build_crop_transform, fuse, predict_crops, resize_size
+from train.inference import best_fusion, build_crop_transform, fuse, predict_crops, resize_size
 from train.model import build_model
 from train.views import EvalDataset
 

@@ -23,7 +23,8 @@ from train.config import load_config
 from train.engine import two_view_batch
 from train.losses import AttractRepulseLoss
 from train.model import build_model, build_teacher
-from train.views import SharedMixup, generator_for
+from train.rng import generator_for
+from train.views import SharedMixup
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -68,9 +69,12 @@ class Step:
         self.teacher = build_teacher(self.model, 0.999, False) if cfg["mt_weight"] > 0 else None
         self.optimizer = create_optimizer_v2(self.model, opt="sgd", lr=1e-3)
         self.criterion = AttractRepulseLoss.from_config(cfg)
-        batch = (images[:, : self.views], labels, None)
         inputs, targets = two_view_batch(
-            batch, SharedMixup.from_config(cfg), generator_for(0), DEVICE.type == "cuda"
+            images[:, : self.views],
+            labels,
+            SharedMixup.from_config(cfg),
+            generator_for(0),
+            DEVICE.type == "cuda",
         )
         self.inputs, self.targets = inputs.to(DEVICE), targets.to(DEVICE)
 

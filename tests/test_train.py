@@ -205,11 +205,11 @@ def test_two_cpu_processes_validate_like_one_process(tiny_dir, tmp_path):
     run = tmp_path / "demo_resnet18"
     logged = pd.read_csv(run / "metrics.csv").iloc[-1]
     # One process, the same weights, every val image once.
+    from common.metrics import top1
     from data_prep.layout import Layout
     from train.config import load_config
     from train.data import eval_loader
     from train.distributed import make_accelerator
-    from train.engine import top1
     from train.inference import predict_crops
     from train.model import build_model
 

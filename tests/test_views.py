@@ -21,14 +21,13 @@ from torchvision import transforms
 from common.errors import UserError
 from tests.conftest import ROOT
 from train.inference import build_crop_transform
+from train.rng import generator_for, stable_seed
 from train.views import (
     EvalDataset,
     MultiViewDataset,
     SharedMixup,
     build_train_transform,
-    generator_for,
     load_rgb,
-    stable_seed,
 )
 
 SMALL = {"img_size": 48, "test_size": 48}
@@ -81,7 +80,7 @@ def test_stable_seed_is_pinned_so_that_old_runs_replay():
 
 @pytest.mark.slow
 def test_stable_seed_is_the_same_in_another_process_with_another_hash_salt():
-    code = "from train.views import stable_seed; print(stable_seed(7, 'mix', 3, 1))"
+    code = "from train.rng import stable_seed; print(stable_seed(7, 'mix', 3, 1))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,

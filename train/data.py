@@ -22,7 +22,8 @@ from common.errors import UserError
 from data_prep.layout import Layout
 from train.distributed import shard
 from train.inference import build_crop_transform
-from train.views import EvalDataset, MultiViewDataset, build_train_transform, generator_for
+from train.rng import generator_for
+from train.views import EvalDataset, MultiViewDataset, build_train_transform
 
 Item = tuple[str, Path, int]
 

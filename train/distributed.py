@@ -25,9 +25,11 @@ def resolve_precision(mixed_precision: str) -> str:
     return "no"
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1) -> Accelerator:
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(mixed_precision)
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=resolve_precision(mixed_precision),
+        gradient_accumulation_steps=grad_accum,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:

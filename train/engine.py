@@ -1,75 +1,106 @@
-"""The Attract-and-Repulse step and the evaluation pass (the paper's Algorithm 1).
+"""One step of the paper's Algorithm 1, and nothing else.
 
-One step: two views of each image, the same Mixup/CutMix on both, the student on both views,
-the teacher on both without gradient, L = CE + alpha RCE + beta CR + gamma MT (+ auxiliary
-head), an optimiser step, an EMA update of the teacher. The recipe lives in `train/losses.py`;
-this file only orders the calls.
+`AttractRepulseStep` takes one micro-batch through the recipe: two views of each image, the same
+Mixup/CutMix on both, the student on both views, the teacher on both without gradient,
+L = CE + alpha RCE + beta CR + gamma MT (+ the auxiliary head), backward; at the end of a
+gradient-accumulation window, the optimiser step and the teacher's EMA update. The formulas live
+in `train/losses.py`; the loop's bookkeeping (position, scheduler, checkpoints, signals, metrics)
+lives in `train/run.py`.
+
+Host synchronisation: loss terms stay on the device (the loop sums them and reads them once an
+epoch). The only per-step reduction is at the end of an accumulation window: whether any process
+saw a non-finite loss, or a stop signal. It cannot wait longer: a non-finite step must be skipped
+before it reaches the weights, and every process must skip, and stop, at the same step (DDP).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+from accelerate import Accelerator
+from timm.utils import ModelEmaV3
 
-from train.views import generator_for
+from train.losses import TERMS, AttractRepulseLoss
+from train.views import SharedMixup
 
-FUSION_GRID = torch.linspace(0, 1, 21)
+# The row a micro-step adds to the loop's running sums: total loss, each term, 1 (the count).
+SUM_COLUMNS = ("loss", *TERMS, "count")
 
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # the total, for backward; non-finite steps are skipped by the caller
-    terms: dict[str, float]
-    finite: bool
+    sums: torch.Tensor  # [len(SUM_COLUMNS)] float64 on the device; zeros for a non-finite step
+    boundary: bool  # an accumulation window ended here (optimiser step taken or skipped)
+    skipped: bool = False  # the window held a non-finite loss on some process: no update
+    stop: bool = False  # some process was asked to stop (SIGTERM/SIGUSR1)
 
 
-def two_view_batch(batch, mix, generator, channels_last: bool):
+def two_view_batch(views, labels, mix: SharedMixup, generator, channels_last: bool):
     """Views [N, V, C, H, W] -> mixed inputs [V*N, C, H, W] (view-major) and their targets."""
-    views, labels, _ = batch
-    views, targets = mix(views.transpose(0, 1), labels, generator)
-    num_views = views.shape[0]
-    inputs = views.flatten(0, 1)
+    mixed, targets = mix(views.transpose(0, 1), labels, generator)
+    inputs = mixed.flatten(0, 1)
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    return inputs, targets.repeat(num_views, 1)
+    return inputs, targets.repeat(mixed.shape[0], 1)
 
 
-def forward_step(
-    accelerator, student, teacher, criterion, inputs, targets, mt_scale: float
-) -> StepResult:
-    logits, aux_logits = student(inputs)
-    teacher_logits = None
-    if teacher is not None:
-        with torch.no_grad(), accelerator.autocast():
-            teacher_logits, _ = teacher.module(inputs)
-    loss, terms = criterion(
-        logits.float(),
-        targets,
-        aux_logits=None if aux_logits is None else aux_logits.float(),
-        teacher_logits=None if teacher_logits is None else teacher_logits.float(),
-        mt_scale=mt_scale,
-    )
-    logged = {"loss": loss.item(), **{k: float(v) for k, v in terms.items()}}
-    return StepResult(loss, logged, bool(torch.isfinite(loss)))
+def _float(logits: torch.Tensor | None) -> torch.Tensor | None:
+    return None if logits is None else logits.float()
 
 
-def step_generator(cfg: dict[str, Any], epoch: int, step: int, rank: int) -> torch.Generator:
-    """Mixing randomness of one step: a function of (seed, epoch, step, rank), replayable."""
-    return generator_for(cfg["seed"], "mix", epoch, step, rank)
+class AttractRepulseStep:
+    """Algorithm 1 on one micro-batch (see the module docstring); holds only the window's state."""
 
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        student: torch.nn.Module,
+        teacher: ModelEmaV3,  # updated every step; run forward only when MT is on
+        optimizer: torch.optim.Optimizer,
+        criterion: AttractRepulseLoss,
+        mix: SharedMixup,
+        grad_clip: float = 0.0,
+        channels_last: bool = False,
+    ):
+        self.acc, self.student, self.teacher = accelerator, student, teacher
+        self.optimizer, self.criterion, self.mix = optimizer, criterion, mix
+        self.grad_clip, self.channels_last = grad_clip, channels_last
+        self.window_bad = torch.zeros((), device=accelerator.device)
 
-def top1(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * (probs.argmax(-1) == labels).float().mean().item()
-
-
-def best_fusion(
-    main: torch.Tensor, aux: torch.Tensor | None, labels: torch.Tensor
-) -> tuple[float, float]:
-    """(w, top-1) of w * aux + (1 - w) * main, best on these labels (ties: the smaller w)."""
-    if aux is None:
-        return 0.0, top1(main, labels)
-    scores = [top1(w * aux + (1 - w) * main, labels) for w in FUSION_GRID.tolist()]
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    return FUSION_GRID[best].item(), scores[best]
+    def __call__(self, batch, generator, mt_scale: float, stop: bool, next_step: int):
+        acc = self.acc
+        views, labels, _ = batch
+        # Two views of each image, mixed with ONE pairing, lambda and box shared by both views.
+        inputs, targets = two_view_batch(views, labels, self.mix, generator, self.channels_last)
+        inputs, targets = inputs.to(acc.device), targets.to(acc.device)
+        with acc.accumulate(self.student):
+            # The student on both views; the teacher (EMA of the student) without gradient.
+            logits, aux_logits = self.student(inputs)
+            teacher_logits = None
+            if self.criterion.mt_weight > 0:  # without MT the teacher's output is unused
+                with torch.no_grad(), acc.autocast():
+                    teacher_logits = self.teacher.module(inputs)[0]
+            # L = CE + alpha RCE + beta CR + gamma MT + aux, in float32 (train/losses.py).
+            loss, terms = self.criterion(
+                logits.float(), targets, _float(aux_logits), _float(teacher_logits), mt_scale
+            )
+            finite = torch.isfinite(loss)
+            acc.backward(loss)  # divided by grad_accum; all-reduced at the window's end only
+            self.window_bad += ~finite
+            row = torch.stack([loss.detach(), *(terms.get(t, loss.new_zeros(())) for t in TERMS)])
+            sums = torch.cat([torch.where(finite, row, 0.0), finite[None]]).double()
+            if not acc.sync_gradients:
+                return StepResult(sums, boundary=False)
+            # The window's end: one reduction tells every process to update, skip or stop.
+            flags = torch.stack([self.window_bad, torch.tensor(float(stop), device=acc.device)])
+            bad, stop_any = (acc.reduce(flags, reduction="sum") > 0).tolist()
+            self.window_bad.zero_()
+            if not bad:
+                if self.grad_clip > 0:
+                    acc.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if not bad:
+                self.teacher.update(acc.unwrap_model(self.student), step=next_step)
+        return StepResult(sums, boundary=True, skipped=bad, stop=stop_any)

@@ -25,9 +25,11 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
+from common.metrics import top1
 from train.distributed import gather_rows
 
 VIEWS = ("tencrop", "center")
+FUSION_GRID = torch.linspace(0, 1, 21)  # fusion weights tried: 0, 0.05, ..., 1
 CENTER = 4  # ten_crop order: top-left, top-right, bottom-left, bottom-right, centre; then flipped
 
 
@@ -84,6 +86,17 @@ def crop_probabilities(
 def fuse(main: torch.Tensor, aux: torch.Tensor | None, weight: float) -> torch.Tensor:
     """Auxiliary Fusion: w * aux + (1 - w) * main (main alone without an auxiliary head)."""
     return main if aux is None else weight * aux + (1 - weight) * main
+
+
+def best_fusion(
+    main: torch.Tensor, aux: torch.Tensor | None, labels: torch.Tensor
+) -> tuple[float, float]:
+    """(w, top-1) of `fuse(main, aux, w)`, best on these labels (ties: the smaller w)."""
+    if aux is None:
+        return 0.0, top1(main, labels)
+    scores = [top1(fuse(main, aux, w), labels) for w in FUSION_GRID.tolist()]
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return FUSION_GRID[best].item(), scores[best]
 
 
 @torch.inference_mode()

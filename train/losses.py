@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from common.errors import UserError
 
 MT_DIRECTIONS = ("teacher_student", "student_teacher")
+# The terms `AttractRepulseLoss` reports (unweighted), in the order metrics.csv lists them.
+TERMS = ("ce", "rce", "cr", "mt", "aux")
 # Elements of the candidate-pair blocks in `positive_mask` (2^20 float32 = 4 MB per temporary).
 MASK_BLOCK_ELEMENTS = 1 << 20
 # Slack (nats) of the Pinsker pre-filter: it only admits more candidate pairs, whose exact

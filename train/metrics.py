@@ -8,8 +8,9 @@ from typing import Any
 import pandas as pd
 
 from common.fs import atomic_path, write_text_atomic
+from train.losses import TERMS
 
-LOSS_COLUMNS = ("loss", "ce", "rce", "cr", "mt", "aux")
+LOSS_COLUMNS = ("loss", *TERMS)
 ACCURACY_COLUMNS = ("val_student", "val_teacher", "val_fused")
 
 

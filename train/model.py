@@ -22,6 +22,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from common.errors import UserError
+from train.inference import fuse
 
 # timm's register_model appends the model's name to its module's __all__: declare ours first.
 __all__ = ["AuxNet", "build_model", "build_teacher", "ema_decay"]
@@ -101,10 +102,8 @@ class AuxNet(nn.Module):
         if not 0.0 <= fusion_weight <= 1.0:
             raise ValueError(f"fusion_weight={fusion_weight} must lie in [0, 1]")
         main, aux = self(x)
-        probs = main.float().softmax(-1)
-        if aux is None:
-            return probs
-        return fusion_weight * aux.float().softmax(-1) + (1.0 - fusion_weight) * probs
+        aux_probs = None if aux is None else aux.float().softmax(-1)
+        return fuse(main.float().softmax(-1), aux_probs, fusion_weight)
 
 
 def _create_backbone(cfg: dict[str, Any]) -> nn.Module:

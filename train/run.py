@@ -9,7 +9,6 @@ with EXIT_PREEMPTED, so a job script can requeue.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import time
@@ -22,16 +21,18 @@ from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
 from common.errors import UserError
+from common.metrics import top1
 from common.status import EXIT_PREEMPTED
 from train import checkpoint as ckpt
 from train.config import run_dir, save_config
 from train.data import eval_loader, split_train_eval, train_loader
 from train.distributed import make_accelerator
-from train.engine import best_fusion, forward_step, step_generator, top1, two_view_batch
-from train.inference import predict_crops
+from train.engine import SUM_COLUMNS, AttractRepulseStep
+from train.inference import best_fusion, predict_crops
 from train.losses import AttractRepulseLoss
 from train.metrics import write_metrics
 from train.model import build_model, build_teacher, ema_decay
+from train.rng import mix_generator, seed_everything, set_rng_state
 from train.views import SharedMixup
 
 # Keys that change where, how often or how a run is evaluated, never the weights it computes.
@@ -47,7 +48,6 @@ RESUME_NEUTRAL_KEYS = {
     "test_resize_ratio",
     "fusion_weight",
 }
-TERMS = ("loss", "ce", "rce", "cr", "mt", "aux")
 
 
 class StopRequest:
@@ -84,10 +84,10 @@ class Run:
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg
-        self.acc = make_accelerator(cfg["mixed_precision"])
+        self.acc = make_accelerator(cfg["mixed_precision"], cfg["grad_accum"])
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.dir = run_dir(cfg)
-        torch.manual_seed(cfg["seed"])
+        seed_everything(cfg["seed"])
         self.train_items, self.eval_items = split_train_eval(cfg)
         self.loader, self.dataset, self.sampler = train_loader(
             cfg, self.train_items, self.rank, self.world
@@ -122,14 +122,23 @@ class Run:
         )
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.teacher.to(self.acc.device)
-        self.criterion = AttractRepulseLoss.from_config(cfg)
-        self.mix = SharedMixup.from_config(cfg)
+        criterion = AttractRepulseLoss.from_config(cfg)
+        self.step = AttractRepulseStep(
+            self.acc,
+            self.model,
+            self.teacher,
+            self.optimizer,
+            criterion,
+            SharedMixup.from_config(cfg),
+            cfg["grad_clip"],
+            self.channels_last,
+        )
         self.stop = StopRequest()
         # Where the loop stands; all of it travels in the checkpoint.
         self.epoch, self.micro, self.global_step = 0, 0, 0
         self.nonfinite_run, self.skipped = 0, 0
         self.best, self.history = -math.inf, []
-        self.sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64)  # term sums, step count
+        self.sums = self._zero_sums()  # SUM_COLUMNS summed over the epoch's finite micro-steps
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -141,7 +150,7 @@ class Run:
             "nonfinite": [self.nonfinite_run, self.skipped],
             "best": self.best,
             "history": self.history,
-            "sums": self.sums,
+            "sums": self.sums.cpu(),
             "config": self.cfg,
         }
 
@@ -173,13 +182,14 @@ class Run:
             self.acc.scaler.load_state_dict(state["scaler"])
         self.epoch, self.micro, self.global_step = state["position"]
         self.nonfinite_run, self.skipped = state["nonfinite"]
-        self.best, self.history, self.sums = state["best"], state["history"], state["sums"]
+        self.best, self.history = state["best"], state["history"]
+        self.sums = state["sums"].to(self.acc.device)
         if rng is None:
             raise UserError(
                 f"{step_dir} holds no RNG state for process {self.rank}: it was written by "
                 f"{self.world} fewer processes; resume with the world size it was made with"
             )
-        ckpt.set_rng_state(rng)
+        set_rng_state(rng)
         self.acc.print(f"resumed from {step_dir} (epoch {self.epoch}, step {self.global_step})")
         return True
 
@@ -203,7 +213,7 @@ class Run:
 
     def run_epoch(self) -> bool:
         """Train the rest of the current epoch; True when a stop was requested."""
-        cfg, accum = self.cfg, self.cfg["grad_accum"]
+        cfg = self.cfg
         self.sampler.set_position(self.epoch, self.micro)
         self.dataset.set_epoch(self.epoch)
         self.model.train()
@@ -214,72 +224,50 @@ class Run:
             desc=f"{cfg['name']} epoch {self.epoch + 1}/{cfg['epochs']}",
             leave=False,
         )
-        window_ok, started, images = True, time.perf_counter(), 0
+        started, images = time.perf_counter(), 0
         for batch in self.loader:
-            boundary = (self.micro + 1) % accum == 0
-            nonfinite, stop = self.micro_step(batch, boundary)
-            window_ok &= not nonfinite
+            result = self.step(
+                batch,
+                mix_generator(cfg["seed"], self.epoch, self.micro, self.rank),
+                self._mt_scale(),
+                self.stop.requested,
+                next_step=self.global_step + 1,
+            )
+            self.sums += result.sums
             self.micro += 1
             images += batch[0].shape[0] * self.world
             bar.update()
-            if boundary:
-                self.optimizer_step(window_ok)
-                window_ok = True
-                if stop or self._checkpoint_due():
+            if result.boundary:
+                self._count_update(result.skipped)
+                if result.stop or self._checkpoint_due():
                     self.save()
-                if stop:
+                if result.stop:
                     return True
         bar.close()
         self.end_epoch(images / max(time.perf_counter() - started, 1e-9))
         return False
 
-    def micro_step(self, batch, boundary: bool) -> tuple[bool, bool]:
-        cfg = self.cfg
-        generator = step_generator(cfg, self.epoch, self.micro, self.rank)
-        inputs, targets = two_view_batch(batch, self.mix, generator, self.channels_last)
-        inputs, targets = inputs.to(self.acc.device), targets.to(self.acc.device)
-        ramp = cfg["mt_rampup_epochs"]
+    def _mt_scale(self) -> float:
+        """gamma's linear ramp-up over `mt_rampup_epochs` (1 without a ramp)."""
+        ramp = self.cfg["mt_rampup_epochs"]
         progress = self.epoch + self.micro / self.sampler.steps
-        mt_scale = min(1.0, progress / ramp) if ramp > 0 else 1.0
-        sync = contextlib.nullcontext() if boundary else self.acc.no_sync(self.model)
-        with sync:
-            result = forward_step(
-                self.acc, self.model, self.teacher, self.criterion, inputs, targets, mt_scale
-            )
-            # Every process learns whether any process saw a non-finite loss or a stop signal,
-            # so all skip the same step and stop at the same boundary (no DDP deadlock).
-            flags = torch.tensor(
-                [float(not result.finite), float(self.stop.requested)], device=self.acc.device
-            )
-            nonfinite, stop = (self.acc.reduce(flags, reduction="sum") > 0).tolist()
-            if not nonfinite:
-                self.acc.backward(result.loss / cfg["grad_accum"])
-        if nonfinite:
-            self.skipped += 1
-            self.nonfinite_run += 1
-            if self.nonfinite_run >= cfg["max_nonfinite"]:
-                raise UserError(
-                    f"{self.nonfinite_run} non-finite losses in a row at epoch {self.epoch + 1}, "
-                    f"step {self.global_step}; no checkpoint written after them. Lower lr, "
-                    "enable grad_clip, or use mixed_precision=no"
-                )
-        else:
-            self.nonfinite_run = 0
-            terms = [result.terms.get(name, 0.0) for name in TERMS]
-            self.sums += torch.tensor([*terms, 1.0], dtype=torch.float64)
-        return nonfinite, stop
+        return min(1.0, progress / ramp) if ramp > 0 else 1.0
 
-    def optimizer_step(self, window_ok: bool) -> None:
-        """Step the optimiser and the teacher, unless the window held a non-finite loss."""
-        if window_ok:
-            if self.cfg["grad_clip"] > 0:
-                self.acc.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def _count_update(self, skipped: bool) -> None:
+        """Advance the optimiser-step counter and the lr schedule; stop after too many skips."""
         self.global_step += 1
         self.scheduler.step_update(num_updates=self.global_step)
-        if window_ok:
-            self.teacher.update(self.acc.unwrap_model(self.model), step=self.global_step)
+        self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
+        self.skipped += skipped
+        if self.nonfinite_run >= self.cfg["max_nonfinite"]:
+            raise UserError(
+                f"{self.nonfinite_run} optimiser steps in a row skipped for a non-finite loss at "
+                f"epoch {self.epoch + 1}, step {self.global_step}; no checkpoint written after "
+                "them. Lower lr, enable grad_clip, or use mixed_precision=no"
+            )
+
+    def _zero_sums(self) -> torch.Tensor:
+        return torch.zeros(len(SUM_COLUMNS), dtype=torch.float64, device=self.acc.device)
 
     def _checkpoint_due(self) -> bool:
         every = self.cfg["ckpt_every_steps"]
@@ -288,10 +276,10 @@ class Run:
 
     def end_epoch(self, images_per_s: float) -> None:
         cfg = self.cfg
-        sums = self.acc.reduce(self.sums.to(self.acc.device), reduction="sum").cpu()
+        sums = self.acc.reduce(self.sums, reduction="sum").cpu()
         means = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
         row = {"epoch": self.epoch + 1, "step": self.global_step}
-        row.update(zip(TERMS, means, strict=True))
+        row.update(zip(SUM_COLUMNS[:-1], means, strict=True))
         row.update(lr=self.optimizer.param_groups[0]["lr"], skipped=self.skipped)
         row["img_per_s"] = images_per_s
         due = (self.epoch + 1) % cfg["eval_every"] == 0 or self.epoch + 1 == cfg["epochs"]
@@ -305,7 +293,7 @@ class Run:
         if score is not None:
             self.best = max(self.best, score)  # before the save: a resumed run keeps it
         self.epoch, self.micro = self.epoch + 1, 0
-        self.sums = torch.zeros_like(self.sums)
+        self.sums = self._zero_sums()
         step_dir = self.save()
         if self.acc.is_main_process:
             if improved:

@@ -9,20 +9,15 @@ views would mix view 1 with view 2). The mixing follows timm's `timm/data/mixup.
 square box, lambda corrected to the clipped box area), drawing from a passed generator instead of
 numpy's global state.
 
-Randomness is a pure function of its keys: (seed, epoch, index, rank) for the augmentation of an
-image, (seed, epoch, step, rank) for the mixing of a batch, so that a resumed run replays it
-whatever worker or process does the work.
+Randomness is a pure function of its keys (train/rng.py): (seed, epoch, index, rank) for the
+augmentation of an image, (seed, epoch, step, rank) for the mixing of a batch, so that a resumed
+run replays it whatever worker or process does the work.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
-import operator
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,40 +30,9 @@ from timm.data.mixup import one_hot
 from torch.utils.data import Dataset
 
 from common.errors import UserError
+from train.rng import seeded_global_rngs, stable_seed
 
 Transform = Callable[[Image.Image], torch.Tensor]
-
-
-def stable_seed(*keys: int | str) -> int:
-    """A 63-bit seed that depends only on `keys` (not on Python's per-process salted `hash`)."""
-    canonical = [k if isinstance(k, str) else operator.index(k) for k in keys]
-    digest = hashlib.blake2b(json.dumps(canonical).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def generator_for(*keys: int | str) -> torch.Generator:
-    """A CPU torch.Generator seeded by `stable_seed(*keys)`."""
-    return torch.Generator().manual_seed(stable_seed(*keys))
-
-
-@contextlib.contextmanager
-def seeded_global_rngs(seed: int) -> Iterator[None]:
-    """Seed Python's `random`, numpy's and torch's CPU global RNGs; restore all three on exit.
-
-    timm's crop and AutoAugment draw from `random` (RandAugment from numpy), torchvision's flip
-    and RandomErasing's noise from torch. Restoring keeps the dataset from disturbing the training
-    RNG when it runs in the main process (workers=0). CUDA generators are never touched.
-    """
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
-        torch.default_generator.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
 
 def build_train_transform(cfg: dict[str, Any]) -> Transform:
