@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-# make data: IMAGENET=<root> SPLITS=<dir with train/val/test.pickle> builds imagenet50;
+# make data: IMAGENET=<root> builds imagenet50 from the split lists shipped in data_prep/vipriors/
+# SPLITS=<dir with the toolkit's train/val/test.pickle> uses those once they equal the shipped ones;
 # FOLDER=<class folders> builds data/<folder name>; neither builds the embedded fashion50.
 IMAGENET ?=
 SPLITS ?=
@@ -35,9 +36,9 @@ help: ## list the targets
 setup: ## .venv with the pinned requirements, and Debian's Fashion-MNIST
 	@VENV=$(VENV) bash scripts/setup.sh
 
-data: setup ## build a dataset (IMAGENET= SPLITS= | FOLDER= | the embedded fashion50)
+data: setup ## build a dataset (IMAGENET= [SPLITS=] | FOLDER= | the embedded fashion50)
 ifneq ($(IMAGENET),)
-	$(PY) -m data_prep imagenet --imagenet $(IMAGENET) --splits $(SPLITS) $(DATA_ARGS)
+	$(PY) -m data_prep imagenet --imagenet $(IMAGENET)$(if $(SPLITS), --splits $(SPLITS)) $(DATA_ARGS)
 else ifneq ($(FOLDER),)
 	$(PY) -m data_prep folder --root $(FOLDER) --per-class $(PER_CLASS) $(DATA_ARGS)
 else

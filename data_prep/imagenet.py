@@ -1,10 +1,12 @@
 """`python -m data_prep imagenet`: the VIPriors ImageNet subset from an ImageNet-1k copy.
 
-Follows the challenge toolkit and RECIPE.md section 1: train and val images come from
-`ROOT/train/<wnid>/<file>` as the official lists name them; test entry `i`
-(`wnid/ILSVRC2012_val_*.JPEG`) is ImageNet val image `ROOT/val/<wnid>/<file>` or, in the flat
-layout many copies use, `ROOT/val/<file>`, and becomes `test/imgs/img_<i>.JPEG` as the toolkit
-names it. The wnid of a test entry only goes to `test_labels.csv`.
+Follows the challenge toolkit and RECIPE.md section 1: the official split lists ship in
+`data_prep/vipriors/` (`--splits DIR` reads the toolkit's pickles instead and checks that they
+equal the shipped lists). Train and val images come from `ROOT/train/<wnid>/<file>` as the lists
+name them; test entry `i` (`wnid/ILSVRC2012_val_*.JPEG`) is ImageNet val image
+`ROOT/val/<wnid>/<file>` or, in the flat layout many copies use, `ROOT/val/<file>`, and becomes
+`test/imgs/img_<i>.JPEG` as the toolkit names it. The wnid of a test entry only goes to
+`test_labels.csv`.
 
 Everything is checked before a file is touched: the lists (`splits.py`), the ImageNet folders,
 and the presence of every listed image.
@@ -23,7 +25,7 @@ from common.errors import UserError
 from data_prep.build import Plan, build
 from data_prep.layout import test_name
 from data_prep.place import MODES, file_writer, require_files
-from data_prep.splits import NUM_CLASSES, Splits, read_splits
+from data_prep.splits import NUM_CLASSES, SHIPPED, Splits, read_splits
 
 FIX = "check that --imagenet is the ImageNet-1k root holding train/<wnid>/ and val/"
 
@@ -31,7 +33,10 @@ FIX = "check that --imagenet is the ImageNet-1k root holding train/<wnid>/ and v
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imagenet", type=Path, help="ImageNet-1k root (train/ and val/)")
     parser.add_argument(
-        "--splits", type=Path, required=True, help="folder with train/val/test.pickle"
+        "--splits",
+        type=Path,
+        help="the toolkit's train/val/test.pickle folder, checked against the shipped lists "
+        "(default: the shipped data_prep/vipriors/)",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("data/imagenet50"), help="default: data/imagenet50"
@@ -57,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     splits = read_splits(args.splits)
     if args.check:
-        print(f"{args.splits}: the official VIPriors lists (verified)")
+        print(f"{args.splits or SHIPPED}: the official VIPriors lists (verified)")
         return
     if not 1 <= args.classes <= NUM_CLASSES:
         raise UserError(f"--classes {args.classes} is out of range; use 1..{NUM_CLASSES}")
@@ -82,9 +87,9 @@ def make_plan(
     flat = val_layout(root, splits) == "flat"
     items = [(root / "train" / w / f, f"train/{w}/{f}") for w, f in splits.train]
     items += [(root / "train" / w / f, f"val/{w}/{f}") for w, f in splits.val]
-    require_files([src for src, _ in items], "train.pickle and val.pickle", FIX)
+    require_files([src for src, _ in items], "the train and val lists", FIX)
     test_src = [root / "val" / f if flat else root / "val" / w / f for w, f in splits.test]
-    require_files(test_src, "test.pickle", FIX)
+    require_files(test_src, "the test list", FIX)
     index = {w: i for i, w in enumerate(classes)}
     pairs = zip(test_index, splits.test, strict=True)
     names = [test_name(i, Path(f).suffix) for i, (_, f) in pairs]

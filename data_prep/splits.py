@@ -1,14 +1,20 @@
-"""The official VIPriors split lists: safe loading and verification.
+"""The official VIPriors split lists: the shipped copies, the toolkit's pickles, verification.
 
 Follows the challenge toolkit (`image-classification/{train,val,test}.pickle`) and RECIPE.md
-section 1. The pickles are data, so they are read with an unpickler that refuses every global:
-nothing in them can name a callable, hence nothing can run. Verification checks every property
-the later stages rely on before a single image is touched, so a wrong list fails in a second
-instead of after an hour of copying.
+section 1. The lists ship with this repository in `data_prep/vipriors/` as gzipped CSV, converted
+once by `python -m data_prep.convert_splits` (README there: license, checksums); that is what a
+build reads by default, and no pickle is loaded then. The toolkit's pickles (`--splits DIR`) are
+still accepted: they are read with an unpickler that refuses every global, so nothing in them can
+name a callable and nothing can run, and they must equal the shipped lists entry for entry.
+
+Verification checks every property the later stages rely on before a single image is touched, so
+a wrong list fails in a second instead of after an hour of copying.
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
 import pickle
 import re
 from collections import Counter
@@ -20,12 +26,16 @@ from common.errors import UserError
 NUM_CLASSES = 1000
 PER_CLASS = 50
 NUM_TEST = 50_000
-SPLIT_FILES = ("train.pickle", "val.pickle", "test.pickle")
-WNID = re.compile(r"^n\d{8}$")
+NAMES = ("train", "val", "test")
+SHIPPED = Path(__file__).resolve().parent / "vipriors"
+# The CSV header of each shipped list: train and val rows are [wnid, file]; test rows are the
+# toolkit's single `wnid/file` string, whose position is the official test index.
+HEADERS = {"train": ["class", "file"], "val": ["class", "file"], "test": ["path"]}
 TRAIN_FILE = re.compile(r"^(n\d{8})_\d+\.JPEG$")
 TEST_ENTRY = re.compile(r"^(n\d{8})/(ILSVRC2012_val_\d{8}\.JPEG)$")
 OFFICIAL_HINT = (
-    "use the unmodified train/val/test.pickle of the VIPriors toolkit (image-classification/)"
+    "use the shipped data_prep/vipriors/ as committed (git checkout data_prep/vipriors) or the "
+    "unmodified train/val/test.pickle of the VIPriors toolkit (image-classification/)"
 )
 
 
@@ -63,6 +73,24 @@ def _is_entry(item: object) -> bool:
     return isinstance(item, list | tuple) and all(isinstance(s, str) for s in item)
 
 
+def load_csv(path: Path, name: str) -> list:
+    """The rows of a shipped list, in the toolkit's entry format (a list per row, or the string)."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
+            rows = list(csv.reader(fh))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {OFFICIAL_HINT}") from None
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{path} is not a gzipped UTF-8 CSV ({err}): {OFFICIAL_HINT}") from None
+    if not rows or rows[0] != HEADERS[name]:
+        raise UserError(
+            f"{path} does not start with the header {','.join(HEADERS[name])}: {OFFICIAL_HINT}"
+        )
+    if name == "test":
+        return [row[0] if len(row) == 1 else row for row in rows[1:]]
+    return rows[1:]
+
+
 @dataclass(frozen=True)
 class Splits:
     """The verified lists: (wnid, file) pairs for train and val, and test in official order."""
@@ -91,15 +119,39 @@ class Splits:
         return subset, test_idx
 
 
-def read_splits(folder: Path) -> Splits:
-    """Load and verify `train/val/test.pickle` from `folder`; raise `UserError` on any deviation."""
+def read_splits(folder: Path | None = None) -> Splits:
+    """The verified official lists: the shipped copies, or the toolkit's pickles in `folder`,
+    which must then equal the shipped copies; raise `UserError` on any deviation."""
+    shipped = read_shipped()
+    if folder is None:
+        return shipped
+    splits = read_pickles(folder)
+    for name in NAMES:
+        _check_same(folder / f"{name}.pickle", getattr(splits, name), getattr(shipped, name), name)
+    return splits
+
+
+def read_shipped(folder: Path = SHIPPED) -> Splits:
+    """Load and verify the lists shipped as `train/val/test.csv.gz` in `folder`."""
+    paths = {name: folder / f"{name}.csv.gz" for name in NAMES}
+    return _parse(paths, {name: load_csv(path, name) for name, path in paths.items()})
+
+
+def read_pickles(folder: Path) -> Splits:
+    """Load and verify the toolkit's `train/val/test.pickle` from `folder`."""
     if not folder.is_dir():
         raise UserError(f"--splits {folder} is not a folder; pass the folder with {OFFICIAL_HINT}")
-    train = _pairs(folder / "train.pickle", load_list(folder / "train.pickle"))
-    val = _pairs(folder / "val.pickle", load_list(folder / "val.pickle"))
-    test = _test_entries(folder / "test.pickle", load_list(folder / "test.pickle"))
-    splits = Splits(train, val, test)
-    verify(folder, splits)
+    paths = {name: folder / f"{name}.pickle" for name in NAMES}
+    return _parse(paths, {name: load_list(path) for name, path in paths.items()})
+
+
+def _parse(paths: dict[str, Path], entries: dict[str, list]) -> Splits:
+    splits = Splits(
+        train=_pairs(paths["train"], entries["train"]),
+        val=_pairs(paths["val"], entries["val"]),
+        test=_test_entries(paths["test"], entries["test"]),
+    )
+    verify(paths, splits)
     return splits
 
 
@@ -129,26 +181,37 @@ def _test_entries(path: Path, entries: list) -> list[tuple[str, str]]:
     return test
 
 
-def verify(folder: Path, splits: Splits) -> None:
+def _check_same(path: Path, got: list, shipped: list, name: str) -> None:
+    """Verified lists have equal lengths, so the first differing entry always exists."""
+    if got != shipped:
+        i = next(i for i, (a, b) in enumerate(zip(got, shipped, strict=True)) if a != b)
+        raise UserError(
+            f"{path} differs from the shipped {SHIPPED / f'{name}.csv.gz'} at entry {i} "
+            f"({got[i]} instead of {shipped[i]}): use the toolkit's unmodified pickles, or leave "
+            "out --splits (SPLITS=) to build from the shipped lists"
+        )
+
+
+def verify(paths: dict[str, Path], splits: Splits) -> None:
     """The properties of the official lists: 1,000 classes, 50 per class, disjoint, 50,000 test."""
-    for name, pairs in (("train", splits.train), ("val", splits.val)):
-        _check_per_class(folder / f"{name}.pickle", Counter(w for w, _ in pairs))
-        _check_unique(folder / f"{name}.pickle", [f for _, f in pairs])
+    for name in ("train", "val"):
+        pairs = getattr(splits, name)
+        _check_per_class(paths[name], Counter(w for w, _ in pairs))
+        _check_unique(paths[name], [f for _, f in pairs])
     overlap = sorted({f for _, f in splits.train} & {f for _, f in splits.val})
     if overlap:
         raise UserError(
-            f"{folder}: {len(overlap)} files are in both train.pickle and val.pickle "
+            f"{len(overlap)} files are in both {paths['train']} and {paths['val']} "
             f"(e.g. {', '.join(overlap[:3])}): {OFFICIAL_HINT}"
         )
     if {w for w, _ in splits.val} != set(splits.classes):
-        raise UserError(f"{folder}: train.pickle and val.pickle name different classes")
-    test_path = folder / "test.pickle"
+        raise UserError(f"{paths['train']} and {paths['val']} name different classes")
     if len(splits.test) != NUM_TEST:
         raise UserError(
-            f"{test_path} has {len(splits.test)} entries, expected {NUM_TEST}: {OFFICIAL_HINT}"
+            f"{paths['test']} has {len(splits.test)} entries, expected {NUM_TEST}: {OFFICIAL_HINT}"
         )
-    _check_per_class(test_path, Counter(w for w, _ in splits.test), set(splits.classes))
-    _check_unique(test_path, [f for _, f in splits.test])
+    _check_per_class(paths["test"], Counter(w for w, _ in splits.test), set(splits.classes))
+    _check_unique(paths["test"], [f for _, f in splits.test])
 
 
 def _check_per_class(path: Path, counts: Counter, classes: set[str] | None = None) -> None:
@@ -158,7 +221,9 @@ def _check_per_class(path: Path, counts: Counter, classes: set[str] | None = Non
         )
     if classes is not None and set(counts) != classes:
         stray = sorted(set(counts) - classes)
-        raise UserError(f"{path} names classes not in train.pickle ({stray[:3]}): {OFFICIAL_HINT}")
+        raise UserError(
+            f"{path} names classes not in the train list ({stray[:3]}): {OFFICIAL_HINT}"
+        )
     wrong = sorted((w, n) for w, n in counts.items() if n != PER_CLASS)
     if wrong:
         w, n = wrong[0]

@@ -1,8 +1,12 @@
-"""Shared fixtures: the official split lists, and the embedded benchmark built once per session."""
+"""Shared fixtures: the official split lists (shipped in data_prep/vipriors/, and as the
+toolkit's pickles), and the embedded benchmark built once per session."""
 
 from __future__ import annotations
 
+import csv
+import gzip
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +14,37 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_SPLITS = ROOT / "data_prep" / "vipriors"
+SPLIT_NAMES = ("train", "val", "test")
 
 
 @pytest.fixture(scope="session")
-def splits_dir() -> Path:
-    """The official VIPriors split lists, from VIPRIORS_SPLITS (set by .ci/run)."""
-    path = Path(os.environ.get("VIPRIORS_SPLITS", ROOT.parent / "shared" / "vipriors"))
-    if not (path / "train.pickle").is_file():
-        pytest.fail(f"VIPRIORS_SPLITS={path} holds no train.pickle; point it at the split lists")
-    return path
+def official_lists() -> dict[str, list]:
+    """The shipped split lists in the toolkit's entry format, read with gzip and csv alone:
+    [wnid, file] per train and val row, the 'wnid/file' string per test row.
+
+    One string object per wnid, as in the toolkit's pickles: pickled back with protocol 3 they
+    then reproduce those pickles byte for byte (shared strings are pickled as memo references).
+    """
+    lists = {}
+    for name in SPLIT_NAMES:
+        with gzip.open(SHIPPED_SPLITS / f"{name}.csv.gz", "rt", newline="") as fh:
+            rows = list(csv.reader(fh))[1:]
+        pool: dict[str, str] = {}
+        if name == "test":
+            lists[name] = [row[0] for row in rows]
+        else:
+            lists[name] = [[pool.setdefault(wnid, wnid), file] for wnid, file in rows]
+    return lists
+
+
+@pytest.fixture(scope="session")
+def splits_dir(official_lists, tmp_path_factory) -> Path:
+    """The toolkit's train/val/test.pickle, written from the shipped lists."""
+    folder = tmp_path_factory.mktemp("toolkit")
+    for name, entries in official_lists.items():
+        (folder / f"{name}.pickle").write_bytes(pickle.dumps(entries, protocol=3))
+    return folder
 
 
 def run_command(*args: str, cwd: Path = ROOT, check: bool = True, **kwargs):

@@ -12,7 +12,6 @@ import errno
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -34,12 +33,7 @@ N_CLASSES = 3
 class MiniImageNet:
     """The expected dataset, computed from the plain lists, and the two source trees."""
 
-    def __init__(self, splits_dir: Path, base: Path):
-        self.splits_dir = splits_dir
-        lists = {
-            n: pickle.loads((splits_dir / f"{n}.pickle").read_bytes())
-            for n in ("train", "val", "test")
-        }
+    def __init__(self, lists: dict[str, list], base: Path):
         self.classes = sorted({w for w, _ in lists["train"]})[:N_CLASSES]
         keep = set(self.classes)
         self.train = [(w, f) for w, f in lists["train"] if w in keep]
@@ -83,21 +77,20 @@ class MiniImageNet:
 
 
 @pytest.fixture(scope="module")
-def mini(splits_dir, tmp_path_factory) -> MiniImageNet:
-    tree = MiniImageNet(splits_dir, tmp_path_factory.mktemp("mini"))
+def mini(official_lists, tmp_path_factory) -> MiniImageNet:
+    tree = MiniImageNet(official_lists, tmp_path_factory.mktemp("mini"))
     tree.write()
     return tree
 
 
-def imagenet_args(mini: MiniImageNet, root: Path, out: Path, *extra: str) -> list[str]:
+def imagenet_args(root: Path, out: Path, *extra: str) -> list[str]:
+    """A build from the shipped lists, as `make data IMAGENET=root` runs it."""
     return [
         "-m",
         "data_prep",
         "imagenet",
         "--imagenet",
         str(root),
-        "--splits",
-        str(mini.splits_dir),
         "--out",
         str(out),
         "--classes",
@@ -106,15 +99,15 @@ def imagenet_args(mini: MiniImageNet, root: Path, out: Path, *extra: str) -> lis
     ]
 
 
-def build(mini, root, out, *extra, check=True):
-    return run_command(*imagenet_args(mini, root, out, *extra), check=check)
+def build(root, out, *extra, check=True):
+    return run_command(*imagenet_args(root, out, *extra), check=check)
 
 
 @pytest.fixture(scope="module")
 def linked(mini, tmp_path_factory) -> Path:
     """One complete link-mode build, shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("linked") / "imagenet50"
-    build(mini, mini.root, out)
+    build(mini.root, out)
     return out
 
 
@@ -155,9 +148,32 @@ def test_builds_the_exact_layout_with_hard_links(mini, linked):
     assert meta["checksum"] == hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
+@pytest.mark.parametrize(
+    ("variables", "expected"), [([], []), (["SPLITS=/toolkit"], ["--splits", "/toolkit"])]
+)
+def test_make_data_passes_splits_only_when_given(variables, expected):
+    # A dry run prints the recipe: the argv of `build` above, which the other tests run.
+    proc = subprocess.run(
+        ["make", "-n", "data", "IMAGENET=/imagenet", *variables, "DATA_ARGS=--classes 3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    commands = [line.split()[1:] for line in proc.stdout.splitlines() if "-m data_prep" in line]
+    argv = ["-m", "data_prep", "imagenet", "--imagenet", "/imagenet", *expected, "--classes", "3"]
+    assert commands == [argv]
+
+
+def test_the_toolkit_pickles_build_the_same_dataset(mini, linked, splits_dir, tmp_path):
+    out = tmp_path / "from_pickles"
+    build(mini.root, out, "--splits", str(splits_dir))
+    assert snapshot(out) == snapshot(linked)
+
+
 def test_the_flat_val_layout_gives_the_same_dataset(mini, linked, tmp_path):
     out = tmp_path / "flat"
-    build(mini, mini.flat, out)
+    build(mini.flat, out)
     assert manifest(out)["inputs"]["val_layout"] == "flat"
     assert manifest(out)["checksum"] == manifest(linked)["checksum"]
     assert snapshot(out) == snapshot(linked) | {"manifest.json": snapshot(out)["manifest.json"]}
@@ -167,7 +183,7 @@ def test_the_flat_val_layout_gives_the_same_dataset(mini, linked, tmp_path):
 
 def test_a_rerun_restores_deleted_outputs_and_keeps_the_rest(mini, tmp_path):
     out = tmp_path / "rerun"
-    build(mini, mini.root, out)
+    build(mini.root, out)
     before = snapshot(out)
     deleted = [
         "train/" + "/".join(mini.train[3]),
@@ -177,7 +193,7 @@ def test_a_rerun_restores_deleted_outputs_and_keeps_the_rest(mini, tmp_path):
     ]
     for rel in deleted:
         (out / rel).unlink()
-    proc = build(mini, mini.root, out)
+    proc = build(mini.root, out)
     assert snapshot(out) == before
     assert "train: 150 files (149 kept, 1 linked)" in proc.stdout
     assert "test: 150 files (149 kept, 1 linked)" in proc.stdout
@@ -185,7 +201,7 @@ def test_a_rerun_restores_deleted_outputs_and_keeps_the_rest(mini, tmp_path):
 
 def test_resize_writes_rgb_jpegs_from_cmyk_gray_and_png_named_jpeg(mini, tmp_path):
     out = tmp_path / "small"
-    build(mini, mini.root, out, "--resize", "32")
+    build(mini.root, out, "--resize", "32")
     expected = mini.expected_files()
     assert output_files(out) - {"test_labels.csv", "manifest.json", ".data_prep.json"} == set(
         expected
@@ -210,8 +226,8 @@ def test_resize_writes_rgb_jpegs_from_cmyk_gray_and_png_named_jpeg(mini, tmp_pat
 
 def test_copy_and_symlink_modes_hold_the_same_bytes(mini, linked, tmp_path):
     copied, symlinked = tmp_path / "copied", tmp_path / "symlinked"
-    build(mini, mini.root, copied, "--mode", "copy")
-    build(mini, mini.root, symlinked, "--mode", "symlink")
+    build(mini.root, copied, "--mode", "copy")
+    build(mini.root, symlinked, "--mode", "symlink")
     reference = snapshot(linked)
     for out in (copied, symlinked):
         assert manifest(out)["checksum"] == manifest(linked)["checksum"]
@@ -225,9 +241,9 @@ def test_copy_and_symlink_modes_hold_the_same_bytes(mini, linked, tmp_path):
 
 def test_a_killed_run_then_a_rerun_equals_an_uninterrupted_run(mini, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    build(mini, mini.root, whole, "--resize", "40")
+    build(mini.root, whole, "--resize", "40")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = imagenet_args(mini, mini.root, killed, "--resize", "40", "--workers", "1")
+    args = imagenet_args(mini.root, killed, "--resize", "40", "--workers", "1")
     proc = subprocess.Popen(
         [sys.executable, *args],
         cwd=ROOT,
@@ -249,7 +265,7 @@ def test_a_killed_run_then_a_rerun_equals_an_uninterrupted_run(mini, tmp_path):
     for path in images:  # every file under its final name is complete
         with Image.open(path) as img:
             img.load()
-    build(mini, mini.root, killed, "--resize", "40")
+    build(mini.root, killed, "--resize", "40")
     assert manifest(killed)["checksum"] == manifest(whole)["checksum"]
     assert snapshot(killed) == snapshot(whole)
     assert not [p for p in killed.rglob("*.tmp")]
@@ -262,15 +278,15 @@ def test_missing_images_are_counted_and_named_before_any_output(mini, tmp_path):
     for path in gone:
         path.unlink()
     out = tmp_path / "out"
-    proc = build(mini, root, out, check=False)
+    proc = build(root, out, check=False)
     assert proc.returncode == 2
-    assert "7 of 300 files listed in train.pickle and val.pickle are missing" in proc.stderr
+    assert "7 of 300 files listed in the train and val lists are missing" in proc.stderr
     assert str(gone[0]) in proc.stderr and str(gone[4]) in proc.stderr
     assert not out.exists()
 
 
-def test_a_missing_imagenet_folder_is_an_error(mini, tmp_path):
-    proc = build(mini, tmp_path / "nowhere", tmp_path / "out", check=False)
+def test_a_missing_imagenet_folder_is_an_error(tmp_path):
+    proc = build(tmp_path / "nowhere", tmp_path / "out", check=False)
     assert proc.returncode == 2
     assert f"{tmp_path / 'nowhere'} is not a folder" in proc.stderr
 
@@ -282,7 +298,7 @@ def test_an_unreadable_image_stops_a_resize_build(mini, tmp_path):
     bad.unlink()
     bad.write_bytes(b"not an image")
     out = tmp_path / "out"
-    proc = build(mini, root, out, "--resize", "32", check=False)
+    proc = build(root, out, "--resize", "32", check=False)
     assert proc.returncode == 2
     assert f"{bad} is not a readable image" in proc.stderr
     assert not (out / "manifest.json").exists()
@@ -290,21 +306,21 @@ def test_an_unreadable_image_stops_a_resize_build(mini, tmp_path):
 
 def test_a_folder_holding_another_dataset_is_refused(mini, linked, tmp_path):
     before = snapshot(linked)
-    proc = build(mini, mini.root, linked, "--resize", "32", check=False)
+    proc = build(mini.root, linked, "--resize", "32", check=False)
     assert proc.returncode == 2 and "holds a different dataset" in proc.stderr
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    proc = build(mini, mini.root, foreign, check=False)
+    proc = build(mini.root, foreign, check=False)
     assert proc.returncode == 2 and "holds files that data_prep did not write" in proc.stderr
     assert snapshot(linked) == before and output_files(foreign) == {"notes.txt"}
 
 
 def test_a_stray_file_in_an_own_folder_is_refused(mini, tmp_path):
     out = tmp_path / "stray"
-    build(mini, mini.root, out)
+    build(mini.root, out)
     (out / "train" / mini.classes[0] / "extra.JPEG").write_bytes(b"x")
-    proc = build(mini, mini.root, out, check=False)
+    proc = build(mini.root, out, check=False)
     assert proc.returncode == 2 and "train/" + mini.classes[0] + "/extra.JPEG" in proc.stderr
 
 
