@@ -223,3 +223,16 @@ def test_two_cpu_processes_validate_like_one_process(tiny_dir, tmp_path):
     labels = torch.tensor([item[2] for item in items])
     assert probs.shape[0] == len(items)
     assert top1(probs, labels) == pytest.approx(logged["val_student"], abs=1e-4)
+
+
+def test_checkpoints_follow_the_clock_not_every_epoch(tiny_dir, tmp_path):
+    def saved_steps(minutes: str) -> list[int]:
+        out = tmp_path / minutes
+        run_command("-m", "train", *train_args(tiny_dir, out, "ckpt_every_steps=0", minutes))
+        root = out / "demo_resnet18" / "checkpoints"
+        return sorted(int(p.name[5:]) for p in root.glob("step_*") if (p / "COMPLETE").is_file())
+
+    # Nothing due by time: the first epoch (the best so far) and the last are saved, no more.
+    assert saved_steps("ckpt_every_minutes=0") == [10, 20]
+    # Always due: a checkpoint at every optimiser step.
+    assert saved_steps("ckpt_every_minutes=0.00001") == list(range(1, 21))

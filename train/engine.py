@@ -9,8 +9,9 @@ lives in `train/run.py`.
 
 Host synchronisation: loss terms stay on the device (the loop sums them and reads them once an
 epoch). The only per-step reduction is at the end of an accumulation window: whether any process
-saw a non-finite loss, or a stop signal. It cannot wait longer: a non-finite step must be skipped
-before it reaches the weights, and every process must skip, and stop, at the same step (DDP).
+saw a non-finite loss, got a stop signal, or wants a checkpoint by its clock. It cannot wait: a
+non-finite step must be skipped before it reaches the weights, and every process must skip, stop
+and save at the same step (DDP).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class StepResult:
     boundary: bool  # an accumulation window ended here (optimiser step taken or skipped)
     skipped: bool = False  # the window held a non-finite loss on some process: no update
     stop: bool = False  # some process was asked to stop (SIGTERM/SIGUSR1)
+    save: bool = False  # some process wants a checkpoint (its clock says one is due)
 
 
 def two_view_batch(views, labels, mix: SharedMixup, generator, channels_last: bool):
@@ -68,7 +70,9 @@ class AttractRepulseStep:
         self.grad_clip, self.channels_last = grad_clip, channels_last
         self.window_bad = torch.zeros((), device=accelerator.device)
 
-    def __call__(self, batch, generator, mt_scale: float, stop: bool, next_step: int):
+    def __call__(
+        self, batch, generator, mt_scale: float, stop: bool, next_step: int, save: bool = False
+    ) -> StepResult:
         acc = self.acc
         views, labels, _ = batch
         # Two views of each image, mixed with ONE pairing, lambda and box shared by both views.
@@ -92,9 +96,11 @@ class AttractRepulseStep:
             sums = torch.cat([torch.where(finite, row, 0.0), finite[None]]).double()
             if not acc.sync_gradients:
                 return StepResult(sums, boundary=False)
-            # The window's end: one reduction tells every process to update, skip or stop.
-            flags = torch.stack([self.window_bad, torch.tensor(float(stop), device=acc.device)])
-            bad, stop_any = (acc.reduce(flags, reduction="sum") > 0).tolist()
+            # The window's end: one reduction tells every process to update or skip, and whether
+            # to stop or checkpoint here (clocks differ between processes; the decision must not).
+            requests = torch.tensor([float(stop), float(save)], device=acc.device)
+            flags = torch.cat([self.window_bad[None], requests])
+            bad, stop_any, save_any = (acc.reduce(flags, reduction="sum") > 0).tolist()
             self.window_bad.zero_()
             if not bad:
                 if self.grad_clip > 0:
@@ -103,4 +109,4 @@ class AttractRepulseStep:
             self.optimizer.zero_grad(set_to_none=True)
             if not bad:
                 self.teacher.update(acc.unwrap_model(self.student), step=next_step)
-        return StepResult(sums, boundary=True, skipped=bad, stop=stop_any)
+        return StepResult(sums, boundary=True, skipped=bad, stop=stop_any, save=save_any)

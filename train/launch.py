@@ -45,7 +45,7 @@ def launch_args(config_file: str | None, num_processes: int | None, gpus: int) -
             procs = num_processes or 1
             name = "cpu.yaml" if procs == 1 else "cpu_2proc.yaml"
         args = ["--config_file", str(CONFIG_DIR / "accelerate" / name)]
-        return args + ["--num_processes", str(procs)]
+        return args + ["--num_processes", str(procs), *cpu_threads(gpus, procs)]
     path = Path(config_file)
     if not path.is_file():
         raise UserError(f"accelerate config {path} does not exist; pass an existing file")
@@ -55,7 +55,15 @@ def launch_args(config_file: str | None, num_processes: int | None, gpus: int) -
     if gpus == 0 and procs > 1 and settings.get("distributed_type") != "MULTI_GPU":
         print(f"launch: {path} asks for {procs} CPU processes; launching them as --multi_gpu")
         args.append("--multi_gpu")
-    return args
+    return args + cpu_threads(gpus, procs)
+
+
+def cpu_threads(gpus: int, procs: int) -> list[str]:
+    """On the CPU, the cores shared out between the processes (accelerate warns when it has to
+    guess this itself)."""
+    if gpus > 0:
+        return []
+    return ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // procs))]
 
 
 def run(command: list[str]) -> int:

@@ -40,6 +40,7 @@ RESUME_NEUTRAL_KEYS = {
     "workers",
     "eval_every",
     "ckpt_every_steps",
+    "ckpt_every_minutes",
     "keep_last",
     "allow_config_change",
     "out_dir",
@@ -138,6 +139,8 @@ class Run:
         self.epoch, self.micro, self.global_step = 0, 0, 0
         self.nonfinite_run, self.skipped = 0, 0
         self.best, self.history = -math.inf, []
+        self.saved_at = time.monotonic()  # of the last checkpoint (or the start)
+        self.save_due = False  # ckpt_every_minutes have passed, on some process
         self.sums = self._zero_sums()  # SUM_COLUMNS summed over the epoch's finite micro-steps
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -155,6 +158,7 @@ class Run:
         }
 
     def save(self) -> Path | None:
+        self.saved_at = time.monotonic()
         weights = {
             "student": self.acc.unwrap_model(self.model).state_dict(),
             "teacher": self.teacher.module.state_dict(),
@@ -232,6 +236,7 @@ class Run:
                 self._mt_scale(),
                 self.stop.requested,
                 next_step=self.global_step + 1,
+                save=self._minutes_due(),
             )
             self.sums += result.sums
             self.micro += 1
@@ -239,6 +244,7 @@ class Run:
             bar.update()
             if result.boundary:
                 self._count_update(result.skipped)
+                self.save_due = result.save  # agreed by every process
                 if result.stop or self._checkpoint_due():
                     self.save()
                 if result.stop:
@@ -270,9 +276,16 @@ class Run:
         return torch.zeros(len(SUM_COLUMNS), dtype=torch.float64, device=self.acc.device)
 
     def _checkpoint_due(self) -> bool:
+        """Mid-epoch: every `ckpt_every_steps` steps, or once `ckpt_every_minutes` have passed."""
         every = self.cfg["ckpt_every_steps"]
         last_of_epoch = self.micro == self.sampler.steps
-        return every > 0 and self.global_step % every == 0 and not last_of_epoch
+        by_steps = every > 0 and self.global_step % every == 0
+        return (by_steps or self.save_due) and not last_of_epoch
+
+    def _minutes_due(self) -> bool:
+        """This process's clock only: the step's reduction turns it into `save_due` for all."""
+        minutes = self.cfg["ckpt_every_minutes"]
+        return minutes > 0 and time.monotonic() - self.saved_at >= 60 * minutes
 
     def end_epoch(self, images_per_s: float) -> None:
         cfg = self.cfg
@@ -288,15 +301,18 @@ class Run:
             row.update(self.evaluate())
             score = row["val_teacher"] if cfg["mt_weight"] > 0 else row["val_student"]
         self.history.append(row)
-        # Without a validation set (train+val, nothing held out) the newest epoch is the best.
-        improved = not self.eval_items or (score is not None and score > self.best)
+        improved = score is not None and score > self.best
         if score is not None:
             self.best = max(self.best, score)  # before the save: a resumed run keeps it
         self.epoch, self.micro = self.epoch + 1, 0
         self.sums = self._zero_sums()
-        step_dir = self.save()
+        # An epoch end is saved when it is the best so far, the last, or a save is due by time:
+        # a checkpoint costs a full write and hash of both networks (about 1 s at ResNet-18).
+        last = self.epoch == cfg["epochs"]
+        step_dir = self.save() if improved or last or self.save_due else None
         if self.acc.is_main_process:
-            if improved:
+            # Without held-out images there is nothing to choose on: the newest is the best.
+            if step_dir is not None and (improved or not self.eval_items):
                 ckpt.mark_best(self.dir, step_dir)
             write_metrics(self.dir, self.history)
         self.acc.wait_for_everyone()
