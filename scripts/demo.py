@@ -27,12 +27,32 @@ from train.config import load_config, logits_dir, run_dir
 ENSEMBLE = "demo"
 
 
-def step(title: str, *args: str) -> None:
-    print(f"\n==> {title}: python -m {' '.join(args)}", flush=True)
-    started = time.perf_counter()
-    if subprocess.run([sys.executable, "-m", *args]).returncode != 0:
-        raise SystemExit(f"demo: `python -m {' '.join(args)}` failed; fix it and rerun make demo")
-    print(f"    ({time.perf_counter() - started:.0f} s)", flush=True)
+class Stages:
+    """Runs the demo's commands and remembers where the minutes went."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, title: str, *args: str) -> None:
+        print(f"\n==> {title}: python -m {' '.join(args)}", flush=True)
+        started = time.time()
+        if subprocess.run([sys.executable, "-m", *args]).returncode != 0:
+            command = " ".join(args)
+            raise SystemExit(f"demo: `python -m {command}` failed; fix it and rerun make demo")
+        self.seconds[title] = time.time() - started
+        print(f"    ({self.seconds[title]:.0f} s)", flush=True)
+
+    def kept(self, title: str, why: str) -> None:
+        print(f"\n==> {title}: {why}, kept")
+        self.seconds[title] = 0.0
+
+    def table(self) -> str:
+        total = sum(self.seconds.values())
+        lines = [f"{'stage':<34}{'seconds':>8}{'share':>8}"]
+        for title, seconds in self.seconds.items():
+            lines.append(f"{title:<34}{seconds:>8.0f}{100 * seconds / total:>7.0f}%")
+        lines.append(f"{'total':<34}{total:>8.0f}   ({total / 60:.1f} min)")
+        return "\n".join(lines)
 
 
 def logits_current(cfg: dict) -> bool:
@@ -65,23 +85,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="key=value for every model")
     parser.add_argument("--submissions", type=Path, default=Path("submissions"))
+    parser.add_argument(
+        "--started", type=float, help="epoch seconds when `make demo` began (times its setup)"
+    )
     args = parser.parse_args(argv)
-    started = time.perf_counter()
+    stages = Stages()
+    if args.started is not None:
+        stages.seconds["setup (make setup)"] = time.time() - args.started
     models = load_ensemble_config(ENSEMBLE)["models"]
     configs = [load_config(model, args.overrides) for model in models]
     data = Path(configs[0]["data_dir"])
     if Layout(data).manifest.is_file():
-        print(f"==> data: {data} is complete, kept")
+        stages.kept("data", f"{data} is complete")
     else:
-        step("data", "data_prep", "fashion", "--out", str(data))
+        stages.run("data", "data_prep", "fashion", "--out", str(data))
     for model in models:
-        step(f"train {model}", "train.launch", model, *args.overrides)
+        stages.run(f"train {model}", "train.launch", model, *args.overrides)
     for model, cfg in zip(models, configs, strict=True):
         if logits_current(cfg):
-            print(f"\n==> logits {model}: up to date, kept")
+            stages.kept(f"TenCrop logits {model}", "up to date")
         else:
             # 64 images (640 crops) a forward: the CPU's sweet spot at 32 px.
-            step(
+            stages.run(
                 f"TenCrop logits {model}",
                 "ensemble.logits",
                 model,
@@ -89,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--batch-size",
                 "64",
             )
-    step(
+    stages.run(
         "ensemble",
         "ensemble.blend",
         "--config",
@@ -103,12 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     submission = args.submissions / f"{ENSEMBLE}.csv"
     labels = Layout(data).test_labels
-    step("evaluate", "ensemble.evaluate", str(submission), "--labels", str(labels))
+    stages.run("evaluate", "ensemble.evaluate", str(submission), "--labels", str(labels))
     report = json.loads(submission.with_suffix(".json").read_text())
     correct, total = score(submission, labels, len(Layout(data).classes()))
     scores = {"val": report["val_top1"]["ensemble"], "test": 100.0 * correct / total}
     print("\n" + closing_table(configs, submission, scores, labels))
-    print(f"\nmake demo: done in {(time.perf_counter() - started) / 60:.1f} min")
+    print("\nWhere the minutes went:\n" + stages.table())
 
 
 if __name__ == "__main__":
