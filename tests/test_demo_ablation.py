@@ -36,7 +36,8 @@ def test_the_demo_runs_every_stage_and_prints_the_closing_table(tiny_dir, tmp_pa
     table = [line for line in out.splitlines() if line.startswith("ensemble ")]
     assert table and table[-1].endswith("demo.json")
     timing = out[out.rindex("Where the minutes went") :].splitlines()
-    for stage in ("data", *(f"train {m}" for m in models), *(f"TenCrop logits {m}" for m in models)):
+    stages = ["data", *(f"train {m}" for m in models), *(f"TenCrop logits {m}" for m in models)]
+    for stage in stages:
         assert any(line.startswith(f"{stage} ") for line in timing), stage
     assert timing[-1].startswith("total") and timing[-1].endswith("min)")
     again = run_command(*args).stdout  # a rerun reuses what is done
