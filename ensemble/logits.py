@@ -31,8 +31,15 @@ from ensemble.members import write_npz
 from train.checkpoint import load_weights
 from train.config import load_config, logits_dir, run_dir
 from train.distributed import make_accelerator, shard
-from train.inference import best_fusion, build_crop_transform, fuse, predict_crops, resize_size
-from train.model import build_model
+from train.inference import (
+    best_fusion,
+    build_crop_transform,
+    for_inference,
+    fuse,
+    predict_crops,
+    resize_size,
+)
+from train.model import build_model, use_channels_last
 from train.views import EvalDataset
 
 SPLITS = ("val", "test")
@@ -65,19 +72,15 @@ def resolve_config(model: str, overrides: list[str]) -> dict[str, Any]:
     return load_config(str(saved), list(overrides)) if saved.is_file() else cfg
 
 
-def channels_last(cfg: dict[str, Any], device: torch.device) -> bool:
-    """As in training: the config's choice, or on for CUDA when it is null."""
-    return device.type == "cuda" if cfg["channels_last"] is None else bool(cfg["channels_last"])
-
-
 def load_model(
     cfg: dict[str, Any], checkpoint: str, role: str, device: torch.device
 ) -> torch.nn.Module:
     model = build_model(cfg)
     model.load_state_dict(load_weights(run_dir(cfg), checkpoint, role))
-    if channels_last(cfg, device):
+    model = for_inference(model)
+    if use_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
-    return model.to(device).eval()
+    return model.to(device)
 
 
 def split_loader(
@@ -117,7 +120,7 @@ def predict_split(
         cfg["num_classes"],
         has_aux=cfg["aux_weight"] > 0,
         keep_center=split == "val" and view == "tencrop",
-        channels_last=channels_last(cfg, accelerator.device),
+        channels_last=use_channels_last(cfg, accelerator.device),
     )
 
 

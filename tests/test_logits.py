@@ -13,15 +13,18 @@ from torch.utils.data import DataLoader
 
 from common.errors import UserError, user_message
 from ensemble.logits import choose_fusion_weight
+from train.config import load_config
 from train.distributed import make_accelerator
 from train.inference import (
     CENTER,
     build_crop_transform,
     crop_probabilities,
+    for_inference,
     fuse,
     predict_crops,
     resize_size,
 )
+from train.model import build_model
 from train.views import EvalDataset
 
 CFG = {
@@ -232,3 +235,28 @@ def test_a_user_error_from_a_loader_worker_keeps_its_one_line_message():
         "cannot read image data/d/test/imgs/img_3.png (broken); replace or remove the file"
     )
     assert user_message(UserError("plain message")) == "plain message"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "seresnet18", "efficientnet_b0"])
+def test_the_fast_inference_path_gives_the_plain_paths_probabilities(accelerator, arch):
+    """`make logits` folds BatchNorm into the convolutions and may run channels-last: the same
+    TenCrop probabilities as the plain model, up to float rounding."""
+    cfg = load_config("demo_resnet18", [f"arch={arch}", "num_classes=5", "test_size=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for module in model.modules():  # BatchNorm statistics far from the identity
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    fast = for_inference(model).to(memory_format=torch.channels_last)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) or arch != "resnet18"
+    crops = torch.randn(6, 10, 3, 32, 32)
+    with torch.inference_mode():
+        plain_main, plain_aux = crop_probabilities(model, crops)
+        fast_main, fast_aux = crop_probabilities(fast, crops, channels_last=True)
+    torch.testing.assert_close(fast_main.mean(1), plain_main.mean(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_aux.mean(1), plain_aux.mean(1), atol=1e-5, rtol=0)
+    assert torch.equal(fast_main.mean(1).argmax(-1), plain_main.mean(1).argmax(-1))

@@ -25,11 +25,16 @@ def resolve_precision(mixed_precision: str) -> str:
     return "no"
 
 
-def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1) -> Accelerator:
+def make_accelerator(
+    mixed_precision: str = "no", grad_accum: int = 1, compile_model: bool = False
+) -> Accelerator:
+    """`compile_model`: `prepare` wraps the student in torch.compile (inductor); checkpoints and
+    `unwrap_model` see the plain module."""
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=resolve_precision(mixed_precision),
         gradient_accumulation_steps=grad_accum,
+        dynamo_backend="inductor" if compile_model else "no",
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:

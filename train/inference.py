@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from timm.data.transforms import str_to_interp_mode
+from torch.fx.experimental import optimization as fx_optimization
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import functional as F
@@ -63,6 +64,18 @@ def build_crop_transform(cfg: dict[str, Any], view: str = "tencrop") -> transfor
             CropViews(cfg["test_size"], view),
         ]
     )
+
+
+def for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """The same function, cheaper to evaluate: a copy in eval mode with every BatchNorm that
+    follows a convolution folded into its weights (torch.fx). Outputs differ from the original
+    only by float rounding (tests/test_logits.py compares them); timm's BatchNormAct layers stay
+    as they are, and a network fx cannot trace is returned unfolded."""
+    model = model.eval()
+    try:
+        return fx_optimization.fuse(model)
+    except torch.fx.proxy.TraceError:
+        return model
 
 
 def crop_probabilities(

@@ -150,6 +150,12 @@ def build_model(cfg: dict[str, Any]) -> AuxNet:
     return AuxNet(backbone, _aux_index(backbone, cfg), cfg["aux_drop_rate"])
 
 
+def use_channels_last(cfg: dict[str, Any], device: torch.device) -> bool:
+    """NHWC memory format: the config's choice, or on for CUDA when it is null (convolutions on
+    tensor cores want it; on the CPU it depends on the network: `make bench` measures it)."""
+    return device.type == "cuda" if cfg["channels_last"] is None else bool(cfg["channels_last"])
+
+
 def ema_decay(cfg: dict[str, Any], total_steps: int) -> float:
     """The teacher's eta per optimiser step.
 

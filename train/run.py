@@ -31,7 +31,7 @@ from train.engine import SUM_COLUMNS, AttractRepulseStep
 from train.inference import best_fusion, predict_crops
 from train.losses import AttractRepulseLoss
 from train.metrics import write_metrics
-from train.model import build_model, build_teacher, ema_decay
+from train.model import build_model, build_teacher, ema_decay, use_channels_last
 from train.rng import mix_generator, seed_everything, set_rng_state
 from train.views import SharedMixup
 
@@ -85,7 +85,7 @@ class Run:
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg
-        self.acc = make_accelerator(cfg["mixed_precision"], cfg["grad_accum"])
+        self.acc = make_accelerator(cfg["mixed_precision"], cfg["grad_accum"], cfg["compile"])
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.dir = run_dir(cfg)
         seed_everything(cfg["seed"])
@@ -101,9 +101,7 @@ class Run:
                 f"grad_accum={accum} exceeds the {self.sampler.steps} steps of an epoch"
             )
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
-        self.channels_last = cfg["channels_last"]
-        if self.channels_last is None:
-            self.channels_last = self.acc.device.type == "cuda"
+        self.channels_last = use_channels_last(cfg, self.acc.device)
         model = build_model(cfg)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
