@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import importlib
 
-BENCHES = ("bench_losses", "bench_loader", "bench_train", "bench_ensemble")
+BENCHES = (
+    "bench_losses",
+    "bench_loader",
+    "bench_train",
+    "bench_loop",
+    "bench_tencrop",
+    "bench_ensemble",
+)
 
 
 def main() -> None:

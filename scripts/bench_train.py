@@ -1,176 +1,127 @@
-"""Step time: the Attract-and-Repulse step against the strong-baseline step, side by side.
+"""The bare training step with the real training objects, and the CPU levers tried on it.
 
-Both steps see the same images per step. The baseline runs one view through the student with
-CE (+ smoothing, mixing) and steps the optimiser. The Attract-and-Repulse step runs two views
-through the student, two through the teacher, the full loss (SCE, CR, MT, auxiliary head), the
-optimiser and the EMA update. In arithmetic that is about (2 x 3 + 2 x 1) / 3 = 2.7 times the
-baseline (a backward costs about two forwards); the breakdown shows where any excess goes.
+`train.run.Run` builds the student, the EMA teacher, the optimiser, the loss and the mixing
+exactly as `make train` does; one batch of its loader is kept in memory and `Run.step` (the
+Algorithm 1 step of train/engine.py) is timed on it again and again: no loader, no evaluation,
+no checkpoint. That is the "bare step" the loop-overhead benchmark (bench_loop.py) divides by.
 
-`python -m scripts.bench_train [--arch resnet18 --size 32 --batch 64]`; on a CUDA machine it runs
-there in bf16 with channels-last (`--arch efficientnet_b2 --size 320` for the paper's setting).
+Side by side, interleaved (the machine's speed drifts), medians:
+- the strong baseline's step against the Attract-and-Repulse step (same images per step);
+- each lever against the default: channels-last, one thread instead of all, torch.compile
+  (its compile time reported apart: it is paid once per run).
+
+    python -m scripts.bench_train [--model demo_resnet18] [--repeat 7] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from timm.optim import create_optimizer_v2
 
 from train.config import load_config
-from train.engine import two_view_batch
-from train.losses import AttractRepulseLoss
-from train.model import build_model, build_teacher
-from train.rng import generator_for
-from train.views import SharedMixup
+from train.rng import mix_generator
+from train.run import Run
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE = ["num_views=1", "rce_weight=0", "cr_weight=0", "mt_weight=0", "aux_weight=0"]
 
 
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+def bare_step(model: str, overrides: list[str], out_dir: str) -> tuple[Callable[[], None], Run]:
+    """A closure running one real step on a fixed in-memory batch, and its Run."""
+    cfg = load_config(model, [*overrides, "workers=0", f"out_dir={out_dir}"])
+    run = Run(cfg)
+    batch = next(iter(run.loader))
+    counter = iter(range(2, 1 << 30))  # optimiser steps > 1: timm's EMA really averages
+
+    def step() -> None:
+        k = next(counter)
+        run.step(batch, mix_generator(cfg["seed"], 0, k, 0), 1.0, False, next_step=k)
+
+    return step, run
 
 
-def _timed(fn, repeat: int) -> float:
-    """Median wall time of `fn()` over `repeat` calls, after one warm-up call."""
-    fn()
-    times = []
+@contextlib.contextmanager
+def threads(n: int | None):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def median_seconds(steps: dict[str, tuple[Callable[[], None], int | None]], repeat: int):
+    """Each step's median over `repeat` rounds, the steps interleaved within every round."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step, n in steps.values():  # warm-up: allocator, oneDNN primitive caches
+        with threads(n):
+            step()
     for _ in range(repeat):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for name, (step, n) in steps.items():
+            with threads(n):
+                started = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - started)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def _autocast():
-    """bf16 on CUDA, as training runs there; full precision on the CPU."""
-    if DEVICE.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _float(logits: torch.Tensor | None) -> torch.Tensor | None:
-    return None if logits is None else logits.float()
-
-
-class Step:
-    """One configured training step on a fixed batch, with its parts timed separately."""
-
-    def __init__(self, cfg: dict, images: torch.Tensor, labels: torch.Tensor):
-        torch.manual_seed(0)
-        self.cfg, self.views = cfg, cfg["num_views"]
-        memory = torch.channels_last if DEVICE.type == "cuda" else torch.contiguous_format
-        self.model = build_model(cfg).to(DEVICE, memory_format=memory)
-        self.teacher = build_teacher(self.model, 0.999, False) if cfg["mt_weight"] > 0 else None
-        self.optimizer = create_optimizer_v2(self.model, opt="sgd", lr=1e-3)
-        self.criterion = AttractRepulseLoss.from_config(cfg)
-        inputs, targets = two_view_batch(
-            images[:, : self.views],
-            labels,
-            SharedMixup.from_config(cfg),
-            generator_for(0),
-            DEVICE.type == "cuda",
-        )
-        self.inputs, self.targets = inputs.to(DEVICE), targets.to(DEVICE)
-
-    def forward_backward(self) -> torch.Tensor:
-        with _autocast():
-            logits, aux = self.model(self.inputs)
-        loss, _ = self.criterion(logits.float(), self.targets, aux_logits=_float(aux))
-        loss.backward()
-        return loss
-
-    def teacher_forward(self) -> None:
-        with torch.no_grad(), _autocast():
-            self.teacher.module(self.inputs)
-
-    def losses_only(self) -> None:
-        shape = (self.inputs.shape[0], self.cfg["num_classes"])
-        logits = torch.randn(shape, device=DEVICE, requires_grad=True)
-        teacher = torch.randn_like(logits) if self.teacher is not None else None
-        loss, _ = self.criterion(logits, self.targets, aux_logits=logits, teacher_logits=teacher)
-        loss.backward()
-
-    def optimizer_and_ema(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)
-        if self.teacher is not None:
-            self.teacher.update(self.model, step=100)
-
-    def full(self) -> None:
-        self.model.train()
-        with _autocast():
-            logits, aux = self.model(self.inputs)
-        teacher = None
-        if self.teacher is not None:
-            with torch.no_grad(), _autocast():
-                teacher, _ = self.teacher.module(self.inputs)
-        loss, _ = self.criterion(
-            logits.float(), self.targets, aux_logits=_float(aux), teacher_logits=_float(teacher)
-        )
-        loss.backward()
-        self.optimizer_and_ema()
-
-
-def measure(arch: str, size: int, batch: int, repeat: int) -> dict[str, dict[str, float]]:
-    common = [f"arch={arch}", f"img_size={size}", "drop_path_rate=0.0", "data=fashion50"]
-    configs = {
-        "baseline": load_config(
-            "demo_resnet18",
-            [*common, "num_views=1", "cr_weight=0", "mt_weight=0", "aux_weight=0", "rce_weight=0"],
-        ),
-        "attract_repulse": load_config("demo_resnet18", [*common, "num_views=2"]),
-    }
-    images = torch.randn(batch, 2, 3, size, size)
-    labels = torch.randint(0, 10, (batch,))
-    steps = {name: Step(cfg, images, labels) for name, cfg in configs.items()}
-    results = {name: {} for name in steps}
-    # Interleave the two steps part by part: the machine is shared, its speed drifts.
-    for part in ("full", "forward_backward", "teacher_forward", "losses_only", "optimizer_and_ema"):
-        for name, step in steps.items():
-            if part == "teacher_forward" and step.teacher is None:
-                continue
-            results[name][part] = _timed(getattr(step, part), repeat)
-    return results
+def compiled_seconds(model: str, repeat: int) -> dict[str, float]:
+    """torch.compile's first step (compilation included) and its median step, measured in a
+    fresh process: Accelerate fixes the dynamo backend for the process at its first Accelerator."""
+    code = (
+        "import json, tempfile, time; from scripts.bench_train import bare_step, median_seconds\n"
+        f"d = tempfile.mkdtemp(); step, _ = bare_step({model!r}, ['compile=true'], d)\n"
+        "t = time.perf_counter(); step(); first = time.perf_counter() - t\n"
+        f"print(json.dumps({{'first': first, **median_seconds({{'c': (step, None)}}, {repeat})}}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"bench_train: the compiled step failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--model", default="demo_resnet18")
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     args = parser.parse_args(argv)
-    results = measure(args.arch, args.size, args.batch, args.repeat)
-    base, ar = results["baseline"], results["attract_repulse"]
-    where = (
-        torch.cuda.get_device_name() + ", bf16"
-        if DEVICE.type == "cuda"
-        else (f"CPU, {torch.get_num_threads()} threads")
-    )
+    with tempfile.TemporaryDirectory() as out:
+        default, run = bare_step(args.model, [], out)
+        steps = {
+            "attract_repulse (default)": (default, None),
+            "strong baseline": (bare_step(args.model, BASELINE, out)[0], None),
+            "channels_last=true": (bare_step(args.model, ["channels_last=true"], out)[0], None),
+            "1 thread": (default, 1),
+        }
+        seconds = median_seconds(steps, args.repeat)
+    compiled = compiled_seconds(args.model, args.repeat) if args.compile else None
+    if compiled is not None:
+        seconds["compile=true (own process)"] = compiled["c"]
+    cfg = run.cfg
     print(
-        f"\n== train step: {args.arch} at {args.size} px, {args.batch} images per step, "
-        f"{where} (median of {args.repeat}) =="
+        f"\n== bare step: {cfg['arch']} at {cfg['img_size']} px, {cfg['batch_size']} images x "
+        f"{cfg['num_views']} views, {run.acc.device}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeat} =="
     )
-    print(f"{'part':<20}{'baseline ms':>14}{'A&R ms':>12}")
-    for part in ar:
-        print(f"{part:<20}{1e3 * base.get(part, 0.0):>14.1f}{1e3 * ar[part]:>12.1f}")
-    print(
-        f"ratio A&R / baseline (full step): {ar['full'] / base['full']:.2f} "
-        f"(arithmetic estimate 2.7); images/s: baseline {args.batch / base['full']:.0f}, "
-        f"A&R {args.batch / ar['full']:.0f}"
-    )
-    nets = ar["forward_backward"] + ar["teacher_forward"]
-    print(
-        f"ratio of the network passes alone: {nets / base['forward_backward']:.2f}; "
-        f"losses {1e3 * ar['losses_only']:.1f} ms, optimiser+EMA "
-        f"{1e3 * ar['optimizer_and_ema']:.1f} ms of {1e3 * ar['full']:.1f} ms"
-    )
+    base = seconds["attract_repulse (default)"]
+    print(f"{'step':<28}{'ms':>8}{'vs default':>12}")
+    for name, value in seconds.items():
+        print(f"{name:<28}{1e3 * value:>8.0f}{value / base:>11.2f}x")
+    print(f"A&R / strong baseline: {base / seconds['strong baseline']:.2f}")
+    if compiled is not None:
+        print(f"torch.compile: first step {compiled['first']:.0f} s (compilation, once per run)")
 
 
 if __name__ == "__main__":

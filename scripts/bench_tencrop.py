@@ -1,0 +1,90 @@
+"""TenCrop logits: the plain path against the fast path of `make logits`, on the same images.
+
+Plain: the network as trained (BatchNorm layers separate), contiguous memory, 64 images (640
+crops) a forward: what `make logits` did before. Fast: `train.inference.for_inference`
+(BatchNorm folded into the convolutions), with and without channels-last, at several batch
+sizes. Same crops, same averaging: every variant's probabilities are compared with the plain
+path's (largest difference, argmax agreement) as well as timed. Runs on the first `--images`
+test images of the embedded benchmark (`make data` first), interleaved, medians.
+
+    python -m scripts.bench_tencrop [--model demo_resnet18] [--images 2000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from data_prep.layout import Layout
+from ensemble.logits import split_loader
+from train.config import load_config
+from train.distributed import make_accelerator
+from train.inference import for_inference, predict_crops
+from train.model import build_model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo_resnet18")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.model, args.overrides)
+    items = Layout(Path(cfg["data_dir"])).test_items()[: args.images]
+    acc = make_accelerator("no")
+    torch.manual_seed(0)
+    plain = build_model(cfg).eval()
+    folded = for_inference(plain)
+    nhwc = for_inference(plain).to(memory_format=torch.channels_last)
+    variants = {  # name: (model, channels_last, images per forward)
+        "plain, 64 images": (plain, False, 64),
+        "folded, 64 images": (folded, False, 64),
+        "folded, 32 images": (folded, False, 32),
+        "folded, 16 images": (folded, False, 16),
+        "folded + channels-last, 32": (nhwc, True, 32),
+    }
+
+    def run(model, channels_last: bool, batch: int) -> tuple[float, torch.Tensor]:
+        loader = split_loader(cfg, items, "tencrop", batch, 0, 1)
+        started = time.perf_counter()
+        out = predict_crops(
+            acc,
+            model,
+            loader,
+            len(items),
+            cfg["num_classes"],
+            cfg["aux_weight"] > 0,
+            False,
+            channels_last,
+        )
+        return time.perf_counter() - started, out["main"]
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    probs: dict[str, torch.Tensor] = {}
+    for _ in range(args.repeat):
+        for name, variant in variants.items():
+            seconds, probs[name] = run(*variant)
+            times[name].append(seconds)
+    base = probs["plain, 64 images"]
+    plain_s = sorted(times["plain, 64 images"])[args.repeat // 2]
+    print(
+        f"\n== TenCrop: {cfg['arch']} at {cfg['test_size']} px, {len(items)} images x 10 crops, "
+        f"workers={cfg['workers']}, {torch.get_num_threads()} threads, median of {args.repeat} =="
+    )
+    print(f"{'path':<30}{'s':>7}{'images/s':>10}{'speed-up':>10}{'max |dp|':>11}{'argmax':>9}")
+    for name, seconds in times.items():
+        median = sorted(seconds)[args.repeat // 2]
+        diff = (probs[name] - base).abs().max().item()
+        same = (probs[name].argmax(1) == base.argmax(1)).float().mean().item()
+        print(
+            f"{name:<30}{median:>7.2f}{len(items) / median:>10.0f}{plain_s / median:>9.2f}x"
+            f"{diff:>11.1e}{100 * same:>8.2f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()
