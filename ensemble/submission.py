@@ -22,9 +22,9 @@ import numpy as np
 
 from common.errors import UserError
 from common.fs import atomic_path
+from data_prep.layout import LABELS_HEADER
 
 HEADER = ("Image IDs", "Predictions")
-LABELS_HEADER = ("Image IDs", "label")
 INTEGER = re.compile(r"^-?[0-9]+$")
 SHOWN = 5  # examples named in a message
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so that the same predictions give the same zip bytes

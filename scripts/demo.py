@@ -21,7 +21,7 @@ from pathlib import Path
 from data_prep.layout import Layout
 from ensemble.blend import load_ensemble_config
 from ensemble.evaluate import logits_top1, score
-from train.checkpoint import checkpoint_root
+from train.checkpoint import MARKER, checkpoint_root
 from train.config import load_config, logits_dir, run_dir
 
 ENSEMBLE = "demo"
@@ -58,7 +58,7 @@ class Stages:
 def logits_current(cfg: dict) -> bool:
     """True when the model's logits are complete and newer than its best checkpoint."""
     meta = logits_dir(cfg) / "meta.json"
-    best = checkpoint_root(run_dir(cfg)) / "best" / "COMPLETE"
+    best = checkpoint_root(run_dir(cfg)) / "best" / MARKER
     return meta.is_file() and best.is_file() and meta.stat().st_mtime > best.stat().st_mtime
 
 
