@@ -28,7 +28,7 @@ NAME ?=
 SUBMISSION ?=
 LABELS ?=
 
-.PHONY: help setup data train logits ensemble evaluate demo ablation sweep bench bench-data test test-fast lint clean slurm
+.PHONY: help setup data train logits ensemble evaluate demo ablation sweep bench bench-data chaos test test-fast lint clean slurm
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -74,6 +74,9 @@ bench: setup ## every benchmark; ratios measured side by side in one run
 
 bench-data: setup ## make data: link vs copy on 150,000 synthetic files
 	$(PY) -m scripts.bench_data
+
+chaos: setup ## SIGKILL a tiny run at 10 random moments; it must end bit-identical (~3 min)
+	$(PY) -m scripts.chaos $(ARGS)
 
 test: setup ## the whole test suite (CI runs exactly this)
 	$(PY) -m pytest -q

@@ -2,7 +2,8 @@
 
 Every command of the pipeline raises `UserError` for input the user can fix (a missing folder,
 a damaged split list, an unknown config key); `cli_main` prints it as one line naming the
-problem and the fix, and exits with status 2, so that a traceback always means a bug.
+problem and the fix, and exits with status 2, so that a traceback always means a bug. Input that
+is accepted but odd gets one `warning:` line (`warn`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from common.status import EXIT_USER_ERROR
+from common.status import EXIT_USER_ERROR, record_exit_status
 
 T = TypeVar("T")
+# How torch re-raises an exception from a DataLoader worker: the worker's traceback as the message.
+WORKER_WRAPPER = "Caught UserError in DataLoader worker"
 
 
 class UserError(Exception):
@@ -23,8 +26,17 @@ class UserError(Exception):
 
 def user_message(err: UserError) -> str:
     """The one line a user needs. Raised in a DataLoader worker, a UserError arrives wrapped in
-    the worker's traceback ("Caught UserError in DataLoader worker ... UserError: <line>")."""
-    return str(err).rstrip().splitlines()[-1].split("UserError: ", 1)[-1] if str(err) else ""
+    the worker's traceback ("Caught UserError in DataLoader worker ... UserError: <message>"):
+    only the message is kept. A message of several lines is joined, never cut."""
+    text = str(err).strip()
+    if text.startswith(WORKER_WRAPPER):
+        text = text.rsplit("UserError: ", 1)[-1]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def warn(message: str) -> None:
+    """One `warning:` line on stderr: accepted, but the user should know."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
@@ -33,9 +45,13 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except UserError as err:
-            print(f"error: {user_message(err)}", file=sys.stderr)
+            print(f"error: {user_message(err)}", file=sys.stderr, flush=True)
+            record_exit_status(EXIT_USER_ERROR)
             raise SystemExit(EXIT_USER_ERROR) from None
+        if isinstance(result, int) and not isinstance(result, bool) and result != 0:
+            record_exit_status(result)
+        return result
 
     return wrapper

@@ -4,6 +4,8 @@ A source (imagenet, fashion, folder) only decides *what* goes where: a `Plan` of
 relative path) items, the class names and the test labels. This module owns *how* it lands on
 disk (`layout.py` describes the result):
 
+0. verify: every source image is decoded (`--verify header`: its header parsed) before the
+   target is touched, so that a truncated image fails the build instead of being sealed.
 1. claim: a target folder that holds another dataset (other source or options), or files this
    tool did not write, is refused; temporary files of a killed run are removed; the identity is
    recorded in `.data_prep.json`; an old `manifest.json` is removed, because from here on the
@@ -27,7 +29,7 @@ from typing import Any
 from common.errors import UserError
 from common.fs import write_text_atomic
 from data_prep.layout import LABELS_HEADER, Layout, dataset_files, tree_checksum
-from data_prep.place import run_parallel
+from data_prep.place import check_image, run_parallel
 
 MARKER = ".data_prep.json"
 SPLITS = ("train", "val", "test")
@@ -59,8 +61,11 @@ class Plan:
         return {rel for _, rel in self.items} | {"test_labels.csv"}
 
 
-def build(root: Path, plan: Plan, write: Callable[[Any, Path], str], workers: int) -> dict:
+def build(
+    root: Path, plan: Plan, write: Callable[[Any, Path], str], workers: int, verify: str = "decode"
+) -> dict:
     """Write `plan` under `root` with `write(payload, dst)`; return the manifest."""
+    verify_sources(plan, workers, verify)
     claim(root, plan)
     for parent in sorted({(root / rel).parent for _, rel in plan.items}):
         parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +81,16 @@ def build(root: Path, plan: Plan, write: Callable[[Any, Path], str], workers: in
         f"{sum(counts['val'].values())} val, {counts['test']} test images"
     )
     return manifest
+
+
+def verify_sources(plan: Plan, workers: int, verify: str) -> None:
+    """Decode (or read the header of) every source file of `plan` on `workers` threads (PIL
+    decodes without the GIL); pixel payloads (fashion) are written by this tool and skipped."""
+    sources = [(src, src) for src, _ in plan.items if isinstance(src, Path)]
+    if sources:
+        tally = run_parallel(lambda src, _: check_image(src, verify), sources, workers, "verify")
+        done = ", ".join(f"{n} {what}" for what, n in sorted(tally.items()))
+        print(f"verify: {len(sources)} source images ({done})")
 
 
 def claim(root: Path, plan: Plan) -> None:

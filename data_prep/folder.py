@@ -22,7 +22,7 @@ import numpy as np
 from common.errors import UserError
 from data_prep.build import Plan, build
 from data_prep.layout import is_image, test_name
-from data_prep.place import MODES, file_writer, run_parallel
+from data_prep.place import MODES, add_verify_argument, file_writer
 
 COUNT = re.compile(r"^\d+$")
 
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=MODES, default="link", help="default: hard links")
     parser.add_argument("--workers", type=int, default=8, help="I/O threads")
+    add_verify_argument(parser)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -45,11 +46,9 @@ def run(args: argparse.Namespace) -> None:
     spec = parse_per_class(args.per_class)
     images = class_images(root)
     plan = make_plan(images, spec, args.seed)
-    sources = [(src, src) for src, _ in plan.items]
-    run_parallel(lambda src, _: check_image(src), sources, args.workers, desc="check")
     plan = replace(plan, inputs={"root": str(root), "mode": args.mode})
     out = args.out if args.out is not None else Path("data") / root.name
-    build(out, plan, file_writer(args.mode, None), args.workers)
+    build(out, plan, file_writer(args.mode, None), args.workers, args.verify)
 
 
 def parse_per_class(text: str) -> list[int | float]:
@@ -137,14 +136,3 @@ def make_plan(
         items=items,
         test_labels=[(name, test_pool[j][1]) for name, j in zip(names, order, strict=True)],
     )
-
-
-def check_image(path: Path) -> str:
-    """Parse the image header, so that a non-image fails the build before a file is placed."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path):
-            return "readable"
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise UserError(f"{path} is not a readable image ({err}); remove or replace it") from None

@@ -24,7 +24,7 @@ from pathlib import Path
 from common.errors import UserError
 from data_prep.build import Plan, build
 from data_prep.layout import test_name
-from data_prep.place import MODES, file_writer, require_files
+from data_prep.place import MODES, add_verify_argument, file_writer, require_files
 from data_prep.splits import NUM_CLASSES, SHIPPED, Splits, read_splits
 
 FIX = "check that --imagenet is the ImageNet-1k root holding train/<wnid>/ and val/"
@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resize", type=int, metavar="SHORT_SIDE", help="write RGB JPEGs downscaled to this"
     )
     parser.add_argument("--workers", type=int, default=8, help="I/O threads")
+    add_verify_argument(parser)
     parser.add_argument("--check", action="store_true", help="verify the split lists and stop")
     # For tests and trials on a partial ImageNet. The full lists are still verified (one code
     # path for verification), then only the subset is built; the manifest records it, so such
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     if args.imagenet is None:
         raise UserError("--imagenet is missing; pass the ImageNet-1k root (train/ and val/)")
     plan = make_plan(args.imagenet, splits, args.classes, args.resize, args.mode)
-    build(args.out, plan, file_writer(args.mode, args.resize), args.workers)
+    build(args.out, plan, file_writer(args.mode, args.resize), args.workers, args.verify)
 
 
 def make_plan(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from common.errors import UserError
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 TEST_NAME = re.compile(r"^img_(\d+)\.[A-Za-z]+$")
 LABELS_HEADER = ("Image IDs", "label")
@@ -67,11 +68,27 @@ class Layout:
 
     def read_manifest(self) -> dict:
         if not self.manifest.is_file():
-            raise UserError(
-                f"{self.manifest} is missing: {self.root} is not a complete dataset; "
+            raise UserError(f"{self.manifest} is missing{self._elsewhere()}")
+        return json.loads(self.manifest.read_text())
+
+    def _elsewhere(self) -> str:
+        """Why the manifest was not found: a relative path read from another folder than the
+        project's (where `make data` builds), or a dataset that is not built."""
+        if self.root.is_absolute() or Path.cwd() == PROJECT_ROOT:
+            return (
+                f": {self.root} is not a complete dataset; "
                 "run `make data` (or `python -m data_prep ...`) to build or finish it"
             )
-        return json.loads(self.manifest.read_text())
+        looked = (
+            f" (looked in {Path.cwd() / self.root}: a relative path starts at the current folder, "
+            f"not at the project {PROJECT_ROOT}); "
+        )
+        if (PROJECT_ROOT / self.manifest).is_file():
+            return looked + (
+                f"the project has this dataset: run from {PROJECT_ROOT} or pass "
+                f"data_dir={PROJECT_ROOT / self.root}"
+            )
+        return looked + f"build it with `make data` in {PROJECT_ROOT}, then run from there"
 
     def classes(self) -> list[str]:
         """Class names in index order (sorted), read from the manifest."""

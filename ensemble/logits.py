@@ -4,7 +4,9 @@ Loads the run's saved config (`runs/<name>/config.yaml`, the resolved config it 
 and a checkpoint (best by default, the teacher by default), predicts every val and test image
 with TenCrop and per-crop Auxiliary Fusion (`train.inference`), picks the fusion weight on val,
 and writes `logits/<name>/val.npz` (ids, probs float16, labels), `test.npz` (ids, probs) and
-`meta.json`, written last so that a folder with a meta.json is complete. Images are sharded over
+`meta.json`, written last so that a folder with a meta.json is complete; it records the
+checkpoint's step and epoch, and a run stopped before its last epoch is named in a warning.
+Images are sharded over
 the processes of `accelerate launch` and gathered back into id order: one row per image, the
 same rows whatever the number of processes. A test image that cannot be read stops the run.
 """
@@ -23,12 +25,12 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from common.errors import UserError, cli_main
+from common.errors import UserError, cli_main, warn
 from common.fs import write_text_atomic
 from common.metrics import top1
 from data_prep.layout import Layout
 from ensemble.members import write_npz
-from train.checkpoint import load_weights
+from train.checkpoint import checkpoint_info, load_weights, resolve_checkpoint, run_progress
 from train.config import load_config, logits_dir, run_dir
 from train.distributed import make_accelerator, shard
 from train.inference import (
@@ -73,7 +75,7 @@ def resolve_config(model: str, overrides: list[str]) -> dict[str, Any]:
 
 
 def load_model(
-    cfg: dict[str, Any], checkpoint: str, role: str, device: torch.device
+    cfg: dict[str, Any], checkpoint: str | Path, role: str, device: torch.device
 ) -> torch.nn.Module:
     model = build_model(cfg)
     model.load_state_dict(load_weights(run_dir(cfg), checkpoint, role))
@@ -198,6 +200,30 @@ def build_meta(
     }
 
 
+def checkpoint_meta(cfg: dict[str, Any], step_dir: Path, announce: bool) -> dict[str, Any]:
+    """The checkpoint's folder, step and epoch for meta.json; with `announce`, a warning when
+    the run stopped before its last epoch (its best so far is not the finished model's)."""
+    info = checkpoint_info(step_dir)
+    progress = run_progress(run_dir(cfg)) or info
+    epochs = progress["epochs"] or cfg["epochs"]
+    stopped = progress["epoch"] is not None and progress["epoch"] < epochs
+    if stopped and announce:
+        warn(
+            f"run {cfg['name']} stopped early, after {progress['epoch']} of {epochs} epochs "
+            f"(newest checkpoint: step {progress['step']}); these logits come from {step_dir} "
+            f"(step {info['step']}) of an unfinished model: `make train MODEL={cfg['name']}` "
+            "finishes it"
+        )
+    return {
+        "checkpoint_dir": str(step_dir),
+        "checkpoint_step": info["step"],
+        "checkpoint_epoch": info["epoch"],
+        "checkpoint_mid_epoch": info["mid_epoch"],
+        "epochs": epochs,
+        "run_finished": not stopped,
+    }
+
+
 def write_outputs(folder: Path, arrays: dict[str, dict[str, np.ndarray]], meta: dict) -> None:
     """The npz files first, meta.json last: its presence marks a complete folder."""
     for split, split_arrays in arrays.items():
@@ -215,7 +241,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _check_classes(cfg, layout)
     items = {split: _items(layout, split) for split in SPLITS}
     accelerator = make_accelerator(cfg["mixed_precision"])
-    model = load_model(cfg, args.checkpoint, args.role, accelerator.device)
+    step_dir = resolve_checkpoint(run_dir(cfg), args.checkpoint)
+    source_meta = checkpoint_meta(cfg, step_dir, accelerator.is_main_process)
+    model = load_model(cfg, step_dir, args.role, accelerator.device)
     probs = {
         split: predict_split(accelerator, model, cfg, items[split], split, view, batch_size)
         for split in SPLITS
@@ -223,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     labels = torch.tensor([label for _, _, label in items["val"]])
     weight, source = choose_fusion_weight(cfg, probs["val"], labels)
     meta = build_meta(cfg, args, weight, source, probs["val"], labels)
+    meta.update(source_meta)
     meta["rows"] = {split: len(items[split]) for split in SPLITS}
     meta["processes"] = accelerator.num_processes
     if accelerator.is_main_process:

@@ -4,8 +4,10 @@ A member is one model's `logits/<name>/` folder: `meta.json` (written last, so i
 complete folder), `val.npz` (ids, probs, labels) and `test.npz` (ids, probs). The first member
 read fixes a split's reference ids, class count and (val) labels; every later member's rows are
 matched to them by id, never by position. Missing, extra or duplicate ids, another class count,
-other labels or a non-finite probability are refused with a message naming the file
-(DESIGN.md: stages align rows by id, never by position).
+other labels, a non-finite probability or a row that is not a probability distribution (a
+negative value, a sum away from 1: logits, or probabilities scaled by hand, would outvote every
+other member) are refused with a message naming the file and the row (DESIGN.md: stages align
+rows by id, never by position).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from common.errors import UserError
 from common.fs import atomic_path
 
 SHOWN = 3  # ids named in a mismatch message
+# float16 keeps 11 significant bits: each stored p is within p * 2^-11 of the softmax output
+# (subnormals within 2^-25), so a stored row sums to 1 within 2^-11 + K * 2^-25. 2^-10 allows
+# that for up to 2^14 classes and refuses any real departure from a distribution.
+SUM_TOLERANCE = 2.0**-10
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,22 @@ def _id_mismatch(path: Path, reference: np.ndarray, ids: np.ndarray) -> str | No
     return None
 
 
+def _refuse_non_distributions(path: Path, probs: np.ndarray, ids: np.ndarray) -> None:
+    """Every row must be non-negative and sum to 1 (float16 tolerance); name the first that
+    is not, and how many are not."""
+    sums = probs.astype(np.float64).sum(axis=1)
+    bad = (probs < 0).any(axis=1) | (np.abs(sums - 1.0) > SUM_TOLERANCE)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        low = float(probs[row].min())
+        what = f"holds {low:.4g}" if low < 0 else f"sums to {sums[row]:.6g}"
+        raise UserError(
+            f"{path}: row {row} (id {ids[row]}) {what}; {int(bad.sum())} of {len(probs)} rows are "
+            "not probability distributions (non-negative, summing to 1): rerun `make logits` "
+            "for it, or store softmax probabilities"
+        )
+
+
 class SplitReader:
     """One split (val or test) of several members, each aligned to the first member read."""
 
@@ -108,6 +130,7 @@ class SplitReader:
             raise UserError(f"{path}: probs {probs.shape} do not hold one row per id")
         if not np.isfinite(probs).all():
             raise UserError(f"{path}: probabilities hold NaN or inf; rerun `make logits` for it")
+        _refuse_non_distributions(path, probs, arrays["ids"])
         if self.ids is None:
             self._set_reference(path, arrays)
         if probs.shape[1] != self.num_classes:

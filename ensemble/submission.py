@@ -5,7 +5,11 @@ per test image, the class being the index in sorted-wnid order; CodaLab takes it
 challenge's `evaluate_classification.py` reads it with pandas and silently skips ids it lacks
 (and scores only the rows it finds), so a submission with missing rows would score on a subset
 without a word: `validate_submission` refuses it, and every other malformation, with a one-line
-`UserError` naming the file and the problem. Labels files have the header `Image IDs,label`.
+`UserError` naming the file and the problem. What the scorer reads exactly as intended is
+accepted with a `warning:` line: a UTF-8 byte-order mark (Excel's "CSV UTF-8"; pandas drops it)
+and integral floats such as `3.0` (pandas reads the column as floats, and the scorer's `==`
+finds 3.0 equal to the label 3). A fractional class such as `3.5` equals no label: refused.
+Labels files have the header `Image IDs,label`.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
+from common.errors import UserError, warn
 from common.fs import atomic_path
 from data_prep.layout import LABELS_HEADER
 
 HEADER = ("Image IDs", "Predictions")
 INTEGER = re.compile(r"^-?[0-9]+$")
+INTEGRAL_FLOAT = re.compile(r"^-?[0-9]+\.0*$")  # 3.0, 3., 3.00: the scorer compares 3.0 == 3
+BOM = "\ufeff"
 SHOWN = 5  # examples named in a message
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so that the same predictions give the same zip bytes
 
@@ -48,6 +54,9 @@ def _read_table(path: Path, header: tuple[str, str], column: str) -> tuple[list[
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read it as UTF-8 text ({err})") from None
+    if text.startswith(BOM):
+        warn(f"{path} starts with a UTF-8 byte-order mark (Excel's CSV UTF-8): the scorer skips it")
+        text = text[len(BOM) :]
     rows = list(csv.reader(io.StringIO(text)))
     if not rows or tuple(rows[0]) != header:
         found = ",".join(rows[0]) if rows else "an empty file"
@@ -63,12 +72,19 @@ def _read_table(path: Path, header: tuple[str, str], column: str) -> tuple[list[
 
 
 def _parse_classes(path: Path, ids: list[str], values: list[str], column: str) -> np.ndarray:
-    bad = [f"{i}={v!r}" for i, v in zip(ids, values, strict=True) if not INTEGER.match(v)]
+    pairs = list(zip(ids, values, strict=True))
+    bad = [f"{i}={v!r}" for i, v in pairs if not (INTEGER.match(v) or INTEGRAL_FLOAT.match(v))]
     if bad:
         raise UserError(
             f"{path}: {len(bad)} {column} values are not integer class indices ({_examples(bad)})"
         )
-    return np.array([int(v) for v in values], dtype=np.int64)
+    floats = [f"{i}={v!r}" for i, v in pairs if not INTEGER.match(v)]
+    if floats:
+        warn(
+            f"{path}: {len(floats)} {column} values are written as floats ({_examples(floats)}); "
+            "read as the integers they equal, as the scorer compares them"
+        )
+    return np.array([int(v.split(".")[0]) for v in values], dtype=np.int64)
 
 
 def _refuse_duplicates(path: Path, ids: list[str]) -> None:

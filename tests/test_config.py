@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import UserError
+from common.errors import UserError, user_message
 from tests.conftest import run_command
 from train.config import available, load_config
 
@@ -76,3 +76,69 @@ def test_config_errors_exit_2_with_one_line_through_the_command():
     assert "unknown config key epochz" in proc.stderr
     proc = run_command("-m", "train", "no_such_model", check=False)
     assert proc.returncode == 2 and "unknown model 'no_such_model'" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["epochs=-1"], "command line: epochs=-1 must be at least 1"),
+        (["epochs=0", "ema_horizon=null"], "command line: epochs=0 must be at least 1"),
+        (["epochs=null"], "command line: epochs=null needs a value at least 1"),
+        (["batch_size=0"], "command line: batch_size=0 must be at least 1"),
+        (["keep_last=0"], "command line: keep_last=0 must be at least 1"),
+        (["keep_last=-3"], "command line: keep_last=-3 must be at least 1"),
+        (["grad_accum=0"], "command line: grad_accum=0 must be at least 1"),
+        (["img_size=0"], "command line: img_size=0 must be at least 1"),
+        (["ema_horizon=0"], "command line: ema_horizon=0.0 must be greater than 0"),
+        (["ema_decay=1"], "command line: ema_decay=1.0 must be in [0, 1)"),
+        (["lr=-0.1"], "command line: lr=-0.1 must be greater than 0"),
+        (["mix_prob=1.5"], "command line: mix_prob=1.5 must be in [0, 1]"),
+        (["stop_timeout_s=0"], "command line: stop_timeout_s=0 must be greater than 0"),
+        (
+            ["rrc_scale=[1.0,0.5]"],
+            "command line: rrc_scale=[1.0, 0.5] must be two numbers [low, high]",
+        ),
+        (
+            ["std=[0.2,0,0.2]"],
+            "command line: std=[0.2, 0, 0.2] must be three numbers (R, G, B), each greater",
+        ),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_key_through_the_command(overrides, message):
+    proc = run_command("-m", "train", "demo_resnet18", *overrides, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {message}")
+    assert proc.stderr.strip().count("\n") == 0
+
+
+def test_a_value_from_a_model_file_is_blamed_on_that_file(tmp_path):
+    model = tmp_path / "mine.yaml"
+    model.write_text("arch: resnet18\ndata: fashion50\nbatch_size: 0\n")
+    with pytest.raises(UserError, match=rf"^model config {model}: batch_size=0 must be at least 1"):
+        load_config(str(model))
+
+
+def test_every_shipped_config_is_in_range():
+    for name in available("models"):
+        for data in available("data"):
+            load_config(name, ["data=" + data])
+
+
+@pytest.mark.parametrize(
+    "text, where, problem",
+    [
+        ("arch: resnet18\ndata: fashion50\n  seed: 0\n", "line 3, column 7", "mapping values"),
+        ("arch: [resnet18\n", "line 2, column 1", "expected ',' or ']'"),
+    ],
+)
+def test_a_yaml_syntax_error_names_the_file_and_line_in_one_line(tmp_path, text, where, problem):
+    model = tmp_path / "broken.yaml"
+    model.write_text(text)
+    proc = run_command("-m", "train", str(model), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {model}, {where}: invalid YAML (")
+    assert problem in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def test_a_user_error_of_several_lines_is_joined_not_cut():
+    assert user_message(UserError("first line\n  second line\n")) == "first line second line"

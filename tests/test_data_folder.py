@@ -127,3 +127,29 @@ def test_an_unreadable_image_is_named(photos, tmp_path):
     proc = build_folder(root, out, "--per-class", "0.6,0.4,0", check=False)  # draws every image
     assert proc.returncode == 2 and f"{bad} is not a readable image" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_truncated_image_is_decoded_and_refused_before_the_dataset_is_built(
+    photos, tmp_path, fmt
+):
+    """Its header parses, so only decoding finds it; `--verify header` lets it through."""
+    root = tmp_path / "truncated"
+    for name, files in TREE.items():
+        for rel, _ in files:
+            (root / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(photos / name / rel, root / name / rel)
+    bad = root / "bird" / "b3.jpg"
+    bad.unlink()
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(bad, fmt)  # PIL reads by content: a PNG named .jpg is fine
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size * 2 // 3])
+    with Image.open(bad) as header_only:
+        assert header_only.size == (64, 64)
+    out = tmp_path / "out"
+    proc = build_folder(root, out, "--per-class", "0.6,0.4,0", check=False)  # draws every image
+    assert proc.returncode == 2
+    assert f"error: {bad} is not a readable image (" in proc.stderr
+    assert "truncated" in proc.stderr.lower() and not out.exists()
+    build_folder(root, out, "--per-class", "0.6,0.4,0", "--verify", "header")
+    assert (out / "manifest.json").is_file()

@@ -12,7 +12,7 @@ import yaml
 
 from common.errors import UserError
 from ensemble.blend import blend_split, load_ensemble_config
-from ensemble.members import open_members, write_npz
+from ensemble.members import SUM_TOLERANCE, open_members, write_npz
 from ensemble.search import coordinate_ascent, search_weights
 from tests.conftest import run_command
 from train.config import CONFIG_DIR
@@ -317,3 +317,42 @@ def test_blend_command_records_a_weight_search(tmp_path):
     assert report["weights_from"] == "search" and report["search"]["accepted"]
     assert report["weights"][2] < min(report["weights"][:2])
     assert report["val_top1"]["ensemble"] > report["val_top1"]["models"]["wrong"]
+
+
+@pytest.mark.parametrize(
+    "damage, found",
+    [
+        ("negative", "holds -0.25"),
+        ("scaled x1000", "sums to 1000"),
+        ("logits", "holds -"),
+    ],
+)
+def test_blend_command_refuses_rows_that_are_not_distributions_naming_file_and_row(
+    tmp_path, damage, found
+):
+    rng = np.random.default_rng(9)
+    make_member(tmp_path, "good", random_probs(rng, 24), random_probs(rng, 10))
+    test = random_probs(rng, 10).astype(np.float32)
+    if damage == "negative":
+        test[6] = [0.75, 0.5, -0.25, 0.0]  # sums to 1: only the sign gives it away
+    elif damage == "scaled x1000":
+        test[6:] *= 1000
+    else:
+        test[6:] = np.log(test[6:] + 1e-3)
+    make_member(tmp_path, "bad", random_probs(rng, 24), test.astype(np.float16))
+    proc = blend_command("--models", "good", "bad", "--logits-dir", str(tmp_path), check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"error: {tmp_path / 'bad' / 'test.npz'}: row 6 (id img_6.png) ")
+    assert found in proc.stderr and "not probability distributions" in proc.stderr
+
+
+def test_float16_rounding_of_a_softmax_is_within_the_sum_tolerance(tmp_path):
+    """The worst case the tolerance must allow: many classes, every value rounded to float16."""
+    rng = np.random.default_rng(10)
+    for classes in (4, 1000, 16384):
+        logits = rng.normal(0, 4, (200, classes))
+        exact = np.exp(logits - logits.max(1, keepdims=True))
+        exact /= exact.sum(1, keepdims=True)
+        stored = exact.astype(np.float16)
+        error = np.abs(stored.astype(np.float64).sum(1) - 1).max()
+        assert error <= SUM_TOLERANCE, (classes, error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -70,8 +71,8 @@ def broken(text: str, edit: str) -> str:
         lines[4] = "img_3.JPEG,-1"
     elif edit == "wrong header":
         lines[0] = "Image IDs,Prediction"
-    elif edit == "float class":
-        lines[4] = "img_3.JPEG,1.0"
+    elif edit == "fractional class":
+        lines[4] = "img_3.JPEG,1.5"
     elif edit == "third column":
         lines[4] = "img_3.JPEG,1,2"
     elif edit == "blank line":
@@ -88,7 +89,7 @@ def broken(text: str, edit: str) -> str:
         ("class out of range", "1 predictions outside [0, 10) (img_3.JPEG=10)"),
         ("negative class", "1 predictions outside [0, 10) (img_3.JPEG=-1)"),
         ("wrong header", "header is 'Image IDs,Prediction'; it must be exactly 'Image IDs,Pred"),
-        ("float class", "1 Predictions values are not integer class indices (img_3.JPEG='1.0')"),
+        ("fractional class", "1 Predictions values are not integer class indices (img_3.JPEG="),
         ("third column", "line 5 is 'img_3.JPEG,1,2'"),
         ("blank line", "line 7 is ''"),
     ],
@@ -189,3 +190,59 @@ def test_evaluate_command_without_labels_says_how_to_give_them(submission):
     proc = run_command("-m", "ensemble.evaluate", str(submission), check=False)
     assert proc.returncode == 2
     assert "pass --labels FILE or --data DIR" in proc.stderr
+
+
+def official_score(labels: Path, submission: Path) -> float:
+    """The challenge's evaluate_classification.py: pandas rows by position, `==` per id."""
+    truth = {row[0]: row for row in pd.read_csv(labels).to_numpy()}
+    sub = {row[0]: row for row in pd.read_csv(submission).to_numpy()}
+    compared = [truth[i][1] == sub[i][1] for i in truth if i in sub]
+    return sum(compared) / len(compared)
+
+
+@pytest.mark.parametrize("quirk", ["bom", "integral floats", "both"])
+def test_what_the_official_scorer_reads_the_same_is_accepted_with_a_warning(
+    submission, labels_file, tmp_path, quirk
+):
+    lines = submission.read_text().splitlines()
+    if quirk in ("integral floats", "both"):
+        lines[1:] = [f"{row}.0" if i % 2 else f"{row}." for i, row in enumerate(lines[1:])]
+    text = "\n".join(lines) + "\n"
+    odd = tmp_path / "excel.csv"
+    odd.write_bytes((b"\xef\xbb\xbf" if quirk in ("bom", "both") else b"") + text.encode())
+    assert official_score(labels_file, odd) == official_score(labels_file, submission) == 8 / 12
+    proc = run_command(
+        "-m", "ensemble.evaluate", str(odd), "--labels", str(labels_file), "--num-classes", "10"
+    )
+    assert "valid; top-1 66.67% (8/12)" in proc.stdout
+    warnings = proc.stderr.strip().splitlines()
+    assert len(warnings) == (2 if quirk == "both" else 1)
+    assert all(line.startswith(f"warning: {odd}") for line in warnings)
+    if quirk != "integral floats":
+        assert "byte-order mark" in proc.stderr
+    if quirk != "bom":
+        assert "12 Predictions values are written as floats" in proc.stderr
+
+
+def test_a_fractional_class_is_refused_because_the_scorer_counts_it_wrong(
+    submission, labels_file, tmp_path
+):
+    lines = submission.read_text().splitlines()
+    lines[1] = "img_0.JPEG,3.5"  # the label is 3: the scorer finds 3.5 != 3
+    bad = tmp_path / "half.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    assert official_score(labels_file, bad) == 7 / 12
+    proc = run_command(
+        "-m",
+        "ensemble.evaluate",
+        str(bad),
+        "--labels",
+        str(labels_file),
+        "--num-classes",
+        "10",
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"error: {bad}: 1 Predictions values are not integer class indices (img_0.JPEG='3.5')"
+    )

@@ -67,6 +67,7 @@ def final_state(run: Path) -> dict[str, dict]:
         "student": load_file(last / "student.safetensors"),
         "teacher": load_file(last / "teacher.safetensors"),
         "optimizer": state["optimizer"]["state"],
+        "rng": torch.load(last / "rng_rank0.pt", weights_only=True),
     }
 
 
@@ -80,6 +81,13 @@ def assert_bit_identical(a: dict, b: dict) -> None:
         for name, value in slots.items():
             other = b["optimizer"][pid][name]
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), f"opt {pid}.{name}"
+    # torch's, Python's and numpy's generators, as the checkpoint snapshots them: all seeded.
+    assert a["rng"].keys() == b["rng"].keys() == {"torch", "python", "numpy"}
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert a["rng"]["python"] == b["rng"]["python"]
+    name, keys, *rest = a["rng"]["numpy"]
+    assert [name, *rest] == [b["rng"]["numpy"][0], *b["rng"]["numpy"][2:]]
+    assert torch.equal(keys, b["rng"]["numpy"][1])
 
 
 @pytest.fixture(scope="module")

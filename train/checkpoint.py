@@ -5,12 +5,16 @@ A checkpoint is a folder `runs/<name>/checkpoints/step_<N>/` holding `student.sa
 config) and `rng_rank<r>.pt` (every process's RNG states). It is assembled under a `.tmp` name;
 the main process writes `COMPLETE` (a sha256 of every file) and renames the folder into place,
 so a folder without a valid marker is never trusted. Retention deletes old folders only after
-the new one is in place. `best/` is a copy of the best epoch-end checkpoint.
+the new one is in place, and never the newest one nor the one `best/` (a copy of the best
+epoch-end checkpoint) was made from. A disk that fills up during a write removes the partial
+folder and stops the run with one line saying how much room a checkpoint needs.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import shutil
 import warnings
@@ -18,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from common.errors import UserError
-from common.fs import atomic_path, write_text_atomic
+from common.fs import write_bytes_atomic, write_text_atomic
 from train.rng import rng_state
 
 MARKER = "COMPLETE"
 WEIGHTS = ("student", "teacher")
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -41,11 +47,34 @@ def _sha256(path: Path) -> str:
 
 
 def _save_tensor_file(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        if path.suffix == ".safetensors":
-            save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, str(tmp))
-        else:
-            torch.save(obj, tmp)
+    """Serialised in memory, written by Python: a full disk is then an OSError (ENOSPC) here,
+    where safetensors and torch.save would each report it as an error type of their own."""
+    if path.suffix == ".safetensors":
+        data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in obj.items()})
+    else:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        data = buffer.getvalue()
+    write_bytes_atomic(path, data)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples: what a checkpoint weighs."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _progress(state: dict[str, Any]) -> dict[str, Any]:
+    """Where the run stood, for readers of the marker (`make logits`) that need no state.pt."""
+    if "position" not in state:
+        return {}
+    epoch, micro, _ = state["position"]
+    return {"epoch": epoch, "mid_epoch": micro > 0, "epochs": state["config"]["epochs"]}
 
 
 def save_checkpoint(
@@ -65,16 +94,23 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _save_tensor_file(tmp / f"rng_rank{accelerator.process_index}.pt", rng_state())
+    try:
+        _write_files(accelerator, tmp, weights, state)
+        if accelerator.is_main_process:
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+            meta = {"step": step, "world_size": accelerator.num_processes, "files": files}
+            write_text_atomic(tmp / MARKER, json.dumps({**meta, **_progress(state)}, indent=1))
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = (tensor_bytes(weights) + tensor_bytes(state)) / 1e6
+        raise UserError(
+            f"no space left in {root} for checkpoint step {step} ({err.strerror}); a checkpoint "
+            f"needs about {need:,.0f} MB there: free space or set out_dir= to a disk with room, "
+            "then rerun: it resumes from the newest complete checkpoint"
+        ) from None
     if accelerator.is_main_process:
-        for role in WEIGHTS:
-            _save_tensor_file(tmp / f"{role}.safetensors", weights[role])
-        _save_tensor_file(tmp / "state.pt", state)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        meta = {"step": step, "world_size": accelerator.num_processes, "files": files}
-        write_text_atomic(tmp / MARKER, json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _retain(root, keep_last)
@@ -82,10 +118,26 @@ def save_checkpoint(
     return final if accelerator.is_main_process else None
 
 
+def _write_files(accelerator, tmp: Path, weights: dict, state: dict[str, Any]) -> None:
+    _save_tensor_file(tmp / f"rng_rank{accelerator.process_index}.pt", rng_state())
+    if accelerator.is_main_process:
+        for role in WEIGHTS:
+            _save_tensor_file(tmp / f"{role}.safetensors", weights[role])
+        _save_tensor_file(tmp / "state.pt", state)
+    accelerator.wait_for_everyone()
+
+
 def _retain(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (at least the newest one),
+    keeping the one `best` was copied from: whatever the setting, progress is never lost."""
     complete = [p for p in _step_dirs(root) if (p / MARKER).is_file()]
-    for old in complete[: max(0, len(complete) - keep_last)]:
-        shutil.rmtree(old)
+    keep = set(complete[-max(1, keep_last) :])
+    best = root / "best" / MARKER
+    if best.is_file():
+        keep.add(root / f"step_{json.loads(best.read_text())['step']:09d}")
+    for old in complete:
+        if old not in keep:
+            shutil.rmtree(old)
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -146,19 +198,47 @@ def load_state(step_dir: Path, rank: int) -> tuple[dict, dict, dict]:
     return weights, state, rng
 
 
-def load_weights(run_dir: Path, which: str = "best", role: str = "teacher") -> dict:
-    """Weights of one role from a run's `best`, `last` (newest valid) or a checkpoint folder."""
-    if role not in WEIGHTS:
-        raise UserError(f"role {role!r} is not one of {', '.join(WEIGHTS)}")
+def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
+    """The verified folder of a run's `best`, `last` (newest valid) or a checkpoint folder."""
+    root = checkpoint_root(run_dir)
     if which == "last":
-        step_dir = latest_valid(run_dir)
-    elif which == "best":
-        step_dir = checkpoint_root(run_dir) / "best"
+        step_dir, looked = latest_valid(run_dir), f"{root}/step_*"
     else:
-        step_dir = Path(which)
+        step_dir = root / "best" if which == "best" else Path(which)
+        looked = str(step_dir)
     if step_dir is None or not verify(step_dir):
         raise UserError(
-            f"no complete {which!r} checkpoint in {run_dir}: train it first "
+            f"no complete {which!r} checkpoint (looked in {looked}): train it first "
             f"(make train MODEL={Path(run_dir).name}) or pass --checkpoint last|PATH"
         )
+    return step_dir
+
+
+def checkpoint_info(step_dir: Path) -> dict[str, Any]:
+    """Step, epoch (whole epochs done), mid_epoch and planned epochs of a checkpoint folder;
+    from its marker, or from state.pt for checkpoints written before the marker held them."""
+    info = json.loads((Path(step_dir) / MARKER).read_text())
+    if "epoch" not in info:
+        state = torch.load(Path(step_dir) / "state.pt", weights_only=True)
+        info.update(_progress(state))
+    return {key: info.get(key) for key in ("step", "epoch", "mid_epoch", "epochs")}
+
+
+def run_progress(run_dir: Path) -> dict[str, Any] | None:
+    """`checkpoint_info` of the newest sealed checkpoint (marker read, files not hashed): how far
+    the run got. None before its first checkpoint."""
+    for step_dir in reversed(_step_dirs(checkpoint_root(run_dir))):
+        try:
+            return checkpoint_info(step_dir)
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def load_weights(run_dir: Path, which: str | Path = "best", role: str = "teacher") -> dict:
+    """Weights of one role from a run's `best`, `last` (newest valid) or a checkpoint folder
+    (a Path: already resolved and verified by `resolve_checkpoint`)."""
+    if role not in WEIGHTS:
+        raise UserError(f"role {role!r} is not one of {', '.join(WEIGHTS)}")
+    step_dir = which if isinstance(which, Path) else resolve_checkpoint(run_dir, which)
     return load_file(str(step_dir / f"{role}.safetensors"))

@@ -3,11 +3,15 @@
 A run's config is `configs/base.yaml`, then `configs/data/<data>.yaml`, then
 `configs/models/<model>.yaml`, then command-line overrides, each layer only naming what it
 changes. Every key must exist in base.yaml and keep its type there (an int may stand for a
-float; null in base.yaml accepts any scalar). The resolved config is saved beside the run.
+float; null in base.yaml accepts any scalar), and a numeric key must lie in its range (`RANGES`):
+a bad value is refused naming the key and the layer that set it, before anything runs. The
+resolved config is saved beside the run.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +21,79 @@ from common.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 KINDS = {"models": "model", "data": "dataset", "ensembles": "ensemble"}
+# The values each numeric key may take: [ ] include the bound, ( ) exclude it. A key whose
+# base.yaml default is null (ema_horizon, fusion_weight) may also be null.
+RANGES = {
+    "seed": "[0, inf)",
+    "num_classes": "[2, inf)",
+    "holdout_per_class": "[0, inf)",
+    "img_size": "[1, inf)",
+    "test_size": "[1, inf)",
+    "test_resize_ratio": "(0, 1]",
+    "workers": "[0, inf)",
+    "num_views": "[1, 2]",
+    "hflip": "[0, 1]",
+    "reprob": "[0, 1]",
+    "mixup_alpha": "[0, inf)",
+    "cutmix_alpha": "[0, inf)",
+    "mix_prob": "[0, 1]",
+    "switch_prob": "[0, 1]",
+    "smoothing": "[0, 1)",
+    "drop_rate": "[0, 1)",
+    "drop_path_rate": "[0, 1)",
+    "aux_weight": "[0, inf)",
+    "aux_drop_rate": "[0, 1)",
+    "fusion_weight": "[0, 1]",
+    "rce_weight": "[0, inf)",
+    "rce_log_min": "(-inf, 0)",
+    "cr_weight": "[0, inf)",
+    "cr_tau": "(0, inf)",
+    "cr_delta": "[0, inf)",
+    "mt_weight": "[0, inf)",
+    "mt_rampup_epochs": "[0, inf)",
+    "ema_decay": "[0, 1)",
+    "ema_horizon": "(0, inf)",
+    "lr": "(0, inf)",
+    "lr_base_batch": "[1, inf)",
+    "momentum": "[0, 1)",
+    "opt_eps": "(0, inf)",
+    "rmsprop_alpha": "(0, 1)",
+    "weight_decay": "[0, inf)",
+    "warmup_epochs": "[0, inf)",
+    "warmup_lr": "[0, inf)",
+    "min_lr": "[0, inf)",
+    "epochs": "[1, inf)",
+    "batch_size": "[1, inf)",
+    "grad_accum": "[1, inf)",
+    "grad_clip": "[0, inf)",
+    "eval_every": "[1, inf)",
+    "ckpt_every_steps": "[0, inf)",
+    "keep_last": "[1, inf)",
+    "max_nonfinite": "[1, inf)",
+    "stop_timeout_s": "(0, inf)",
+}
+# Pairs (low, high) with 0 < low <= high, and per-channel statistics.
+PAIRS = ("rrc_scale", "rrc_ratio")
+CHANNELS = {"mean": "(-inf, inf)", "std": "(0, inf)"}
+INTERVAL = re.compile(r"^([\[(])(\S+), (\S+)([\])])$")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML ({err}); fix the file") from None
+        raise UserError(f"{_yaml_problem(path, err)}; fix the file") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of key: value lines")
     return data
+
+
+def _yaml_problem(path: Path, err: yaml.YAMLError) -> str:
+    """One line: the file, the line and column where the parser stopped, and its complaint."""
+    mark = getattr(err, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{path}{where}: invalid YAML ({problem})"
 
 
 def available(kind: str) -> list[str]:
@@ -61,7 +128,7 @@ def _check_type(key: str, value: Any, default: Any, origin: str) -> Any:
     return value
 
 
-def _merge(cfg: dict, layer: dict, origin: str) -> None:
+def _merge(cfg: dict, layer: dict, origin: str, origins: dict[str, str]) -> None:
     unknown = sorted(set(layer) - set(cfg))
     if unknown:
         raise UserError(
@@ -70,6 +137,57 @@ def _merge(cfg: dict, layer: dict, origin: str) -> None:
         )
     for key, value in layer.items():
         cfg[key] = _check_type(key, value, cfg[key], origin)
+        origins[key] = origin
+
+
+def _range_text(interval: str) -> str:
+    low_bracket, low, high, high_bracket = INTERVAL.match(interval).groups()
+    if high == "inf":
+        return f"{'at least' if low_bracket == '[' else 'greater than'} {low}"
+    if low == "-inf":
+        return f"{'at most' if high_bracket == ']' else 'less than'} {high}"
+    return f"in {interval}"
+
+
+def _in_range(value: Any, interval: str) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    low_bracket, low, high, high_bracket = INTERVAL.match(interval).groups()
+    low, high = float(low), float(high)
+    above = value >= low if low_bracket == "[" else value > low
+    below = value <= high if high_bracket == "]" else value < high
+    return math.isfinite(value) and above and below
+
+
+def _numbers(value: Any, count: int, interval: str) -> bool:
+    """`value` is a list of `count` numbers, each in `interval`."""
+    ok = isinstance(value, list) and len(value) == count
+    return ok and all(_in_range(v, interval) for v in value)
+
+
+def _problem(key: str, value: Any, base_value: Any) -> str | None:
+    """Why `value` is not valid for `key` (None when it is)."""
+    if key in RANGES:
+        if value is None:
+            return None if base_value is None else f"needs a value {_range_text(RANGES[key])}"
+        if not _in_range(value, RANGES[key]):
+            kind = "" if isinstance(value, (int, float)) else "a number "
+            return f"must be {kind}{_range_text(RANGES[key])}"
+    if key in PAIRS and not (_numbers(value, 2, "(0, inf)") and value[0] <= value[1]):
+        return "must be two numbers [low, high] with 0 < low <= high"
+    if key in CHANNELS and not _numbers(value, 3, CHANNELS[key]):
+        return f"must be three numbers (R, G, B), each {_range_text(CHANNELS[key])}"
+    return None
+
+
+def validate(cfg: dict[str, Any], base: dict[str, Any], origins: dict[str, str]) -> None:
+    """Refuse the first key whose value is out of its range, naming it and where it was set."""
+    for key in cfg:
+        problem = _problem(key, cfg[key], base.get(key))
+        if problem:
+            origin = origins.get(key, "configs/base.yaml")
+            shown = "null" if cfg[key] is None else repr(cfg[key])
+            raise UserError(f"{origin}: {key}={shown} {problem}")
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -108,11 +226,12 @@ def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None)
         model_layer, model_name = _read_yaml(model_path), model_path.stem
     else:
         model_layer, model_name = _named("models", model), model
-    cfg = dict(base)
+    cfg, origins = dict(base), {}
     data = overrides.get("data", model_layer.get("data", base["data"]))
-    _merge(cfg, {"data": data, **_named("data", data)}, f"configs/data/{data}.yaml")
-    _merge(cfg, model_layer, f"model config {model}")
-    _merge(cfg, dict(overrides), "command line")
+    _merge(cfg, {"data": data, **_named("data", data)}, f"configs/data/{data}.yaml", origins)
+    _merge(cfg, model_layer, f"model config {model}", origins)
+    _merge(cfg, dict(overrides), "command line", origins)
+    validate(cfg, base, origins)
     if cfg["name"] is None:
         cfg["name"] = model_name
     return cfg

@@ -9,6 +9,8 @@ index and rank), so workers and restarts do not change it.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 from collections import defaultdict
 from collections.abc import Iterator
@@ -58,9 +60,48 @@ def split_train_eval(cfg: dict[str, Any]) -> tuple[list[Item], list[Item]]:
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints:
     a launcher or SLURM signals the whole process group, and a worker killed by it would
-    crash the step instead."""
+    crash the step instead. Such workers outlive a SIGTERM, so the training process kills them
+    with SIGKILL when it exits (`_kill_workers_at_exit`)."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    # Fork copied the training process's wake-up pipe (train/stop.py): a worker's own signals
+    # must not reach the training process's stop watchdog through it.
+    signal.set_wakeup_fd(-1)
+
+
+def kill_loader_workers() -> None:
+    """SIGKILL this process's DataLoader workers (they ignore SIGTERM; they only read images)."""
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
+def _kill_workers_at_exit() -> None:
+    """multiprocessing's own exit handler terminates (SIGTERM) and then joins every worker still
+    alive; workers that ignore SIGTERM would make it wait forever. They are alive at exit when
+    an error ended the run while a loader was being read (a worker's UserError, a failed step):
+    the exception's traceback keeps the loader's iterator, which would shut them down, alive."""
+    # torch's SIGCHLD handler would report the kill as a crashed worker (a traceback at exit).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    kill_loader_workers()
+
+
+def _register_exit_handler() -> None:
+    # atexit runs handlers last registered first: this one before multiprocessing's (registered
+    # when torch imported it). Unregistering first keeps one registration however many loaders.
+    atexit.unregister(_kill_workers_at_exit)
+    atexit.register(_kill_workers_at_exit)
+
+
+def worker_death(err: RuntimeError) -> UserError | None:
+    """A DataLoader worker killed by the kernel (out of memory, most often) as a UserError."""
+    text = str(err).strip()
+    if not text.startswith("DataLoader worker (pid"):
+        return None
+    cause = text.split(". ", 1)[0].rstrip(".")
+    return UserError(
+        f"{cause}: a data loader process died, most often for lack of memory; lower workers= "
+        "or batch_size= (or free memory) and rerun: the run resumes from its newest checkpoint"
+    )
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -99,6 +140,7 @@ def train_loader(
         items, build_train_transform(cfg), cfg["num_views"], cfg["seed"], rank=rank
     )
     sampler = EpochBatchSampler(len(items), cfg["batch_size"], cfg["seed"], rank, world)
+    _register_exit_handler()
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -119,6 +161,7 @@ def eval_loader(
 ) -> DataLoader:
     """This process's shard of `items` (every item on exactly one process), as centre views."""
     dataset = EvalDataset(items, build_crop_transform(cfg, "center"))
+    _register_exit_handler()
     return DataLoader(
         Subset(dataset, list(shard(len(items), rank, world))),
         batch_size=batch_size,

@@ -7,7 +7,8 @@ launched as `--multi_gpu` and train/distributed.py puts them on the CPU (gloo).
 
 The launcher relays SIGTERM/SIGUSR1 to every training process (accelerate's launcher does not)
 and, since accelerate reports any failure as status 1, turns a stop it relayed into
-EXIT_PREEMPTED, so a job script can requeue.
+EXIT_PREEMPTED, so a job script can requeue. Other failures exit with the status the training
+processes recorded (common/status.py): 2 for a user error, as `python -m train` does.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 from common.errors import UserError, cli_main
-from common.status import EXIT_PREEMPTED
+from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, read_exit_status
 from train.config import CONFIG_DIR, load_config
 
 
@@ -67,9 +69,20 @@ def cpu_threads(gpus: int, procs: int) -> list[str]:
 
 
 def run(command: list[str]) -> int:
-    """Run the launcher in its own process group, relaying stop signals to all of it."""
+    """Run the launcher in its own process group, relaying stop signals to all of it; exit
+    with the training processes' own status where accelerate reports only 1."""
+    with tempfile.TemporaryDirectory(prefix="train-launch-") as folder:
+        status_file = str(Path(folder) / "exit_status")
+        code = _run_relaying(command, {**os.environ, EXIT_STATUS_ENV: status_file})
+        recorded = read_exit_status(status_file)
+    if code not in (0, EXIT_PREEMPTED) and recorded is not None:
+        return recorded
+    return code
+
+
+def _run_relaying(command: list[str], env: dict[str, str]) -> int:
     relayed = []
-    process = subprocess.Popen(command, start_new_session=True)
+    process = subprocess.Popen(command, start_new_session=True, env=env)
 
     def relay(signum, frame):
         relayed.append(signum)

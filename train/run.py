@@ -4,13 +4,15 @@ A rerun of the same command resumes from the newest verified checkpoint, mid-epo
 ends bit-identical to an uninterrupted run: the data order, the augmentation and the mixing are
 functions of (seed, epoch, step/index, rank), and the RNG states of every process travel in the
 checkpoint. SIGTERM/SIGUSR1 (cluster preemption) checkpoint at the next step boundary and exit
-with EXIT_PREEMPTED, so a job script can requeue.
+with EXIT_PREEMPTED, so a job script can requeue (train/stop.py bounds how long that may take).
+One trainer at a time: the main process holds `runs/<name>/train.lock` for the whole run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import signal
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,13 @@ from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
 from common.errors import UserError
+from common.lock import FileLock
 from common.metrics import top1
 from common.status import EXIT_PREEMPTED
+from data_prep.layout import Layout
 from train import checkpoint as ckpt
 from train.config import run_dir, save_config
-from train.data import eval_loader, split_train_eval, train_loader
+from train.data import eval_loader, split_train_eval, train_loader, worker_death
 from train.distributed import make_accelerator
 from train.engine import SUM_COLUMNS, AttractRepulseStep
 from train.inference import best_fusion, predict_crops
@@ -33,6 +37,7 @@ from train.losses import AttractRepulseLoss
 from train.metrics import write_metrics
 from train.model import build_model, build_teacher, ema_decay, use_channels_last
 from train.rng import mix_generator, seed_everything, set_rng_state
+from train.stop import StopRequest
 from train.views import SharedMixup
 
 # Keys that change where, how often or how a run is evaluated, never the weights it computes.
@@ -48,19 +53,8 @@ RESUME_NEUTRAL_KEYS = {
     "data_dir",
     "test_resize_ratio",
     "fusion_weight",
+    "stop_timeout_s",
 }
-
-
-class StopRequest:
-    """Remembers SIGTERM/SIGUSR1; the loop checkpoints and exits at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
 
 
 def optimizer_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +126,7 @@ class Run:
             cfg["grad_clip"],
             self.channels_last,
         )
-        self.stop = StopRequest()
+        self.stop = StopRequest(cfg["stop_timeout_s"])
         # Where the loop stands; all of it travels in the checkpoint.
         self.epoch, self.micro, self.global_step = 0, 0, 0
         self.nonfinite_run, self.skipped = 0, 0
@@ -204,7 +198,8 @@ class Run:
             f"{len(self.train_items)} training images, {self.steps_per_epoch} steps per epoch, "
             f"global batch {cfg['batch_size'] * self.world * cfg['grad_accum']}"
         )
-        if not self.resume() and self.acc.is_main_process:
+        self.resume()
+        if self.acc.is_main_process:  # the config in use, changes allowed on resume included
             save_config(cfg, self.dir / "config.yaml")
         while self.epoch < cfg["epochs"]:
             if self.run_epoch():
@@ -340,4 +335,20 @@ class Run:
 
 def train(cfg: dict[str, Any]) -> int:
     """Train (or resume) the run of `cfg`; returns the process exit code."""
-    return Run(cfg).train()
+    # Before the Accelerator: a refused second trainer touches nothing. The global rank is
+    # the launcher's RANK (unset for a single process).
+    main_process = os.environ.get("RANK", "0") == "0"
+    Layout(Path(cfg["data_dir"])).read_manifest()  # a wrong data_dir creates no run folder
+    lock = FileLock(
+        run_dir(cfg) / "train.lock",
+        f"run {run_dir(cfg)}",
+        "wait for it to end, stop it, or train under another name=",
+    )
+    with lock if main_process else contextlib.nullcontext():
+        try:
+            return Run(cfg).train()
+        except RuntimeError as err:
+            death = worker_death(err)
+            if death is None:
+                raise
+            raise death from None

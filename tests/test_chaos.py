@@ -1,0 +1,78 @@
+"""`make chaos` (scripts/chaos.py): SIGKILLed at random moments, a run must lose nothing."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from scripts.chaos import compare, schedule
+from tests.conftest import run_command
+
+
+@pytest.mark.slow
+def test_ten_kills_including_checkpoint_writes_and_evaluation_are_all_survived():
+    proc = run_command("-m", "scripts.chaos", "--kills", "10")
+    kills = re.findall(r"^kill \d+/10 \((\w+), after step \d+\): (.*)$", proc.stdout, re.M)
+    assert len(kills) == 10, proc.stdout
+    assert any(where.startswith("while writing a checkpoint") for _, where in kills), proc.stdout
+    assert ("evaluation", True) in {(m, w.startswith("in evaluation")) for m, w in kills} or any(
+        m == "evaluation" and w.startswith("while writing") for m, w in kills
+    ), proc.stdout
+    assert re.search(r"^kills survived: 10/10 \(\d+ s\)$", proc.stdout, re.M), proc.stdout
+
+
+def test_the_schedule_meets_a_checkpoint_write_and_an_evaluation_in_run_order():
+    import random
+
+    for seed in range(20):
+        plan = schedule(10, random.Random(seed))
+        assert len(plan) == 10 and [after for _, after in plan] == sorted(a for _, a in plan)
+        modes = [mode for mode, _ in plan]
+        assert modes.count("checkpoint") == 1 and modes.count("evaluation") == 1
+        assert dict(plan)["evaluation"] in (9, 18)  # the last checkpoint before an epoch's end
+
+
+def fake_run(root, weight: float):
+    """A run folder with one checkpoint, as train/checkpoint.py writes it, and metrics."""
+    step = root / "checkpoints" / "step_000000003"
+    step.mkdir(parents=True)
+    for role in ("student", "teacher"):
+        save_file({"w": torch.full((3,), weight)}, step / f"{role}.safetensors")
+    state = {
+        "optimizer": {"state": {0: {"momentum_buffer": torch.ones(3)}}},
+        "history": [{"epoch": 1, "loss": 0.5, "img_per_s": weight * 100}],
+        "config": {"out_dir": str(root), "seed": 0},
+    }
+    torch.save(state, step / "state.pt")
+    torch.save({"torch": torch.get_rng_state(), "python": [3, [1, 2], None]}, step / "rng_rank0.pt")
+    (step / "COMPLETE").write_text("{}")
+    pd.DataFrame([{"epoch": 1, "loss": 0.5, "img_per_s": weight}]).to_csv(root / "metrics.csv")
+    return step
+
+
+def test_the_comparison_ignores_timing_and_out_dir_and_finds_any_other_difference(tmp_path):
+    fake_run(tmp_path / "a", 1.0)
+    other = fake_run(tmp_path / "b", 1.0)
+    assert compare(tmp_path / "a", tmp_path / "b") == []
+    state = torch.load(other / "state.pt", weights_only=True)
+    state["history"][0]["img_per_s"] = 12345.0  # timing only
+    torch.save(state, other / "state.pt")
+    assert compare(tmp_path / "a", tmp_path / "b") == []
+    state["optimizer"]["state"][0]["momentum_buffer"][1] = 1.0 + 2**-20
+    torch.save(state, other / "state.pt")
+    rng = torch.load(other / "rng_rank0.pt", weights_only=True)
+    rng["python"][1][0] = 9
+    torch.save(rng, other / "rng_rank0.pt")
+    save_file({"w": torch.tensor([1.0, 1.0, 1.0 + 2**-20])}, other / "teacher.safetensors")
+    assert compare(tmp_path / "a", tmp_path / "b") == [
+        "step_000000003/rng_rank0.pt differs",
+        "step_000000003/state.pt differs",
+        "step_000000003/teacher.safetensors differs",
+    ]
+    shutil.rmtree(other)
+    assert compare(tmp_path / "a", tmp_path / "b") == ["step_000000003: missing after the kills"]

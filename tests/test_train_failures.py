@@ -1,0 +1,314 @@
+"""`make train` when things go wrong: it ends promptly, with one line, and never loses progress.
+
+A damaged image read by a loader worker, a worker killed by the kernel, a loader that hangs when
+SIGTERM comes, two trainers on one run, a disk that fills up during a checkpoint, keep_last
+set to keep nothing, a run stopped early and then turned into logits, a run started from another
+folder. Each through the real command on the tiny dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.lock import holder
+from tests.conftest import ROOT, run_command
+
+RUN = ["demo_resnet18", "batch_size=8", "warmup_epochs=1", "lr=0.05", "train_splits=[train]"]
+PATIENCE_S = 300  # far beyond any of these runs on a loaded machine; a hang fails the test
+
+
+def args_for(data: Path, out: Path, *extra: str) -> list[str]:
+    return [*RUN, f"data_dir={data}", f"out_dir={out}", *extra]
+
+
+def start(args: list[str], module: str = "train") -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # to end a hung run and everything it started
+    )
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    """Wait for the run; a run that does not end within PATIENCE_S is killed and fails."""
+    try:
+        out, err = proc.communicate(timeout=PATIENCE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the run did not end within {PATIENCE_S} s")
+    return proc.returncode, out, err
+
+
+def errors(text: str) -> list[str]:
+    """The `error:` lines (progress bars share lines with them through carriage returns)."""
+    return re.findall(r"error: [^\r\n]*", text)
+
+
+def children(pid: int) -> set[int]:
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
+
+
+def wait_for(condition, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + PATIENCE_S
+    while not condition():
+        assert proc.poll() is None, f"the run ended first: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the run never got there"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def data(tiny_dir, tmp_path) -> Path:
+    """A private copy (real copies, not links) of the tiny dataset, to damage."""
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_dir, copy)
+    return copy
+
+
+def train_images(data: Path) -> list[Path]:
+    return sorted((data / "train").rglob("*.png"))
+
+
+@pytest.mark.slow
+def test_a_truncated_image_in_a_loader_worker_ends_make_train_with_one_line_and_status_2(
+    data, tmp_path
+):
+    bad = train_images(data)[5]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    proc = start(args_for(data, tmp_path, "epochs=1", "workers=2"), module="train.launch")
+    code, out, err = finish(proc)
+    assert code == 2, out + err
+    assert errors(err) == [
+        f"error: cannot read image {bad} (image file is truncated); replace or remove the file "
+        "and rerun `make data`"
+    ]
+
+
+@pytest.mark.slow
+def test_a_loader_worker_killed_by_the_kernel_ends_the_run_with_one_line_and_status_2(
+    data, tmp_path
+):
+    proc = start(args_for(data, tmp_path, "epochs=2", "workers=2"))
+    wait_for(lambda: children(proc.pid), proc)
+    os.kill(min(children(proc.pid)), signal.SIGKILL)
+    code, out, err = finish(proc)
+    assert code == 2, out + err
+    [line] = errors(err)
+    assert re.fullmatch(
+        r"error: DataLoader worker \(pid \d+\) is killed by signal: Killed: a data loader process "
+        r"died, most often for lack of memory; lower workers= .*resumes from its newest checkpoint",
+        line,
+    ), line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigterm_ends_a_run_whose_loader_hangs_within_stop_timeout_s(data, tmp_path, workers):
+    for image in train_images(data):  # every image a FIFO: opening one blocks forever
+        image.unlink()
+        os.mkfifo(image)
+    run = tmp_path / "demo_resnet18"
+    args = args_for(data, tmp_path, "epochs=1", f"workers={workers}", "stop_timeout_s=3")
+    proc = start(args)
+    wait_for(lambda: (run / "config.yaml").is_file(), proc)  # the loop is about to start
+    time.sleep(1)
+    workers_seen = children(proc.pid)
+    assert len(workers_seen) == workers
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code, out, err = finish(proc)
+    assert code == 75 and time.monotonic() - sent < 60, out + err
+    assert errors(err) == [
+        "error: no checkpoint within stop_timeout_s=3 s of the stop signal (a data loader worker "
+        "or another process hangs); exiting without one: a rerun resumes from the newest "
+        "checkpoint"
+    ]
+    time.sleep(1)
+    for pid in workers_seen:  # killed with the run, not left blocked on the FIFO
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not list((run / "checkpoints").glob("step_*"))
+    assert holder(run / "train.lock") is None
+
+
+@pytest.mark.slow
+def test_two_trainers_started_together_on_one_run_the_second_is_refused_naming_the_first(
+    tiny_dir, tmp_path
+):
+    args = args_for(tiny_dir, tmp_path, "epochs=2", "workers=0")
+    first, second = start(args), start(args)
+    while first.poll() is None and second.poll() is None:
+        time.sleep(0.05)
+    refused, running = (first, second) if first.poll() is not None else (second, first)
+    code, out, err = finish(refused)
+    lock = tmp_path / "demo_resnet18" / "train.lock"
+    info = holder(lock)
+    running.kill()
+    running.communicate()
+    assert code == 2, out + err
+    assert info["pid"] == running.pid
+    assert errors(err) == [
+        f"error: run {tmp_path / 'demo_resnet18'} is in use by pid {running.pid} on "
+        f"{socket.gethostname()}, started {info['started']} (lock {lock}); wait for it to end, "
+        "stop it, or train under another name="
+    ]
+    assert holder(lock) is None  # the kernel released the killed holder's lock
+
+
+DISK_FULL = """
+import errno, sys
+import train.checkpoint as checkpoint
+
+write = checkpoint.write_bytes_atomic
+
+def full_at_step_6(path, data):
+    if path.parent.name == "step_000000006.tmp" and path.name == "teacher.safetensors":
+        path.write_bytes(data[: len(data) // 2])  # what a disk that fills up leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    write(path, data)
+
+checkpoint.write_bytes_atomic = full_at_step_6
+from train.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_says_how_much_room_it_needs_and_loses_nothing(
+    tiny_dir, tmp_path
+):
+    """keep_last=1 too: the newest checkpoint and the one `best` copies are never deleted."""
+    args = args_for(tiny_dir, tmp_path, "epochs=1", "workers=0", "ckpt_every_steps=3")
+    args.append("keep_last=1")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", DISK_FULL, *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    checkpoints = tmp_path / "demo_resnet18" / "checkpoints"
+    assert proc.returncode == 2, proc.stderr
+    [line] = errors(proc.stderr)
+    needed = re.fullmatch(
+        rf"error: no space left in {checkpoints} for checkpoint step 6 \(No space left on "
+        r"device\); a checkpoint needs about ([\d,]+) MB there: free space or set out_dir= to a "
+        r"disk with room, then rerun: it resumes from the newest complete checkpoint",
+        line,
+    )
+    assert needed, line
+    written = sum(f.stat().st_size for f in (checkpoints / "step_000000003").iterdir())
+    assert int(needed.group(1).replace(",", "")) == pytest.approx(written / 1e6, rel=0.05)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000000003"]  # no partial
+    resumed = run_command("-m", "train", *args)
+    assert f"resumed from {checkpoints / 'step_000000003'}" in resumed.stdout
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "step_000000010"]
+
+
+def test_retention_keeps_the_newest_and_the_one_best_copies_whatever_keep_last(tmp_path):
+    from train.checkpoint import MARKER, _retain
+
+    root = tmp_path / "checkpoints"
+    for step in (3, 6, 9, 10, 13):
+        (root / f"step_{step:09d}").mkdir(parents=True)
+        (root / f"step_{step:09d}" / MARKER).write_text(json.dumps({"step": step}))
+    (root / "step_000000016.tmp").mkdir()  # being written: never counted, never deleted here
+    (root / "best").mkdir()
+    (root / "best" / MARKER).write_text(json.dumps({"step": 6}))
+    for keep_last in (0, -1, 1):
+        _retain(root, keep_last)
+        assert sorted(p.name for p in root.iterdir()) == [
+            "best",
+            "step_000000006",
+            "step_000000013",
+            "step_000000016.tmp",
+        ]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_early_is_named_by_make_logits_which_records_its_step_and_epoch(
+    tiny_dir, tmp_path
+):
+    """Also: allow_config_change=true records the config actually used in config.yaml."""
+    args = args_for(tiny_dir, tmp_path, "workers=0")
+    run_command("-m", "train", *args, "epochs=1")
+    run = tmp_path / "demo_resnet18"
+    proc = start([*args, "epochs=2", "allow_config_change=true"])
+    wait_for(lambda: yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc)
+    assert code == 75 and "stopped on request" in out, out + err
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["epochs"] == 2 and saved["allow_config_change"] is True
+    logits = tmp_path / "logits"
+    proc = run_command(
+        "-m", "ensemble.logits", *args, "epochs=2", f"logits_dir={logits}", "--center-crop"
+    )
+    stopped = int(re.search(r"stopped on request; checkpoint at step (\d+)", out).group(1))
+    assert (
+        f"warning: run demo_resnet18 stopped early, after 1 of 2 epochs (newest checkpoint: "
+        f"step {stopped}); these logits come from {run / 'checkpoints' / 'best'} (step 10)"
+    ) in proc.stderr
+    meta = json.loads((logits / "demo_resnet18" / "meta.json").read_text())
+    assert meta["checkpoint"] == "best" and meta["checkpoint_step"] == 10
+    assert (meta["checkpoint_epoch"], meta["epochs"], meta["run_finished"]) == (1, 2, False)
+
+
+def test_make_logits_without_a_best_checkpoint_names_the_folder_it_looked_in(tiny_dir, tmp_path):
+    proc = run_command(
+        "-m", "ensemble.logits", *args_for(tiny_dir, tmp_path), "workers=0", check=False
+    )
+    best = tmp_path / "demo_resnet18" / "checkpoints" / "best"
+    assert proc.returncode == 2
+    assert errors(proc.stderr) == [
+        f"error: no complete 'best' checkpoint (looked in {best}): train it first "
+        "(make train MODEL=demo_resnet18) or pass --checkpoint last|PATH"
+    ]
+
+
+def test_a_run_started_from_another_folder_says_where_it_looked(tmp_path):
+    proc = run_command("-m", "train", "demo_resnet18", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    [line] = errors(proc.stderr)
+    assert line.startswith(
+        f"error: data/fashion50/manifest.json is missing (looked in {tmp_path}/data/fashion50: "
+        f"a relative path starts at the current folder, not at the project {ROOT}); "
+    )
+    assert str(ROOT) in line.split("); ", 1)[1]
+    assert list(tmp_path.iterdir()) == []  # no runs/ folder made in the wrong place
+
+
+def test_seeding_fixes_every_generator_a_checkpoint_snapshots():
+    """numpy's and Python's generators too: two identical runs write identical rng_rank*.pt."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from train.rng import rng_state, seed_everything
+
+    snapshots = []
+    for _ in range(2):
+        seed_everything(2**40 + 7)  # a seed past numpy's 32 bits
+        snapshots.append(rng_state())
+        random.random(), np.random.random(), torch.rand(1)  # what a run may draw afterwards
+    first, second = snapshots
+    assert torch.equal(first["torch"], second["torch"])
+    assert first["python"] == second["python"]
+    assert torch.equal(first["numpy"][1], second["numpy"][1])
