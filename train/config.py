@@ -68,6 +68,7 @@ RANGES = {
     "grad_clip": "[0, inf)",
     "eval_every": "[1, inf)",
     "ckpt_every_steps": "[0, inf)",
+    "ckpt_every_minutes": "[0, inf)",
     "keep_last": "[1, inf)",
     "max_nonfinite": "[1, inf)",
     "stop_timeout_s": "(0, inf)",
