@@ -13,7 +13,10 @@ from typing import Any
 
 import yaml
 
+from common import provenance
 from common.errors import UserError
+from common.fs import write_text_atomic
+from data_prep.layout import Layout
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 KINDS = {"models": "model", "data": "dataset", "ensembles": "ensemble"}
@@ -106,6 +109,7 @@ def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None)
     model_path = Path(model)
     if model_path.suffix in (".yaml", ".yml") and model_path.is_file():
         model_layer, model_name = _read_yaml(model_path), model_path.stem
+        model_layer.pop(provenance.KEY, None)  # a saved run config's record, not a setting
     else:
         model_layer, model_name = _named("models", model), model
     cfg = dict(base)
@@ -118,10 +122,26 @@ def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None)
     return cfg
 
 
-def save_config(cfg: dict[str, Any], path: Path) -> None:
-    from common.fs import write_text_atomic
+def save_config(cfg: dict[str, Any], path: Path, resumed_step: int | None = None) -> dict[str, Any]:
+    """The resolved config with its provenance. A resumed run keeps the file it started with and
+    appends the commit it resumed on, so that a run spanning commits names all of them.
+    Returns the provenance record."""
+    path = Path(path)
+    if resumed_step is not None and path.is_file():
+        saved = _read_yaml(path)
+        record = saved.setdefault(provenance.KEY, {})
+        state = provenance.code_state()
+        record.setdefault("resumed", []).append({"step": resumed_step, **state})
+    else:
+        manifest = Layout(Path(cfg["data_dir"])).manifest
+        saved = {**cfg, provenance.KEY: provenance.record(cfg, manifest)}
+    write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
+    return saved[provenance.KEY]
 
-    write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    """The provenance record of a saved run config ({} for a config saved without one)."""
+    return _read_yaml(Path(path)).get(provenance.KEY) or {}
 
 
 def run_dir(cfg: dict[str, Any]) -> Path:

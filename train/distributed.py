@@ -9,6 +9,7 @@ disagreement on the world size is refused rather than trained through.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -25,9 +26,15 @@ def resolve_precision(mixed_precision: str) -> str:
     return "no"
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+def make_accelerator(
+    mixed_precision: str = "no", log_with: list[str] | None = None, project_dir: Path | None = None
+) -> Accelerator:
+    """The Accelerator; `log_with` trackers (train/tracking.py) write under `project_dir`."""
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(mixed_precision)
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=resolve_precision(mixed_precision),
+        log_with=log_with or None,
+        project_dir=project_dir,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:

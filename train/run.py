@@ -32,6 +32,7 @@ from train.inference import predict_crops
 from train.losses import AttractRepulseLoss
 from train.metrics import write_metrics
 from train.model import build_model, build_teacher, ema_decay
+from train.tracking import Tracking, trackers
 from train.views import SharedMixup
 
 # Keys that change where, how often or how a run is evaluated, never the weights it computes.
@@ -46,6 +47,9 @@ RESUME_NEUTRAL_KEYS = {
     "data_dir",
     "test_resize_ratio",
     "fusion_weight",
+    "log_with",
+    "log_every_steps",
+    "tracker_project",
 }
 TERMS = ("loss", "ce", "rce", "cr", "mt", "aux")
 
@@ -84,9 +88,10 @@ class Run:
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg
-        self.acc = make_accelerator(cfg["mixed_precision"])
-        self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.dir = run_dir(cfg)
+        self.acc = make_accelerator(cfg["mixed_precision"], trackers(cfg), self.dir)
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.tracking = Tracking(self.acc, cfg, self.dir, TERMS)
         torch.manual_seed(cfg["seed"])
         self.train_items, self.eval_items = split_train_eval(cfg)
         self.loader, self.dataset, self.sampler = train_loader(
@@ -143,6 +148,7 @@ class Run:
             "history": self.history,
             "sums": self.sums,
             "config": self.cfg,
+            "tracking": self.tracking.state_dict(),
         }
 
     def save(self) -> Path | None:
@@ -174,6 +180,7 @@ class Run:
         self.epoch, self.micro, self.global_step = state["position"]
         self.nonfinite_run, self.skipped = state["nonfinite"]
         self.best, self.history, self.sums = state["best"], state["history"], state["sums"]
+        self.tracking.load_state_dict(state.get("tracking", {}))
         if rng is None:
             raise UserError(
                 f"{step_dir} holds no RNG state for process {self.rank}: it was written by "
@@ -192,8 +199,11 @@ class Run:
             f"{len(self.train_items)} training images, {self.steps_per_epoch} steps per epoch, "
             f"global batch {cfg['batch_size'] * self.world * cfg['grad_accum']}"
         )
-        if not self.resume() and self.acc.is_main_process:
-            save_config(cfg, self.dir / "config.yaml")
+        resumed, record = self.resume(), {}
+        if self.acc.is_main_process:
+            resumed_step = self.global_step if resumed else None
+            record = save_config(cfg, self.dir / "config.yaml", resumed_step)
+        self.tracking.start(self.global_step, resumed, record)
         while self.epoch < cfg["epochs"]:
             if self.run_epoch():
                 self.acc.print(f"stopped on request; checkpoint at step {self.global_step}")
@@ -225,6 +235,8 @@ class Run:
             if boundary:
                 self.optimizer_step(window_ok)
                 window_ok = True
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.tracking.interval(self.global_step, self.sums, lr, self.skipped)
                 if stop or self._checkpoint_due():
                     self.save()
                 if stop:
@@ -306,6 +318,7 @@ class Run:
             self.best = max(self.best, score)  # before the save: a resumed run keeps it
         self.epoch, self.micro = self.epoch + 1, 0
         self.sums = torch.zeros_like(self.sums)
+        self.tracking.epoch_end(row)  # before the checkpoint: a resume from it finds it logged
         step_dir = self.save()
         if self.acc.is_main_process:
             if improved:
@@ -338,4 +351,9 @@ class Run:
 
 def train(cfg: dict[str, Any]) -> int:
     """Train (or resume) the run of `cfg`; returns the process exit code."""
-    return Run(cfg).train()
+    run, code = Run(cfg), None
+    try:
+        code = run.train()
+        return code
+    finally:
+        run.tracking.finish(code, run.global_step)
