@@ -81,5 +81,8 @@ def record(cfg: dict[str, Any], manifest: Path) -> dict[str, Any]:
         "config_sha256": config_hash(cfg),
         "dataset_checksum": dataset_checksum(manifest),
         "versions": versions(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -20,15 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from common import provenance
 from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
 from data_prep.layout import Layout
 from ensemble.members import write_npz
-from train.checkpoint import load_weights
-from train.config import load_config, logits_dir, run_dir
+from train.checkpoint import file_digest, resolve_checkpoint, weights_name
+from train.config import load_config, logits_dir, read_provenance, run_dir
 from train.distributed import make_accelerator, shard
 from train.engine import best_fusion, top1
 from train.inference import build_crop_transform, fuse, predict_crops, resize_size
@@ -71,10 +73,10 @@ def channels_last(cfg: dict[str, Any], device: torch.device) -> bool:
 
 
 def load_model(
-    cfg: dict[str, Any], checkpoint: str, role: str, device: torch.device
+    cfg: dict[str, Any], step_dir: Path, role: str, device: torch.device
 ) -> torch.nn.Module:
     model = build_model(cfg)
-    model.load_state_dict(load_weights(run_dir(cfg), checkpoint, role))
+    model.load_state_dict(load_file(str(step_dir / weights_name(role))))
     if channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     return model.to(device).eval()
@@ -195,6 +197,23 @@ def build_meta(
     }
 
 
+def logits_provenance(
+    cfg: dict[str, Any], layout: Layout, step_dir: Path, role: str, items: dict[str, list]
+) -> dict[str, Any]:
+    """This command's provenance, the checkpoint's sha256, the training run's provenance (its
+    config.yaml) and the hash of each split's ids: what `make ensemble` checks members against."""
+    saved = run_dir(cfg) / "config.yaml"
+    return {
+        **provenance.record(cfg, layout.manifest),
+        "checkpoint_dir": str(step_dir),
+        "checkpoint_sha256": file_digest(step_dir, weights_name(role)),
+        "training": read_provenance(saved) if saved.is_file() else {},
+        "ids_sha256": {
+            split: provenance.ids_hash([i[0] for i in rows]) for split, rows in items.items()
+        },
+    }
+
+
 def write_outputs(folder: Path, arrays: dict[str, dict[str, np.ndarray]], meta: dict) -> None:
     """The npz files first, meta.json last: its presence marks a complete folder."""
     for split, split_arrays in arrays.items():
@@ -212,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _check_classes(cfg, layout)
     items = {split: _items(layout, split) for split in SPLITS}
     accelerator = make_accelerator(cfg["mixed_precision"])
-    model = load_model(cfg, args.checkpoint, args.role, accelerator.device)
+    step_dir = resolve_checkpoint(run_dir(cfg), args.checkpoint)
+    model = load_model(cfg, step_dir, args.role, accelerator.device)
     probs = {
         split: predict_split(accelerator, model, cfg, items[split], split, view, batch_size)
         for split in SPLITS
@@ -222,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta = build_meta(cfg, args, weight, source, probs["val"], labels)
     meta["rows"] = {split: len(items[split]) for split in SPLITS}
     meta["processes"] = accelerator.num_processes
+    meta["provenance"] = logits_provenance(cfg, layout, step_dir, args.role, items)
     if accelerator.is_main_process:
         arrays = {
             split: {

@@ -172,8 +172,26 @@ def load_state(step_dir: Path, rank: int) -> tuple[dict, dict, dict]:
 
 def load_weights(run_dir: Path, which: str = "best", role: str = "teacher") -> dict:
     """Weights of one role from a run's `best`, `last` (newest valid) or a checkpoint folder."""
+    name = weights_name(role)
+    return load_file(str(resolve_checkpoint(run_dir, which) / name))
+
+
+def weights_name(role: str) -> str:
     if role not in WEIGHTS:
         raise UserError(f"role {role!r} is not one of {', '.join(WEIGHTS)}")
+    return f"{role}.safetensors"
+
+
+def file_digest(step_dir: Path, name: str) -> str | None:
+    """The sha256 of a checkpoint file as its marker records it (verify() has checked it)."""
+    try:
+        return json.loads((Path(step_dir) / MARKER).read_text())["files"].get(name)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
+    """The verified folder of a run's `best`, `last` (newest valid) or a checkpoint folder."""
     if which == "last":
         step_dir = latest_valid(run_dir)
     elif which == "best":
@@ -185,4 +203,4 @@ def load_weights(run_dir: Path, which: str = "best", role: str = "teacher") -> d
             f"no complete {which!r} checkpoint in {run_dir}: train it first "
             f"(make train MODEL={Path(run_dir).name}) or pass --checkpoint last|PATH"
         )
-    return load_file(str(step_dir / f"{role}.safetensors"))
+    return step_dir

@@ -131,10 +131,13 @@ def save_config(cfg: dict[str, Any], path: Path, resumed_step: int | None = None
         saved = _read_yaml(path)
         record = saved.setdefault(provenance.KEY, {})
         state = provenance.code_state()
-        record.setdefault("resumed", []).append({"step": resumed_step, **state})
+        record.setdefault("resumed", []).append(
+            {"step": resumed_step, **state, "time": provenance.now()}
+        )
     else:
         manifest = Layout(Path(cfg["data_dir"])).manifest
-        saved = {**cfg, provenance.KEY: provenance.record(cfg, manifest)}
+        record = {**provenance.record(cfg, manifest), "time": provenance.now()}
+        saved = {**cfg, provenance.KEY: record}
     write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
     return saved[provenance.KEY]
 
