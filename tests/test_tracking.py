@@ -19,7 +19,8 @@ from accelerate.tracking import GeneralTracker
 from common.errors import UserError
 from tests.conftest import ROOT, run_command
 from train.config import load_config
-from train.tracking import HEARTBEAT, Tracking, hyperparameters, init_kwargs, trackers
+from train.heartbeat import FILE as HEARTBEAT
+from train.tracking import Tracking, hyperparameters, init_kwargs, trackers
 
 TERMS = ("loss", "ce", "rce", "cr", "mt", "aux")
 

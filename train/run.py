@@ -30,7 +30,7 @@ from train.distributed import make_accelerator
 from train.engine import best_fusion, forward_step, step_generator, top1, two_view_batch
 from train.inference import predict_crops
 from train.losses import AttractRepulseLoss
-from train.metrics import write_metrics
+from train.metrics import score_column, write_metrics
 from train.model import build_model, build_teacher, ema_decay
 from train.tracking import Tracking, trackers
 from train.views import SharedMixup
@@ -310,7 +310,7 @@ class Run:
         score = None
         if self.eval_items and due:
             row.update(self.evaluate())
-            score = row["val_teacher"] if cfg["mt_weight"] > 0 else row["val_student"]
+            score = row[score_column(cfg)]
         self.history.append(row)
         # Without a validation set (train+val, nothing held out) the newest epoch is the best.
         improved = not self.eval_items or (score is not None and score > self.best)

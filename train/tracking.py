@@ -15,16 +15,14 @@ purge what a killed process logged after S (`purge_step`, a SessionLog.START tha
 readers honour), then logs those steps again, with the same values since the resume is exact.
 wandb resumes the same run by its id and keeps the first value of a step it has seen.
 
-The heartbeat (`runs/<name>/heartbeat.json`: host, pid, state, step, times) is rewritten at every
-interval and epoch end, and says how the run ended; `make status` reads it.
+The heartbeat (train/heartbeat.py) is rewritten at every interval and epoch end, and says how the
+run ended; `make status` reads it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -33,10 +31,9 @@ import torch
 from accelerate import Accelerator
 
 from common.errors import UserError
-from common.fs import write_text_atomic
 from common.status import EXIT_PREEMPTED
+from train import heartbeat
 
-HEARTBEAT = "heartbeat.json"
 ENDED = {0: "done", EXIT_PREEMPTED: "stopped"}
 
 
@@ -149,14 +146,5 @@ class Tracking:
         self._heartbeat(ENDED.get(code, "failed"), step)
 
     def _heartbeat(self, state: str, step: int) -> None:
-        if not self.acc.is_main_process:
-            return
-        beat = {
-            "state": state,
-            "step": step,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": self.started,
-            "updated": time.time(),
-        }
-        write_text_atomic(self.dir / HEARTBEAT, json.dumps(beat) + "\n")
+        if self.acc.is_main_process:
+            heartbeat.write(self.dir, state, step, self.started)
