@@ -10,6 +10,7 @@ small files per run, so 16 runs take well under a second.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from dataclasses import dataclass
@@ -22,12 +23,11 @@ from common.errors import UserError, cli_main
 from ensemble.blend import load_ensemble_config
 from ensemble.members import check_provenance, open_members
 from train import heartbeat
-from train.config import load_config, logits_dir, run_dir
-from train.metrics import read_metrics, score_column
+from train.config import load_config, logits_dir, run_dir, score_column
 
-# train/checkpoint.py's layout, named here so that reading it does not import torch
-# (tests/test_status.py checks that the two agree).
-CHECKPOINTS, MARKER = "checkpoints", "COMPLETE"
+# train/checkpoint.py's and train/metrics.py's files, named here so that reading them does not
+# import torch (tests/test_status.py checks them against a real run).
+CHECKPOINTS, MARKER, METRICS = "checkpoints", "COMPLETE", "metrics.csv"
 
 
 @dataclass
@@ -39,6 +39,15 @@ class ModelStatus:
     activity: str
     logits: str
     next: str
+
+
+def read_metrics(run: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv as text ([] before its first epoch ends)."""
+    try:
+        with open(run / METRICS, newline="") as fh:
+            return list(csv.DictReader(fh))
+    except FileNotFoundError:
+        return []
 
 
 def marker_files(step_dir: Path) -> dict[str, str] | None:

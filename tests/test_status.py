@@ -25,6 +25,11 @@ def test_status_reads_the_checkpoint_layout_that_training_writes():
     assert status.MARKER == checkpoint.MARKER
 
 
+def test_status_imports_no_torch_so_that_it_answers_at_once():
+    probe = "import sys, scripts.status; print('torch' in sys.modules)"
+    assert run_command("-c", probe).stdout.strip() == "False"
+
+
 def test_the_heartbeat_says_running_killed_silent_or_how_the_run_ended(tmp_path):
     assert heartbeat.activity(tmp_path) == "-"
     heartbeat.write(tmp_path, "running", 3, time.time())

@@ -153,3 +153,9 @@ def run_dir(cfg: dict[str, Any]) -> Path:
 
 def logits_dir(cfg: dict[str, Any]) -> Path:
     return Path(cfg["logits_dir"]) / cfg["name"]
+
+
+def score_column(cfg: dict[str, Any]) -> str:
+    """The held-out top-1 (a metrics.csv column) that picks the best checkpoint: the teacher's
+    when the mean-teacher term trains one."""
+    return "val_teacher" if cfg["mt_weight"] > 0 else "val_student"

@@ -24,13 +24,13 @@ from tqdm import tqdm
 from common.errors import UserError
 from common.status import EXIT_PREEMPTED
 from train import checkpoint as ckpt
-from train.config import run_dir, save_config
+from train.config import run_dir, save_config, score_column
 from train.data import eval_loader, split_train_eval, train_loader
 from train.distributed import make_accelerator
 from train.engine import best_fusion, forward_step, step_generator, top1, two_view_batch
 from train.inference import predict_crops
 from train.losses import AttractRepulseLoss
-from train.metrics import score_column, write_metrics
+from train.metrics import write_metrics
 from train.model import build_model, build_teacher, ema_decay
 from train.tracking import Tracking, trackers
 from train.views import SharedMixup

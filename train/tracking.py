@@ -33,6 +33,7 @@ from accelerate import Accelerator
 from common.errors import UserError
 from common.status import EXIT_PREEMPTED
 from train import heartbeat
+from train.config import run_dir
 
 ENDED = {0: "done", EXIT_PREEMPTED: "stopped"}
 
@@ -72,7 +73,7 @@ def init_kwargs(cfg: dict[str, Any], record: dict[str, Any], step: int) -> dict[
     run_id = re.sub(r"[^A-Za-z0-9_-]", "", stamp)[:64]
     return {
         "tensorboard": {"purge_step": step + 1},
-        "wandb": {"name": cfg["name"], "id": run_id, "resume": "allow", "dir": cfg["out_dir"]},
+        "wandb": {"name": cfg["name"], "id": run_id, "resume": "allow", "dir": str(run_dir(cfg))},
         "mlflow": {"run_name": cfg["name"]},
     }
 
