@@ -27,11 +27,14 @@ SEARCH ?=
 NAME ?=
 SUBMISSION ?=
 LABELS ?=
+# make tensorboard: LOGDIR= (the runs), PORT=
+LOGDIR ?= runs
+PORT ?= 6006
 
-.PHONY: help setup data train logits ensemble evaluate demo ablation sweep bench bench-data chaos test test-fast lint clean slurm
+.PHONY: help setup data train logits ensemble evaluate demo ablation sweep bench bench-data chaos test test-fast lint clean slurm slurm-ensemble status tensorboard
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 setup: ## .venv with the pinned requirements, and Debian's Fashion-MNIST
 	@VENV=$(VENV) bash scripts/setup.sh
@@ -93,3 +96,12 @@ clean: ## remove generated runs, logits and submissions (keeps data/ and .venv)
 
 slurm: setup ## print a requeueing SLURM job for MODEL= on NODES= nodes (multi-node accelerate)
 	@$(PY) -m train.slurm $(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS) --nodes $(or $(NODES),2)
+
+slurm-ensemble: setup ## submit ENSEMBLE='s training, logits and ensemble jobs, chained (NODES= per model)
+	$(PY) -m scripts.slurm_ensemble --config $(ENSEMBLE) --nodes $(or $(NODES),1) $(if $(DATA),data=$(DATA)) $(ARGS)
+
+status: setup ## one table of ENSEMBLE='s models: epochs, best top-1, running, logits, next step
+	@$(PY) -m scripts.status --config $(ENSEMBLE) $(if $(DATA),data=$(DATA)) $(ARGS)
+
+tensorboard: setup ## serve the runs' curves on http://127.0.0.1:PORT (LOGDIR=runs)
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host 127.0.0.1 --port $(PORT)

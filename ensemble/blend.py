@@ -7,8 +7,8 @@ config), or searched on val (`--search-weights`, see `ensemble.search`). Every m
 id with the first (`ensemble.members`), and the mean is streamed: one model's arrays and the
 running float32 sum are in memory at a time, whatever the number of models. Writes
 `submissions/<name>.csv` (test index order), `<name>.zip` and `<name>.json` (models, weights, val
-top-1 of each model and of the ensemble), then prints each model's val top-1 with and without
-TenCrop beside the ensemble's.
+top-1 of each model and of the ensemble, each member's provenance), then prints each model's
+val top-1 with and without TenCrop beside the ensemble's.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from common import provenance
 from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
 from data_prep.layout import test_index
-from ensemble.members import Member, SplitReader, open_members
+from ensemble.members import Member, SplitReader, check_provenance, open_members
 from ensemble.search import search_weights
 from ensemble.submission import write_submission
 from train.config import CONFIG_DIR, available
@@ -168,11 +170,25 @@ def val_summary(members: list[Member], weights: list[float]) -> dict[str, Any]:
     return {"models": val.member_top1, "ensemble": val.top1(), "rows": len(val.ids)}
 
 
+def submission_provenance(members: list[Member], warnings: list[str]) -> dict[str, Any]:
+    """The blend's own code and versions, and each member's record from its meta.json: the
+    commits, config hashes, dataset checksum and checkpoint digest behind every row."""
+    return {
+        **provenance.code_state(),
+        "versions": provenance.versions(),
+        "members": {m.name: m.meta.get("provenance") for m in members},
+        "warnings": warnings,
+    }
+
+
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     name, models, weights, origin = resolve_models(args)
     members = open_members(args.logits_dir, models)
+    warnings = check_provenance(members)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     search = None
     if args.search_weights:
         weights, search = search_weights(members, args.min_gain)
@@ -200,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": {"val": val["rows"], "test": len(test.ids)},
         "csv": str(csv_path),
         "zip": str(zip_path),
+        "provenance": submission_provenance(members, warnings),
     }
     write_report(args.out_dir / f"{name}.json", report)
     print(format_table(members, weights, val["ensemble"]))

@@ -25,13 +25,21 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from common import provenance
 from common.errors import UserError, cli_main, warn
 from common.fs import write_text_atomic
 from common.metrics import top1
 from data_prep.layout import Layout
 from ensemble.members import write_npz
-from train.checkpoint import checkpoint_info, load_weights, resolve_checkpoint, run_progress
-from train.config import load_config, logits_dir, run_dir
+from train.checkpoint import (
+    checkpoint_info,
+    file_digest,
+    load_weights,
+    resolve_checkpoint,
+    run_progress,
+    weights_name,
+)
+from train.config import load_config, logits_dir, read_provenance, run_dir
 from train.distributed import make_accelerator, shard
 from train.inference import (
     best_fusion,
@@ -224,6 +232,23 @@ def checkpoint_meta(cfg: dict[str, Any], step_dir: Path, announce: bool) -> dict
     }
 
 
+def logits_provenance(
+    cfg: dict[str, Any], layout: Layout, step_dir: Path, role: str, items: dict[str, list]
+) -> dict[str, Any]:
+    """This command's provenance, the checkpoint's sha256, the training run's provenance (its
+    config.yaml) and the hash of each split's ids: what `make ensemble` checks members against."""
+    saved = run_dir(cfg) / "config.yaml"
+    return {
+        **provenance.record(cfg, layout.manifest),
+        "checkpoint_dir": str(step_dir),
+        "checkpoint_sha256": file_digest(step_dir, weights_name(role)),
+        "training": read_provenance(saved) if saved.is_file() else {},
+        "ids_sha256": {
+            split: provenance.ids_hash([i[0] for i in rows]) for split, rows in items.items()
+        },
+    }
+
+
 def write_outputs(folder: Path, arrays: dict[str, dict[str, np.ndarray]], meta: dict) -> None:
     """The npz files first, meta.json last: its presence marks a complete folder."""
     for split, split_arrays in arrays.items():
@@ -254,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta.update(source_meta)
     meta["rows"] = {split: len(items[split]) for split in SPLITS}
     meta["processes"] = accelerator.num_processes
+    meta["provenance"] = logits_provenance(cfg, layout, step_dir, args.role, items)
     if accelerator.is_main_process:
         arrays = {
             split: {

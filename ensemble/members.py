@@ -7,7 +7,8 @@ matched to them by id, never by position. Missing, extra or duplicate ids, anoth
 other labels, a non-finite probability or a row that is not a probability distribution (a
 negative value, a sum away from 1: logits, or probabilities scaled by hand, would outvote every
 other member) are refused with a message naming the file and the row (DESIGN.md: stages align
-rows by id, never by position).
+rows by id, never by position). Before any array is read, the provenance in each meta.json
+must agree on the dataset and the test ids (`check_provenance`).
 """
 
 from __future__ import annotations
@@ -169,3 +170,59 @@ class SplitReader:
             order = by_id[np.searchsorted(ids[by_id], self.ids)]
         self._order[name] = order
         return order
+
+
+def _grouped(values: dict[str, str]) -> dict[str, list[str]]:
+    """Member names grouped by value, in member order."""
+    groups: dict[str, list[str]] = {}
+    for name, value in values.items():
+        groups.setdefault(value, []).append(name)
+    return groups
+
+
+def _listed(groups: dict[str, list[str]]) -> str:
+    return "; ".join(f"{value} ({', '.join(names)})" for value, names in groups.items())
+
+
+def training_code(record: dict[str, Any]) -> str:
+    """The commits a member's run trained on (a resume may add one); `+dirty`: local changes."""
+    training = record.get("training") or {}
+    labels = []
+    for state in [training, *training.get("resumed", [])]:
+        dirty = "+dirty" if state.get("git_dirty") else ""
+        label = (state.get("git_commit") or "unknown")[:12] + dirty
+        if label not in labels:
+            labels.append(label)
+    return ", ".join(labels)
+
+
+# What members must share, read from each meta.json's provenance record.
+MUST_MATCH = {
+    "datasets (manifest checksum)": lambda record: record.get("dataset_checksum"),
+    "test ids": lambda record: (record.get("ids_sha256") or {}).get("test"),
+}
+
+
+def check_provenance(members: list[Member]) -> list[str]:
+    """Refuse members whose logits come from different datasets (manifest checksum) or test
+    ids; return warnings to print: members trained on different commits, or without a record."""
+    records = {m.name: m.meta.get("provenance") or {} for m in members}
+    for what, field in MUST_MATCH.items():
+        values = {name: field(r) for name, r in records.items()}
+        groups = _grouped({name: v[:12] for name, v in values.items() if v})
+        if len(groups) > 1:
+            raise UserError(
+                f"the members' logits come from different {what}: {_listed(groups)}; "
+                "rerun `make logits MODEL=<name>` for the odd ones on the same dataset"
+            )
+    warnings = []
+    commits = _grouped({name: training_code(r) for name, r in records.items() if r})
+    if len(commits) > 1:
+        warnings.append(f"members were trained on different commits: {_listed(commits)}")
+    missing = [name for name, r in records.items() if not r]
+    if missing:
+        warnings.append(
+            f"no provenance in the meta.json of {', '.join(missing)} (made before it was "
+            "recorded); rerun `make logits` for them to check their dataset and commit"
+        )
+    return warnings

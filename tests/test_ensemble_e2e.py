@@ -7,9 +7,11 @@ teacher differ), with their resolved configs saved as training saves them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep.layout import Layout
+from common import provenance
+from data_prep.layout import Layout, dataset_files, tree_checksum
 from tests.conftest import ROOT, run_command
 from tests.test_logits import explicit_ten_crops, softmax64
 from train.checkpoint import load_weights
-from train.config import load_config
+from train.config import load_config, read_provenance
 from train.inference import fuse
 from train.model import build_model
 
@@ -243,3 +246,66 @@ def test_two_process_logits_equal_one_process_logits_row_for_row(world):
     meta_one, meta_two = (json.loads((p / "meta.json").read_text()) for p in (one, two))
     assert (meta_one.pop("processes"), meta_two.pop("processes")) == (1, 2)
     assert meta_one == meta_two
+
+
+def test_logits_and_the_submission_record_where_every_row_came_from(world, logits_0):
+    base = world["base"]
+    if not (base / "logits" / "tiny_1" / "meta.json").is_file():
+        logits_command(world, "tiny_1")
+    subs = base / "traced"
+    blend = ["--models", "tiny_0", "tiny_1", "--name", "traced", "--out-dir", str(subs)]
+    run_command("-m", "ensemble.blend", *blend, "--logits-dir", str(base / "logits"))
+    report = json.loads((subs / "traced.json").read_text())["provenance"]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert report["git_commit"] == commit.stdout.strip() and report["warnings"] == []
+    test_ids = "\n".join(f"img_{i}.png" for i in range(6)).encode()
+    for name in ("tiny_0", "tiny_1"):
+        record, run = report["members"][name], base / "runs" / name
+        teacher = run / "checkpoints" / "best" / "teacher.safetensors"
+        assert record["checkpoint_sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
+        assert record["training"] == read_provenance(run / "config.yaml")
+        trained = load_config(str(run / "config.yaml"))
+        assert record["training"]["config_sha256"] == provenance.config_hash(trained)
+        assert record["dataset_checksum"] == tree_checksum(dataset_files(world["data"]))
+        assert record["ids_sha256"]["test"] == hashlib.sha256(test_ids).hexdigest()
+        assert record["git_commit"] == commit.stdout.strip()
+
+
+def test_ensemble_refuses_logits_of_another_dataset_naming_the_members(world, logits_0, tmp_path):
+    other = tmp_path / "other"  # the same images drawn with another seed: same test ids
+    run_command(
+        "-m",
+        "data_prep",
+        "folder",
+        "--root",
+        str(world["base"] / "src"),
+        "--per-class",
+        "2,3,2",
+        "--seed",
+        "1",
+        "--out",
+        str(other),
+        "--mode",
+        "copy",
+        "--workers",
+        "1",
+    )
+    mixed = tmp_path / "mixed"
+    logits_command({**world, "data": other}, "tiny_1", logits=str(mixed))
+    shutil.copytree(logits_0[0], mixed / "tiny_0")
+    proc = run_command(
+        "-m",
+        "ensemble.blend",
+        "--models",
+        "tiny_0",
+        "tiny_1",
+        "--logits-dir",
+        str(mixed),
+        "--out-dir",
+        str(tmp_path / "subs"),
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "different datasets (manifest checksum)" in proc.stderr
+    assert "(tiny_0)" in proc.stderr and "(tiny_1)" in proc.stderr
+    assert not (tmp_path / "subs").exists()

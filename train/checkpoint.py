@@ -198,6 +198,20 @@ def load_state(step_dir: Path, rank: int) -> tuple[dict, dict, dict]:
     return weights, state, rng
 
 
+def weights_name(role: str) -> str:
+    if role not in WEIGHTS:
+        raise UserError(f"role {role!r} is not one of {', '.join(WEIGHTS)}")
+    return f"{role}.safetensors"
+
+
+def file_digest(step_dir: Path, name: str) -> str | None:
+    """The sha256 of a checkpoint file as its marker records it (verify() has checked it)."""
+    try:
+        return json.loads((Path(step_dir) / MARKER).read_text())["files"].get(name)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
     """The verified folder of a run's `best`, `last` (newest valid) or a checkpoint folder."""
     root = checkpoint_root(run_dir)
@@ -238,7 +252,5 @@ def run_progress(run_dir: Path) -> dict[str, Any] | None:
 def load_weights(run_dir: Path, which: str | Path = "best", role: str = "teacher") -> dict:
     """Weights of one role from a run's `best`, `last` (newest valid) or a checkpoint folder
     (a Path: already resolved and verified by `resolve_checkpoint`)."""
-    if role not in WEIGHTS:
-        raise UserError(f"role {role!r} is not one of {', '.join(WEIGHTS)}")
     step_dir = which if isinstance(which, Path) else resolve_checkpoint(run_dir, which)
-    return load_file(str(step_dir / f"{role}.safetensors"))
+    return load_file(str(step_dir / weights_name(role)))

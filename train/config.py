@@ -17,7 +17,10 @@ from typing import Any
 
 import yaml
 
+from common import provenance
 from common.errors import UserError
+from common.fs import write_text_atomic
+from data_prep.layout import Layout
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 KINDS = {"models": "model", "data": "dataset", "ensembles": "ensemble"}
@@ -225,6 +228,7 @@ def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None)
     model_path = Path(model)
     if model_path.suffix in (".yaml", ".yml") and model_path.is_file():
         model_layer, model_name = _read_yaml(model_path), model_path.stem
+        model_layer.pop(provenance.KEY, None)  # a saved run config's record, not a setting
     else:
         model_layer, model_name = _named("models", model), model
     cfg, origins = dict(base), {}
@@ -238,10 +242,29 @@ def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None)
     return cfg
 
 
-def save_config(cfg: dict[str, Any], path: Path) -> None:
-    from common.fs import write_text_atomic
+def save_config(cfg: dict[str, Any], path: Path, resumed_step: int | None = None) -> dict[str, Any]:
+    """The resolved config with its provenance. A resumed run keeps the file it started with and
+    appends the commit it resumed on, so that a run spanning commits names all of them.
+    Returns the provenance record."""
+    path = Path(path)
+    if resumed_step is not None and path.is_file():
+        saved = _read_yaml(path)
+        record = saved.setdefault(provenance.KEY, {})
+        state = provenance.code_state()
+        record.setdefault("resumed", []).append(
+            {"step": resumed_step, **state, "time": provenance.now()}
+        )
+    else:
+        manifest = Layout(Path(cfg["data_dir"])).manifest
+        record = {**provenance.record(cfg, manifest), "time": provenance.now()}
+        saved = {**cfg, provenance.KEY: record}
+    write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
+    return saved[provenance.KEY]
 
-    write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    """The provenance record of a saved run config ({} for a config saved without one)."""
+    return _read_yaml(Path(path)).get(provenance.KEY) or {}
 
 
 def run_dir(cfg: dict[str, Any]) -> Path:
@@ -250,3 +273,9 @@ def run_dir(cfg: dict[str, Any]) -> Path:
 
 def logits_dir(cfg: dict[str, Any]) -> Path:
     return Path(cfg["logits_dir"]) / cfg["name"]
+
+
+def score_column(cfg: dict[str, Any]) -> str:
+    """The held-out top-1 (a metrics.csv column) that picks the best checkpoint: the teacher's
+    when the mean-teacher term trains one."""
+    return "val_teacher" if cfg["mt_weight"] > 0 else "val_student"

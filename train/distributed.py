@@ -9,6 +9,7 @@ disagreement on the world size is refused rather than trained through.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -26,15 +27,22 @@ def resolve_precision(mixed_precision: str) -> str:
 
 
 def make_accelerator(
-    mixed_precision: str = "no", grad_accum: int = 1, compile_model: bool = False
+    mixed_precision: str = "no",
+    grad_accum: int = 1,
+    compile_model: bool = False,
+    log_with: list[str] | None = None,
+    project_dir: Path | None = None,
 ) -> Accelerator:
     """`compile_model`: `prepare` wraps the student in torch.compile (inductor); checkpoints and
-    `unwrap_model` see the plain module."""
+    `unwrap_model` see the plain module. `log_with` trackers (train/tracking.py) write under
+    `project_dir`."""
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=resolve_precision(mixed_precision),
         gradient_accumulation_steps=grad_accum,
         dynamo_backend="inductor" if compile_model else "no",
+        log_with=log_with or None,
+        project_dir=project_dir,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:

@@ -28,7 +28,7 @@ from common.metrics import top1
 from common.status import EXIT_PREEMPTED
 from data_prep.layout import Layout
 from train import checkpoint as ckpt
-from train.config import run_dir, save_config
+from train.config import run_dir, save_config, score_column
 from train.data import eval_loader, split_train_eval, train_loader, worker_death
 from train.distributed import make_accelerator
 from train.engine import SUM_COLUMNS, AttractRepulseStep
@@ -38,6 +38,7 @@ from train.metrics import write_metrics
 from train.model import build_model, build_teacher, ema_decay, use_channels_last
 from train.rng import mix_generator, seed_everything, set_rng_state
 from train.stop import StopRequest
+from train.tracking import Tracking, trackers
 from train.views import SharedMixup
 
 # Keys that change where, how often or how a run is evaluated, never the weights it computes.
@@ -54,6 +55,9 @@ RESUME_NEUTRAL_KEYS = {
     "test_resize_ratio",
     "fusion_weight",
     "stop_timeout_s",
+    "log_with",
+    "log_every_steps",
+    "tracker_project",
 }
 
 
@@ -79,9 +83,12 @@ class Run:
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg
-        self.acc = make_accelerator(cfg["mixed_precision"], cfg["grad_accum"], cfg["compile"])
-        self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.dir = run_dir(cfg)
+        self.acc = make_accelerator(
+            cfg["mixed_precision"], cfg["grad_accum"], cfg["compile"], trackers(cfg), self.dir
+        )
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.tracking = Tracking(self.acc, cfg, self.dir, SUM_COLUMNS[:-1])
         seed_everything(cfg["seed"])
         self.train_items, self.eval_items = split_train_eval(cfg)
         self.loader, self.dataset, self.sampler = train_loader(
@@ -147,6 +154,7 @@ class Run:
             "history": self.history,
             "sums": self.sums.cpu(),
             "config": self.cfg,
+            "tracking": self.tracking.state_dict(),
         }
 
     def save(self) -> Path | None:
@@ -180,6 +188,7 @@ class Run:
         self.nonfinite_run, self.skipped = state["nonfinite"]
         self.best, self.history = state["best"], state["history"]
         self.sums = state["sums"].to(self.acc.device)
+        self.tracking.load_state_dict(state.get("tracking", {}))
         if rng is None:
             raise UserError(
                 f"{step_dir} holds no RNG state for process {self.rank}: it was written by "
@@ -198,9 +207,11 @@ class Run:
             f"{len(self.train_items)} training images, {self.steps_per_epoch} steps per epoch, "
             f"global batch {cfg['batch_size'] * self.world * cfg['grad_accum']}"
         )
-        self.resume()
+        resumed, record = self.resume(), {}
         if self.acc.is_main_process:  # the config in use, changes allowed on resume included
-            save_config(cfg, self.dir / "config.yaml")
+            resumed_step = self.global_step if resumed else None
+            record = save_config(cfg, self.dir / "config.yaml", resumed_step)
+        self.tracking.start(self.global_step, resumed, record)
         while self.epoch < cfg["epochs"]:
             if self.run_epoch():
                 self.acc.print(f"stopped on request; checkpoint at step {self.global_step}")
@@ -238,6 +249,8 @@ class Run:
             if result.boundary:
                 self._count_update(result.skipped)
                 self.save_due = result.save  # agreed by every process
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.tracking.interval(self.global_step, self.sums, lr, self.skipped)
                 if result.stop or self._checkpoint_due():
                     self.save()
                 if result.stop:
@@ -292,13 +305,14 @@ class Run:
         score = None
         if self.eval_items and due:
             row.update(self.evaluate())
-            score = row["val_teacher"] if cfg["mt_weight"] > 0 else row["val_student"]
+            score = row[score_column(cfg)]
         self.history.append(row)
         improved = score is not None and score > self.best
         if score is not None:
             self.best = max(self.best, score)  # before the save: a resumed run keeps it
         self.epoch, self.micro = self.epoch + 1, 0
         self.sums = self._zero_sums()
+        self.tracking.epoch_end(row)  # before the checkpoint: a resume from it finds it logged
         # An epoch end is saved when it is the best so far, the last, or a save is due by time:
         # a checkpoint costs a full write and hash of both networks (about 1 s at ResNet-18).
         last = self.epoch == cfg["epochs"]
@@ -346,7 +360,12 @@ def train(cfg: dict[str, Any]) -> int:
     )
     with lock if main_process else contextlib.nullcontext():
         try:
-            return Run(cfg).train()
+            run, code = Run(cfg), None
+            try:
+                code = run.train()
+                return code
+            finally:
+                run.tracking.finish(code, run.global_step)
         except RuntimeError as err:
             death = worker_death(err)
             if death is None:

@@ -1,0 +1,133 @@
+"""`make status`: the heartbeat's verdicts, and the table of a real tiny run as it goes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from scripts import status
+from tests.conftest import ROOT, run_command
+from train import checkpoint, heartbeat
+
+MODELS = ("demo_resnet18", "demo_seresnet18", "demo_resnet18_s1")  # configs/ensembles/demo.yaml
+
+
+def test_status_reads_the_checkpoint_layout_that_training_writes():
+    assert checkpoint.checkpoint_root(Path("run")) == Path("run") / status.CHECKPOINTS
+    assert status.MARKER == checkpoint.MARKER
+
+
+def test_status_imports_no_torch_so_that_it_answers_at_once():
+    probe = "import sys, scripts.status; print('torch' in sys.modules)"
+    assert run_command("-c", probe).stdout.strip() == "False"
+
+
+def test_the_heartbeat_says_running_killed_silent_or_how_the_run_ended(tmp_path):
+    assert heartbeat.activity(tmp_path) == "-"
+    heartbeat.write(tmp_path, "running", 3, time.time())
+    assert heartbeat.activity(tmp_path) == "running"  # this process
+    beat = json.loads((tmp_path / heartbeat.FILE).read_text())
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / heartbeat.FILE).write_text(json.dumps({**beat, "pid": gone.pid}))
+    assert heartbeat.activity(tmp_path) == "killed"
+    elsewhere = {**beat, "host": "another-node", "pid": 1}
+    (tmp_path / heartbeat.FILE).write_text(json.dumps(elsewhere))
+    assert heartbeat.activity(tmp_path) == "running"
+    later = beat["updated"] + heartbeat.SILENT_AFTER_S + 1
+    assert heartbeat.activity(tmp_path, now=later) == "silent"
+    heartbeat.write(tmp_path, "stopped", 4, beat["started"])
+    assert heartbeat.activity(tmp_path) == "stopped"
+
+
+def test_ages_read_in_the_largest_whole_unit():
+    assert [status.age(s) for s in (None, 5, 125, 7200, 3 * 86400)] == ["-", "5s", "2m", "2h", "3d"]
+
+
+def overrides(data: Path, base: Path) -> list[str]:
+    return [
+        f"data_dir={data}",
+        f"out_dir={base / 'runs'}",
+        f"logits_dir={base / 'logits'}",
+        "epochs=1",
+        "batch_size=8",
+        "workers=0",
+        "ckpt_every_steps=3",
+        "keep_last=50",
+        "train_splits=[train]",
+    ]
+
+
+def table(args: list[str]) -> dict[str, list[str]]:
+    """The rows of `python -m scripts.status`, split into cells, by model; and the outlook."""
+    out = run_command("-m", "scripts.status", "--config", "demo", *args).stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:4]}
+    rows["outlook"] = [out.strip().splitlines()[-1]]
+    return rows
+
+
+@pytest.mark.slow
+def test_status_follows_a_tiny_run_from_training_to_fresh_logits(tiny_dir, tmp_path):
+    args = overrides(tiny_dir, tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "train", "demo_resnet18", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen = []
+    while trainer.poll() is None:
+        seen.append(table(args)["demo_resnet18"])
+        if seen[-1][4] == "running":
+            break
+    assert any(row[4] == "running" and row[-1] == "(training)" for row in seen), seen
+    assert trainer.wait() == 0
+
+    run = tmp_path / "runs" / "demo_resnet18"
+    best = pd.read_csv(run / "metrics.csv")["val_teacher"].max()
+    rows = table(args)
+    assert rows["demo_resnet18"][:2] == ["demo_resnet18", "1/1"]
+    assert rows["demo_resnet18"][2] == f"{best:.2f}"
+    assert rows["demo_resnet18"][4:] == ["done", "none", "make", "logits", "MODEL=demo_resnet18"]
+    for other in MODELS[1:]:
+        assert rows[other] == [
+            other,
+            "0/1",
+            "-",
+            "-",
+            "-",
+            "none",
+            "make",
+            "train",
+            f"MODEL={other}",
+        ]
+    assert rows["outlook"] == [
+        "make ensemble ENSEMBLE=demo: would stop, no logits for " + ", ".join(MODELS)
+    ]
+
+    older = run / "checkpoints" / "step_000000003"
+    run_command("-m", "ensemble.logits", "demo_resnet18", *args, "--checkpoint", str(older))
+    assert table(args)["demo_resnet18"][5:] == ["stale", "make", "logits", "MODEL=demo_resnet18"]
+    run_command("-m", "ensemble.logits", "demo_resnet18", *args)
+    assert table(args)["demo_resnet18"][5:] == ["fresh", "-"]
+
+    # Sixteen runs (hard-linked copies of this one, named as vipriors16's models): one read.
+    sixteen = tmp_path / "sixteen"
+    names = status.load_ensemble_config("vipriors16")["models"]
+    for name in names:
+        shutil.copytree(run, sixteen / "runs" / name, copy_function=os.link)
+    started = time.perf_counter()
+    text = status.main(["--config", "vipriors16", f"out_dir={sixteen / 'runs'}"])
+    elapsed = time.perf_counter() - started
+    assert [line.split()[1] for line in text.splitlines()[1:17]] == ["1/1"] * 16
+    assert elapsed < 3.0, f"status of 16 runs took {elapsed:.2f} s"

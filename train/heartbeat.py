@@ -1,0 +1,67 @@
+"""A run's heartbeat file: which process trains it, how far it is, and how it ended.
+
+The training loop rewrites `runs/<name>/heartbeat.json` (state, step, host, pid, start and update
+times) at every logged interval and epoch end, and once more with the final state: done, stopped
+(preempted with a checkpoint) or failed. `activity` turns it into one word for `make status`,
+reading only the file (and, on the same host, whether the pid still exists): it is the one place
+that decides whether a run is alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from common.fs import write_text_atomic
+
+FILE = "heartbeat.json"
+# A run on another host counts as running while its heartbeat is younger than this: long enough
+# for an epoch-end evaluation of the largest model between two beats.
+SILENT_AFTER_S = 1800
+
+
+def write(run_dir: Path, state: str, step: int, started: float) -> None:
+    beat = {
+        "state": state,
+        "step": step,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": started,
+        "updated": time.time(),
+    }
+    write_text_atomic(Path(run_dir) / FILE, json.dumps(beat) + "\n")
+
+
+def read(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(run_dir) / FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def activity(run_dir: Path, now: float | None = None) -> str:
+    """running, done, stopped, failed, killed (its process is gone), silent (no beat for
+    SILENT_AFTER_S on another host), or - (never started)."""
+    beat = read(run_dir)
+    if beat is None:
+        return "-"
+    if beat["state"] != "running":
+        return beat["state"]
+    if beat["host"] == socket.gethostname():
+        return "running" if _alive(beat["pid"]) else "killed"
+    silent = (now or time.time()) - beat["updated"] > SILENT_AFTER_S
+    return "silent" if silent else "running"
