@@ -4,16 +4,18 @@ A run's config is `configs/base.yaml`, then `configs/data/<data>.yaml`, then
 `configs/models/<model>.yaml`, then command-line overrides, each layer only naming what it
 changes. Every key must exist in base.yaml and keep its type there (an int may stand for a
 float; null in base.yaml accepts any scalar). The resolved config is saved beside the run.
+`python -m train.config MODEL [key=value ...]` prints it without training.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from common.errors import UserError
+from common.errors import UserError, cli_main
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 KINDS = {"models": "model", "data": "dataset", "ensembles": "ensemble"}
@@ -130,3 +132,24 @@ def run_dir(cfg: dict[str, Any]) -> Path:
 
 def logits_dir(cfg: dict[str, Any]) -> Path:
     return Path(cfg["logits_dir"]) / cfg["name"]
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Print the resolved config of a model (base < data < model < overrides) as YAML."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train.config",
+        description="Print the resolved config of a model; configs/base.yaml says where each "
+        "value comes from (the paper or ours).",
+        epilog=f"models: {', '.join(available('models'))}",
+    )
+    parser.add_argument("model", help="a name in configs/models/ or a path to a YAML file")
+    parser.add_argument("overrides", nargs="*", help="key=value settings (see configs/base.yaml)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.model, args.overrides)
+    print(yaml.safe_dump(cfg, sort_keys=False), end="")
+    return cfg
+
+
+if __name__ == "__main__":
+    main()
