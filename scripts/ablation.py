@@ -51,7 +51,7 @@ def score_run(model: str, row: dict, seed: int, common: list[str], stage: Path) 
     return {
         "row": row["name"],
         "seed": seed,
-        "val_top1": meta["val_top1"],
+        "val_top1": meta["scores"]["val"]["top1"],  # held out: ablations train on train
         "test_top1": logits_top1(logits, Path(cfg["data_dir"]) / "test_labels.csv"),
         "epochs": cfg["epochs"],
     }

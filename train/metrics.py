@@ -10,7 +10,7 @@ import pandas as pd
 from common.fs import atomic_path, write_text_atomic
 
 LOSS_COLUMNS = ("loss", "ce", "rce", "cr", "mt", "aux")
-ACCURACY_COLUMNS = ("val_student", "val_teacher", "val_fused")
+ACCURACY_COLUMNS = ("heldout_student", "heldout_teacher", "heldout_fused")
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -34,7 +34,7 @@ def plot_curves(frame: pd.DataFrame, path: Path) -> None:
     for column in ACCURACY_COLUMNS:
         if column in frame:
             right.plot(frame["epoch"], frame[column], marker=".", label=column)
-    right.set(xlabel="epoch", ylabel="top-1 (%)", title="validation")
+    right.set(xlabel="epoch", ylabel="top-1 (%)", title="held-out images")
     if right.lines:
         right.legend()
     fig.tight_layout()
