@@ -26,8 +26,10 @@ SEARCH ?=
 NAME ?=
 SUBMISSION ?=
 LABELS ?=
+# make tsne: RUNS="<ablation rows or run folders>" (default: the strong baseline and the full recipe)
+RUNS ?=
 
-.PHONY: help setup data train logits ensemble evaluate demo ablation sweep bench bench-data test test-fast lint clean slurm
+.PHONY: help setup data train logits ensemble evaluate demo ablation sweep long-run tsne bench bench-data test test-fast lint clean slurm
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -62,11 +64,17 @@ evaluate: setup ## validate SUBMISSION= and score it against LABELS=
 demo: setup ## the whole pipeline on the embedded benchmark (CPU, ~15 min)
 	$(PY) -m scripts.demo
 
-ablation: setup ## the paper's Table 2/3 rows on the embedded benchmark
+ablation: setup ## the paper's Tables 2 and 3 on the embedded benchmark (resumable; prints its estimate)
 	$(PY) -m scripts.ablation $(ARGS)
 
-sweep: setup ## beta / tau / gamma / EMA-horizon sweeps on the embedded benchmark
+sweep: setup ## the paper's Figure 4: alpha, beta, gamma, delta swept around the full recipe
 	$(PY) -m scripts.ablation --sweep $(ARGS)
+
+long-run: setup ## the full recipe against the baseline at equal epochs, equal time and 4x length
+	$(PY) -m scripts.long_run $(ARGS)
+
+tsne: setup ## the paper's Figure 5: t-SNE of test features of RUNS="a b" (ablation rows or run folders)
+	$(PY) -m scripts.tsne $(RUNS) $(ARGS)
 
 bench: setup ## every benchmark; ratios measured side by side in one run
 	$(PY) -m scripts.bench
