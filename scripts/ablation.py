@@ -225,20 +225,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value for every run (e.g. epochs=30)")
     args = parser.parse_args(argv)
     spec = study.load_spec()
-    rows = sweep_rows(spec) if args.sweep else spec["rows"]
-    if args.rows:
-        unknown = sorted(set(args.rows) - {r["name"] for r in rows})
-        if unknown:
-            parser.error(f"unknown rows {', '.join(unknown)}; see configs/ablation.yaml")
-        rows = [r for r in rows if r["name"] in args.rows]
-    seeds = args.seeds or spec["sweep_seeds" if args.sweep else "seeds"]
+    every = sweep_rows(spec) if args.sweep else spec["rows"]
+    unknown = sorted(set(args.rows or []) - {r["name"] for r in every})
+    if unknown:
+        parser.error(f"unknown rows {', '.join(unknown)}; see configs/ablation.yaml")
+    rows = [r for r in every if not args.rows or r["name"] in args.rows]
+    spec_seeds = spec["sweep_seeds" if args.sweep else "seeds"]
+    seeds = args.seeds or spec_seeds
     jobs = study.row_jobs(spec, rows, seeds, args.overrides)
+    # The tables show every row and seed scored so far, not only this invocation's.
+    shown = study.row_jobs(spec, every, sorted({*spec_seeds, *seeds}), args.overrides)
     if args.sweep:
-        report = partial(write_sweep, rows=rows, results=args.results)
+        report = partial(write_sweep, rows=every, results=args.results)
     else:
-        report = partial(write_ablation, rows=rows, spec=spec, results=args.results)
+        report = partial(write_ablation, rows=every, spec=spec, results=args.results)
     stage = "sweep" if args.sweep else "ablation"
-    study.run_jobs(stage, spec["model"], jobs, args.results, spec, report)
+    study.run_jobs(stage, spec["model"], jobs, args.results, spec, report, shown)
 
 
 if __name__ == "__main__":

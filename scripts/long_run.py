@@ -181,7 +181,7 @@ def plot(frame: pd.DataFrame, results: Path) -> None:
                 style,
                 color=colour,
                 alpha=0.7,
-                label=f"{which}, {regime}: val per epoch",
+                label=f"{which}, {regime} ({group['epochs'].iloc[0]} ep): val",
             )
         stat = study.aggregate(group).iloc[0]
         ax.errorbar(
@@ -192,14 +192,14 @@ def plot(frame: pd.DataFrame, results: Path) -> None:
             color=colour,
             capsize=4,
             linestyle="none",
-            label=f"{which}, {regime}: test",
+            label=f"{which}, {regime} ({group['epochs'].iloc[0]} ep): test",
         )
     ax.set(
         xlabel="epoch",
         ylabel="top-1 (%)",
-        title="val (held out) per epoch; test (10,000 images) at the end",
+        title="train split: val (held out) per epoch; test at the end (mean ± std over seeds)",
     )
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     study.save_figure(fig, results / "long_run.png")
 

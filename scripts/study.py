@@ -249,21 +249,26 @@ def read_results(csv: Path) -> pd.DataFrame:
     return frame
 
 
-def current(frame: pd.DataFrame, model: str, jobs: list[Job], results: Path) -> pd.DataFrame:
-    """The rows of `frame` that score exactly `jobs` (same row, seed and run), in job order."""
-    wanted = pd.DataFrame([(j.row, j.seed, run_name(model, j, results)) for j in jobs], columns=KEY)
-    return wanted.merge(frame.astype({"seed": int}), on=KEY, how="inner")
+def wanted(model: str, jobs: list[Job], results: Path) -> pd.DataFrame:
+    """(row, seed, run) of each job, in job order."""
+    return pd.DataFrame([(j.row, j.seed, run_name(model, j, results)) for j in jobs], columns=KEY)
+
+
+def current(frame: pd.DataFrame, keys: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `frame` that score exactly the jobs of `keys` (row, seed and run), in order."""
+    return keys.merge(frame.astype({"seed": int}), on=KEY, how="inner")
 
 
 def pending(stage: str, model: str, jobs: list[Job], results: Path) -> list[Job]:
     """The jobs not yet scored in `<results>/<stage>.csv`."""
-    return pending_jobs(read_results(results / f"{stage}.csv"), model, jobs, results)
+    frame = read_results(results / f"{stage}.csv")
+    return pending_jobs(frame, jobs, wanted(model, jobs, results))
 
 
-def pending_jobs(frame: pd.DataFrame, model: str, jobs: list[Job], results: Path) -> list[Job]:
-    done = current(frame, model, jobs, results)
-    keys = set(zip(done["row"], done["seed"], strict=True))
-    return [j for j in jobs if (j.row, j.seed) not in keys]
+def pending_jobs(frame: pd.DataFrame, jobs: list[Job], keys: pd.DataFrame) -> list[Job]:
+    done = current(frame, keys)
+    scored = set(zip(done["row"], done["seed"], strict=True))
+    return [j for j in jobs if (j.row, j.seed) not in scored]
 
 
 def run_name(model: str, job: Job, results: Path) -> str:
@@ -279,20 +284,24 @@ def run_jobs(
     results: Path,
     spec: dict,
     report: Callable[[pd.DataFrame], None],
+    shown: list[Job] | None = None,
 ) -> pd.DataFrame:
     """Score every job not yet in `<results>/<stage>.csv`, appending each as it finishes and
-    calling `report` (tables, figures) on the current rows after each; returns those rows."""
+    calling `report` (tables, figures) after each on the scored rows of `shown` (default: the
+    jobs; a run of a few rows keeps the others in the tables); returns those rows."""
     csv = results / f"{stage}.csv"
     frame = read_results(csv)
-    pending = pending_jobs(frame, model, jobs, results)
-    seconds, source = estimate(model, pending, results, spec)
+    keys = wanted(model, jobs, results)
+    shown_keys = keys if shown is None else wanted(model, shown, results)
+    todo = pending_jobs(frame, jobs, keys)
+    seconds, source = estimate(model, todo, results, spec)
     print(
-        f"{stage}: {len(jobs)} runs, {len(jobs) - len(pending)} done, {len(pending)} to do: "
+        f"{stage}: {len(jobs)} runs, {len(jobs) - len(todo)} done, {len(todo)} to do: "
         f"estimated {duration(seconds)} (from {source})",
         flush=True,
     )
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc=stage, unit="run")
-    for job in pending:
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=stage, unit="run")
+    for job in todo:
         started = time.perf_counter()
         result = score(model, job, results)
         new = pd.DataFrame([result])
@@ -303,11 +312,10 @@ def run_jobs(
             f"{job.row} seed {job.seed}: test top-1 {result['test_top1']:.2f}% "
             f"({duration(time.perf_counter() - started)})"
         )
-        report(current(frame, model, jobs, results))
+        report(current(frame, shown_keys))
     bar.close()
-    rows = current(frame, model, jobs, results)
-    report(rows)
-    return rows
+    report(current(frame, shown_keys))
+    return current(frame, keys)
 
 
 # ---- aggregation ---------------------------------------------------------------------------
