@@ -30,8 +30,10 @@ LABELS ?=
 # make tensorboard: LOGDIR= (the runs), PORT=
 LOGDIR ?= runs
 PORT ?= 6006
+# make tsne: RUNS="<ablation rows or run folders>" (default: the strong baseline and the full recipe)
+RUNS ?=
 
-.PHONY: help setup data train logits ensemble evaluate demo ablation sweep bench bench-data chaos test test-fast lint clean slurm slurm-ensemble status tensorboard
+.PHONY: help setup data train logits ensemble evaluate demo ablation sweep long-run tsne bench bench-data chaos test test-fast lint clean slurm slurm-ensemble status tensorboard
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -66,11 +68,17 @@ evaluate: setup ## validate SUBMISSION= and score it against LABELS=
 demo: ## the whole pipeline on the embedded benchmark (CPU; ends with where the minutes went)
 	@started=$$(date +%s.%N); VENV=$(VENV) bash scripts/setup.sh && $(PY) -m scripts.demo --started $$started
 
-ablation: setup ## the paper's Table 2/3 rows on the embedded benchmark
+ablation: setup ## the paper's Tables 2 and 3 on the embedded benchmark (resumable; prints its estimate)
 	$(PY) -m scripts.ablation $(ARGS)
 
-sweep: setup ## beta / tau / gamma / EMA-horizon sweeps on the embedded benchmark
+sweep: setup ## the paper's Figure 4: alpha, beta, gamma, delta swept around the full recipe
 	$(PY) -m scripts.ablation --sweep $(ARGS)
+
+long-run: setup ## the full recipe against the baseline at equal epochs, equal time and 4x length
+	$(PY) -m scripts.long_run $(ARGS)
+
+tsne: setup ## the paper's Figure 5: t-SNE of test features of RUNS="a b" (ablation rows or run folders)
+	$(PY) -m scripts.tsne $(RUNS) $(ARGS)
 
 bench: setup ## every benchmark; ratios measured side by side in one run
 	$(PY) -m scripts.bench

@@ -2,13 +2,16 @@
 
 RECIPE.md 5: the paper averages the TenCrop probabilities of its 16 models and takes the argmax.
 Models come from an ensemble config (`configs/ensembles/<name>.yaml`: `models`, optional
-`weights`) or from `--models`; weights are equal by default, or given (`--weights` or the
-config), or searched on val (`--search-weights`, see `ensemble.search`). Every model is aligned by
-id with the first (`ensemble.members`), and the mean is streamed: one model's arrays and the
-running float32 sum are in memory at a time, whatever the number of models. Writes
-`submissions/<name>.csv` (test index order), `<name>.zip` and `<name>.json` (models, weights, val
-top-1 of each model and of the ensemble, each member's provenance), then prints each model's
-val top-1 with and without TenCrop beside the ensemble's.
+`weights`) or from `--models`; weights are equal by default (the paper's), or given (`--weights`
+or the config), or searched on the images every member held out (`--search-weights`, ours: see
+`ensemble.search`). Every model is aligned by id with the first (`ensemble.members`), and the
+mean is streamed: one model's arrays and the running float32 sum are in memory at a time,
+whatever the number of models. Writes `submissions/<name>.csv` (test index order), `<name>.zip`
+and `<name>.json` (models, weights and the images they were chosen on, top-1 of each model and
+of the ensemble on val and on the images every member held out, each member's provenance),
+then prints the table. Every
+figure names its images: "held-out" with the count, or "trained on" when a model trained on them
+(final models train on val).
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
 from data_prep.layout import test_index
 from ensemble.members import Member, SplitReader, check_provenance, open_members
-from ensemble.search import search_weights
+from ensemble.search import (
+    HeldOut,
+    common_heldout,
+    heldout_loader,
+    percent,
+    search_weights,
+    weighted_sum,
+)
 from ensemble.submission import write_submission
 from train.config import CONFIG_DIR, available
 
@@ -109,7 +119,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--config", help="configs/ensembles name (vipriors16, demo)")
     source.add_argument("--models", nargs="+", help="logits folder names under --logits-dir")
     parser.add_argument("--weights", nargs="+", type=float, help="one weight per model")
-    parser.add_argument("--search-weights", action="store_true", help="search weights on val")
+    parser.add_argument(
+        "--search-weights",
+        action="store_true",
+        help="choose weights on the images every member held out (equal if there are none)",
+    )
     parser.add_argument("--min-gain", type=float, default=0.1, help="search: points per move")
     parser.add_argument("--name", help="submission name (default: the config name, or ensemble)")
     parser.add_argument("--logits-dir", type=Path, default=Path("logits"))
@@ -135,23 +149,40 @@ def resolve_models(args: argparse.Namespace) -> tuple[str, list[str], list[float
     return name, models, check_weights(weights, models, origin), origin
 
 
-def format_table(members: list[Member], weights: list[float], ensemble_top1: float) -> str:
-    """Each model's val top-1 (TenCrop and centre crop, from its meta.json), then the ensemble's."""
+def val_trained_on(member: Member) -> bool:
+    """Whether the member trained on val (unrecorded counts as trained on: a figure is called
+    held-out only when its meta.json says so)."""
+    return member.meta.get("scores", {}).get("val", {}).get("trained_on", True)
+
+
+def member_row(member: Member) -> tuple[dict[str, Any], str]:
+    """The member's own figures (its held-out images, else val) and what they were measured on."""
+    scores, held = member.meta.get("scores", {}), member.meta.get("heldout_split")
+    if held is not None:
+        return scores[held], f"held-out {held} ({scores[held]['images']} images)"
+    val = scores.get("val", {})
+    return val, f"val ({val.get('images', '?')} images, trained on)"
+
+
+def format_table(
+    members: list[Member], weights: list[float], ensemble_top1: float, ensemble_on: str
+) -> str:
+    """Each model's top-1 (TenCrop and centre crop, from its meta.json), then the ensemble's,
+    each with the images it was measured on."""
 
     def cell(value: float | None) -> str:
         return f"{value:9.2f}" if value is not None else f"{'-':>9}"
 
     total = sum(weights)
     width = max(len("ensemble"), *(len(m.name) for m in members))
-    lines = [f"{'model':<{width}}  {'weight':>6}  {'TenCrop':>9}  {'centre':>9}"]
+    lines = [f"{'model':<{width}}  {'weight':>6}  {'TenCrop':>9}  {'centre':>9}  top-1 (%) on"]
     for member, weight in zip(members, weights, strict=True):
-        meta = member.meta
-        seen = "  (trained on val)" if meta.get("val_seen_in_training") else ""
+        scores, on = member_row(member)
         lines.append(
-            f"{member.name:<{width}}  {weight / total:6.3f}  {cell(meta.get('val_top1_tencrop'))}"
-            f"  {cell(meta.get('val_top1_center'))}{seen}"
+            f"{member.name:<{width}}  {weight / total:6.3f}  {cell(scores.get('top1_tencrop'))}"
+            f"  {cell(scores.get('top1_center'))}  {on}"
         )
-    lines.append(f"{'ensemble':<{width}}  {1:6.3f}  {cell(ensemble_top1)}  (val top-1, %)")
+    lines.append(f"{'ensemble':<{width}}  {1:6.3f}  {cell(ensemble_top1)}  {'':>9}  {ensemble_on}")
     return "\n".join(lines)
 
 
@@ -165,9 +196,39 @@ def submission_order(ids: np.ndarray) -> np.ndarray:
 
 
 def val_summary(members: list[Member], weights: list[float]) -> dict[str, Any]:
-    """Val top-1 of each member and of the ensemble; the val arrays are freed on return."""
+    """Val top-1 of each member and of the ensemble, and which members trained on val (their
+    val figures are not held out); the val arrays are freed on return."""
     val = blend_split(members, weights, "val")
-    return {"models": val.member_top1, "ensemble": val.top1(), "rows": len(val.ids)}
+    return {
+        "images": len(val.ids),
+        "trained_on_by": [m.name for m in members if val_trained_on(m)],
+        "top1": {"models": val.member_top1, "ensemble": val.top1()},
+    }
+
+
+def heldout_summary(
+    members: list[Member], weights: list[float], held: HeldOut | str
+) -> dict[str, Any] | None:
+    """Top-1 of each member and of the ensemble on the images every member held out."""
+    if isinstance(held, str):
+        return None
+    load = heldout_loader(members, held, np.arange(len(held.ids)))
+    models = {m.name: percent(load(j), held.labels) for j, m in enumerate(members)}
+    ensemble = percent(weighted_sum(load, weights), held.labels)
+    return {**held.provenance(), "top1": {"models": models, "ensemble": ensemble}}
+
+
+def ensemble_figure(
+    val: dict[str, Any], heldout: dict[str, Any] | None, searched: bool
+) -> tuple[float, str]:
+    """The ensemble's top-1 for the table: on the shared held-out images when there are any
+    (noting when the weights were chosen on those same images)."""
+    if heldout is not None:
+        chosen = "; weights chosen on them" if searched else ""
+        on = f"held-out ({heldout['images']} images, all models{chosen})"
+        return heldout["top1"]["ensemble"], on
+    trained = ", trained on" if val["trained_on_by"] else ", held-out"
+    return val["top1"]["ensemble"], f"val ({val['images']} images{trained})"
 
 
 def submission_provenance(members: list[Member], warnings: list[str]) -> dict[str, Any]:
@@ -192,9 +253,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     search = None
     if args.search_weights:
         weights, search = search_weights(members, args.min_gain)
-        origin = "search" if search["accepted"] else "equal (search not better on held-out val)"
+        if search["accepted"]:
+            origin = "search"
+        elif search["chosen_on"] is None:
+            origin = "equal (no search: no image held out by every model)"
+            print(f"note: weights stay equal: {search['skipped']}")
+        else:
+            origin = "equal (search not better, cross-validated on the held-out images)"
     weights = weights or [1.0] * len(members)
     val = val_summary(members, weights)
+    heldout = heldout_summary(members, weights, common_heldout(members))
     test = blend_split(members, weights, "test")
     order = submission_order(test.ids)
     num_classes = int(test.probs.shape[1])
@@ -207,19 +275,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "models": models,
         "weights": [w / sum(weights) for w in weights],
         "weights_from": origin,
-        "val_top1": {"models": val["models"], "ensemble": val["ensemble"]},
-        "val_top1_tencrop": {m.name: m.meta.get("val_top1_tencrop") for m in members},
-        "val_top1_center": {m.name: m.meta.get("val_top1_center") for m in members},
+        "weights_chosen_on": search["chosen_on"] if origin == "search" else None,
+        "val": val,
+        "heldout": heldout,
+        "member_scores": {m.name: m.meta.get("scores") for m in members},
         "search": search,
         "num_classes": num_classes,
         "data_dir": members[0].meta.get("data_dir"),
-        "rows": {"val": val["rows"], "test": len(test.ids)},
+        "rows": {"val": val["images"], "test": len(test.ids)},
         "csv": str(csv_path),
         "zip": str(zip_path),
         "provenance": submission_provenance(members, warnings),
     }
     write_report(args.out_dir / f"{name}.json", report)
-    print(format_table(members, weights, val["ensemble"]))
+    figure = ensemble_figure(val, heldout, origin == "search")
+    print(format_table(members, weights, *figure))
     print(f"wrote {csv_path}, {zip_path} and {args.out_dir / f'{name}.json'}")
     return report
 

@@ -2,13 +2,21 @@
 
 Loads the run's saved config (`runs/<name>/config.yaml`, the resolved config it trained with)
 and a checkpoint (best by default, the teacher by default), predicts every val and test image
-with TenCrop and per-crop Auxiliary Fusion (`train.inference`), picks the fusion weight on val,
-and writes `logits/<name>/val.npz` (ids, probs float16, labels), `test.npz` (ids, probs) and
-`meta.json`, written last so that a folder with a meta.json is complete; it records the
-checkpoint's step and epoch, and a run stopped before its last epoch is named in a warning.
-Images are sharded over
-the processes of `accelerate launch` and gathered back into id order: one row per image, the
-same rows whatever the number of processes. A test image that cannot be read stops the run.
+with TenCrop and per-crop Auxiliary Fusion (`train.inference`), and writes
+`logits/<name>/val.npz` (ids, probs float16, labels), `test.npz` (ids, probs) and `meta.json`,
+written last so that a folder with a meta.json is complete; it records the checkpoint's step
+and epoch, and a run stopped before its last epoch is named in a warning.
+
+Nothing is chosen on images the model trained on. The fusion weight is the configured one, or
+it is chosen on the run's held-out images: val for a train-split run; for a train+val run the
+`holdout_per_class` images it held out (`train.data.split_train_eval`), whose probabilities go
+to `holdout.npz` (ids, probs, labels) so that the ensemble can choose its weights on them too.
+A train+val run that held out nothing uses `fusion_fallback`, and says so. meta.json records
+which images each figure and the fusion weight come from, and whether the model trained on them.
+
+Images are sharded over the processes of `accelerate launch` and gathered back into id order:
+one row per image, the same rows whatever the number of processes. A test image that cannot be
+read stops the run.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from train.checkpoint import (
     weights_name,
 )
 from train.config import load_config, logits_dir, read_provenance, run_dir
+from train.data import split_train_eval
 from train.distributed import make_accelerator, shard
 from train.inference import (
     best_fusion,
@@ -53,6 +62,7 @@ from train.model import build_model, use_channels_last
 from train.views import EvalDataset
 
 SPLITS = ("val", "test")
+HOLDOUT = "holdout"  # the images a train+val run held out; written as holdout.npz
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -129,21 +139,33 @@ def predict_split(
         len(items),
         cfg["num_classes"],
         has_aux=cfg["aux_weight"] > 0,
-        keep_center=split == "val" and view == "tencrop",
+        keep_center=split != "test" and view == "tencrop",
         channels_last=use_channels_last(cfg, accelerator.device),
     )
 
 
+def heldout_items(cfg: dict[str, Any]) -> tuple[str | None, list]:
+    """(split name, items) of the images the run did not train on: ("val", val) for a
+    train-split run, ("holdout", its held-out images) for a train+val run, (None, []) if none."""
+    _, held = split_train_eval(cfg)
+    if "val" not in cfg["train_splits"]:
+        return "val", held
+    return (HOLDOUT, held) if held else (None, [])
+
+
 def choose_fusion_weight(
-    cfg: dict[str, Any], val: dict[str, torch.Tensor], labels: torch.Tensor
+    cfg: dict[str, Any], heldout: dict[str, torch.Tensor] | None, labels: torch.Tensor | None
 ) -> tuple[float, str]:
-    """The config's fusion_weight, or the best on val (ties -> smaller w), or 0 without a head."""
-    if "aux" not in val:
+    """(w, where it comes from): the config's fusion_weight, or the best on the held-out
+    images (ties -> smaller w), or fusion_fallback when there are none; 0 without a head."""
+    if cfg["aux_weight"] <= 0:
         return 0.0, "no auxiliary head"
     if cfg["fusion_weight"] is not None:
         return float(cfg["fusion_weight"]), "config"
-    weight, _ = best_fusion(val["main"], val["aux"], labels)
-    return round(weight, 4), "val"
+    if heldout is None:
+        return float(cfg["fusion_fallback"]), "fusion_fallback (no held-out images)"
+    weight, _ = best_fusion(heldout["main"], heldout["aux"], labels)
+    return round(weight, 4), "chosen on held-out images"
 
 
 def stored(probs: torch.Tensor) -> np.ndarray:
@@ -172,20 +194,45 @@ def _check_classes(cfg: dict[str, Any], layout: Layout) -> None:
         )
 
 
+def split_scores(
+    probs: dict[str, torch.Tensor], labels: torch.Tensor, weight: float, view: str
+) -> dict[str, float | None]:
+    """Top-1 of one labelled split as stored: fused, unfused, and TenCrop / centre crop."""
+    fused = stored_top1(fuse(probs["main"], probs.get("aux"), weight), labels)
+    center = fused
+    if "center_main" in probs:
+        center = stored_top1(fuse(probs["center_main"], probs.get("center_aux"), weight), labels)
+    return {
+        "top1": fused,
+        "top1_unfused": stored_top1(probs["main"], labels),
+        "top1_tencrop": fused if view == "tencrop" else None,
+        "top1_center": center,
+    }
+
+
 def build_meta(
     cfg: dict[str, Any],
     args: argparse.Namespace,
-    weight: float,
-    source: str,
-    val: dict[str, torch.Tensor],
-    labels: torch.Tensor,
+    fusion: tuple[float, str],
+    heldout_split: str | None,
+    probs: dict[str, dict[str, torch.Tensor]],
+    labels: dict[str, torch.Tensor],
 ) -> dict[str, Any]:
-    """meta.json: where the probabilities come from, the fusion weight and the val top-1s."""
+    """meta.json: where the probabilities come from, the fusion weight and the images it was
+    chosen on, and per labelled split its top-1s, its size and whether the model trained on it."""
     view = "center" if args.center_crop else "tencrop"
-    fused = stored_top1(fuse(val["main"], val.get("aux"), weight), labels)
-    center = fused
-    if "center_main" in val:
-        center = stored_top1(fuse(val["center_main"], val.get("center_aux"), weight), labels)
+    weight, source = fusion
+    chosen_on = None
+    if source == "chosen on held-out images":
+        chosen_on = {"split": heldout_split, "images": len(labels[heldout_split])}
+    scores = {
+        split: {
+            "images": len(labels[split]),
+            "trained_on": split in cfg["train_splits"],
+            **split_scores(probs[split], labels[split], weight, view),
+        }
+        for split in labels
+    }
     return {
         "model": cfg["name"],
         "arch": cfg["arch"],
@@ -197,12 +244,11 @@ def build_meta(
         "resize_size": resize_size(cfg),
         "fusion_weight": weight,
         "fusion_weight_from": source,
-        "val_top1": fused,
-        "val_top1_unfused": stored_top1(val["main"], labels),
-        "val_top1_tencrop": fused if view == "tencrop" else None,
-        "val_top1_center": center,
-        # Final models train on train+val: their val figures are not held-out accuracies.
-        "val_seen_in_training": "val" in cfg["train_splits"],
+        "fusion_weight_chosen_on": chosen_on,
+        # The images this model did not train on (val, holdout, or none): the only figures
+        # that measure it, and the only images anything was chosen on.
+        "heldout_split": heldout_split,
+        "scores": scores,
         "num_classes": cfg["num_classes"],
         "data_dir": str(cfg["data_dir"]),
     }
@@ -249,11 +295,45 @@ def logits_provenance(
     }
 
 
+def summary_line(cfg: dict[str, Any], meta: dict[str, Any]) -> str:
+    """What the figures are: held-out (with the image count) or trained on, said plainly."""
+    held, scores = meta["heldout_split"], meta["scores"]
+    parts = []
+    if held is None:
+        parts.append("no held-out images")
+    else:
+        parts.append(
+            f"held-out top-1 {scores[held]['top1']:.2f}% ({held}, {scores[held]['images']} images)"
+        )
+    if scores["val"]["trained_on"]:
+        parts.append(f"val top-1 {scores['val']['top1']:.2f}% (trained on)")
+    where = meta["fusion_weight_from"]
+    if meta["fusion_weight_chosen_on"] is not None:
+        where = f"chosen on the {scores[held]['images']} held-out images"
+    parts.append(f"{meta['view']}, fusion weight {meta['fusion_weight']} ({where})")
+    return f"{cfg['name']}: " + "; ".join(parts)
+
+
 def write_outputs(folder: Path, arrays: dict[str, dict[str, np.ndarray]], meta: dict) -> None:
     """The npz files first, meta.json last: its presence marks a complete folder."""
     for split, split_arrays in arrays.items():
         write_npz(folder / f"{split}.npz", **split_arrays)
     write_text_atomic(folder / "meta.json", json.dumps(meta, indent=1) + "\n")
+
+
+def write_split_arrays(
+    items: dict[str, list], probs: dict[str, dict[str, torch.Tensor]], weight: float
+) -> dict[str, dict[str, np.ndarray]]:
+    """Each split's ids and fused probabilities (and labels, for the labelled splits)."""
+    arrays = {}
+    for split, split_items in items.items():
+        arrays[split] = {
+            "ids": np.array([item[0] for item in split_items], dtype=str),
+            "probs": stored(fuse(probs[split]["main"], probs[split].get("aux"), weight)),
+        }
+        if split != "test":
+            arrays[split]["labels"] = np.array([item[2] for item in split_items], dtype=np.int64)
+    return arrays
 
 
 @cli_main
@@ -265,37 +345,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     layout = Layout(Path(cfg["data_dir"]))
     _check_classes(cfg, layout)
     items = {split: _items(layout, split) for split in SPLITS}
+    heldout_split, held = heldout_items(cfg)
+    if heldout_split == HOLDOUT:
+        items[HOLDOUT] = held
     accelerator = make_accelerator(cfg["mixed_precision"])
     step_dir = resolve_checkpoint(run_dir(cfg), args.checkpoint)
     source_meta = checkpoint_meta(cfg, step_dir, accelerator.is_main_process)
     model = load_model(cfg, step_dir, args.role, accelerator.device)
     probs = {
-        split: predict_split(accelerator, model, cfg, items[split], split, view, batch_size)
-        for split in SPLITS
+        split: predict_split(accelerator, model, cfg, split_items, split, view, batch_size)
+        for split, split_items in items.items()
     }
-    labels = torch.tensor([label for _, _, label in items["val"]])
-    weight, source = choose_fusion_weight(cfg, probs["val"], labels)
-    meta = build_meta(cfg, args, weight, source, probs["val"], labels)
+    labels = {
+        split: torch.tensor([item[2] for item in split_items])
+        for split, split_items in items.items()
+        if split != "test"
+    }
+    fusion = choose_fusion_weight(cfg, probs.get(heldout_split), labels.get(heldout_split))
+    meta = build_meta(cfg, args, fusion, heldout_split, probs, labels)
+    meta["rows"] = {split: len(split_items) for split, split_items in items.items()}
     meta.update(source_meta)
-    meta["rows"] = {split: len(items[split]) for split in SPLITS}
     meta["processes"] = accelerator.num_processes
     meta["provenance"] = logits_provenance(cfg, layout, step_dir, args.role, items)
     if accelerator.is_main_process:
-        arrays = {
-            split: {
-                "ids": np.array([item[0] for item in items[split]], dtype=str),
-                "probs": stored(fuse(probs[split]["main"], probs[split].get("aux"), weight)),
-            }
-            for split in SPLITS
-        }
-        arrays["val"]["labels"] = labels.numpy().astype(np.int64)
-        write_outputs(logits_dir(cfg), arrays, meta)
-        print(
-            f"{cfg['name']}: val top-1 {meta['val_top1']:.2f}% ({view}, fusion weight {weight} "
-            f"from {source}); wrote {logits_dir(cfg)}/"
-        )
-        if meta["val_seen_in_training"]:
-            print(f"note: {cfg['name']} trained on val; its val top-1 is not a held-out figure")
+        write_outputs(logits_dir(cfg), write_split_arrays(items, probs, fusion[0]), meta)
+        print(f"{summary_line(cfg, meta)}; wrote {logits_dir(cfg)}/")
     accelerator.wait_for_everyone()
     return meta
 

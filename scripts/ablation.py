@@ -1,139 +1,246 @@
-"""`make ablation` / `make sweep`: the paper's Tables 2 and 3 on the embedded benchmark.
+"""`make ablation` / `make sweep`: the paper's Tables 2 and 3 and Figure 4, embedded benchmark.
 
-Rows and sweeps come from configs/ablation.yaml. Each (row, seed) is a real training run
-(`python -m train`, resumable) followed by centre-crop predictions (`python -m ensemble.logits`),
-scored on the full test set. Results are appended to results/ablation.csv (or sweep.csv) as each
-run finishes, so the job can be stopped and restarted at any time; the table (`.md`) and the
-bar chart (`.png`) are rewritten from the CSV after every run.
+Rows and sweeps come from configs/ablation.yaml; every (row, seed) is one job of the shared
+runner (scripts/study.py: resumable runs, each score appended to results/ablation.csv or
+sweep.csv as it finishes, a rerun does only what is missing). After every run the tables are
+rewritten from the CSV: results/ablation.{md,png} (each row beside the paper's number, its
+difference to the row it is compared to, and whether that reproduces the paper's), and for the
+sweep results/sweep_<knob>.md and results/sweep.png (the paper's Figure 4: value on x, test
+top-1 mean with standard-deviation error bars on y, one panel per knob).
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
+import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from common.fs import atomic_path, write_text_atomic
-from ensemble.evaluate import logits_top1
-from train.config import CONFIG_DIR, load_config
+from common.errors import cli_main
+from common.fs import write_text_atomic
+from scripts import study
+from train.config import load_config
 
-ROLE = {"student": "student", "teacher": "teacher", "teacher_fused": "teacher"}
-
-
-def run_module(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", *args])
-    if proc.returncode != 0:
-        raise SystemExit(f"error: `python -m {' '.join(args)}` failed ({proc.returncode})")
-
-
-def score_run(model: str, row: dict, seed: int, common: list[str], stage: Path) -> dict:
-    """Train (or resume) one run, predict val and test with the row's head, return its scores."""
-    runs = stage / "runs"
-    name = f"{row.get('same_runs_as', row['name'])}_s{seed}"
-    overrides = [
-        *common,
-        *row["overrides"],
-        f"seed={seed}",
-        f"name={name}",
-        f"out_dir={runs}",
-        f"logits_dir={stage / 'logits' / row['name']}",
-    ]
-    run_module("train", model, *overrides)
-    run_module("ensemble.logits", model, *overrides, "--center-crop", "--role", ROLE[row["eval"]])
-    cfg = load_config(model, overrides)
-    logits = Path(cfg["logits_dir"]) / name
-    meta = yaml.safe_load((logits / "meta.json").read_text())
-    return {
-        "row": row["name"],
-        "seed": seed,
-        "val_top1": meta["val_top1"],
-        "test_top1": logits_top1(logits, Path(cfg["data_dir"]) / "test_labels.csv"),
-        "epochs": cfg["epochs"],
-    }
+TABLES = {
+    3: "Table 3: the components, cumulative",
+    2: "Table 2: the Strong Baseline's augmentation",
+    "variants": "Variants of the formulas, on the full recipe",
+}
+HEADER = (
+    "| row | paper's row | test top-1 (%) | seeds | epochs | compared to | Δ | Δ paper | verdict "
+    "| paper |\n|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
-def summarise(frame: pd.DataFrame, rows: list[dict], path: Path, title: str) -> None:
-    """results/<stage>.md (mean and std per row beside the paper) and .png (bars, error bars)."""
-    stats = frame.groupby("row", sort=False)["test_top1"].agg(["mean", "std", "count"])
-    order = [r["name"] for r in rows if r["name"] in stats.index]
-    stats = stats.loc[order]
-    paper = {r["name"]: r.get("paper") for r in rows}
+def signed(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:+.2f}"
+
+
+def ablation_line(row: dict, frame: pd.DataFrame, paper: dict) -> str:
+    """One table line: the row's scores, and its difference to `compare_to` beside the paper's."""
+    scores = frame.loc[frame["row"] == row["name"], "test_top1"]
+    stat = study.aggregate(frame[frame["row"] == row["name"]]).iloc[0]
+    epochs = "/".join(
+        str(e) for e in sorted(frame.loc[frame["row"] == row["name"], "epochs"].unique())
+    )
+    ref = row.get("compare_to")
+    delta = paper_delta = None
+    judged = ""
+    if ref and (frame["row"] == ref).any():
+        delta, se = study.difference(scores, frame.loc[frame["row"] == ref, "test_top1"])
+        if paper.get(row["name"]) is not None and paper.get(ref) is not None:
+            paper_delta = paper[row["name"]] - paper[ref]
+        judged = study.verdict(delta, se, paper_delta)
+    ref_paper = "" if paper.get(row["name"]) is None else f"{paper[row['name']]:.2f}"
+    return (
+        f"| {row['name']} | {row['paper_row']} | {study.mean_std(stat)} | {int(stat['count'])} "
+        f"| {epochs} | {ref or ''} | {signed(delta)} | {signed(paper_delta)} | {judged} "
+        f"| {ref_paper} |"
+    )
+
+
+def write_ablation(frame: pd.DataFrame, rows: list[dict], spec: dict, results: Path) -> None:
+    """results/ablation.md (grouped as the paper's tables) and ablation.png (bars, error bars)."""
+    paper = {r["name"]: r.get("paper") for r in spec["rows"]}
     lines = [
-        f"# {title}",
+        "# The paper's Tables 2 and 3 on the embedded benchmark",
         "",
-        "| row | test top-1 (%) mean ± std | seeds | paper (ImageNet val) |",
-        "|---|---|---|---|",
+        f"`{spec['model']}` trained on the train split, scored on the full test set (centre crop);"
+        " mean ± sample standard deviation over seeds. Δ: the row minus the row it is compared to"
+        " (Δ paper: the same in the paper, EfficientNet-b2 on the VIPriors ImageNet train split)."
+        " Verdict: within noise when |Δ| is at most two standard errors, else whether Δ has the"
+        " paper's sign (higher / lower where the paper gives no number).",
     ]
-    for name, stat in stats.iterrows():
-        ref = "" if paper.get(name) is None else f"{paper[name]:.2f}"
-        std = 0.0 if np.isnan(stat["std"]) else stat["std"]
-        lines.append(f"| {name} | {stat['mean']:.2f} ± {std:.2f} | {int(stat['count'])} | {ref} |")
-    write_text_atomic(path.with_suffix(".md"), "\n".join(lines) + "\n")
-    import matplotlib
+    present = [r for r in rows if (frame["row"] == r["name"]).any()]
+    for table, title in TABLES.items():
+        group = [r for r in present if r["table"] == table]
+        if group:
+            lines += ["", f"## {title}", "", HEADER]
+            lines += [ablation_line(r, frame, paper) for r in group]
+    write_text_atomic(results / "ablation.md", "\n".join(lines) + "\n")
+    if present:
+        plot_bars(study.aggregate(frame).loc[[r["name"] for r in present]], spec["rows"], results)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.1 * len(stats) + 2, 4))
-    ax.bar(range(len(stats)), stats["mean"], yerr=stats["std"].fillna(0), capsize=4)
-    ax.set_xticks(range(len(stats)), stats.index, rotation=30, ha="right")
-    ax.set_ylim(stats["mean"].min() - 3, stats["mean"].max() + 2)
-    ax.set(ylabel="test top-1 (%)", title=title)
+def plot_bars(stats: pd.DataFrame, rows: list[dict], results: Path) -> None:
+    """Bars (mean, std error bars) coloured by the paper's table; the paper's top-1 on a
+    second axis (another dataset and model: compare the pattern, not the level)."""
+    plt = study.pyplot()
+    tables = {r["name"]: r["table"] for r in rows}
+    paper = [next(r.get("paper") for r in rows if r["name"] == n) for n in stats.index]
+    colours = {t: f"C{i}" for i, t in enumerate(TABLES)}
+    fig, ax = plt.subplots(figsize=(0.6 * len(stats) + 3, 5))
+    ax.bar(
+        range(len(stats)),
+        stats["mean"],
+        yerr=stats["std"].fillna(0),
+        capsize=3,
+        color=[colours[tables[n]] for n in stats.index],
+    )
+    ax.set_xticks(range(len(stats)), stats.index, rotation=45, ha="right")
+    spread = stats["std"].fillna(0)
+    ax.set_ylim(max(0.0, (stats["mean"] - spread).min() - 3), (stats["mean"] + spread).max() + 2)
+    ax.set(ylabel="test top-1 (%), embedded benchmark", title="Tables 2 and 3 at small scale")
+    other = ax.twinx()
+    other.plot(range(len(stats)), [np.nan if p is None else p for p in paper], "kD", label="paper")
+    other.set_ylabel("paper's top-1 (%), EfficientNet-b2 on ImageNet")
+    other.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path.with_suffix(".png")) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    study.save_figure(fig, results / "ablation.png")
 
 
+# ---- the sweep (Figure 4) ------------------------------------------------------------------
 def sweep_rows(spec: dict) -> list[dict]:
-    """One row per swept value, around the full recipe (plus_aux_classifier's settings)."""
-    full = next(r for r in spec["rows"] if r["name"] == "plus_aux_classifier")
+    """One row per swept value: the full recipe (`sweep_from`) with the sweep's own overrides
+    (e.g. cr_space=features) and `knob=value`."""
+    rows = {r["name"]: r for r in spec["rows"]}
+    full = rows[spec["sweep_from"]]
+    base = study.row_overrides(rows, full["name"])
+    recipe = load_config(spec["model"], [*spec["common"], *base])
+    out = []
+    for sweep in spec["sweeps"]:
+        extra = list(sweep.get("overrides", []))
+        for value in sweep["values"]:
+            setting = f"{sweep['knob']}={value}"
+            out.append(
+                {
+                    "name": ",".join([*extra, setting]),
+                    "eval": full["eval"],
+                    "overrides": [*base, *extra, setting],
+                    "knob": sweep["knob"],
+                    "panel": sweep["panel"],
+                    "series": sweep.get("series", "full recipe"),
+                    "value": value,
+                    "recipe_point": not extra and value == recipe[sweep["knob"]],
+                }
+            )
+    return out
 
-    def setting(key, value) -> str:
-        return f"{key}={'null' if value is None else value}"
 
-    return [
-        {
-            "name": setting(key, value),
-            "eval": full["eval"],
-            "overrides": [*full["overrides"], setting(key, value)],
-        }
-        for key, values in spec["sweep"].items()
-        for value in values
+def with_sweep_columns(frame: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
+    columns = ["knob", "panel", "series", "value", "recipe_point"]
+    meta = pd.DataFrame([{"row": r["name"], **{c: r[c] for c in columns}} for r in rows])
+    return frame.merge(meta, on="row", how="inner")
+
+
+def write_sweep_table(frame: pd.DataFrame, knob: str, results: Path) -> None:
+    """results/sweep_<knob>.md: each value's scores, and its difference to the recipe's point."""
+    part = frame[frame["knob"] == knob]
+    centre = part.loc[part["recipe_point"], "test_top1"]
+    lines = [
+        f"# Figure 4 {part['panel'].iloc[0]}: `{knob}` around the full recipe",
+        "",
+        "Test top-1 (%), mean ± sample standard deviation over seeds. Δ: minus the recipe's own"
+        " point; within noise when |Δ| is at most two standard errors.",
+        "",
+        f"| {knob} | series | test top-1 (%) | seeds | epochs | Δ vs recipe | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for (series, value), group in part.groupby(["series", "value"], sort=False):
+        stat = study.aggregate(group, by="knob").iloc[0]
+        mark = " (recipe)" if group["recipe_point"].iloc[0] else ""
+        delta, judged = None, ""
+        if len(centre) and not group["recipe_point"].iloc[0]:
+            delta, se = study.difference(group["test_top1"], centre)
+            judged = study.verdict(delta, se, None)
+        epochs = "/".join(str(e) for e in sorted(group["epochs"].unique()))
+        lines.append(
+            f"| {value:g}{mark} | {series} | {study.mean_std(stat)} | {int(stat['count'])} "
+            f"| {epochs} | {signed(delta)} | {judged} |"
+        )
+    write_text_atomic(results / f"sweep_{knob}.md", "\n".join(lines) + "\n")
 
 
+def plot_sweep(frame: pd.DataFrame, results: Path) -> None:
+    """results/sweep.png: one panel per knob, each series a line of mean ± std per value."""
+    plt = study.pyplot()
+    panels = list(dict.fromkeys(frame["panel"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        part = frame[frame["panel"] == panel]
+        values = sorted(part["value"].unique())
+        for series, group in part.groupby("series", sort=False):
+            stats = group.groupby("value")["test_top1"].agg(["mean", "std"])
+            x = [values.index(v) for v in stats.index]
+            ax.errorbar(
+                x, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=4, label=series
+            )
+        recipe = part[part["recipe_point"]]
+        if len(recipe):
+            ax.plot(
+                [values.index(recipe["value"].iloc[0])],
+                [recipe["test_top1"].mean()],
+                "r*",
+                markersize=13,
+                label="recipe's point",
+            )
+        ax.set_xticks(range(len(values)), [f"{v:g}" for v in values])
+        ax.set(title=panel, xlabel=part["knob"].iloc[0], ylabel="test top-1 (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    study.save_figure(fig, results / "sweep.png")
+
+
+def write_sweep(frame: pd.DataFrame, rows: list[dict], results: Path) -> None:
+    frame = with_sweep_columns(frame, rows)
+    if frame.empty:
+        return
+    for knob in dict.fromkeys(frame["knob"]):
+        write_sweep_table(frame, knob, results)
+    plot_sweep(frame, results)
+
+
+@cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="the knob sweep instead of the rows")
-    parser.add_argument("--rows", nargs="*", help="only these rows (names)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="Figure 4's sweeps instead of the rows"
+    )
+    parser.add_argument("--rows", nargs="*", help="only these rows (names, e.g. cr_weight=0.3)")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the seeds")
     parser.add_argument("--results", type=Path, default=Path("results"), help="output folder")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (e.g. epochs=30)")
     args = parser.parse_args(argv)
-    spec = yaml.safe_load((CONFIG_DIR / "ablation.yaml").read_text())
+    spec = study.load_spec()
+    every = sweep_rows(spec) if args.sweep else spec["rows"]
+    unknown = sorted(set(args.rows or []) - {r["name"] for r in every})
+    if unknown:
+        parser.error(f"unknown rows {', '.join(unknown)}; see configs/ablation.yaml")
+    rows = [r for r in every if not args.rows or r["name"] in args.rows]
+    spec_seeds = spec["sweep_seeds" if args.sweep else "seeds"]
+    seeds = args.seeds or spec_seeds
+    jobs = study.row_jobs(spec, rows, seeds, args.overrides)
+    # The tables show every row and seed scored so far, not only this invocation's.
+    shown = study.row_jobs(spec, every, sorted({*spec_seeds, *seeds}), args.overrides)
+    if args.sweep:
+        report = partial(write_sweep, rows=every, results=args.results)
+    else:
+        report = partial(write_ablation, rows=every, spec=spec, results=args.results)
     stage = "sweep" if args.sweep else "ablation"
-    folder = args.results / stage
-    rows = sweep_rows(spec) if args.sweep else spec["rows"]
-    rows = [r for r in rows if not args.rows or r["name"] in args.rows]
-    seeds = args.seeds or spec["sweep_seeds" if args.sweep else "seeds"]
-    common = [*spec["common"], *args.overrides]
-    csv = args.results / f"{stage}.csv"
-    frame = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=["row", "seed"])
-    for row in rows:
-        for seed in seeds:
-            if ((frame["row"] == row["name"]) & (frame["seed"] == seed)).any():
-                continue
-            result = score_run(spec["model"], row, seed, common, folder)
-            frame = pd.concat([frame, pd.DataFrame([result])], ignore_index=True)
-            write_text_atomic(csv, frame.to_csv(index=False))
-            print(f"{row['name']} seed {seed}: test top-1 {result['test_top1']:.2f}%", flush=True)
-    summarise(frame, rows, args.results / stage, f"{stage} on the embedded benchmark")
+    study.run_jobs(stage, spec["model"], jobs, args.results, spec, report, shown)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def write_members(root: Path, models: int, rows: int, classes: int) -> list[str]
             probs /= probs.sum(1, keepdims=True)
             extra = {"labels": labels} if split == "val" else {}
             write_npz(folder / f"{split}.npz", ids=ids, probs=probs.astype(np.float16), **extra)
-        meta = {"val_top1_tencrop": 0.1, "val_top1_center": 0.1, "data_dir": None}
+        scores = {"images": rows, "trained_on": False, "top1_tencrop": 0.1, "top1_center": 0.1}
+        meta = {"heldout_split": "val", "scores": {"val": scores}, "data_dir": None}
         (folder / "meta.json").write_text(json.dumps(meta))
     return names
 

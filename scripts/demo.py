@@ -63,17 +63,19 @@ def logits_current(cfg: dict) -> bool:
 
 
 def closing_table(configs: list[dict], submission: Path, ensemble: dict, labels: Path) -> str:
-    lines = [f"{'model':<22}{'val top-1':>10}{'test top-1':>12}   artifacts"]
     seen = any("val" in cfg["train_splits"] for cfg in configs)
+    val_header = "val (trained on)" if seen else "val top-1"
+    lines = [f"{'model':<22}{val_header:>17}{'test top-1':>12}   artifacts"]
     for cfg in configs:
         meta = json.loads((logits_dir(cfg) / "meta.json").read_text())
         test = logits_top1(logits_dir(cfg), labels)
         lines.append(
-            f"{cfg['name']:<22}{meta['val_top1']:>9.2f}%{test:>11.2f}%   {run_dir(cfg)}/, "
+            f"{cfg['name']:<22}{meta['scores']['val']['top1']:>16.2f}%{test:>11.2f}%   "
+            f"{run_dir(cfg)}/, "
             f"{logits_dir(cfg)}/"
         )
     lines.append(
-        f"{'ensemble':<22}{ensemble['val']:>9.2f}%{ensemble['test']:>11.2f}%   "
+        f"{'ensemble':<22}{ensemble['val']:>16.2f}%{ensemble['test']:>11.2f}%   "
         f"{submission}, {submission.with_suffix('.zip')}, {submission.with_suffix('.json')}"
     )
     if seen:
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     stages.run("evaluate", "ensemble.evaluate", str(submission), "--labels", str(labels))
     report = json.loads(submission.with_suffix(".json").read_text())
     correct, total = score(submission, labels, len(Layout(data).classes()))
-    scores = {"val": report["val_top1"]["ensemble"], "test": 100.0 * correct / total}
+    scores = {"val": report["val"]["top1"]["ensemble"], "test": 100.0 * correct / total}
     print("\n" + closing_table(configs, submission, scores, labels))
     print("\nWhere the minutes went:\n" + stages.table())
 

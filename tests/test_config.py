@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from common.errors import UserError, user_message
 from tests.conftest import run_command
-from train.config import available, load_config
+from train.config import CONFIG_DIR, available, load_config
 
 ENSEMBLE_ARCHS = {
     "efficientnet_b5",
@@ -142,3 +143,57 @@ def test_a_yaml_syntax_error_names_the_file_and_line_in_one_line(tmp_path, text,
 
 def test_a_user_error_of_several_lines_is_joined_not_cut():
     assert user_message(UserError("first line\n  second line\n")) == "first line second line"
+
+
+def test_the_config_command_prints_the_papers_forms_for_effnet_b7():
+    proc = run_command("-m", "train.config", "effnet_b7")
+    printed = yaml.safe_load(proc.stdout)
+    assert printed == load_config("effnet_b7")
+    forms = {key: printed[key] for key in ("cr_similarity", "cr_space", "mt_direction")}
+    assert forms == {"cr_similarity": "dot", "cr_space": "probs", "mt_direction": "student_teacher"}
+    assert printed["drop_path_rate"] == 0.0 and printed["ema_decay"] == 0.9998
+    other = yaml.safe_load(
+        run_command("-m", "train.config", "effnet_b7", "cr_similarity=cosine").stdout
+    )
+    assert other["cr_similarity"] == "cosine"
+    proc = run_command("-m", "train.config", "effnet_b7", "cr_normalize=true", check=False)
+    assert proc.returncode == 2 and "unknown config key cr_normalize" in proc.stderr
+
+
+def test_every_recipe_key_of_base_yaml_says_whether_the_paper_or_we_chose_it():
+    """A key's comment (its line and the indented lines under it) names its source."""
+    infrastructure = {
+        "name",
+        "data",
+        "data_dir",
+        "out_dir",
+        "logits_dir",
+        "workers",
+        "mean",
+        "std",
+        "channels_last",
+        "eval_every",
+        "ckpt_every_steps",
+        "keep_last",
+        "max_nonfinite",
+        "allow_config_change",
+    }
+    lines = (CONFIG_DIR / "base.yaml").read_text().splitlines()
+    comments: dict[str, str] = {}
+    key = None
+    for line in lines:
+        if line and not line.startswith((" ", "#")):
+            key = line.split(":")[0]
+            comments[key] = line.partition("#")[2]
+        elif key and line.startswith(" ") and "#" in line:
+            comments[key] += line.partition("#")[2]
+    assert set(comments) == set(load_config("effnet_b7"))
+    unlabelled = [
+        k
+        for k, text in comments.items()
+        if k not in infrastructure and "paper" not in text and "ours" not in text
+    ]
+    assert unlabelled == []
+    assert "ours" in comments["ema_decay"] and "paper gives no eta" in comments["ema_decay"]
+    for key in ("opt_eps", "lr_base_batch", "mix_prob", "fusion_fallback"):
+        assert "ours" in comments[key], key

@@ -1,8 +1,8 @@
-"""`make demo` and `make ablation` end to end, through their real scripts, on a tiny dataset."""
+"""`make demo` end to end, through its real script, on a tiny dataset (make ablation, sweep,
+long-run and tsne: tests/test_evidence.py)."""
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
 from ensemble.blend import load_ensemble_config
@@ -42,28 +42,3 @@ def test_the_demo_runs_every_stage_and_prints_the_closing_table(tiny_dir, tmp_pa
     assert timing[-1].startswith("total") and timing[-1].endswith("min)")
     again = run_command(*args).stdout  # a rerun reuses what is done
     assert again.count("up to date, kept") == len(models)
-
-
-def test_the_ablation_appends_a_row_per_run_and_writes_its_table(tiny_dir, tmp_path):
-    overrides = [f"data_dir={tiny_dir}", "epochs=1", "batch_size=8", "ckpt_every_steps=0"]
-    args = [
-        "-m",
-        "scripts.ablation",
-        "--rows",
-        "strong_baseline",
-        "plus_cr",
-        "--seeds",
-        "0",
-        "--results",
-        str(tmp_path),
-        *overrides,
-    ]
-    run_command(*args)
-    frame = pd.read_csv(tmp_path / "ablation.csv")
-    assert frame["row"].tolist() == ["strong_baseline", "plus_cr"]
-    assert frame["test_top1"].between(0, 100).all()
-    table = (tmp_path / "ablation.md").read_text()
-    assert "| strong_baseline |" in table and "58.77" in table
-    assert (tmp_path / "ablation.png").stat().st_size > 1000
-    rerun = run_command(*args)  # finished rows are not trained again
-    assert "seed 0: test top-1" not in rerun.stdout

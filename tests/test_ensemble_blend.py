@@ -13,7 +13,7 @@ import yaml
 from common.errors import UserError
 from ensemble.blend import blend_split, load_ensemble_config
 from ensemble.members import SUM_TOLERANCE, open_members, write_npz
-from ensemble.search import coordinate_ascent, search_weights
+from ensemble.search import common_heldout, coordinate_ascent, search_weights
 from tests.conftest import run_command
 from train.config import CONFIG_DIR
 
@@ -27,6 +27,16 @@ def random_probs(rng: np.random.Generator, n: int, k: int = K) -> np.ndarray:
     return rng.dirichlet(np.ones(k), size=n).astype(np.float16)
 
 
+def scores(probs, labels, trained_on: bool) -> dict:
+    top1 = 100.0 * float((probs.argmax(1) == labels).mean())
+    return {
+        "images": len(labels),
+        "trained_on": trained_on,
+        "top1_tencrop": top1,
+        "top1_center": top1 - 1,
+    }
+
+
 def make_member(
     root,
     name,
@@ -36,15 +46,24 @@ def make_member(
     val_ids=VAL_IDS,
     labels=VAL_LABELS,
     test_ids=TEST_IDS,
-    meta=None,
+    holdout=None,
 ):
+    """A `make logits` folder: by default a train-split member (val held out); with `holdout` =
+    (ids, probs, labels) a train+val member that held those images out; with `holdout` = () a
+    train+val member that held out nothing."""
     folder = root / name
     folder.mkdir(parents=True)
     write_npz(folder / "val.npz", ids=val_ids, probs=val_probs, labels=labels)
     write_npz(folder / "test.npz", ids=test_ids, probs=test_probs)
-    top1 = 100.0 * float((val_probs.argmax(1) == labels).mean())
-    info = {"val_top1_tencrop": top1, "val_top1_center": top1 - 1, "data_dir": "data/x"}
-    (folder / "meta.json").write_text(json.dumps({**info, **(meta or {})}))
+    meta = {"heldout_split": "val", "scores": {"val": scores(val_probs, labels, False)}}
+    if holdout is not None:
+        meta = {"heldout_split": None, "scores": {"val": scores(val_probs, labels, True)}}
+    if holdout:
+        ids, probs, held_labels = holdout
+        write_npz(folder / "holdout.npz", ids=ids, probs=probs, labels=held_labels)
+        meta["heldout_split"] = "holdout"
+        meta["scores"]["holdout"] = scores(probs, held_labels, False)
+    (folder / "meta.json").write_text(json.dumps({**meta, "data_dir": "data/x"}))
     return folder
 
 
@@ -185,13 +204,78 @@ def test_weight_search_is_kept_only_when_it_wins_on_held_out_val(tmp_path):
         make_member(tmp_path, name, val, random_probs(rng, 10))
     weights, report = search_weights(open_members(tmp_path, ["a", "b", "wrong"]))
     assert report["accepted"] and weights[2] < min(weights[:2])
-    assert report["held_out_top1_searched"] > report["held_out_top1_equal"]
+    assert report["cross_validated_top1_searched"] > report["cross_validated_top1_equal"]
+    assert report["chosen_on"] == {
+        "images": 24,
+        "files": dict.fromkeys(("a", "b", "wrong"), "val.npz"),
+    }
     members = open_members(tmp_path, ["a", "b", "wrong"])
     assert blend_split(members, weights, "val").top1() > blend_split(members, [1] * 3, "val").top1()
     for name in ("c", "d", "e"):  # identical members: nothing to gain, equal weights stay
         make_member(tmp_path, name, good[0], random_probs(rng, 10))
     weights, report = search_weights(open_members(tmp_path, ["c", "d", "e"]))
     assert not report["accepted"] and weights == [1.0, 1.0, 1.0]
+
+
+HELD_IDS = np.array([f"c{i % K}/h{i:02d}.png" for i in range(40)])
+HELD_LABELS = np.array([i % K for i in range(40)])
+
+
+def test_weights_are_chosen_on_held_out_images_never_on_the_val_the_members_trained_on(tmp_path):
+    rng = np.random.default_rng(10)
+    onehot_val, onehot_held = np.eye(K)[VAL_LABELS], np.eye(K)[HELD_LABELS]
+
+    def noisy(onehot):
+        return (0.35 * onehot + 0.65 * rng.dirichlet(np.ones(K), len(onehot))).astype(np.float16)
+
+    wrong_held = np.eye(K)[(HELD_LABELS + 1) % K].astype(np.float16)
+    # "memorised" is perfect on the val it trained on and sure of a wrong class on held-out
+    # images: a search on val would keep it, one on the held-out images drops it.
+    members = {
+        "a": (noisy(onehot_val), noisy(onehot_held)),
+        "b": (noisy(onehot_val), noisy(onehot_held)),
+        "memorised": (np.eye(K)[VAL_LABELS].astype(np.float16), wrong_held),
+    }
+    for name, (val, held) in members.items():
+        holdout = (HELD_IDS, held, HELD_LABELS)
+        make_member(tmp_path, name, val, random_probs(rng, 10), holdout=holdout)
+    weights, report = search_weights(open_members(tmp_path, list(members)))
+    assert report["accepted"] and weights[2] < min(weights[:2])
+    assert report["chosen_on"] == {"images": 40, "files": dict.fromkeys(members, "holdout.npz")}
+
+
+def test_only_images_every_member_held_out_are_used_and_their_labels_must_agree(tmp_path):
+    rng = np.random.default_rng(11)
+    # a held out rows 0-29, b rows 10-39 (another holdout_seed), in shuffled orders
+    spans = {"a": np.arange(0, 30), "b": np.arange(10, 40)[::-1]}
+    for name, rows in spans.items():
+        holdout = (HELD_IDS[rows], random_probs(rng, len(rows)), HELD_LABELS[rows])
+        make_member(tmp_path, name, random_probs(rng, 24), random_probs(rng, 10), holdout=holdout)
+    held = common_heldout(open_members(tmp_path, ["a", "b"]))
+    assert sorted(held.ids.tolist()) == sorted(HELD_IDS[10:30].tolist())
+    assert held.labels.tolist() == sorted(held.labels.tolist())  # ordered by class for the folds
+    for j, name in enumerate(("a", "b")):
+        ids = np.load(tmp_path / name / "holdout.npz")["ids"]
+        assert ids[held.rows[j]].tolist() == held.ids.tolist()
+    holdout = (HELD_IDS, random_probs(rng, 40), (HELD_LABELS + 1) % K)
+    make_member(
+        tmp_path, "relabelled", random_probs(rng, 24), random_probs(rng, 10), holdout=holdout
+    )
+    with pytest.raises(UserError, match="labels of shared held-out images differ"):
+        common_heldout(open_members(tmp_path, ["a", "relabelled"]))
+    make_member(tmp_path, "blind", random_probs(rng, 24), random_probs(rng, 10), holdout=())
+    reason = common_heldout(open_members(tmp_path, ["a", "blind"]))
+    assert isinstance(reason, str) and reason.startswith("blind held out no images")
+    weights, report = search_weights(open_members(tmp_path, ["a", "blind"]))
+    assert weights == [1.0, 1.0] and report == {
+        "accepted": False,
+        "skipped": reason,
+        "chosen_on": None,
+    }
+    disjoint = (HELD_IDS[35:], random_probs(rng, 5), HELD_LABELS[35:])
+    make_member(tmp_path, "late", random_probs(rng, 24), random_probs(rng, 10), holdout=disjoint)
+    reason = common_heldout(open_members(tmp_path, ["a", "late"]))
+    assert "no image in common" in reason and "holdout_seed" in reason
 
 
 def test_ensemble_configs_name_existing_model_configs():
@@ -235,12 +319,17 @@ def test_blend_command_writes_csv_zip_json_and_prints_the_table(three, tmp_path)
     report = json.loads((out / "abc.json").read_text())
     assert report["models"] == ["a", "b", "c"] and report["weights"] == [0.25, 0.5, 0.25]
     assert report["weights_from"] == "--weights" and report["num_classes"] == K
-    assert set(report["val_top1"]["models"]) == {"a", "b", "c"}
+    assert set(report["val"]["top1"]["models"]) == {"a", "b", "c"}
+    # train-split members: val is what every one of them held out
+    assert report["val"]["trained_on_by"] == [] and report["heldout"]["images"] == 24
+    assert report["heldout"]["top1"]["ensemble"] == pytest.approx(report["val"]["top1"]["ensemble"])
+    assert report["weights_chosen_on"] is None  # given, not chosen
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["model", "weight", "TenCrop", "centre"]
+    assert lines[0].split() == ["model", "weight", "TenCrop", "centre", "top-1", "(%)", "on"]
     assert [line.split()[0] for line in lines[1:5]] == ["a", "b", "c", "ensemble"]
-    assert lines[2].split()[1] == "0.500"
-    assert f"{report['val_top1']['ensemble']:.2f}" in lines[4]
+    assert lines[2].split()[1] == "0.500" and lines[2].endswith("held-out val (24 images)")
+    assert f"{report['heldout']['top1']['ensemble']:.2f}" in lines[4]
+    assert lines[4].endswith("held-out (24 images, all models)")
 
 
 def test_blend_command_rows_follow_test_index_order(tmp_path):
@@ -316,7 +405,8 @@ def test_blend_command_records_a_weight_search(tmp_path):
     report = json.loads((tmp_path / "ensemble.json").read_text())
     assert report["weights_from"] == "search" and report["search"]["accepted"]
     assert report["weights"][2] < min(report["weights"][:2])
-    assert report["val_top1"]["ensemble"] > report["val_top1"]["models"]["wrong"]
+    assert report["val"]["top1"]["ensemble"] > report["val"]["top1"]["models"]["wrong"]
+    assert report["weights_chosen_on"]["images"] == 24
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from tests.conftest import ROOT, run_command
 from tests.test_logits import explicit_ten_crops, softmax64
 from train.checkpoint import load_weights
 from train.config import load_config, read_provenance
+from train.data import split_train_eval
 from train.inference import fuse
 from train.model import build_model
 
@@ -131,12 +132,18 @@ def test_logits_writes_one_row_per_image_in_id_order(world, logits_0):
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["rows"] == {"val": 9, "test": 6} and meta["view"] == "tencrop"
     assert meta["role"] == "teacher" and meta["checkpoint"] == "best"
-    assert meta["resize_size"] == 20 and meta["fusion_weight_from"] == "val"
-    assert meta["fusion_weight"] in [round(0.05 * i, 2) for i in range(21)]
+    # trained on train+val with nothing held out: nothing to choose the weight on
+    assert meta["resize_size"] == 20 and meta["heldout_split"] is None
+    assert meta["fusion_weight_from"] == "fusion_fallback (no held-out images)"
+    assert meta["fusion_weight"] == 0.5 and meta["fusion_weight_chosen_on"] is None
+    assert not (folder / "holdout.npz").exists()
     right = (val["probs"].astype(np.float32).argmax(1) == val["labels"]).mean()
-    assert meta["val_top1"] == pytest.approx(100.0 * right) == meta["val_top1_tencrop"]
-    assert meta["val_top1_center"] is not None
-    assert "tiny_0: val top-1" in proc.stdout
+    scores = meta["scores"]["val"]
+    assert scores["top1"] == pytest.approx(100.0 * right) == scores["top1_tencrop"]
+    assert scores["top1_center"] is not None and scores["trained_on"] is True
+    assert scores["images"] == 9 and list(meta["scores"]) == ["val"]
+    assert "tiny_0: no held-out images; val top-1" in proc.stdout
+    assert "(trained on)" in proc.stdout and "fusion weight 0.5 (fusion_fallback" in proc.stdout
 
 
 def test_logits_rows_equal_an_explicit_tencrop_of_the_teacher(world, logits_0):
@@ -164,8 +171,9 @@ def test_logits_student_and_centre_crop_options(world, logits_0):
     logits_command(world, "tiny_0", "--role", "student", "--center-crop", logits="logits_student")
     other = world["base"] / "logits_student" / "tiny_0"
     meta = json.loads((other / "meta.json").read_text())
-    assert (meta["role"], meta["view"], meta["val_top1_tencrop"]) == ("student", "center", None)
-    assert meta["val_top1_center"] == meta["val_top1"]
+    scores = meta["scores"]["val"]
+    assert (meta["role"], meta["view"], scores["top1_tencrop"]) == ("student", "center", None)
+    assert scores["top1_center"] == scores["top1"]
     teacher, student = load(folder / "test.npz"), load(other / "test.npz")
     assert teacher["ids"].tolist() == student["ids"].tolist()
     assert not np.array_equal(teacher["probs"], student["probs"])
@@ -211,6 +219,134 @@ def test_logits_then_ensemble_then_evaluate(world, logits_0):
     labels = pd.read_csv(world["data"] / "test_labels.csv")
     right = int((labels["label"].to_numpy() == frame["Predictions"].to_numpy()).sum())
     assert f"({right}/6) against {world['data'] / 'test_labels.csv'}" in proc.stdout
+
+
+# ---- train+val runs: what the fusion weight and the ensemble weights are chosen on -------------
+def train_command(paths: dict, name: str, *extra: str):
+    """A real (tiny) training run: 15 train+val images, 4 per step."""
+    return run_command(
+        "-m",
+        "train",
+        paths["model"],
+        f"name={name}",
+        *common(paths),
+        "epochs=1",
+        "warmup_epochs=0",
+        "ckpt_every_steps=0",
+        "train_splits=[train,val]",
+        *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def held_runs(world):
+    """Two train+val runs of different seeds holding out one image per class (the same images:
+    one holdout_seed), each trained and predicted by the real commands; stdout of each."""
+    out = {}
+    for name, seed in (("held_a", 0), ("held_b", 1)):
+        trained = train_command(world, name, f"seed={seed}", "holdout_per_class=1")
+        out[name] = (trained.stdout, logits_command(world, name).stdout)
+    return out
+
+
+@pytest.mark.slow
+def test_a_train_val_run_chooses_its_fusion_weight_on_its_held_out_images(world, held_runs):
+    base = world["base"]
+    cfg = load_config(str(base / "runs" / "held_a" / "config.yaml"))
+    train_items, held = split_train_eval(cfg)
+    assert len(held) == 3 and not {i[0] for i in held} & {i[0] for i in train_items}
+    trained, predicted = held_runs["held_a"]
+    assert "held-out (3 images): student" in trained
+    metrics = pd.read_csv(base / "runs" / "held_a" / "metrics.csv")
+    assert metrics["heldout_images"].tolist() == [3] and metrics["heldout_fused"].notna().all()
+    folder = base / "logits" / "held_a"
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["heldout_split"] == "holdout" and meta["rows"]["holdout"] == 3
+    assert meta["fusion_weight_from"] == "chosen on held-out images"
+    assert meta["fusion_weight_chosen_on"] == {"split": "holdout", "images": 3}
+    assert meta["scores"]["holdout"]["trained_on"] is False
+    assert meta["scores"]["val"]["trained_on"] is True
+    holdout = load(folder / "holdout.npz")
+    assert holdout["ids"].tolist() == [item[0] for item in held]
+    assert holdout["labels"].tolist() == [item[2] for item in held]
+    # the weight is the best over the grid on exactly those images (ties: the smaller w),
+    # recomputed from an explicit TenCrop of the teacher
+    model = build_model(cfg)
+    model.load_state_dict(load_weights(base / "runs" / "held_a", "best", "teacher"))
+    model.eval()
+    mains, auxes = [], []
+    with torch.no_grad():
+        for _, path, _ in held:
+            main, aux = np.zeros(3), np.zeros(3)
+            for crop in explicit_ten_crops(Image.open(path).convert("RGB"), cfg):
+                m, a = model(torch.tensor(crop.copy(), dtype=torch.float32).unsqueeze(0))
+                main, aux = main + softmax64(m[0]) / 10, aux + softmax64(a[0]) / 10
+            mains.append(main)
+            auxes.append(aux)
+    labels = holdout["labels"]
+    grid = [i / 20 for i in range(21)]
+    right = [
+        sum(
+            int(np.argmax(fuse(m, a, w)) == y) for m, a, y in zip(mains, auxes, labels, strict=True)
+        )
+        for w in grid
+    ]
+    assert meta["fusion_weight"] == pytest.approx(grid[right.index(max(right))])
+    expected = np.stack(
+        [fuse(m, a, meta["fusion_weight"]) for m, a in zip(mains, auxes, strict=True)]
+    )
+    np.testing.assert_allclose(holdout["probs"].astype(np.float64), expected, atol=1e-3)
+    assert "held-out top-1" in predicted and "(holdout, 3 images)" in predicted
+    assert "(trained on)" in predicted and "chosen on the 3 held-out images" in predicted
+
+
+@pytest.mark.slow
+def test_a_train_val_run_without_held_out_images_uses_the_fixed_weight_and_its_last_epoch(world):
+    base = world["base"]
+    trained = train_command(
+        world, "blind", "holdout_per_class=0", "epochs=2", "fusion_fallback=0.3"
+    )
+    assert "held-out" not in trained.stdout
+    metrics = pd.read_csv(base / "runs" / "blind" / "metrics.csv")
+    assert "heldout_student" not in metrics and metrics["epoch"].tolist() == [1, 2]
+    checkpoints = base / "runs" / "blind" / "checkpoints"
+    last = max(p for p in checkpoints.glob("step_*") if (p / "COMPLETE").is_file())
+    best = checkpoints / "best"
+    assert (best / "COMPLETE").read_text() == (last / "COMPLETE").read_text()
+    predicted = logits_command(world, "blind").stdout
+    meta = json.loads((base / "logits" / "blind" / "meta.json").read_text())
+    assert (meta["fusion_weight"], meta["heldout_split"]) == (0.3, None)
+    assert meta["fusion_weight_from"] == "fusion_fallback (no held-out images)"
+    assert meta["fusion_weight_chosen_on"] is None and list(meta["scores"]) == ["val"]
+    assert "no held-out images" in predicted and "fusion weight 0.3" in predicted
+
+
+@pytest.mark.slow
+def test_the_ensemble_chooses_weights_only_on_images_every_member_held_out(world, held_runs):
+    base = world["base"]
+    args = [
+        "--logits-dir",
+        str(base / "logits"),
+        "--out-dir",
+        str(base / "subs"),
+        "--search-weights",
+    ]
+    run_command("-m", "ensemble.blend", "--models", "held_a", "held_b", "--name", "held", *args)
+    report = json.loads((base / "subs" / "held.json").read_text())
+    files = {"held_a": "holdout.npz", "held_b": "holdout.npz"}
+    assert report["search"]["chosen_on"] == {"images": 3, "files": files}
+    assert report["heldout"]["images"] == 3 and report["heldout"]["files"] == files
+    assert report["val"]["trained_on_by"] == ["held_a", "held_b"]
+    # one member held out nothing: there is no image to choose on, the weights stay equal
+    proc = run_command(
+        "-m", "ensemble.blend", "--models", "held_a", "tiny_0", "--name", "mixed", *args
+    )
+    report = json.loads((base / "subs" / "mixed.json").read_text())
+    assert report["weights"] == [0.5, 0.5] and report["search"]["chosen_on"] is None
+    assert report["weights_from"].startswith("equal (no search")
+    assert "tiny_0 held out no images" in report["search"]["skipped"]
+    assert report["heldout"] is None and "note: weights stay equal" in proc.stdout
+    assert "val (9 images, trained on)" in proc.stdout
 
 
 def free_port() -> int:

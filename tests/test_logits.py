@@ -204,12 +204,12 @@ def test_predict_crops_without_an_auxiliary_head_returns_main_only(accelerator, 
     assert got["main"].shape == (5, 4)
 
 
-def test_fusion_weight_is_picked_on_val_with_ties_to_the_smaller_weight():
+def test_fusion_weight_is_picked_on_held_out_images_with_ties_to_the_smaller_weight():
     # Image 0 is right only for w > 4/7 (aux wins), image 1 only for w < 0.75 (main wins).
     main = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
     aux = torch.tensor([[0.2, 0.8], [0.6, 0.4]])
     labels = torch.tensor([1, 1])
-    cfg = {"fusion_weight": None}
+    cfg = {"fusion_weight": None, "fusion_fallback": 0.5, "aux_weight": 0.4}
     weight, source = choose_fusion_weight(cfg, {"main": main, "aux": aux}, labels)
     # Brute force over the same grid: both right for w in {0.6, 0.65, 0.7}; the smallest wins.
     grid = [i / 20 for i in range(21)]
@@ -217,12 +217,16 @@ def test_fusion_weight_is_picked_on_val_with_ties_to_the_smaller_weight():
         sum(int(np.argmax(w * aux[i].numpy() + (1 - w) * main[i].numpy()) == 1) for i in range(2))
         for w in grid
     ]
-    assert (weight, source) == (grid[scores.index(max(scores))], "val") == (0.6, "val")
-    assert choose_fusion_weight({"fusion_weight": 0.2}, {"main": main, "aux": aux}, labels) == (
-        0.2,
-        "config",
-    )
-    assert choose_fusion_weight(cfg, {"main": main}, labels) == (0.0, "no auxiliary head")
+    assert weight == grid[scores.index(max(scores))] == 0.6
+    assert source == "chosen on held-out images"
+    fixed = {**cfg, "fusion_weight": 0.2}
+    assert choose_fusion_weight(fixed, {"main": main, "aux": aux}, labels) == (0.2, "config")
+    # no held-out images: the configured fallback, never a weight chosen on trained-on images
+    assert choose_fusion_weight(cfg, None, None) == (0.5, "fusion_fallback (no held-out images)")
+    assert choose_fusion_weight(fixed, None, None) == (0.2, "config")
+    no_head = {**cfg, "aux_weight": 0.0}
+    assert choose_fusion_weight(no_head, {"main": main}, labels) == (0.0, "no auxiliary head")
+    assert choose_fusion_weight(no_head, None, None) == (0.0, "no auxiliary head")
 
 
 def test_a_user_error_from_a_loader_worker_keeps_its_one_line_message():

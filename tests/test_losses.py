@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
-from train.config import load_config
+from train.config import available, load_config
 from train.losses import (
     AttractRepulseLoss,
     contrastive_regularization,
@@ -102,10 +102,11 @@ def loop_js(a: list[float], b: list[float]) -> float:
     return loop_kl(a, m) / 2 + loop_kl(b, m) / 2
 
 
-def loop_cr(probs, targets, tau: float, normalize: bool, positive) -> float:
-    """SupCon over rows; positive(i, k) says whether k != i is a positive of anchor i."""
-    rows = [list(map(float, r)) for r in probs.tolist()]
-    if normalize:
+def loop_cr(vectors, tau: float, similarity: str, positive) -> float:
+    """SupCon over rows; positive(i, k) says whether k != i is a positive of anchor i.
+    similarity "dot" uses the rows as they are (the paper's p_i . p_k), "cosine" normalises."""
+    rows = [list(map(float, r)) for r in vectors.tolist()]
+    if similarity == "cosine":
         rows = [[x / math.sqrt(math.fsum(v * v for v in r)) for x in r] for r in rows]
     total = 0.0
     for i, ui in enumerate(rows):
@@ -213,9 +214,9 @@ def test_positive_mask_rejects_rows_that_are_not_distributions():
 
 # ---- contrastive regularization -------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["mixup", "mixup_half", "cutmix", "unmixed"])
-@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
 @pytest.mark.parametrize("scale", [1.0, 30.0])
-def test_contrastive_regularization_matches_a_float64_loop(kind, normalize, scale):
+def test_contrastive_regularization_matches_a_float64_loop(kind, similarity, scale):
     targets = make_targets(kind, 6, 4, seed=10)
     probs = make_logits(len(targets), 4, seed=11, scale=scale).softmax(-1)
     delta, tau = 0.02, 0.3
@@ -224,43 +225,97 @@ def test_contrastive_regularization_matches_a_float64_loop(kind, normalize, scal
     def positive(i, k):
         return k == twin(i, len(rows)) or loop_js(rows[i], rows[k]) <= delta
 
-    got = contrastive_regularization(probs, targets, tau, delta, normalize).item()
-    assert got == pytest.approx(loop_cr(probs, targets, tau, normalize, positive), rel=1e-10)
+    got = contrastive_regularization(probs, targets, tau, delta, similarity).item()
+    assert got == pytest.approx(loop_cr(probs, tau, similarity, positive), rel=1e-10)
 
 
-def test_contrastive_regularization_with_delta_zero_on_distinct_targets_is_two_view_infonce():
+def test_the_default_similarity_is_the_papers_raw_dot_product_of_probabilities():
+    targets = make_targets("cutmix", 4, 5, seed=40)
+    probs = make_logits(8, 5, seed=41, scale=2.0).softmax(-1)
+    rows = targets.tolist()
+
+    def positive(i, k):
+        return k == twin(i, 8) or loop_js(rows[i], rows[k]) <= 0.005
+
+    expected = loop_cr(probs, 0.1, "dot", positive)
+    assert contrastive_regularization(probs, targets).item() == pytest.approx(expected, rel=1e-10)
+    assert expected != pytest.approx(loop_cr(probs, 0.1, "cosine", positive), rel=1e-3)
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_contrastive_regularization_with_delta_zero_on_distinct_targets_is_two_view_infonce(
+    similarity,
+):
     targets = make_targets("dirichlet", 5, 6, seed=12)
     probs = make_logits(10, 6, seed=13, scale=2.0).softmax(-1)
-    u = F.normalize(probs, dim=1).tolist()
+    u = (F.normalize(probs, dim=1) if similarity == "cosine" else probs).tolist()
     loss = 0.0
     for i in range(10):  # InfoNCE: -log exp(s_i,twin) / sum_{a != i} exp(s_ia)
         sims = [math.fsum(x * y for x, y in zip(u[i], u[a], strict=True)) / 0.1 for a in range(10)]
         den = math.fsum(math.exp(s) for a, s in enumerate(sims) if a != i)
         loss -= math.log(math.exp(sims[twin(i, 10)]) / den)
-    got = contrastive_regularization(probs, targets, tau=0.1, delta=0.0)
+    got = contrastive_regularization(probs, targets, tau=0.1, delta=0.0, similarity=similarity)
     assert got.item() == pytest.approx(loss / 10, rel=1e-10)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("delta", [0.0, 0.005])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
 def test_contrastive_regularization_on_unmixed_targets_is_supcon_with_class_positives(
-    smoothing, delta
+    smoothing, delta, similarity
 ):
     labels = torch.tensor([0, 1, 1, 2, 0, 1]).repeat(2)
     targets = smoothed(labels, 3, smoothing)
     probs = make_logits(12, 3, seed=14).softmax(-1)
-    expected = loop_cr(probs, targets, 0.2, True, lambda i, k: bool(labels[i] == labels[k]))
-    got = contrastive_regularization(probs, targets, tau=0.2, delta=delta)
+    expected = loop_cr(probs, 0.2, similarity, lambda i, k: bool(labels[i] == labels[k]))
+    got = contrastive_regularization(probs, targets, 0.2, delta, similarity)
     assert got.item() == pytest.approx(expected, rel=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["mixup", "cutmix", "unmixed"])
+def test_feature_space_cr_contrasts_normalised_embeddings_with_the_same_positives(kind):
+    # The projector's output, L2-normalised as AuxNet does, in a space wider than the classes.
+    targets = make_targets(kind, 6, 4, seed=42)
+    features = make_logits(12, 9, seed=43, scale=3.0)
+    embeddings = F.normalize(features, dim=1).requires_grad_()
+    rows = targets.tolist()
+
+    def positive(i, k):
+        return k == twin(i, 12) or loop_js(rows[i], rows[k]) <= 0.005
+
+    unit = [[x / math.sqrt(math.fsum(v * v for v in r)) for x in r] for r in features.tolist()]
+    expected = loop_cr(torch.tensor(unit, dtype=F64), 0.1, "dot", positive)
+    loss = AttractRepulseLoss(cr_weight=0.5, cr_space="features", embeddings=lambda: embeddings)
+    logits = make_logits(12, 4, seed=44)
+    total, terms = loss(logits, targets)
+    assert terms["cr"].item() == pytest.approx(expected, rel=1e-10)
+    ce, rce = loop_ce_rce(logits, targets, -4.0)
+    assert total.item() == pytest.approx(ce + 0.01 * rce + 0.5 * expected, rel=1e-10)
+    total.backward()
+    assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+    # on unit vectors the two similarity forms agree
+    cosine = contrastive_regularization(embeddings, targets, 0.1, 0.005, "cosine")
+    assert cosine.item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_feature_space_cr_needs_embeddings_and_names_are_checked():
+    with pytest.raises(ValueError, match="projector embeddings"):
+        AttractRepulseLoss(cr_weight=0.1, cr_space="features")
+    with pytest.raises(ValueError, match="cr_space='proj'; valid: probs, features"):
+        AttractRepulseLoss(cr_space="proj")
+    with pytest.raises(ValueError, match="cr_similarity='l2'; valid: dot, cosine"):
+        AttractRepulseLoss(cr_similarity="l2")
+    with pytest.raises(ValueError, match="similarity='l2'"):
+        contrastive_regularization(torch.full((2, 2), 0.5), torch.full((2, 2), 0.5), 0.1, 0, "l2")
+
+
 def test_contrastive_regularization_rejects_an_odd_number_of_rows():
-    with pytest.raises(ValueError, match=r"\[2N, C\]"):
+    with pytest.raises(ValueError, match=r"\[2N, D\]"):
         contrastive_regularization(torch.full((3, 2), 0.5), torch.full((3, 2), 0.5))
 
 
 # ---- mean teacher -----------------------------------------------------------------------------
-@pytest.mark.parametrize("direction", ["teacher_student", "student_teacher"])
+@pytest.mark.parametrize("direction", ["teacher_student", "student_teacher", None])
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_mean_teacher_consistency_matches_a_float64_loop(direction, scale):
     student = make_logits(8, 5, seed=15, scale=scale).requires_grad_()
@@ -268,8 +323,10 @@ def test_mean_teacher_consistency_matches_a_float64_loop(direction, scale):
     expected = 0.0
     for s, t in zip(student.tolist(), teacher.tolist(), strict=True):
         p, q = loop_softmax(s), loop_softmax(t)
+        # None = the default: the paper's KL(f(x, theta) || f(x, theta')), student first
         expected += loop_kl(q, p) if direction == "teacher_student" else loop_kl(p, q)
-    got = mean_teacher_consistency(student, teacher, direction)
+    args = () if direction is None else (direction,)
+    got = mean_teacher_consistency(student, teacher, *args)
     assert got.item() == pytest.approx(expected / 8, rel=1e-10, abs=1e-13)
     got.backward()
     assert teacher.grad is None and student.grad is not None
@@ -286,11 +343,17 @@ def test_every_loss_passes_gradcheck_in_float64():
     logits = make_logits(6, 4, seed=18).requires_grad_()
     teacher = make_logits(6, 4, seed=19)
     assert torch.autograd.gradcheck(lambda z: symmetric_cross_entropy(z, targets, 0.5), (logits,))
-    for normalize in (True, False):
+    for similarity in ("dot", "cosine"):
         assert torch.autograd.gradcheck(
-            lambda z, n=normalize: contrastive_regularization(z.softmax(-1), targets, 0.2, 0.01, n),
+            lambda z, s=similarity: contrastive_regularization(
+                z.softmax(-1), targets, 0.2, 0.01, s
+            ),
             (logits,),
         )
+    assert torch.autograd.gradcheck(
+        lambda e: contrastive_regularization(F.normalize(e, dim=1), targets, 0.2, 0.01),
+        (make_logits(6, 7, seed=45).requires_grad_(),),
+    )
     for direction in ("teacher_student", "student_teacher"):
         assert torch.autograd.gradcheck(
             lambda z, d=direction: mean_teacher_consistency(z, teacher, d), (logits,)
@@ -326,7 +389,16 @@ def test_losses_are_finite_for_huge_logits_and_in_bfloat16(dtype, scale):
 def test_attract_repulse_total_is_the_weighted_sum_of_its_terms():
     targets = make_targets("mixup", 4, 6, seed=27)
     logits, teacher, aux = (make_logits(8, 6, seed=s) for s in (28, 29, 30))
-    loss = AttractRepulseLoss(0.05, -4.0, 0.3, 0.2, 0.01, False, 2.0, "student_teacher", 0.4)
+    loss = AttractRepulseLoss(
+        rce_weight=0.05,
+        cr_weight=0.3,
+        cr_tau=0.2,
+        cr_delta=0.01,
+        cr_similarity="cosine",
+        mt_weight=2.0,
+        mt_direction="teacher_student",
+        aux_weight=0.4,
+    )
     total, terms = loss(logits, targets, aux_logits=aux, teacher_logits=teacher, mt_scale=0.25)
     ce, rce = loop_ce_rce(logits, targets, -4.0)
     aux_ce, aux_rce = loop_ce_rce(aux, targets, -4.0)
@@ -334,9 +406,9 @@ def test_attract_repulse_total_is_the_weighted_sum_of_its_terms():
     assert terms["rce"].item() == pytest.approx(rce, rel=1e-12)
     assert terms["aux"].item() == pytest.approx(aux_ce + 0.05 * aux_rce, rel=1e-12)
     assert torch.equal(
-        terms["cr"], contrastive_regularization(logits.softmax(-1), targets, 0.2, 0.01, False)
+        terms["cr"], contrastive_regularization(logits.softmax(-1), targets, 0.2, 0.01, "cosine")
     )
-    assert torch.equal(terms["mt"], mean_teacher_consistency(logits, teacher, "student_teacher"))
+    assert torch.equal(terms["mt"], mean_teacher_consistency(logits, teacher, "teacher_student"))
     expected = ce + 0.05 * rce + 0.3 * terms["cr"] + 2.0 * 0.25 * terms["mt"] + 0.4 * terms["aux"]
     assert total.item() == pytest.approx(expected.item(), rel=1e-12)
     assert not any(value.requires_grad for value in terms.values())
@@ -368,16 +440,15 @@ def test_contrastive_regularization_needs_two_views():
 def test_from_config_reads_the_recipe_keys(tmp_path):
     model = tmp_path / "tiny.yaml"
     model.write_text("arch: resnet18\n")
-    cfg = load_config(str(model), ["cr_weight=0.7", "mt_direction=student_teacher", "cr_tau=0.2"])
+    cfg = load_config(str(model), ["cr_weight=0.7", "mt_direction=teacher_student", "cr_tau=0.2"])
     loss = AttractRepulseLoss.from_config(cfg)
-    assert (loss.cr_weight, loss.cr_tau, loss.mt_direction) == (0.7, 0.2, "student_teacher")
+    assert (loss.cr_weight, loss.cr_tau, loss.mt_direction) == (0.7, 0.2, "teacher_student")
     assert (loss.rce_weight, loss.rce_log_min, loss.cr_delta) == (0.01, -4.0, 0.005)
-    assert (loss.cr_normalize, loss.mt_weight, loss.aux_weight, loss.num_views) == (
-        True,
-        1.0,
-        0.4,
-        2,
-    )
+    assert (loss.mt_weight, loss.aux_weight, loss.num_views) == (1.0, 0.4, 2)
+    cosine = load_config(str(model), ["cr_similarity=cosine"])
+    assert AttractRepulseLoss.from_config(cosine).cr_similarity == "cosine"
+    with pytest.raises(UserError, match="cr_space='features' needs the model's projector"):
+        AttractRepulseLoss.from_config(load_config(str(model), ["cr_space=features"]))
     with pytest.raises(UserError, match="set num_views=2 or cr_weight=0"):
         AttractRepulseLoss.from_config(load_config(str(model), ["num_views=1"]))
     with pytest.raises(UserError, match="mt_direction='kl'"):
@@ -393,3 +464,17 @@ def test_contrastive_regularization_is_float32_under_bfloat16_autocast():
         cr = loss(logits, targets)[1]["cr"]
     assert cr.dtype == torch.float32
     assert cr.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_every_paper_config_uses_the_papers_forms_by_default():
+    paper = [m for m in available("models") if load_config(m)["data"] == "imagenet50"]
+    assert len(paper) == 17  # the 16 ensemble members and the ablation's EfficientNet-b2
+    for model in paper:
+        cfg = load_config(model)
+        forms = (cfg["cr_similarity"], cfg["cr_space"], cfg["mt_direction"])
+        assert forms == ("dot", "probs", "student_teacher"), model
+        assert cfg["drop_path_rate"] == 0.0, model  # not among the paper's regularisers
+        loss = AttractRepulseLoss.from_config(cfg)
+        assert (loss.cr_similarity, loss.cr_space, loss.mt_direction) == forms
+    defaults = AttractRepulseLoss()
+    assert (defaults.cr_similarity, defaults.mt_direction) == ("dot", "student_teacher")

@@ -157,6 +157,60 @@ def test_dsk_resnext101_is_a_registered_selective_kernel_resnext101_32x4d():
         timm.create_model("dsk_resnext101_32x4d", pretrained=True)
 
 
+# ---- the projector of feature-space Contrastive Regularization -------------------------------
+@pytest.mark.parametrize("aux_weight", [0.4, 0.0])
+def test_the_projector_embeds_the_pooled_final_features_normalised(aux_weight):
+    cfg = config(arch="resnet18", cr_space="features", cr_proj_dim=16, aux_weight=aux_weight)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    assert [m.out_features for m in model.projector if isinstance(m, nn.Linear)] == [512, 16]
+    x = torch.randn(4, 3, 32, 32)
+    main, aux = model(x)
+    embeddings = model.take_embeddings()
+    assert embeddings.shape == (4, 16) and (aux is None) == (aux_weight == 0)
+    # independently, in float64: mean over the final feature map, the MLP, unit length
+    with torch.no_grad():
+        final = model.backbone.forward_features(x).double().mean((2, 3)).numpy()
+        first, _, last = model.projector
+        hidden = np.maximum(
+            final @ first.weight.double().numpy().T + first.bias.double().numpy(), 0
+        )
+        out = hidden @ last.weight.double().numpy().T + last.bias.double().numpy()
+        expected = out / np.linalg.norm(out, axis=1, keepdims=True)
+    np.testing.assert_allclose(embeddings.detach().double().numpy(), expected, atol=1e-5)
+    embeddings.sum().backward()  # the contrast trains the backbone through the projector
+    assert model.projector[0].weight.grad.abs().sum() > 0
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="training-mode forward"):
+        model.take_embeddings()  # taken once: the next batch's must come from its own pass
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], model.backbone(x))
+    with pytest.raises(RuntimeError, match="training-mode forward"):
+        model.take_embeddings()  # inference computes no embeddings
+
+
+def test_the_loss_reads_the_projector_of_the_model_it_is_built_with():
+    from train.losses import AttractRepulseLoss, contrastive_regularization
+
+    cfg = config(arch="resnet18", cr_space="features", cr_weight=0.5, mt_weight=0.0)
+    model = build_model(cfg).train()
+    loss = AttractRepulseLoss.from_config(cfg, model)
+    x = torch.randn(8, 3, 32, 32)
+    targets = torch.eye(7)[torch.tensor([0, 1, 2, 3])].repeat(2, 1)
+    main, aux = model(x)
+    embeddings = model.projector(model.backbone.forward_features(x).mean((2, 3)))
+    expected = contrastive_regularization(
+        nn.functional.normalize(embeddings, dim=1), targets, cfg["cr_tau"], cfg["cr_delta"]
+    )
+    total, terms = loss(main, targets, aux_logits=aux)
+    assert terms["cr"].item() == pytest.approx(expected.item(), rel=1e-5)
+    total.backward()
+    assert model.projector[2].weight.grad.abs().sum() > 0
+    plain = build_model(config(arch="resnet18"))
+    assert plain.projector is None and not any("projector" in k for k in plain.state_dict())
+
+
 # ---- the EMA teacher -------------------------------------------------------------------------
 
 

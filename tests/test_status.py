@@ -94,7 +94,7 @@ def test_status_follows_a_tiny_run_from_training_to_fresh_logits(tiny_dir, tmp_p
     assert trainer.wait() == 0
 
     run = tmp_path / "runs" / "demo_resnet18"
-    best = pd.read_csv(run / "metrics.csv")["val_teacher"].max()
+    best = pd.read_csv(run / "metrics.csv")["heldout_teacher"].max()
     rows = table(args)
     assert rows["demo_resnet18"][:2] == ["demo_resnet18", "1/1"]
     assert rows["demo_resnet18"][2] == f"{best:.2f}"

@@ -6,10 +6,12 @@ changes. Every key must exist in base.yaml and keep its type there (an int may s
 float; null in base.yaml accepts any scalar), and a numeric key must lie in its range (`RANGES`):
 a bad value is refused naming the key and the layer that set it, before anything runs. The
 resolved config is saved beside the run.
+`python -m train.config MODEL [key=value ...]` prints it without training.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 import yaml
 
 from common import provenance
-from common.errors import UserError
+from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
 from data_prep.layout import Layout
 
@@ -278,4 +280,25 @@ def logits_dir(cfg: dict[str, Any]) -> Path:
 def score_column(cfg: dict[str, Any]) -> str:
     """The held-out top-1 (a metrics.csv column) that picks the best checkpoint: the teacher's
     when the mean-teacher term trains one."""
-    return "val_teacher" if cfg["mt_weight"] > 0 else "val_student"
+    return "heldout_teacher" if cfg["mt_weight"] > 0 else "heldout_student"
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Print the resolved config of a model (base < data < model < overrides) as YAML."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train.config",
+        description="Print the resolved config of a model; configs/base.yaml says where each "
+        "value comes from (the paper or ours).",
+        epilog=f"models: {', '.join(available('models'))}",
+    )
+    parser.add_argument("model", help="a name in configs/models/ or a path to a YAML file")
+    parser.add_argument("overrides", nargs="*", help="key=value settings (see configs/base.yaml)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.model, args.overrides)
+    print(yaml.safe_dump(cfg, sort_keys=False), end="")
+    return cfg
+
+
+if __name__ == "__main__":
+    main()

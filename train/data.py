@@ -34,7 +34,8 @@ def split_train_eval(cfg: dict[str, Any]) -> tuple[list[Item], list[Item]]:
     """Training items of `train_splits`, and the items that validate the run.
 
     Trained on `train` alone, a run validates on `val`. Trained on train+val (the final models),
-    it holds out `holdout_per_class` images per class (seeded) for monitoring, as the paper does.
+    it holds out `holdout_per_class` images per class for monitoring, as the paper does, drawn
+    with `holdout_seed` (not the model's seed): every ensemble member holds out the same images.
     """
     layout = Layout(Path(cfg["data_dir"]))
     unknown = set(cfg["train_splits"]) - {"train", "val"}
@@ -50,7 +51,9 @@ def split_train_eval(cfg: dict[str, Any]) -> tuple[list[Item], list[Item]]:
     keep, held = [], []
     for label in sorted(by_class):
         items = by_class[label]
-        order = torch.randperm(len(items), generator=generator_for(cfg["seed"], "holdout", label))
+        order = torch.randperm(
+            len(items), generator=generator_for(cfg["holdout_seed"], "holdout", label)
+        )
         chosen = set(order[:holdout].tolist())
         for i, item in enumerate(items):
             (held if i in chosen else keep).append(item)

@@ -5,7 +5,11 @@ Each term is a small function with its formula (RECIPE.md section 3, the paper's
   Noisy Labels" (CE plus the reverse CE, log 0 clamped at A).
 - Contrastive Regularization: Supervised Contrastive Learning (Khosla et al. 2020) applied to the
   class-probability vectors, positives chosen by the Jensen-Shannon divergence of the soft targets.
-- Mean Teacher consistency: Tarvainen & Valpola 2017, KL between teacher and student predictions.
+  The paper's similarity is the raw dot product p_i . p_k (default); cosine is our variant. The
+  feature-space variant (the paper's Figure 4(b) comparison) contrasts a projector's normalised
+  embeddings instead, with the same positives and tau.
+- Mean Teacher consistency: Tarvainen & Valpola 2017; the paper's KL(student || teacher) by
+  default, KL(teacher || student) (the distillation direction) as our variant.
 `AttractRepulseLoss` combines them from the config and returns every term for logging.
 
 Rows are views, stacked view-major: with two views of N images, rows i and i + N are the two
@@ -14,6 +18,7 @@ views of image i. Losses are computed in at least float32 whatever the logits' d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +27,12 @@ from torch import Tensor, nn
 
 from common.errors import UserError
 
-MT_DIRECTIONS = ("teacher_student", "student_teacher")
+# The paper's form first: L_MT = KL(f(x, theta) || f(x, theta')), student first.
+MT_DIRECTIONS = ("student_teacher", "teacher_student")
+# The paper's L_CR uses exp(p_i . p_k / tau); cosine (u = p / ||p||) is our variant.
+CR_SIMILARITIES = ("dot", "cosine")
+# CR on the class probabilities (the paper), or on a projector's embeddings (its Figure 4(b)).
+CR_SPACES = ("probs", "features")
 # The terms `AttractRepulseLoss` reports (unweighted), in the order metrics.csv lists them.
 TERMS = ("ce", "rce", "cr", "mt", "aux")
 # Elements of the candidate-pair blocks in `positive_mask` (2^20 float32 = 4 MB per temporary).
@@ -117,36 +127,45 @@ def positive_mask(
 
 
 def contrastive_regularization(
-    probs: Tensor, targets: Tensor, tau: float = 0.1, delta: float = 0.005, normalize: bool = True
+    vectors: Tensor,
+    targets: Tensor,
+    tau: float = 0.1,
+    delta: float = 0.005,
+    similarity: str = "dot",
 ) -> Tensor:
     """Contrastive Regularization: SupCon (Khosla et al. 2020) on class probabilities.
 
     Args:
-        probs: [2N, C] softmax outputs; rows i and i + N are the two views of image i.
+        vectors: [2N, D]; rows i and i + N are the two views of image i. The softmax outputs
+            (D = C, the paper's CR) or a projector's L2-normalised embeddings (the feature-space
+            variant, where the dot product is the cosine).
         targets: [2N, C] soft targets (mixed, smoothed).
         tau: temperature of s_ik = u_i . u_k / tau.
         delta: k != i is a positive of i when JS(y_i, y_k) <= delta (nats); the other view of
             image i is always a positive, so delta = 0 gives two-view InfoNCE.
-        normalize: u = p / ||p|| (cosine similarity); False is the paper's literal p_i . p_k.
+        similarity: "dot", u = p (the paper's p_i . p_k), or "cosine", u = p / ||p||.
 
     L_CR = mean_i -1/|K(i)| sum_{k in K(i)} log(exp(s_ik) / sum_{a != i} exp(s_ia)), the mean
     over all 2N anchors. An anchor with no positive would contribute 0 (its count is clamped to
     1); with two views every anchor has its other view, so no anchor is ever dropped.
     Computed in float32 (or float64) even under autocast.
     """
-    rows = probs.shape[0]
-    if rows % 2 or targets.shape != probs.shape:
+    rows = vectors.shape[0]
+    if rows % 2 or targets.shape[0] != rows or vectors.ndim != 2 or targets.ndim != 2:
         raise ValueError(
-            f"contrastive_regularization needs [2N, C] probs and targets of one shape, got "
-            f"{tuple(probs.shape)} and {tuple(targets.shape)}"
+            f"contrastive_regularization needs [2N, D] vectors and [2N, C] targets, got "
+            f"{tuple(vectors.shape)} and {tuple(targets.shape)}"
         )
-    with torch.autocast(device_type=probs.device.type, enabled=False):
-        p = _promote(probs)
-        u = F.normalize(p, dim=1) if normalize else p
+    if similarity not in CR_SIMILARITIES:
+        raise ValueError(f"similarity={similarity!r}; valid: {', '.join(CR_SIMILARITIES)}")
+    with torch.autocast(device_type=vectors.device.type, enabled=False):
+        u = _promote(vectors)
+        if similarity == "cosine":
+            u = F.normalize(u, dim=1)
         sim = u @ u.T / tau
         # Subtract the row maximum before exponentiating (as SupCon does); the loss is unchanged.
         sim = sim - sim.max(dim=1, keepdim=True).values.detach()
-        self_pair = torch.eye(rows, dtype=torch.bool, device=probs.device)
+        self_pair = torch.eye(rows, dtype=torch.bool, device=vectors.device)
         log_prob = sim - sim.masked_fill(self_pair, float("-inf")).logsumexp(dim=1, keepdim=True)
         positives = positive_mask(targets, delta) | self_pair.roll(rows // 2, dims=1)
         positives &= ~self_pair
@@ -155,12 +174,13 @@ def contrastive_regularization(
 
 
 def mean_teacher_consistency(
-    student_logits: Tensor, teacher_logits: Tensor, direction: str = "teacher_student"
+    student_logits: Tensor, teacher_logits: Tensor, direction: str = "student_teacher"
 ) -> Tensor:
-    """Mean over rows of KL(q || p), q = softmax(teacher) (no gradient), p = softmax(student).
+    """Mean over rows of KL(p || q), p = softmax(student), q = softmax(teacher) (no gradient).
 
-    Mean Teacher (Tarvainen & Valpola 2017). direction="student_teacher" gives the paper's
-    literal KL(p || q).
+    Mean Teacher (Tarvainen & Valpola 2017) as the paper writes it,
+    L_MT = E_x[KL(f(x, theta) || f(x, theta'))]. direction="teacher_student" gives KL(q || p),
+    the direction of distillation (our variant).
     """
     if direction not in MT_DIRECTIONS:
         raise ValueError(f"direction={direction!r}; valid: {', '.join(MT_DIRECTIONS)}")
@@ -178,11 +198,16 @@ class AttractRepulseLoss(nn.Module):
         rce_weight: alpha, the weight of the reverse cross entropy (main and auxiliary head).
         rce_log_min: A, the clamp of log y in RCE.
         cr_weight: beta; 0 disables Contrastive Regularization (which needs two views).
-        cr_tau, cr_delta, cr_normalize: see `contrastive_regularization`.
+        cr_tau, cr_delta, cr_similarity: see `contrastive_regularization`.
+        cr_space: "probs" (the paper's CR on the softmax outputs) or "features" (CR on the
+            normalised projector embeddings that `embeddings()` returns, the same positives).
         mt_weight: gamma; the MT term is used when it is > 0 and teacher logits are given.
-        mt_direction: "teacher_student" (KL(q || p)) or "student_teacher" (the paper's form).
+        mt_direction: "student_teacher" (the paper's KL(p || q)) or "teacher_student" (KL(q || p)).
         aux_weight: weight of the auxiliary head's SCE; used when > 0 and aux logits are given.
         num_views: views per image stacked in each batch (1 or 2).
+        embeddings: with cr_space="features", a callable returning the [2N, D] embeddings of the
+            forward pass whose logits are being scored (`AuxNet.take_embeddings`): the training
+            step hands the loss logits only, so the feature variant reads the model's last pass.
 
     forward returns (total, terms): terms holds the unweighted value of each term in use
     (ce, rce, cr, mt, aux = CE_aux + alpha RCE_aux), detached, for logging.
@@ -195,11 +220,13 @@ class AttractRepulseLoss(nn.Module):
         cr_weight: float = 0.0,
         cr_tau: float = 0.1,
         cr_delta: float = 0.005,
-        cr_normalize: bool = True,
+        cr_similarity: str = "dot",
+        cr_space: str = "probs",
         mt_weight: float = 0.0,
-        mt_direction: str = "teacher_student",
+        mt_direction: str = "student_teacher",
         aux_weight: float = 0.0,
         num_views: int = 2,
+        embeddings: Callable[[], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if cr_weight > 0 and num_views != 2:
@@ -207,37 +234,55 @@ class AttractRepulseLoss(nn.Module):
                 f"Contrastive Regularization needs num_views=2 (got {num_views}); "
                 "set num_views=2 or cr_weight=0"
             )
-        if mt_direction not in MT_DIRECTIONS:
-            raise ValueError(f"mt_direction={mt_direction!r}; valid: {', '.join(MT_DIRECTIONS)}")
+        for key, value, valid in (
+            ("mt_direction", mt_direction, MT_DIRECTIONS),
+            ("cr_similarity", cr_similarity, CR_SIMILARITIES),
+            ("cr_space", cr_space, CR_SPACES),
+        ):
+            if value not in valid:
+                raise ValueError(f"{key}={value!r}; valid: {', '.join(valid)}")
+        if cr_weight > 0 and cr_space == "features" and embeddings is None:
+            raise ValueError("cr_space='features' needs the model's projector embeddings")
         self.rce_weight, self.rce_log_min = rce_weight, rce_log_min
         self.cr_weight, self.cr_tau, self.cr_delta = cr_weight, cr_tau, cr_delta
-        self.cr_normalize = cr_normalize
+        self.cr_similarity, self.cr_space, self.embeddings = cr_similarity, cr_space, embeddings
         self.mt_weight, self.mt_direction = mt_weight, mt_direction
         self.aux_weight, self.num_views = aux_weight, num_views
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> AttractRepulseLoss:
-        """Build from the flat config dict (keys of configs/base.yaml); bad values: UserError."""
+    def from_config(cls, cfg: dict[str, Any], model: nn.Module | None = None) -> AttractRepulseLoss:
+        """Build from the flat config dict (keys of configs/base.yaml); bad values: UserError.
+
+        `model` (an `AuxNet` built from the same config) supplies the projector embeddings when
+        cr_space is "features".
+        """
         keys = (
             "rce_weight",
             "rce_log_min",
             "cr_weight",
             "cr_tau",
             "cr_delta",
-            "cr_normalize",
+            "cr_similarity",
+            "cr_space",
             "mt_weight",
             "mt_direction",
             "aux_weight",
             "num_views",
         )
+        source = getattr(model, "take_embeddings", None) if cfg["cr_space"] == "features" else None
         try:
-            return cls(**{key: cfg[key] for key in keys})
+            return cls(**{key: cfg[key] for key in keys}, embeddings=source)
         except ValueError as err:
             raise UserError(f"config: {err}") from None
 
     def _sce_terms(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         ce = soft_cross_entropy(logits, targets)
         return ce, reverse_cross_entropy(logits, targets, self.rce_log_min)
+
+    def _cr_vectors(self, logits: Tensor) -> Tensor:
+        if self.cr_space == "features":
+            return self.embeddings()
+        return F.softmax(_promote(logits), dim=-1)
 
     def forward(
         self,
@@ -256,9 +301,8 @@ class AttractRepulseLoss(nn.Module):
         terms = {"ce": ce, "rce": rce}
         total = ce + self.rce_weight * rce
         if self.cr_weight > 0:
-            probs = F.softmax(_promote(logits), dim=-1)
             terms["cr"] = contrastive_regularization(
-                probs, targets, self.cr_tau, self.cr_delta, self.cr_normalize
+                self._cr_vectors(logits), targets, self.cr_tau, self.cr_delta, self.cr_similarity
             )
             total = total + self.cr_weight * terms["cr"]
         if self.mt_weight > 0 and teacher_logits is not None:

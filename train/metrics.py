@@ -11,7 +11,7 @@ from common.fs import atomic_path, write_text_atomic
 from train.losses import TERMS
 
 LOSS_COLUMNS = ("loss", *TERMS)
-ACCURACY_COLUMNS = ("val_student", "val_teacher", "val_fused")
+ACCURACY_COLUMNS = ("heldout_student", "heldout_teacher", "heldout_fused")
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -35,7 +35,7 @@ def plot_curves(frame: pd.DataFrame, path: Path) -> None:
     for column in ACCURACY_COLUMNS:
         if column in frame:
             right.plot(frame["epoch"], frame[column], marker=".", label=column)
-    right.set(xlabel="epoch", ylabel="top-1 (%)", title="validation")
+    right.set(xlabel="epoch", ylabel="top-1 (%)", title="held-out images")
     if right.lines:
         right.legend()
     fig.tight_layout()

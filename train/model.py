@@ -5,8 +5,11 @@ reads an intermediate stage chosen through timm's feature API (`feature_info`, a
 `forward_intermediates(..., intermediates_only=False)`, which returns the final features and the
 intermediate of ONE pass), so the same code serves EfficientNet, ResNet, SE-ResNet and the
 selective-kernel ResNeXt. Auxiliary Fusion predicts w * softmax(aux) + (1 - w) * softmax(main).
+With `cr_space: features` (the paper's Figure 4(b) comparison, "contrastive learning by features
+that add a projector after the backbone") a projector MLP maps the pooled final features to the
+L2-normalised embeddings that Contrastive Regularization then contrasts instead of probabilities.
 The Mean Teacher is timm's `ModelEmaV3`, which averages parameters and buffers (batch-norm
-running statistics included).
+running statistics included); the paper gives no EMA decay, ours is a config key.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import ClassifierHead
 from timm.models import ResNet, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.sknet import SelectiveKernelBottleneck
@@ -69,12 +73,21 @@ def dsk_resnext101_32x4d(pretrained: bool = False, **kwargs) -> ResNet:
 
 
 class AuxNet(nn.Module):
-    """A backbone with an optional auxiliary classifier on feature stage `aux_index`.
+    """A backbone with an optional auxiliary classifier on feature stage `aux_index`, and an
+    optional projector for feature-space Contrastive Regularization.
 
     `forward(x)` returns (main logits, auxiliary logits or None), in train and eval mode alike.
+    With a projector, a training-mode forward also keeps the normalised embeddings of its batch
+    for `take_embeddings()` (the loss reads them; the step passes it logits only).
     """
 
-    def __init__(self, backbone: nn.Module, aux_index: int | None, aux_drop_rate: float):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        aux_index: int | None,
+        aux_drop_rate: float,
+        proj_dim: int | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.aux_index = aux_index
@@ -88,14 +101,37 @@ class AuxNet(nn.Module):
                 pool_type="avg",
                 drop_rate=aux_drop_rate,
             )
+        self.projector: nn.Sequential | None = None
+        if proj_dim is not None:
+            width = backbone.num_features
+            # SupCon's "mlp" head (Khosla et al. 2020): Linear, ReLU, Linear to proj_dim.
+            self.projector = nn.Sequential(
+                nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, proj_dim)
+            )
+        self._embeddings: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.aux_head is None:
+        if self.aux_head is None and self.projector is None:
             return self.backbone(x), None
-        final, (stage,) = self.backbone.forward_intermediates(
-            x, indices=[self.aux_index], intermediates_only=False
-        )
-        return self.backbone.forward_head(final), self.aux_head(stage)
+        aux = None
+        if self.aux_head is None:
+            final = self.backbone.forward_features(x)
+        else:
+            final, (stage,) = self.backbone.forward_intermediates(
+                x, indices=[self.aux_index], intermediates_only=False
+            )
+            aux = self.aux_head(stage)
+        if self.projector is not None and self.training:
+            pooled = final.mean((2, 3))  # global average pool, before the head's dropout
+            self._embeddings = F.normalize(self.projector(pooled), dim=1)
+        return self.backbone.forward_head(final), aux
+
+    def take_embeddings(self) -> torch.Tensor:
+        """The projector embeddings of the last training-mode forward (once: they hold a graph)."""
+        embeddings, self._embeddings = self._embeddings, None
+        if embeddings is None:
+            raise RuntimeError("take_embeddings needs a training-mode forward with a projector")
+        return embeddings
 
     def predict(self, x: torch.Tensor, fusion_weight: float) -> torch.Tensor:
         """Auxiliary Fusion: w softmax(aux) + (1 - w) softmax(main); main alone without a head."""
@@ -143,11 +179,14 @@ def _aux_index(backbone: nn.Module, cfg: dict[str, Any]) -> int:
 
 
 def build_model(cfg: dict[str, Any]) -> AuxNet:
-    """`cfg["arch"]` from scratch, with the auxiliary head on `aux_stage` if aux_weight > 0."""
+    """`cfg["arch"]` from scratch, with the auxiliary head on `aux_stage` if aux_weight > 0 and
+    the projector if Contrastive Regularization runs in feature space."""
     backbone = _create_backbone(cfg)
+    features = cfg["cr_space"] == "features" and cfg["cr_weight"] > 0
+    proj_dim = cfg["cr_proj_dim"] if features else None
     if cfg["aux_weight"] <= 0:
-        return AuxNet(backbone, None, 0.0)
-    return AuxNet(backbone, _aux_index(backbone, cfg), cfg["aux_drop_rate"])
+        return AuxNet(backbone, None, 0.0, proj_dim)
+    return AuxNet(backbone, _aux_index(backbone, cfg), cfg["aux_drop_rate"], proj_dim)
 
 
 def use_channels_last(cfg: dict[str, Any], device: torch.device) -> bool:
@@ -167,7 +206,7 @@ def ema_decay(cfg: dict[str, Any], total_steps: int) -> float:
     if horizon is None:
         eta = cfg["ema_decay"]
         if not 0.0 <= eta < 1.0:
-            raise UserError(f"ema_decay={eta} must lie in [0, 1) (0.9998 in the paper)")
+            raise UserError(f"ema_decay={eta} must lie in [0, 1) (our default: 0.9998)")
         return float(eta)
     if horizon <= 0 or total_steps <= 0:
         raise UserError(f"ema_horizon={horizon} must be > 0 (a fraction of the run, e.g. 0.1)")

@@ -32,7 +32,7 @@ from train.config import run_dir, save_config, score_column
 from train.data import eval_loader, split_train_eval, train_loader, worker_death
 from train.distributed import make_accelerator
 from train.engine import SUM_COLUMNS, AttractRepulseStep
-from train.inference import best_fusion, predict_crops
+from train.inference import best_fusion, fuse, predict_crops
 from train.losses import AttractRepulseLoss
 from train.metrics import write_metrics
 from train.model import build_model, build_teacher, ema_decay, use_channels_last
@@ -58,6 +58,7 @@ RESUME_NEUTRAL_KEYS = {
     "log_with",
     "log_every_steps",
     "tracker_project",
+    "fusion_fallback",
 }
 
 
@@ -122,7 +123,7 @@ class Run:
         )
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.teacher.to(self.acc.device)
-        criterion = AttractRepulseLoss.from_config(cfg)
+        criterion = AttractRepulseLoss.from_config(cfg, model)
         self.step = AttractRepulseStep(
             self.acc,
             self.model,
@@ -308,6 +309,8 @@ class Run:
             score = row[score_column(cfg)]
         self.history.append(row)
         improved = score is not None and score > self.best
+        # The best checkpoint is chosen on held-out images only; a run that holds out none
+        # (train+val, holdout_per_class 0) keeps the newest saved epoch as the best.
         if score is not None:
             self.best = max(self.best, score)  # before the save: a resumed run keeps it
         self.epoch, self.micro = self.epoch + 1, 0
@@ -323,13 +326,12 @@ class Run:
                 ckpt.mark_best(self.dir, step_dir)
             write_metrics(self.dir, self.history)
         self.acc.wait_for_everyone()
-        self.acc.print(
-            f"epoch {row['epoch']}: loss {row['loss']:.4f}"
-            + "".join(f", {k} {row[k]:.2f}" for k in ("val_student", "val_teacher") if k in row)
-        )
+        self.acc.print(f"epoch {row['epoch']}: loss {row['loss']:.4f}{heldout_note(row)}")
 
     def evaluate(self) -> dict[str, float]:
-        """Top-1 on the validation items: student, teacher, and the teacher's fused prediction."""
+        """Top-1 on the held-out items (val for train-split runs, the held-out images of a
+        train+val run): student, teacher, and the teacher's fused prediction, whose weight is
+        the configured one or the best on these same images."""
         cfg = self.cfg
         loader = eval_loader(cfg, self.eval_items, self.rank, self.world, cfg["batch_size"] * 2)
         labels = torch.tensor([item[2] for item in self.eval_items])
@@ -338,13 +340,29 @@ class Run:
         student = predict_crops(self.acc, self.model, *args, self.channels_last)
         teacher = predict_crops(self.acc, self.teacher.module, *args, self.channels_last)
         self.model.train()
-        weight, fused = best_fusion(teacher["main"], teacher.get("aux"), labels)
+        weight = cfg["fusion_weight"]
+        if weight is None:
+            weight, fused = best_fusion(teacher["main"], teacher.get("aux"), labels)
+        else:
+            fused = top1(fuse(teacher["main"], teacher.get("aux"), weight), labels)
         return {
-            "val_student": top1(student["main"], labels),
-            "val_teacher": top1(teacher["main"], labels),
-            "val_fused": fused,
+            "heldout_images": len(self.eval_items),
+            "heldout_student": top1(student["main"], labels),
+            "heldout_teacher": top1(teacher["main"], labels),
+            "heldout_fused": fused,
             "fusion_w": weight,
         }
+
+
+def heldout_note(row: dict[str, Any]) -> str:
+    """The epoch line's accuracies, named by the images they were measured on."""
+    if "heldout_images" not in row:
+        return ""
+    return (
+        f", held-out ({row['heldout_images']} images): student {row['heldout_student']:.2f}, "
+        f"teacher {row['heldout_teacher']:.2f}, fused {row['heldout_fused']:.2f} "
+        f"(w {row['fusion_w']:.2f})"
+    )
 
 
 def train(cfg: dict[str, Any]) -> int:

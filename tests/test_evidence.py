@@ -1,0 +1,320 @@
+"""The paper's evidence at small scale: make ablation, make sweep, make long-run and make tsne.
+
+The shared runner's arithmetic (aggregation, differences, verdicts, the time estimate, the
+equal-time ratio, the k-NN score) against brute force; run naming; the spec against what the
+issue asks for; and each command end to end on a tiny dataset, one epoch, through its real
+entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scripts import ablation, long_run, study, tsne
+from tests.conftest import run_command
+from train.config import load_config
+
+
+# ---- arithmetic against brute force --------------------------------------------------------
+def test_aggregate_is_the_mean_and_sample_std_of_each_row_in_order_of_appearance():
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {"row": rng.choice(["b", "a", "c"], 40), "test_top1": rng.uniform(0, 100, 40)}
+    )
+    stats = study.aggregate(frame)
+    assert list(stats.index) == list(dict.fromkeys(frame["row"]))
+    for name, stat in stats.iterrows():
+        values = [
+            float(v) for r, v in zip(frame["row"], frame["test_top1"], strict=True) if r == name
+        ]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        assert stat["mean"] == pytest.approx(mean, rel=1e-12)
+        assert stat["std"] == pytest.approx(std, rel=1e-12)
+        assert stat["count"] == len(values)
+    single = study.aggregate(pd.DataFrame({"row": ["x"], "test_top1": [5.0]}))
+    assert math.isnan(single.loc["x", "std"])
+    assert study.mean_std(single.loc["x"]) == "5.00 ± –"
+
+
+def test_difference_is_the_gap_of_means_with_its_welch_standard_error():
+    a, b = pd.Series([70.0, 72.5, 74.0]), pd.Series([60.0, 61.0, 65.5, 66.0])
+    delta, se = study.difference(a, b)
+
+    def variance(xs):
+        m = sum(xs) / len(xs)
+        return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+    assert delta == pytest.approx(sum(a) / 3 - sum(b) / 4, rel=1e-12)
+    assert se == pytest.approx(math.sqrt(variance(a) / 3 + variance(b) / 4), rel=1e-12)
+
+
+def test_the_verdict_calls_two_standard_errors_noise_and_otherwise_compares_signs():
+    assert study.verdict(2.0, 1.0, 0.7) == "within noise"
+    assert study.verdict(2.1, 1.0, 0.7) == "reproduced"
+    assert study.verdict(-2.1, 1.0, 0.7) == "not reproduced"
+    assert study.verdict(2.1, 1.0, None) == "higher"
+    assert study.verdict(-2.1, 1.0, None) == "lower"
+    assert study.verdict(5.0, math.nan, 0.7) == "one seed: no verdict"
+
+
+def test_the_estimate_trains_each_run_at_the_rate_recorded_for_its_views_and_scores_each_job():
+    runs = [
+        {"epochs_left": 28, "train_images": 500, "views": 2},
+        {"epochs_left": 10, "train_images": 1000, "views": 1},
+    ]
+    got = study.estimate_seconds(runs, 5, {2: 0.01, 1: 0.02}, 40.0, 99.0)
+    assert got == pytest.approx(28 * 500 * 2 * 0.01 + 10 * 1000 * 0.02 + 5 * 40.0)
+    # no rate for two views: the median of the recorded rates; none recorded: the fallback
+    got = study.estimate_seconds(runs[:1], 1, {1: 0.02, 3: 0.04}, 0.0, 99.0)
+    assert got == pytest.approx(28 * 500 * 2 * 0.03)
+    assert study.estimate_seconds(runs[:1], 2, {}, 7.0, 0.5) == pytest.approx(
+        28 * 500 * 2 * 0.5 + 14.0
+    )
+    assert study.duration(59 * 60) == "59 min" and study.duration(125 * 60) == "2 h 05 min"
+
+
+def test_the_epoch_time_ratio_pools_every_epoch_of_every_seed():
+    baseline = [
+        pd.DataFrame({"img_per_s": [90.0, 100.0, 20.0]}),
+        pd.DataFrame({"img_per_s": [95.0]}),
+    ]
+    full = [pd.DataFrame({"img_per_s": [50.0, 40.0]}), pd.DataFrame({"img_per_s": [45.0, 10.0]})]
+    pooled_base = sorted([90.0, 100.0, 20.0, 95.0])
+    pooled_full = sorted([50.0, 40.0, 45.0, 10.0])
+    median = lambda xs: (xs[1] + xs[2]) / 2  # noqa: E731  (four values each)
+    expected = median(pooled_base) / median(pooled_full)
+    assert long_run.epoch_time_ratio(baseline, full) == pytest.approx(expected, rel=1e-12)
+
+
+def test_knn_accuracy_is_a_leave_one_out_cosine_vote():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 60)
+    feats = rng.normal(size=(60, 8)) + 1.5 * np.eye(8)[labels]
+    correct = 0
+    for i in range(60):
+        sims = []
+        for j in range(60):
+            if j != i:
+                cos = feats[i] @ feats[j] / (np.linalg.norm(feats[i]) * np.linalg.norm(feats[j]))
+                sims.append((-cos, j))
+        nearest = [labels[j] for _, j in sorted(sims)[:5]]
+        votes = [nearest.count(c) for c in range(4)]
+        correct += votes.index(max(votes)) == labels[i]  # ties: the smallest class
+    assert tsne.knn_accuracy(feats, labels) == pytest.approx(100.0 * correct / 60)
+
+
+# ---- run naming and the spec ----------------------------------------------------------------
+def names(rows: list[dict], seed: int = 0, extra: tuple[str, ...] = ()) -> list[str]:
+    spec = study.load_spec()
+    jobs = study.row_jobs(spec, rows, [seed], list(extra))
+    return [study.run_name(spec["model"], job, Path("results")) for job in jobs]
+
+
+def test_rows_that_train_the_same_thing_share_one_run_in_any_stage():
+    spec = study.load_spec()
+    rows = {r["name"]: r for r in spec["rows"]}
+    base, vanilla, aux, fusion, cr = names(
+        [
+            rows[n]
+            for n in (
+                "strong_baseline",
+                "vanilla_aug",
+                "plus_aux_classifier",
+                "plus_aux_fusion",
+                "plus_cr",
+            )
+        ]
+    )
+    assert base == vanilla and aux == fusion and len({base, aux, cr}) == 3
+    (seed1,) = names([rows["strong_baseline"]], seed=1)
+    assert seed1 == base[: -len("s0")] + "s1"  # the seed only changes the suffix
+    assert names([rows["strong_baseline"]], extra=("epochs=2",)) != [base]
+    assert names([rows["strong_baseline"]], extra=("data_dir=elsewhere",)) != [base]
+    assert names([rows["plus_aux_classifier"]], extra=("fusion_weight=0.3", "workers=0")) == [aux]
+    centre = [r for r in ablation.sweep_rows(spec) if r["recipe_point"]]
+    assert set(names(centre)) == {aux}
+    epochs = load_config(spec["model"], spec["common"])["epochs"]
+    pair = [
+        long_run.row(spec, w, "train", "equal_epochs", epochs)
+        for w in ("strong_baseline", "plus_aux_fusion")
+    ]
+    assert names(pair) == [base, aux]
+
+
+def test_the_spec_holds_every_row_and_sweep_the_issue_asks_for():
+    spec = study.load_spec()
+    rows = {r["name"]: r for r in spec["rows"]}
+    assert spec["seeds"] == spec["sweep_seeds"] == spec["long_run"]["seeds"] == [0, 1, 2]
+    for row in rows.values():
+        assert row.get("from") in (None, *rows) and row.get("compare_to") in (None, *rows)
+        assert row["eval"] in study.EVALS and row["table"] in ablation.TABLES
+        assert not any(o.startswith("epochs=") for o in study.row_overrides(rows, row["name"]))
+    for job in study.row_jobs(spec, spec["rows"], [0], []):
+        load_config(spec["model"], list(job.overrides))  # every key exists, every value types
+    settings = {o for n in rows for o in study.row_overrides(rows, n)}
+    wanted = {
+        "auto_augment=rand-m9-mstd0.5",
+        "cr_similarity=cosine",
+        "mix_prob=0.5",
+        "mt_direction=teacher_student",
+        "cr_space=features",
+        "cutmix_alpha=0",
+        "reprob=0",
+    }
+    assert wanted <= settings
+    paper = {58.77, 59.50, 60.69, 61.46, 61.62, 61.71, 57.25, 55.21, 57.75, 57.22, 54.76}
+    assert paper == {r["paper"] for r in rows.values() if r["paper"] is not None}
+    sweeps = ablation.sweep_rows(spec)
+    assert {r["knob"] for r in sweeps} == {"rce_weight", "cr_weight", "mt_weight", "cr_delta"}
+    for (knob, series), group in pd.DataFrame(sweeps).groupby(["knob", "series"]):
+        recipe = load_config(spec["model"], spec["common"])[knob]
+        assert recipe in group["value"].tolist(), (knob, series)
+        assert len(set(group["value"]) - {recipe}) >= 3, (knob, series)
+    assert {"probabilities", "features"} == {
+        r["series"] for r in sweeps if r["knob"] == "cr_weight"
+    }
+
+
+# ---- end to end on the tiny dataset ---------------------------------------------------------
+def tiny_overrides(tiny_dir: Path) -> list[str]:
+    return [f"data_dir={tiny_dir}", "epochs=1", "batch_size=8", "ckpt_every_steps=0", "workers=0"]
+
+
+@pytest.fixture(scope="module")
+def study_dir(tiny_dir, tmp_path_factory):
+    """An ablation of three rows (two runs: vanilla_aug is the strong baseline's), one seed."""
+    results = tmp_path_factory.mktemp("study")
+    args = [
+        "-m",
+        "scripts.ablation",
+        "--rows",
+        "strong_baseline",
+        "vanilla_aug",
+        "plus_aux_fusion",
+        "--seeds",
+        "0",
+        "--results",
+        str(results),
+        *tiny_overrides(tiny_dir),
+    ]
+    return results, args, run_command(*args)
+
+
+@pytest.mark.slow
+def test_make_ablation_appends_each_run_writes_its_tables_and_a_rerun_does_nothing(study_dir):
+    results, args, first = study_dir
+    assert "ablation: 3 runs, 0 done, 3 to do: estimated" in first.stdout
+    assert "ablation: 100%" in first.stderr and "3/3" in first.stderr  # the bar over runs
+    frame = pd.read_csv(results / "ablation.csv")
+    assert frame["row"].tolist() == ["strong_baseline", "plus_aux_fusion", "vanilla_aug"]
+    assert frame["test_top1"].between(0, 100).all() and (frame["epochs"] == 1).all()
+    assert frame["run"][0] == frame["run"][2] != frame["run"][1]
+    assert frame["epochs_trained"].tolist() == [1, 1, 0]  # vanilla_aug reused the run
+    assert len(list((results / "runs").iterdir())) == 2
+    table = (results / "ablation.md").read_text()
+    assert "| vanilla_aug | AutoAugment -> Vanilla Aug |" in table and "55.21" in table
+    assert "## Table 3" in table and "## Table 2" in table
+    assert (results / "ablation.png").stat().st_size > 1000
+    rerun = run_command(*args)
+    assert "3 runs, 3 done, 0 to do" in rerun.stdout and "test top-1" not in rerun.stdout
+    assert len(pd.read_csv(results / "ablation.csv")) == 3
+
+
+@pytest.mark.slow
+def test_make_sweep_scores_each_value_and_draws_figure_4(study_dir, tiny_dir):
+    results, _, _ = study_dir
+    run_command(
+        "-m",
+        "scripts.ablation",
+        "--sweep",
+        "--rows",
+        "rce_weight=0.01",
+        "rce_weight=0.1",
+        "mt_weight=1.0",
+        "--seeds",
+        "0",
+        "--results",
+        str(results),
+        *tiny_overrides(tiny_dir),
+    )
+    sweep = pd.read_csv(results / "sweep.csv")
+    full = pd.read_csv(results / "ablation.csv").set_index("row").loc["plus_aux_fusion", "run"]
+    runs = dict(zip(sweep["row"], sweep["run"], strict=True))
+    assert runs["rce_weight=0.01"] == runs["mt_weight=1.0"] == full  # the recipe's own point
+    assert runs["rce_weight=0.1"] != full
+    assert len(list((results / "runs").iterdir())) == 3  # one new run
+    alpha = (results / "sweep_rce_weight.md").read_text()
+    assert "| 0.01 (recipe) |" in alpha and "| 0.1 |" in alpha
+    assert (results / "sweep_mt_weight.md").is_file()
+    assert (results / "sweep.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_make_tsne_embeds_both_runs_and_prints_their_separation(study_dir, tiny_dir):
+    results, _, _ = study_dir
+    out = run_command(
+        "-m",
+        "scripts.tsne",
+        "strong_baseline",
+        "plus_aux_fusion",
+        "--images",
+        "20",
+        "--results",
+        str(results),
+        *tiny_overrides(tiny_dir),
+    ).stdout
+    lines = [line for line in out.splitlines() if line.startswith("| ") and "(seed 0)" in line]
+    assert [line.split(" (seed")[0] for line in lines] == ["| strong_baseline", "| plus_aux_fusion"]
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == "20" and -1 <= float(cells[2]) <= 1 and 0 <= float(cells[4]) <= 100
+    assert (results / "tsne.png").stat().st_size > 1000
+    assert (results / "tsne.md").read_text().count("(seed 0)") == 2
+
+
+@pytest.mark.slow
+def test_make_long_run_measures_equal_time_and_trains_the_long_runs(study_dir, tiny_dir):
+    results, _, _ = study_dir
+    args = [
+        "-m",
+        "scripts.long_run",
+        "--splits",
+        "train",
+        "--factor",
+        "2",
+        "--seeds",
+        "0",
+        "--results",
+        str(results),
+        *tiny_overrides(tiny_dir),
+    ]
+    out = run_command(*args).stdout
+    assert "long-run: estimated" in out
+    frame = pd.read_csv(results / "long_run.csv").set_index("row")
+    assert sorted(frame.index) == sorted(
+        f"{w}:train:{r}"
+        for w, r in [
+            ("strong_baseline", "equal_epochs"),
+            ("plus_aux_fusion", "equal_epochs"),
+            ("strong_baseline", "equal_time"),
+            ("strong_baseline", "long"),
+            ("plus_aux_fusion", "long"),
+        ]
+    )
+    ablated = pd.read_csv(results / "ablation.csv").set_index("row")["run"]
+    assert frame.loc["strong_baseline:train:equal_epochs", "run"] == ablated["strong_baseline"]
+    assert frame.loc["plus_aux_fusion:train:long", "epochs"] == 2
+    budget = json.loads((results / "long_run_budget.json").read_text())["1"]
+    assert frame.loc["strong_baseline:train:equal_time", "epochs"] == budget["equal_time_epochs"]
+    assert budget["ratio"] > 0 and len(budget["measured_on"]) == 2
+    report = (results / "long_run.md").read_text()
+    assert "| train | equal time |" in report and "| train | long run | 2 / 2 |" in report
+    assert (results / "long_run.png").stat().st_size > 1000
+    assert "0 to do" in run_command(*args).stdout  # a rerun trains nothing
