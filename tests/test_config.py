@@ -177,6 +177,10 @@ def test_every_recipe_key_of_base_yaml_says_whether_the_paper_or_we_chose_it():
         "keep_last",
         "max_nonfinite",
         "allow_config_change",
+        "stop_timeout_s",
+        "log_with",
+        "log_every_steps",
+        "tracker_project",
     }
     lines = (CONFIG_DIR / "base.yaml").read_text().splitlines()
     comments: dict[str, str] = {}
