@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from common import provenance
 from common.errors import UserError, cli_main
@@ -42,7 +41,7 @@ from ensemble.search import (
     weighted_sum,
 )
 from ensemble.submission import write_submission
-from train.config import CONFIG_DIR, available
+from train.config import CONFIG_DIR, available, read_yaml
 
 ENSEMBLE_KEYS = ("models", "weights", "description")
 
@@ -92,7 +91,7 @@ def load_ensemble_config(name: str) -> dict[str, Any]:
     if not path.is_file():
         valid = ", ".join(available("ensembles"))
         raise UserError(f"unknown ensemble {name!r} (no {path}); valid: {valid}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path)
     unknown = sorted(set(data) - set(ENSEMBLE_KEYS))
     if unknown or not data.get("models"):
         raise UserError(

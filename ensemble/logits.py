@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from common import provenance
@@ -48,18 +47,16 @@ from train.checkpoint import (
     weights_name,
 )
 from train.config import load_config, logits_dir, read_provenance, run_dir
-from train.data import split_train_eval
-from train.distributed import make_accelerator, shard
+from train.data import eval_loader, split_train_eval
+from train.distributed import make_accelerator
 from train.inference import (
     best_fusion,
-    build_crop_transform,
     for_inference,
     fuse,
     predict_crops,
     resize_size,
 )
 from train.model import build_model, use_channels_last
-from train.views import EvalDataset
 
 SPLITS = ("val", "test")
 HOLDOUT = "holdout"  # the images a train+val run held out; written as holdout.npz
@@ -103,19 +100,6 @@ def load_model(
     return model.to(device)
 
 
-def split_loader(
-    cfg: dict[str, Any], items: list, view: str, batch_size: int, rank: int, world: int
-) -> DataLoader:
-    """This process's shard of `items` (rank, rank + world, ...) as batches of crops."""
-    dataset = EvalDataset(items, build_crop_transform(cfg, view))
-    return DataLoader(
-        Subset(dataset, list(shard(len(items), rank, world))),
-        batch_size=batch_size,
-        num_workers=cfg["workers"],
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
 def predict_split(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -126,8 +110,8 @@ def predict_split(
     batch_size: int,
 ) -> dict[str, torch.Tensor]:
     """Crop-averaged main (and aux) probabilities of every image of `split`, in item order."""
-    loader = split_loader(
-        cfg, items, view, batch_size, accelerator.process_index, accelerator.num_processes
+    loader = eval_loader(
+        cfg, items, accelerator.process_index, accelerator.num_processes, batch_size, view
     )
     progress = tqdm(
         loader, desc=f"{cfg['name']} {split}", disable=not accelerator.is_local_main_process

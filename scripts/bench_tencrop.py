@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from data_prep.layout import Layout
-from ensemble.logits import split_loader
 from train.config import load_config
+from train.data import eval_loader
 from train.distributed import make_accelerator
 from train.inference import for_inference, predict_crops
 from train.model import build_model
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     def run(model, channels_last: bool, batch: int) -> tuple[float, torch.Tensor]:
-        loader = split_loader(cfg, items, "tencrop", batch, 0, 1)
+        loader = eval_loader(cfg, items, 0, 1, batch, "tencrop")
         started = time.perf_counter()
         out = predict_crops(
             acc,

@@ -84,7 +84,8 @@ CHANNELS = {"mean": "(-inf, inf)", "std": "(0, inf)"}
 INTERVAL = re.compile(r"^([\[(])(\S+), (\S+)([\])])$")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping; a syntax error is one line naming the file, line and column."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -113,7 +114,7 @@ def _named(kind: str, name: str) -> dict[str, Any]:
         raise UserError(
             f"unknown {KINDS[kind]} {name!r} (no {path}); valid: {', '.join(available(kind))}"
         )
-    return _read_yaml(path)
+    return read_yaml(path)
 
 
 def _check_type(key: str, value: Any, default: Any, origin: str) -> Any:
@@ -222,14 +223,14 @@ def _coerce(text: str, default: Any) -> Any:
 
 def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
     """Resolve the config of `model` (a name in configs/models/ or a path to a YAML file)."""
-    base = _read_yaml(CONFIG_DIR / "base.yaml")
+    base = read_yaml(CONFIG_DIR / "base.yaml")
     overrides = overrides or {}
     if isinstance(overrides, list):
         raw = parse_overrides(overrides)
         overrides = {k: _coerce(v, base.get(k)) for k, v in raw.items()}
     model_path = Path(model)
     if model_path.suffix in (".yaml", ".yml") and model_path.is_file():
-        model_layer, model_name = _read_yaml(model_path), model_path.stem
+        model_layer, model_name = read_yaml(model_path), model_path.stem
         model_layer.pop(provenance.KEY, None)  # a saved run config's record, not a setting
     else:
         model_layer, model_name = _named("models", model), model
@@ -250,7 +251,7 @@ def save_config(cfg: dict[str, Any], path: Path, resumed_step: int | None = None
     Returns the provenance record."""
     path = Path(path)
     if resumed_step is not None and path.is_file():
-        saved = _read_yaml(path)
+        saved = read_yaml(path)
         record = saved.setdefault(provenance.KEY, {})
         state = provenance.code_state()
         record.setdefault("resumed", []).append(
@@ -266,7 +267,7 @@ def save_config(cfg: dict[str, Any], path: Path, resumed_step: int | None = None
 
 def read_provenance(path: Path) -> dict[str, Any]:
     """The provenance record of a saved run config ({} for a config saved without one)."""
-    return _read_yaml(Path(path)).get(provenance.KEY) or {}
+    return read_yaml(Path(path)).get(provenance.KEY) or {}
 
 
 def run_dir(cfg: dict[str, Any]) -> Path:

@@ -160,14 +160,21 @@ def train_loader(
 
 
 def eval_loader(
-    cfg: dict[str, Any], items: list[Item], rank: int, world: int, batch_size: int
+    cfg: dict[str, Any],
+    items: list[Item],
+    rank: int,
+    world: int,
+    batch_size: int,
+    view: str = "center",
 ) -> DataLoader:
-    """This process's shard of `items` (every item on exactly one process), as centre views."""
-    dataset = EvalDataset(items, build_crop_transform(cfg, "center"))
+    """This process's shard of `items` (rank, rank + world, ...: every item on exactly one
+    process) as batches of crop views: the centre (validation) or TenCrop (`make logits`)."""
+    dataset = EvalDataset(items, build_crop_transform(cfg, view))
     _register_exit_handler()
     return DataLoader(
         Subset(dataset, list(shard(len(items), rank, world))),
         batch_size=batch_size,
         num_workers=cfg["workers"],
         worker_init_fn=ignore_stop_signals,
+        pin_memory=torch.cuda.is_available(),
     )
