@@ -30,13 +30,13 @@ import numpy as np
 from common import provenance
 from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
+from common.metrics import top1
 from data_prep.layout import test_index
 from ensemble.members import Member, SplitReader, check_provenance, open_members
 from ensemble.search import (
     HeldOut,
     common_heldout,
     heldout_loader,
-    percent,
     search_weights,
     weighted_sum,
 )
@@ -57,10 +57,6 @@ class Blend:
 
     def top1(self) -> float | None:
         return None if self.labels is None else top1(self.probs, self.labels)
-
-
-def top1(probs: np.ndarray, labels: np.ndarray) -> float:
-    return 100.0 * float((probs.argmax(1) == labels).mean())
 
 
 def blend_split(members: list[Member], weights: Sequence[float], split: str) -> Blend:
@@ -212,8 +208,8 @@ def heldout_summary(
     if isinstance(held, str):
         return None
     load = heldout_loader(members, held, np.arange(len(held.ids)))
-    models = {m.name: percent(load(j), held.labels) for j, m in enumerate(members)}
-    ensemble = percent(weighted_sum(load, weights), held.labels)
+    models = {m.name: top1(load(j), held.labels) for j, m in enumerate(members)}
+    ensemble = top1(weighted_sum(load, weights), held.labels)
     return {**held.provenance(), "top1": {"models": models, "ensemble": ensemble}}
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import UserError, cli_main
+from common.metrics import top1
 from data_prep.layout import Layout
 from ensemble.submission import read_labels, validate_submission
 
@@ -88,8 +89,7 @@ def logits_top1(folder: Path, labels: Path, split: str = "test") -> float:
     if missing:
         raise UserError(f"{folder}/{split}.npz lacks {len(missing)} ids of {labels}; rerun logits")
     order = np.array([row[image_id] for image_id in truth])
-    predicted = probs[order].argmax(1)
-    return 100.0 * float((predicted == np.array(list(truth.values()))).mean())
+    return top1(probs[order], np.array(list(truth.values())))
 
 
 @cli_main

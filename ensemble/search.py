@@ -31,18 +31,11 @@ from typing import Any
 import numpy as np
 
 from common.errors import UserError
+from common.metrics import correct, top1
 from ensemble.members import Member, read_npz
 
 GRID = (0.0, 0.5, 1.0, 2.0)
 Loader = Callable[[int], np.ndarray]  # member index -> float32 probabilities of the searched rows
-
-
-def correct(scores: np.ndarray, labels: np.ndarray) -> int:
-    return int((scores.argmax(1) == labels).sum())
-
-
-def percent(scores: np.ndarray, labels: np.ndarray) -> float:
-    return 100.0 * correct(scores, labels) / len(labels)
 
 
 def weighted_sum(load: Loader, weights: list[float]) -> np.ndarray:
@@ -60,7 +53,7 @@ def coordinate_ascent(
     """Weights from equal ones, one coordinate at a time over GRID (see the module docstring)."""
     weights = [1.0] * count
     total = weighted_sum(load, weights)
-    best = percent(total, labels)
+    best = top1(total, labels)
     for _ in range(max_rounds):
         moved = False
         for j in range(count):
@@ -69,7 +62,7 @@ def coordinate_ascent(
             others = sum(weights) - weights[j]
             # Ties go to the value nearest 1: the search leans toward equal weights.
             candidates = sorted((g for g in GRID if g > 0 or others > 0), key=lambda g: abs(g - 1))
-            scores = {g: percent(rest + g * probs, labels) for g in candidates}
+            scores = {g: top1(rest + g * probs, labels) for g in candidates}
             choice = max(candidates, key=lambda g: scores[g])
             if choice != weights[j] and scores[choice] >= best + min_gain:
                 weights[j], best, moved = choice, scores[choice], True

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
+from common.metrics import top1
 from data_prep.layout import Layout
 from ensemble.submission import read_labels
 from scripts import study
@@ -85,7 +86,7 @@ def knn_accuracy(feats: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
     np.fill_diagonal(similarity, -np.inf)
     neighbours = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
     votes = np.array([np.bincount(labels[n], minlength=labels.max() + 1) for n in neighbours])
-    return 100.0 * float((votes.argmax(1) == labels).mean())
+    return top1(votes, labels)
 
 
 def separation(feats: np.ndarray, embedded: np.ndarray, labels: np.ndarray) -> dict[str, float]:
