@@ -86,7 +86,7 @@ bench: setup ## every benchmark; ratios measured side by side in one run
 bench-data: setup ## make data: link vs copy on 150,000 synthetic files
 	$(PY) -m scripts.bench_data
 
-chaos: setup ## SIGKILL a tiny run at 10 random moments; it must end bit-identical (~3 min)
+chaos: setup ## SIGKILL a tiny run at 10 random moments; it must end bit-identical (~3 CPU-minutes)
 	$(PY) -m scripts.chaos $(ARGS)
 
 test: setup ## the whole test suite (CI runs exactly this)
