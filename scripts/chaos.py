@@ -40,6 +40,7 @@ RUN = [
     "batch_size=8",
     "workers=1",
     f"ckpt_every_steps={EVERY}",
+    "ckpt_every_minutes=0",  # by steps only: the reference and the killed runs must agree
     "keep_last=50",
     "warmup_epochs=1",
     "lr=0.05",

@@ -27,6 +27,7 @@ RUN_ARGS = [
     "batch_size=8",
     "workers=1",
     "ckpt_every_steps=3",
+    "ckpt_every_minutes=0",
     "keep_last=50",
     "eval_every=1",
     "warmup_epochs=1",
