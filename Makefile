@@ -26,8 +26,12 @@ SEARCH ?=
 NAME ?=
 SUBMISSION ?=
 LABELS ?=
+# make plan: GPU memory (GiB) and GPU count to plan for; TFLOPS=<model TFLOP/s per GPU> (optional)
+GPU_MEM ?= 80
+GPUS ?= 8
+TFLOPS ?=
 
-.PHONY: help setup data train logits ensemble evaluate demo ablation sweep bench bench-data test test-fast lint clean slurm
+.PHONY: help setup data train logits ensemble evaluate demo ablation sweep bench bench-data test test-fast lint clean slurm smoke plan gpu-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -73,6 +77,16 @@ bench: setup ## every benchmark; ratios measured side by side in one run
 
 bench-data: setup ## make data: link vs copy on 150,000 synthetic files
 	$(PY) -m scripts.bench_data
+
+smoke: setup ## every real config end to end on the CPU, bf16, 1,000 classes (MODELS= for a subset)
+	$(PY) -m scripts.smoke $(if $(MODELS),--models $(MODELS)) $(ARGS)
+
+plan: setup ## parameters, FLOPs, memory, micro-batch and hours per config (GPU_MEM= GPUS= TFLOPS=)
+	$(PY) -m scripts.plan --gpu-mem $(GPU_MEM) --gpus $(GPUS) $(if $(TFLOPS),--tflops $(TFLOPS)) \
+		$(if $(MODELS),--models $(MODELS))
+
+gpu-check: setup ## GPU figures for the README: step speed, B7 memory, loader, two processes
+	$(PY) -m scripts.gpu_check
 
 test: setup ## the whole test suite (CI runs exactly this)
 	$(PY) -m pytest -q
