@@ -269,7 +269,9 @@ def train_hours(cfg: dict[str, Any], gflops: float, gpus: int, tflops: float) ->
 def plan_row(
     cfg: dict[str, Any], fp: Footprint, args: argparse.Namespace, tflops: float
 ) -> dict[str, Any]:
-    global_batch = cfg["batch_size"] * PAPER_GPUS * cfg["grad_accum"]
+    global_batch = cfg["lr_base_batch"]  # batch_size: auto trains at the lr's batch
+    if cfg["batch_size"] != "auto":
+        global_batch = cfg["batch_size"] * PAPER_GPUS * cfg["grad_accum"]
     fits = largest_micro_batch(fp, usable_bytes(args.gpu_mem, fp.params, args.gpus))
     micro, accum = split_global_batch(global_batch, args.gpus, fits)
     return {

@@ -338,4 +338,8 @@ class Run:
 
 def train(cfg: dict[str, Any]) -> int:
     """Train (or resume) the run of `cfg`; returns the process exit code."""
+    if cfg["batch_size"] == "auto":
+        from train.auto_batch import train_auto_batch  # it builds on Run
+
+        return train_auto_batch(cfg)
     return Run(cfg).train()
