@@ -135,26 +135,26 @@ class TrainingState:
         return out
 
 
-def build_state(cfg: dict[str, Any]) -> TrainingState:
+def build_state(cfg: dict[str, Any], device: str = "cpu") -> TrainingState:
     """The run's modules. The teacher is a second model rather than timm's ModelEmaV3 (a deep
     copy, which FakeTensors do not support): the same tensors. Contrastive Regularization is left
     out: its positive mask is data-dependent, and its [2N, 2N] and [2N, C] temporaries are small."""
-    student = build_model(cfg)
-    teacher = build_model(cfg).requires_grad_(False)
+    student = build_model(cfg).to(device)
+    teacher = build_model(cfg).requires_grad_(False).to(device)
     optimizer = create_optimizer_v2(student, opt=cfg["opt"], lr=cfg["lr"], **optimizer_kwargs(cfg))
     criterion = AttractRepulseLoss.from_config({**cfg, "cr_weight": 0.0})
     return TrainingState(student, teacher, optimizer, criterion, cfg)
 
 
-def training_step(state: TrainingState, images: int, size: int) -> None:
+def training_step(state: TrainingState, images: int, size: int, device: str = "cpu") -> None:
     """One step as `train.engine.forward_step` and `train.run` take it: bf16 autocast forward of
     the student and the teacher on `num_views` x `images` views, float32 losses, backward onto
     the gradients already there, the optimiser step, the EMA update of the teacher."""
     cfg = state.cfg
     rows = cfg["num_views"] * images
-    inputs = torch.randn(rows, 3, size, size)
-    targets = torch.full((rows, cfg["num_classes"]), 1.0 / cfg["num_classes"])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    inputs = torch.randn(rows, 3, size, size, device=device)
+    targets = torch.full((rows, cfg["num_classes"]), 1.0 / cfg["num_classes"], device=device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         logits, aux = state.student(inputs)
         with torch.no_grad():
             teacher_logits, _ = state.teacher(inputs)
