@@ -5,17 +5,20 @@ paper's ensemble (configs/ensembles/vipriors16.yaml) and the ablation's Efficien
 config's own architecture, resolutions, loss and optimiser settings, under `mixed_precision=bf16`:
 
 1. data: a generated tree of the real 1,000 class folders, built by `python -m data_prep folder
-   --at-most`. Only two classes hold images (6 and 5, split 4 train, 1 val, 1 test at most), so
-   that TenCrop at 448-512 px stays affordable on two cores: 2 val and 1 test image.
-2. train: `python -m train.launch` (as `make train`) for exactly two optimiser steps (one epoch of
-   the training images; micro-batch 2 with grad_accum 2, or 1 with 3 when the final configs hold
-   two images per class out), a checkpoint after every step, SIGKILL of the whole process tree
+   --at-most`. Only three classes hold images (5, 4 and 2; at most 3 train, 1 val, 1 test each),
+   so that TenCrop at 448-512 px stays affordable on two cores: 2 val images and 1 test image.
+2. train: `python -m train.launch` (as `make train`) for exactly two optimiser steps (one epoch:
+   8 training images for the ablation config, micro-batch 2 with grad_accum 2; 4 for the final
+   configs, which hold 2 images per class out, micro-batch 1 with grad_accum 2), a checkpoint
+   after every step, SIGKILL of the whole process tree
    once the first checkpoint is complete, then the same command, which must resume and finish
    (evaluation, best checkpoint, metrics). Checks: the run said bf16, checkpointed weights and
    optimiser state are float32.
 3. logits: `python -m ensemble.logits` (TenCrop at the config's test_size); finite probabilities.
 Then `python -m ensemble.blend` over every model and `python -m ensemble.evaluate` on its
-submission. Each model's times are printed and appended to <work>/times.csv as it finishes.
+submission. Each model's times are printed and appended to <work>/times.csv as it finishes; the
+default order takes each architecture and resolution once before the seeds that repeat them, so
+that a run cut short has covered every distinct network.
 Checkpoints are deleted after a model's logits (unless --keep): 17 configs would need 20 GB.
 """
 
@@ -44,8 +47,8 @@ from train.data import split_train_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = 1000
-POPULATED = {0: 6, 1: 5}  # class index -> images in its folder; the other 998 folders are empty
-PER_CLASS = "4,1,1"  # at most 4 train, 1 val, 1 test per class
+POPULATED = {0: 5, 1: 4, 2: 2}  # class index -> images in its folder; 997 folders are empty
+PER_CLASS = "3,1,1"  # at most 3 train, 1 val, 1 test per class
 STEPS = 2  # optimiser steps per run: one epoch
 CI_MODELS = ("effnet_b2_ablation", "resnet152_s0", "dsk_resnext101_s0")
 TIMES_HEADER = "model,arch,img_size,test_size,micro_batch,grad_accum,train_s,logits_s,total_s"
@@ -97,9 +100,10 @@ def build_data(work: Path) -> Path:
 
 
 def micro_batches(cfg: dict[str, Any]) -> tuple[int, int]:
-    """(batch_size, grad_accum) that make one epoch of exactly STEPS optimiser steps."""
+    """(batch_size, grad_accum) that make one epoch of exactly STEPS optimiser steps, with a
+    micro-batch of 2 where accumulation still spans two micro-batches."""
     images = len(split_train_eval(cfg)[0])
-    micro = 2 if images % (2 * STEPS) == 0 else 1
+    micro = 2 if images % (2 * 2 * STEPS) == 0 else 1
     if images % (micro * STEPS):
         raise SmokeFailure(f"{cfg['name']}: {images} training images do not make {STEPS} steps")
     return micro, images // (micro * STEPS)
@@ -274,11 +278,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def distinct_first(names: list[str]) -> list[str]:
+    """`names` with the first config of each (arch, img_size, test_size) ahead of the others."""
+    seen, first, rest = set(), [], []
+    for name in names:
+        cfg = load_config(name)  # an unknown name fails here, before anything runs
+        key = (cfg["arch"], cfg["img_size"], cfg["test_size"])
+        (rest if key in seen else first).append(name)
+        seen.add(key)
+    return first + rest
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    names = args.models or plan_models()
-    for name in names:
-        load_config(name)  # an unknown name fails before anything runs
+    names = distinct_first(args.models or plan_models())
     work = args.work.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
