@@ -139,8 +139,9 @@ def build_state(cfg: dict[str, Any], device: str = "cpu") -> TrainingState:
     """The run's modules. The teacher is a second model rather than timm's ModelEmaV3 (a deep
     copy, which FakeTensors do not support): the same tensors. Contrastive Regularization is left
     out: its positive mask is data-dependent, and its [2N, 2N] and [2N, C] temporaries are small."""
-    student = build_model(cfg).to(device)
-    teacher = build_model(cfg).requires_grad_(False).to(device)
+    with torch.device(device):
+        student = build_model(cfg)
+        teacher = build_model(cfg).requires_grad_(False)
     optimizer = create_optimizer_v2(student, opt=cfg["opt"], lr=cfg["lr"], **optimizer_kwargs(cfg))
     criterion = AttractRepulseLoss.from_config({**cfg, "cr_weight": 0.0})
     return TrainingState(student, teacher, optimizer, criterion, cfg)
