@@ -79,7 +79,7 @@ bench-data: setup ## make data: link vs copy on 150,000 synthetic files
 	$(PY) -m scripts.bench_data
 
 smoke: setup ## every real config end to end on the CPU, bf16, 1,000 classes (MODELS= for a subset)
-	$(PY) -m scripts.smoke $(if $(MODELS),--models $(MODELS)) $(ARGS)
+	$(PY) -m scripts.smoke $(if $(MODELS),--models $(MODELS))
 
 plan: setup ## parameters, FLOPs, memory, micro-batch and hours per config (GPU_MEM= GPUS= TFLOPS=)
 	$(PY) -m scripts.plan --gpu-mem $(GPU_MEM) --gpus $(GPUS) $(if $(TFLOPS),--tflops $(TFLOPS)) \
