@@ -42,6 +42,7 @@ from train.config import load_config
 from train.losses import AttractRepulseLoss
 from train.model import build_model
 from train.run import optimizer_kwargs
+from train.views import SharedMixup
 
 GIB = 2**30
 PAPER_GPUS = 8  # the paper's machine: a config's batch_size is per GPU of eight
@@ -228,15 +229,19 @@ def largest_micro_batch(fp: Footprint, usable: int) -> int:
     return max(0, (usable - fp.fixed_bytes) // fp.per_image_bytes)
 
 
-def split_global_batch(global_batch: int, gpus: int, fits: int) -> tuple[int, int]:
-    """(micro-batch, grad_accum): the fewest accumulation steps whose micro-batch fits and that
-    keep `global_batch` = micro x gpus x accum exactly; if none does, the fitting micro-batch and
-    the accumulation that comes closest from above; (0, 0) when not one image fits."""
+def split_global_batch(
+    global_batch: int, gpus: int, fits: int, multiple: int = 1
+) -> tuple[int, int]:
+    """(micro-batch, grad_accum): the fewest accumulation steps whose micro-batch fits, is a
+    multiple of `multiple` (2 with Mixup/CutMix, which mix images in pairs) and keeps
+    `global_batch` = micro x gpus x accum exactly; if none does, the largest fitting micro-batch
+    and the accumulation that comes closest from above; (0, 0) when none fits."""
+    fits -= fits % multiple
     if fits < 1:
         return 0, 0
     for accum in range(1, global_batch + 1):
         micro, rest = divmod(global_batch, gpus * accum)
-        if rest == 0 and 1 <= micro <= fits:
+        if rest == 0 and micro % multiple == 0 and 1 <= micro <= fits:
             return micro, accum
     return fits, math.ceil(global_batch / (gpus * fits))
 
@@ -274,7 +279,8 @@ def plan_row(
     if cfg["batch_size"] != "auto":
         global_batch = cfg["batch_size"] * PAPER_GPUS * cfg["grad_accum"]
     fits = largest_micro_batch(fp, usable_bytes(args.gpu_mem, fp.params, args.gpus))
-    micro, accum = split_global_batch(global_batch, args.gpus, fits)
+    pairs = 2 if SharedMixup.from_config(cfg).enabled else 1
+    micro, accum = split_global_batch(global_batch, args.gpus, fits, pairs)
     return {
         "model": cfg["name"],
         "arch": cfg["arch"],
@@ -329,7 +335,8 @@ def assumptions(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         f"{RESERVED_BYTES // GIB} GiB (CUDA context, workspaces, fragmentation)"
         + (" - DDP gradient buckets (4 B/parameter)." if args.gpus > 1 else "."),
         "Global batch: the config's batch_size x grad_accum on the paper's 8 GPUs (the lr is "
-        "given for it); micro-batches smaller than the config's see fewer negatives in CR.",
+        "given for it); micro-batches are even (Mixup/CutMix pair images), and smaller ones "
+        "than the config's see fewer negatives in CR.",
         f"Hours on {args.gpus} GPUs: epochs x training images x 2 views x {PASSES} passes x "
         f"forward FLOPs at {speed}; validation passes left out.",
     ]

@@ -5,15 +5,15 @@ paper's ensemble (configs/ensembles/vipriors16.yaml) and the ablation's Efficien
 config's own architecture, resolutions, loss and optimiser settings, under `mixed_precision=bf16`:
 
 1. data: a generated tree of the real 1,000 class folders, built by `python -m data_prep folder
-   --at-most`. Only three classes hold images (5, 4 and 2; at most 3 train, 1 val, 1 test each),
+   --at-most`. Only three classes hold images (6, 5 and 4; at most 4 train, 1 val, 1 test each),
    so that TenCrop at 448-512 px stays affordable on two cores: 2 val images and 1 test image.
-2. train: `python -m train.launch` (as `make train`) for exactly two optimiser steps (one epoch:
-   8 training images for the ablation config, micro-batch 2 with grad_accum 2; 4 for the final
-   configs, which hold 2 images per class out, micro-batch 1 with grad_accum 2), a checkpoint
-   after every step, SIGKILL of the whole process tree
-   once the first checkpoint is complete, then the same command, which must resume and finish
-   (evaluation, best checkpoint, metrics). Checks: the run said bf16, checkpointed weights and
-   optimiser state are float32.
+2. train: `python -m train.launch` (as `make train`) for exactly two optimiser steps (one epoch)
+   of micro-batch 2 (Mixup/CutMix mix images in pairs, so no real config takes an odd batch)
+   with gradient accumulation: 12 training images for the ablation config (grad_accum 3), 8 for
+   the final configs, which hold 2 images per class out (grad_accum 2), a checkpoint
+   after every step, SIGKILL of the whole process tree once the first checkpoint is complete,
+   then the same command, which must resume and finish (evaluation, best checkpoint, metrics).
+   Checks: the run said bf16; checkpointed weights and optimiser state are float32.
 3. logits: `python -m ensemble.logits` (TenCrop at the config's test_size); finite probabilities.
 Then `python -m ensemble.blend` over every model and `python -m ensemble.evaluate` on its
 submission. Each model's times are printed and appended to <work>/times.csv as it finishes; the
@@ -47,8 +47,9 @@ from train.data import split_train_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = 1000
-POPULATED = {0: 5, 1: 4, 2: 2}  # class index -> images in its folder; 997 folders are empty
-PER_CLASS = "3,1,1"  # at most 3 train, 1 val, 1 test per class
+POPULATED = {0: 6, 1: 5, 2: 4}  # class index -> images in its folder; 997 folders are empty
+PER_CLASS = "4,1,1"  # at most 4 train, 1 val, 1 test per class
+MICRO_BATCH = 2  # the smallest even batch: mixing pairs images
 STEPS = 2  # optimiser steps per run: one epoch
 CI_MODELS = ("effnet_b2_ablation", "resnet152_s0", "dsk_resnext101_s0")
 TIMES_HEADER = "model,arch,img_size,test_size,micro_batch,grad_accum,train_s,logits_s,total_s"
@@ -100,13 +101,12 @@ def build_data(work: Path) -> Path:
 
 
 def micro_batches(cfg: dict[str, Any]) -> tuple[int, int]:
-    """(batch_size, grad_accum) that make one epoch of exactly STEPS optimiser steps, with a
-    micro-batch of 2 where accumulation still spans two micro-batches."""
+    """(batch_size, grad_accum) that make one epoch of exactly STEPS optimiser steps."""
     images = len(split_train_eval(cfg)[0])
-    micro = 2 if images % (2 * 2 * STEPS) == 0 else 1
-    if images % (micro * STEPS):
-        raise SmokeFailure(f"{cfg['name']}: {images} training images do not make {STEPS} steps")
-    return micro, images // (micro * STEPS)
+    accum, rest = divmod(images, MICRO_BATCH * STEPS)
+    if rest or accum < 2:
+        raise SmokeFailure(f"{images} training images make no {STEPS} accumulated steps")
+    return MICRO_BATCH, accum
 
 
 def newest_step(run: Path) -> int:

@@ -75,10 +75,15 @@ def test_out_of_memory_after_the_first_step_is_raised(tiny_dir, tmp_path, monkey
     assert seen == [32, 32]  # the first step fitted; the second failed and was not retried
 
 
-def test_a_global_batch_that_does_not_split_is_refused():
+def test_a_global_batch_that_does_not_split_into_even_micro_batches_is_refused():
     cfg = load_config("demo_resnet18", ["batch_size=auto", "lr_base_batch=20", "grad_accum=3"])
-    with pytest.raises(UserError, match="not a multiple of 2 processes x grad_accum=3"):
+    with pytest.raises(UserError, match="does not split into 2 processes x grad_accum=3 even"):
         auto_batch.first_choice(cfg, 2)
-    with pytest.raises(UserError, match="micro-batch of 5 does not fit and cannot be halved"):
-        auto_batch.halved(5, 4)
-    assert auto_batch.first_choice({**cfg, "grad_accum": 2}, 2) == (5, 2)
+    with pytest.raises(UserError, match="into 1 processes x grad_accum=4 even"):
+        auto_batch.first_choice({**cfg, "grad_accum": 4}, 1)  # 5 images: mixing needs pairs
+    assert auto_batch.first_choice({**cfg, "grad_accum": 2}, 5) == (2, 2)
+    assert auto_batch.halved(4, 2, 2) == (2, 4)
+    with pytest.raises(UserError, match="micro-batch of 2 does not fit and cannot be halved"):
+        auto_batch.halved(2, 8, 2)
+    no_mixing = {**cfg, "mix_prob": 0.0}
+    assert auto_batch.pairs(no_mixing) == 1 and auto_batch.halved(2, 8, 1) == (1, 16)

@@ -100,23 +100,25 @@ def test_the_storage_tracker_counts_each_storage_once_until_it_is_freed():
     assert tracker.live == 400
 
 
-def brute_force_split(global_batch: int, gpus: int, fits: int) -> tuple[int, int]:
+def brute_force_split(global_batch: int, gpus: int, fits: int, multiple: int) -> tuple[int, int]:
     exact = [
         (accum, micro)
         for accum, micro in itertools.product(range(1, global_batch + 1), range(1, fits + 1))
-        if micro * gpus * accum == global_batch
+        if micro * gpus * accum == global_batch and micro % multiple == 0
     ]
     if exact:
         accum, micro = min(exact)
         return micro, accum
-    return fits, -(-global_batch // (gpus * fits))
+    usable = fits - fits % multiple
+    return (usable, -(-global_batch // (gpus * usable))) if usable else (0, 0)
 
 
 def test_the_batch_split_is_the_fewest_accumulation_steps_that_keep_the_global_batch():
-    for global_batch, gpus, fits in itertools.product(range(1, 70), (1, 2, 3, 8), range(1, 40)):
-        expected = brute_force_split(global_batch, gpus, fits)
-        assert plan.split_global_batch(global_batch, gpus, fits) == expected
-    assert plan.split_global_batch(128, 8, 0) == (0, 0)
+    cases = itertools.product(range(1, 70), (1, 2, 3, 8), range(0, 40), (1, 2))
+    for global_batch, gpus, fits, multiple in cases:
+        expected = brute_force_split(global_batch, gpus, fits, multiple)
+        assert plan.split_global_batch(global_batch, gpus, fits, multiple) == expected
+    assert plan.split_global_batch(96, 8, 5, 2) == (4, 3)  # B7 at 512 on a small GPU
 
 
 def test_largest_micro_batch_and_hours_follow_their_formulas():

@@ -23,24 +23,33 @@ from common.errors import UserError
 from train import checkpoint as ckpt
 from train.config import run_dir
 from train.run import Run
+from train.views import SharedMixup
+
+
+def pairs(cfg: dict[str, Any]) -> int:
+    """2 when Mixup/CutMix are on (they mix images in pairs: micro-batches must be even)."""
+    return 2 if SharedMixup.from_config(cfg).enabled else 1
 
 
 def first_choice(cfg: dict[str, Any], world: int) -> tuple[int, int]:
     """(micro-batch, grad_accum) of the first attempt: lr_base_batch on `world` processes."""
     micro, rest = divmod(cfg["lr_base_batch"], world * cfg["grad_accum"])
-    if rest or micro < 1:
+    if rest or micro < 1 or micro % pairs(cfg):
         raise UserError(
-            f"batch_size=auto: lr_base_batch={cfg['lr_base_batch']} is not a multiple of "
-            f"{world} processes x grad_accum={cfg['grad_accum']}; set batch_size to a number"
+            f"batch_size=auto: lr_base_batch={cfg['lr_base_batch']} does not split into "
+            f"{world} processes x grad_accum={cfg['grad_accum']} even micro-batches; set "
+            "batch_size to a number"
         )
     return micro, cfg["grad_accum"]
 
 
-def halved(micro: int, accum: int) -> tuple[int, int]:
-    if micro % 2:
+def halved(micro: int, accum: int, multiple: int) -> tuple[int, int]:
+    """Half the micro-batch, twice the accumulation; refused below a `multiple` of images."""
+    if micro % (2 * multiple):
         raise UserError(
             f"batch_size=auto: a micro-batch of {micro} does not fit and cannot be halved "
-            "keeping the global batch; use a GPU with more memory or a smaller img_size"
+            "keeping the global batch (Mixup/CutMix need even batches); use a GPU with more "
+            "memory or a smaller img_size"
         )
     return micro // 2, accum * 2
 
@@ -78,7 +87,7 @@ def train_auto_batch(cfg: dict[str, Any]) -> int:
             if run.global_step > 0 or not should_reduce_batch_size(err):
                 raise
         run.acc.print(f"batch_size=auto: out of memory at micro-batch {micro}; halving it")
-        micro, accum = halved(micro, accum)
+        micro, accum = halved(micro, accum, pairs(cfg))
         run.acc.free_memory()
         del run
         clear_device_cache(garbage_collection=True)
