@@ -1,4 +1,4 @@
-"""`make plan [GPU_MEM=80] [GPUS=8] [TFLOPS=100]`: what every real config needs on GPUs, computed
+"""`make plan [GPU_MEM=80] [GPUS=8] [TFLOPS=...]`: what every real config needs on GPUs, computed
 on the CPU without one.
 
 For each model of the paper's ensemble (configs/ensembles/vipriors16.yaml) and the ablation config:
@@ -12,7 +12,8 @@ For each model of the paper's ensemble (configs/ensembles/vipriors16.yaml) and t
   without memory or arithmetic, so B7 at 448 px costs seconds. Two micro-batch sizes give a line,
   fixed + micro-batch x per image; tests/test_plan.py checks it against a measured CPU peak;
 - the largest micro-batch that fits GPU_MEM with a margin, and the grad_accum that keeps the
-  config's global batch (its per-GPU batch_size on the paper's 8 GPUs; the lr is tied to it);
+  config's global batch (its per-GPU batch_size on the paper's 8 GPUs, or lr_base_batch for
+  `batch_size: auto`; the lr is tied to it), with even micro-batches (mixing pairs images);
 - hours per model: epochs x training images x 8 forward-equivalents (student forward + backward
   = 3, teacher forward = 1, on two views) x forward FLOPs / (GPUS x throughput). The throughput is
   an assumption: by default the model FLOP/s that timm's published training benchmark shows for
