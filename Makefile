@@ -32,8 +32,13 @@ LOGDIR ?= runs
 PORT ?= 6006
 # make tsne: RUNS="<ablation rows or run folders>" (default: the strong baseline and the full recipe)
 RUNS ?=
+# make plan: GPU memory (GiB) and GPU count to plan for; TFLOPS=<model TFLOP/s per GPU> (optional)
+GPU_MEM ?= 80
+GPUS ?= 8
+TFLOPS ?=
 
-.PHONY: help setup data train logits ensemble evaluate demo ablation sweep long-run tsne bench bench-data chaos test test-fast lint clean slurm slurm-ensemble status tensorboard
+
+.PHONY: help setup data train logits ensemble evaluate demo ablation sweep long-run tsne bench bench-data chaos test test-fast lint clean slurm slurm-ensemble status tensorboard smoke plan gpu-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -88,6 +93,16 @@ bench-data: setup ## make data: link vs copy on 150,000 synthetic files
 
 chaos: setup ## SIGKILL a tiny run at 10 random moments; it must end bit-identical (~3 CPU-minutes)
 	$(PY) -m scripts.chaos $(ARGS)
+
+smoke: setup ## every real config end to end on the CPU, bf16, 1,000 classes (MODELS= for a subset)
+	$(PY) -m scripts.smoke $(if $(MODELS),--models $(MODELS))
+
+plan: setup ## parameters, FLOPs, memory, micro-batch and hours per config (GPU_MEM= GPUS= TFLOPS=)
+	$(PY) -m scripts.plan --gpu-mem $(GPU_MEM) --gpus $(GPUS) $(if $(TFLOPS),--tflops $(TFLOPS)) \
+		$(if $(MODELS),--models $(MODELS))
+
+gpu-check: setup ## GPU figures for the README: step speed, B7 memory, loader, two processes
+	$(PY) -m scripts.gpu_check
 
 test: setup ## the whole test suite (CI runs exactly this)
 	$(PY) -m pytest -q

@@ -67,7 +67,9 @@ def build(
     """Write `plan` under `root` with `write(payload, dst)`; return the manifest."""
     verify_sources(plan, workers, verify)
     claim(root, plan)
-    for parent in sorted({(root / rel).parent for _, rel in plan.items}):
+    # Every class has its train and val folder, also a class without images there (--at-most).
+    class_dirs = {root / split / name for split in SPLITS[:2] for name in plan.classes}
+    for parent in sorted({(root / rel).parent for _, rel in plan.items} | class_dirs):
         parent.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         items = [(p, root / rel) for p, rel in plan.items if rel.split("/", 1)[0] == split]

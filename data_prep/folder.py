@@ -4,7 +4,10 @@
 `--per-class TRAIN,VAL,TEST` gives each split a count per class (`50`) or a fraction of the
 class's images (`0.5`, rounded half up); the draw is stratified (every class on its own) and
 seeded, and the test images of all classes are then shuffled into `test/imgs/img_<i>.<ext>`,
-keeping each source file's extension. A class with too few images is an error that names it.
+keeping each source file's extension. A class with too few images is an error that names it;
+with `--at-most` the counts are maxima instead: a class with fewer images gives what it has (train
+first, then val, then test), and an empty class folder stays a class (a long-tailed collection;
+`make smoke`'s 1,000 classes, most of them empty, so that TenCrop at 600 px stays affordable).
 Files are placed as `imagenet` places them (hard links by default, `--mode`).
 """
 
@@ -32,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-class", default="50,50,0.5", help="TRAIN,VAL,TEST counts or fractions"
     )
+    parser.add_argument(
+        "--at-most",
+        action="store_true",
+        help="counts are maxima: small classes give what they have",
+    )
     parser.add_argument("--out", type=Path, help="default: data/<name of --root>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=MODES, default="link", help="default: hard links")
@@ -45,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--root {args.root} is not a folder; pass the folder of class folders")
     spec = parse_per_class(args.per_class)
     images = class_images(root)
-    plan = make_plan(images, spec, args.seed)
+    plan = make_plan(images, spec, args.seed, args.at_most)
     plan = replace(plan, inputs={"root": str(root), "mode": args.mode})
     out = args.out if args.out is not None else Path("data") / root.name
     build(out, plan, file_writer(args.mode, None), args.workers, args.verify)
@@ -105,8 +113,19 @@ def split_sizes(n: int, spec: list[int | float]) -> list[int]:
     return [v if isinstance(v, int) else math.floor(v * n + 0.5) for v in spec]
 
 
+def available_sizes(n: int, sizes: list[int]) -> list[int]:
+    """`--at-most`: each split takes what is left of the class's `n` images, in split order."""
+    out = []
+    for size in sizes:
+        out.append(min(size, n - sum(out)))
+    return out
+
+
 def make_plan(
-    images: dict[str, list[tuple[Path, str]]], spec: list[int | float], seed: int
+    images: dict[str, list[tuple[Path, str]]],
+    spec: list[int | float],
+    seed: int,
+    at_most: bool = False,
 ) -> Plan:
     """The stratified seeded draw, then one seeded shuffle of all test images."""
     rng = np.random.default_rng(seed)
@@ -115,7 +134,9 @@ def make_plan(
     for label, name in enumerate(classes):
         files = images[name]
         n_train, n_val, n_test = split_sizes(len(files), spec)
-        if n_train < 1 or n_val < 1 or n_train + n_val + n_test > len(files):
+        if at_most:
+            n_train, n_val, n_test = available_sizes(len(files), [n_train, n_val, n_test])
+        elif n_train < 1 or n_val < 1 or n_train + n_val + n_test > len(files):
             raise UserError(
                 f"class {name!r} has {len(files)} images, too few for --per-class "
                 f"{','.join(map(str, spec))} ({n_train} train, {n_val} val, {n_test} test); "
@@ -129,9 +150,10 @@ def make_plan(
     order = rng.permutation(len(test_pool))
     names = [test_name(i, test_pool[j][0].suffix) for i, j in enumerate(order)]
     items += [(test_pool[j][0], f"test/imgs/{name}") for name, j in zip(names, order, strict=True)]
+    options = {"per_class": spec, "seed": seed} | ({"at_most": True} if at_most else {})
     return Plan(
         source="folder",
-        options={"per_class": spec, "seed": seed},
+        options=options,
         classes=classes,
         items=items,
         test_labels=[(name, test_pool[j][1]) for name, j in zip(names, order, strict=True)],

@@ -153,3 +153,51 @@ def test_a_truncated_image_is_decoded_and_refused_before_the_dataset_is_built(
     assert "truncated" in proc.stderr.lower() and not out.exists()
     build_folder(root, out, "--per-class", "0.6,0.4,0", "--verify", "header")
     assert (out / "manifest.json").is_file()
+
+
+def test_at_most_takes_what_small_classes_have_and_keeps_empty_classes(photos, tmp_path):
+    from data_prep.layout import Layout
+
+    root = tmp_path / "longtail"
+    for i in range(12):
+        (root / "bird").mkdir(parents=True, exist_ok=True)
+        os.link(photos / "bird" / f"b{i}.jpg", root / "bird" / f"b{i}.jpg")
+    (root / "fox").mkdir()
+    for i in range(2):
+        os.link(photos / "bird" / f"b{i}.jpg", root / "fox" / f"f{i}.jpg")
+    (root / "eel").mkdir()
+    out = tmp_path / "out"
+    run_command(
+        "-m",
+        "data_prep",
+        "folder",
+        "--root",
+        str(root),
+        "--per-class",
+        "4,3,1",
+        "--at-most",
+        "--out",
+        str(out),
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["classes"] == ["bird", "eel", "fox"]
+    assert manifest["counts"]["train"] == {"bird": 4, "eel": 0, "fox": 2}
+    assert manifest["counts"]["val"] == {"bird": 3, "eel": 0, "fox": 0}
+    assert manifest["counts"]["test"] == 1 and manifest["options"]["at_most"] is True
+    layout = Layout(out)
+    assert [label for _, _, label in layout.split_items("val")] == [0, 0, 0]
+    assert sorted({label for _, _, label in layout.split_items("train")}) == [0, 2]
+    # Without --at-most the same tree is refused, naming the first class that is too small.
+    proc = run_command(
+        "-m",
+        "data_prep",
+        "folder",
+        "--root",
+        str(root),
+        "--per-class",
+        "4,3,1",
+        "--out",
+        str(tmp_path / "strict"),
+        check=False,
+    )
+    assert proc.returncode == 2 and "class 'eel' has 0 images, too few" in proc.stderr

@@ -117,8 +117,12 @@ def _named(kind: str, name: str) -> dict[str, Any]:
     return read_yaml(path)
 
 
+# Keys that may also say "auto", resolved when the run starts (batch_size: train/auto_batch.py).
+AUTO_KEYS = {"batch_size"}
+
+
 def _check_type(key: str, value: Any, default: Any, origin: str) -> Any:
-    if default is None or value is None:
+    if default is None or value is None or (key in AUTO_KEYS and value == "auto"):
         return value
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)

@@ -365,6 +365,16 @@ def heldout_note(row: dict[str, Any]) -> str:
     )
 
 
+def run_to_end(run: Run) -> int:
+    """Train `run` to its end or its stop; the trackers and the heartbeat are closed either way."""
+    code = None
+    try:
+        code = run.train()
+        return code
+    finally:
+        run.tracking.finish(code, run.global_step)
+
+
 def train(cfg: dict[str, Any]) -> int:
     """Train (or resume) the run of `cfg`; returns the process exit code."""
     # Before the Accelerator: a refused second trainer touches nothing. The global rank is
@@ -378,12 +388,11 @@ def train(cfg: dict[str, Any]) -> int:
     )
     with lock if main_process else contextlib.nullcontext():
         try:
-            run, code = Run(cfg), None
-            try:
-                code = run.train()
-                return code
-            finally:
-                run.tracking.finish(code, run.global_step)
+            if cfg["batch_size"] == "auto":
+                from train.auto_batch import train_auto_batch  # it builds on Run
+
+                return train_auto_batch(cfg)
+            return run_to_end(Run(cfg))
         except RuntimeError as err:
             death = worker_death(err)
             if death is None:

@@ -1,0 +1,317 @@
+"""`make smoke [MODELS="..."]`: every real config through the real stages on the CPU, in bf16.
+
+A user's first GPU run must not be the first time a real config runs. For each model of the
+paper's ensemble (configs/ensembles/vipriors16.yaml) and the ablation's EfficientNet-B2, at the
+config's own architecture, resolutions, loss and optimiser settings, under `mixed_precision=bf16`:
+
+1. data: a generated tree of the real 1,000 class folders, built by `python -m data_prep folder
+   --at-most`. Only three classes hold images (6, 5 and 4; at most 4 train, 1 val, 1 test each),
+   so that TenCrop at 448-512 px stays affordable on two cores: 2 val images and 1 test image.
+2. train: `python -m train.launch` (as `make train`) for exactly two optimiser steps (one epoch)
+   of micro-batch 2 (Mixup/CutMix mix images in pairs, so no real config takes an odd batch)
+   with gradient accumulation: 12 training images for the ablation config (grad_accum 3), 8 for
+   the final configs, which hold 2 images per class out (grad_accum 2), a checkpoint
+   after every step, SIGKILL of the whole process tree once the first checkpoint is complete,
+   then the same command, which must resume and finish (evaluation, best checkpoint, metrics).
+   Checks: the run said bf16; checkpointed weights and optimiser state are float32.
+3. logits: `python -m ensemble.logits` (TenCrop at the config's test_size); finite probabilities.
+Then `python -m ensemble.blend` over every model and `python -m ensemble.evaluate` on its
+submission. Each model's times are printed and appended to <work>/times.csv as it finishes; the
+default order takes each architecture and resolution once before the seeds that repeat them, so
+that a run cut short has covered every distinct network.
+Checkpoints are deleted after a model's logits (unless --keep): 17 configs would need 20 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from data_prep.layout import Layout
+from scripts.plan import plan_models
+from train.config import load_config, logits_dir, run_dir
+from train.data import split_train_eval
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = 1000
+POPULATED = {0: 6, 1: 5, 2: 4}  # class index -> images in its folder; 997 folders are empty
+PER_CLASS = "4,1,1"  # at most 4 train, 1 val, 1 test per class
+MICRO_BATCH = 2  # the smallest even batch: mixing pairs images
+STEPS = 2  # optimiser steps per run: one epoch
+CI_MODELS = ("effnet_b2_ablation", "resnet152_s0", "dsk_resnext101_s0")
+TIMES_HEADER = "model,arch,img_size,test_size,micro_batch,grad_accum,train_s,logits_s,total_s"
+
+
+class SmokeFailure(Exception):
+    """A stage failed or wrote something wrong: a bug for the pipeline, not the user's input."""
+
+
+def make_source(root: Path) -> Path:
+    """1,000 class folders; the POPULATED ones hold small noise JPEGs of their own tint."""
+    rng = np.random.default_rng(0)
+    for index in range(CLASSES):
+        folder = root / f"class_{index:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(POPULATED.get(index, 0)):
+            path = folder / f"img_{i}.jpg"
+            if not path.is_file():
+                pixels = rng.integers(0, 256, (120, 160, 3)) // 2 + 60 * (index + 1)
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, "JPEG")
+    return root
+
+
+def run_logged(args: list[str], log: Path) -> subprocess.CompletedProcess:
+    """`python -m ...` from the repository root, output to `log`; a failure names the log."""
+    with open(log, "w") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", *args], cwd=ROOT, env=child_env(), stdout=out, stderr=out
+        )
+    if proc.returncode != 0:
+        raise SmokeFailure(f"`python -m {' '.join(args)}` exited {proc.returncode}: {tail(log)}")
+    return proc
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def tail(log: Path, lines: int = 5) -> str:
+    return f"see {log}: " + " | ".join(log.read_text().splitlines()[-lines:])
+
+
+def build_data(work: Path) -> Path:
+    source = make_source(work / "source" / "smoke1000")
+    data = work / "data" / "smoke1000"
+    args = ["data_prep", "folder", "--root", str(source), "--per-class", PER_CLASS, "--at-most"]
+    run_logged([*args, "--out", str(data)], work / "logs" / "data.log")
+    return data
+
+
+def micro_batches(cfg: dict[str, Any]) -> tuple[int, int]:
+    """(batch_size, grad_accum) that make one epoch of exactly STEPS optimiser steps."""
+    images = len(split_train_eval(cfg)[0])
+    accum, rest = divmod(images, MICRO_BATCH * STEPS)
+    if rest or accum < 2:
+        raise SmokeFailure(f"{images} training images make no {STEPS} accumulated steps")
+    return MICRO_BATCH, accum
+
+
+def newest_step(run: Path) -> int:
+    done = [
+        int(p.name.split("_")[1])
+        for p in (run / "checkpoints").glob("step_*")
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / "COMPLETE").is_file()
+    ]
+    return max(done, default=0)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (from /proc): the launcher starts the training process in a
+    session of its own, so a process group does not reach it."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [pid], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        tree += kids
+        todo += kids
+    return tree
+
+
+def train_killed_at_first_checkpoint(args: list[str], run: Path, log: Path) -> None:
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "train.launch", *args],
+            cwd=ROOT,
+            env=child_env(),
+            stdout=out,
+            stderr=out,
+        )
+        while proc.poll() is None and newest_step(run) < 1:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise SmokeFailure(
+                f"training ended (status {proc.returncode}) before its kill: {tail(log)}"
+            )
+        for pid in process_tree(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    if "precision bf16" not in log.read_text():
+        raise SmokeFailure(f"the run did not train in bf16: {tail(log)}")
+    if newest_step(run) >= STEPS:
+        raise SmokeFailure(f"the kill came after the last step; {tail(log)}")
+
+
+def check_checkpoint(run: Path) -> None:
+    """Mixed precision keeps float32 masters: weights and optimiser state stay float32."""
+    best = run / "checkpoints" / "best"
+    for role in ("student", "teacher"):
+        dtypes = {t.dtype for t in load_file(best / f"{role}.safetensors").values()}
+        if dtypes - {torch.float32, torch.int64}:
+            raise SmokeFailure(f"{best}/{role}.safetensors holds {sorted(map(str, dtypes))}")
+    state = torch.load(best / "state.pt", weights_only=True)
+    slots = [v for s in state["optimizer"]["state"].values() for v in s.values()]
+    dtypes = {v.dtype for v in slots if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    if dtypes != {torch.float32}:
+        raise SmokeFailure(f"{best}/state.pt: optimiser state in {sorted(map(str, dtypes))}")
+
+
+def check_logits(folder: Path, layout: Layout) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    expected = {"val": len(layout.split_items("val")), "test": len(layout.test_items())}
+    if meta["rows"] != expected or meta["view"] != "tencrop":
+        raise SmokeFailure(f"{folder}/meta.json: rows {meta['rows']}, expected {expected}")
+    for split in expected:
+        with np.load(folder / f"{split}.npz", allow_pickle=False) as arrays:
+            probs = arrays["probs"].astype(np.float64)
+        if probs.shape != (expected[split], CLASSES) or not np.isfinite(probs).all():
+            raise SmokeFailure(f"{folder}/{split}.npz: probabilities of shape {probs.shape}")
+        if np.abs(probs.sum(1) - 1).max() > 1e-2:
+            raise SmokeFailure(f"{folder}/{split}.npz: rows do not sum to 1")
+
+
+def smoke_model(name: str, work: Path, data: Path, keep: bool) -> dict[str, Any]:
+    """The stages of one config; returns its row of times."""
+    started = time.perf_counter()
+    base = [f"data_dir={data}", f"out_dir={work / 'runs'}", f"logits_dir={work / 'logits'}"]
+    cfg = load_config(name, base)
+    micro, accum = micro_batches(cfg)
+    args = [
+        name,
+        *base,
+        "mixed_precision=bf16",
+        "epochs=1",
+        f"batch_size={micro}",
+        f"grad_accum={accum}",
+        "ckpt_every_steps=1",
+        "workers=1",
+    ]
+    run, logs = run_dir(cfg), work / "logs"
+    shutil.rmtree(run, ignore_errors=True)  # a fresh run, so that the kill lands mid-run
+    train_killed_at_first_checkpoint(args, run, logs / f"{name}.train1.log")
+    second = logs / f"{name}.train2.log"
+    run_logged(["train.launch", *args], second)
+    if "resumed from" not in second.read_text():
+        raise SmokeFailure(f"the rerun did not resume: {tail(second)}")
+    check_checkpoint(run)
+    trained = time.perf_counter()
+    run_logged(["ensemble.logits", *args], logs / f"{name}.logits.log")
+    check_logits(logits_dir(cfg), Layout(data))
+    if not keep:
+        shutil.rmtree(run / "checkpoints")
+    done = time.perf_counter()
+    return {
+        "model": name,
+        "arch": cfg["arch"],
+        "img_size": cfg["img_size"],
+        "test_size": cfg["test_size"],
+        "micro_batch": micro,
+        "grad_accum": accum,
+        "train_s": trained - started,
+        "logits_s": done - trained,
+        "total_s": done - started,
+    }
+
+
+def append_times(path: Path, row: dict[str, Any]) -> None:
+    if not path.is_file():
+        path.write_text(TIMES_HEADER + "\n")
+    values = [f"{v:.0f}" if isinstance(v, float) else str(v) for v in row.values()]
+    with open(path, "a") as out:
+        out.write(",".join(values) + "\n")
+
+
+def format_times(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | arch | train px | test px | micro x accum | train, kill, resume (s) "
+        "| TenCrop logits (s) | total (s) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['arch']} | {r['img_size']} | {r['test_size']} "
+            f"| {r['micro_batch']} x {r['grad_accum']} | {r['train_s']:.0f} "
+            f"| {r['logits_s']:.0f} | {r['total_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def ensemble_and_evaluate(names: list[str], work: Path, data: Path) -> str:
+    blend = ["ensemble.blend", "--models", *names, "--name", "smoke"]
+    blend += ["--logits-dir", str(work / "logits"), "--out-dir", str(work / "submissions")]
+    run_logged(blend, work / "logs" / "ensemble.log")
+    submission = work / "submissions" / "smoke.csv"
+    labels = Layout(data).test_labels
+    run_logged(
+        ["ensemble.evaluate", str(submission), "--labels", str(labels)],
+        work / "logs" / "evaluate.log",
+    )
+    return (work / "logs" / "evaluate.log").read_text().strip().splitlines()[-1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m scripts.smoke", description=__doc__)
+    parser.add_argument("--models", nargs="+", help="default: vipriors16 and effnet_b2_ablation")
+    parser.add_argument("--work", type=Path, default=ROOT / "results" / "smoke")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    return parser.parse_args(argv)
+
+
+def distinct_first(names: list[str]) -> list[str]:
+    """`names` with the first config of each (arch, img_size, test_size) ahead of the others."""
+    seen, first, rest = set(), [], []
+    for name in names:
+        cfg = load_config(name)  # an unknown name fails here, before anything runs
+        key = (cfg["arch"], cfg["img_size"], cfg["test_size"])
+        (rest if key in seen else first).append(name)
+        seen.add(key)
+    return first + rest
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    names = distinct_first(args.models or plan_models())
+    work = args.work.resolve()
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = build_data(work)
+    rows = []
+    for name in names:
+        try:
+            rows.append(smoke_model(name, work, data, args.keep))
+        except SmokeFailure as err:
+            raise SystemExit(f"smoke: {name}: {err}") from None
+        append_times(work / "times.csv", rows[-1])
+        print(f"smoke {name}: ok in {rows[-1]['total_s']:.0f} s", flush=True)
+    try:
+        evaluation = ensemble_and_evaluate(names, work, data)
+    except SmokeFailure as err:
+        raise SystemExit(f"smoke: ensemble: {err}") from None
+    print(f"\n{format_times(rows)}\n\n{evaluation}")
+    print(f"make smoke: {len(rows)} configs in {(time.perf_counter() - started) / 60:.1f} min")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

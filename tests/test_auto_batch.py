@@ -1,0 +1,89 @@
+"""`batch_size: auto`: halving on an out-of-memory error in the first step, global batch kept."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import train.auto_batch as auto_batch
+import train.run as run_module
+from common.errors import UserError
+from train.config import load_config
+
+# 80 training images; the global batch is lr_base_batch = 16.
+ARGS = [
+    "batch_size=auto",
+    "lr_base_batch=16",
+    "epochs=1",
+    "workers=0",
+    "warmup_epochs=0",
+    "train_splits=[train]",
+    "mixed_precision=no",
+]
+
+
+def simulate_oom(monkeypatch, above_rows: int = 10**6, after_calls: int = 10**6) -> list[int]:
+    """forward_step raises CUDA's out-of-memory error for batches of more than `above_rows`
+    views, or from its `after_calls`-th call on; returns the batch sizes (views) it saw."""
+    real = run_module.forward_step
+    seen: list[int] = []
+
+    def forward_step(accelerator, student, teacher, criterion, inputs, *args, **kwargs):
+        seen.append(inputs.shape[0])
+        if inputs.shape[0] > above_rows or len(seen) > after_calls:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(accelerator, student, teacher, criterion, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "forward_step", forward_step)
+    return seen
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_the_first_step_halves_the_micro_batch_and_keeps_the_global_batch(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    seen = simulate_oom(monkeypatch, above_rows=8)  # 4 images x 2 views fit, 8 and 16 do not
+    cfg = load_config("demo_resnet18", [*ARGS, f"data_dir={tiny_dir}", f"out_dir={tmp_path}"])
+    assert run_module.train(cfg) == 0
+    out = capsys.readouterr().out
+    assert "trying micro-batch 16 x 1 processes x grad_accum 1 = global batch 16" in out
+    assert "out of memory at micro-batch 16; halving it" in out
+    assert "out of memory at micro-batch 8; halving it" in out
+    assert "trying micro-batch 4 x 1 processes x grad_accum 4 = global batch 16" in out
+    assert seen[:2] == [32, 16] and set(seen[2:]) == {8}
+    saved = yaml.safe_load((tmp_path / "demo_resnet18" / "config.yaml").read_text())
+    assert (saved["batch_size"], saved["grad_accum"]) == (4, 4)
+    assert run_module.global_lr(saved, 1) == saved["lr"]  # the lr given for lr_base_batch
+    metrics = pd.read_csv(tmp_path / "demo_resnet18" / "metrics.csv")
+    assert metrics["step"].tolist() == [80 // 16]  # optimiser steps of the global batch
+
+    # A rerun resumes with the saved choice instead of trying the larger batches again.
+    built = []
+    monkeypatch.setattr(auto_batch, "Run", lambda c: built.append(c) or run_module.Run(c))
+    assert run_module.train(cfg) == 0
+    assert [(c["batch_size"], c["grad_accum"]) for c in built] == [(4, 4)]
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_out_of_memory_after_the_first_step_is_raised(tiny_dir, tmp_path, monkeypatch):
+    seen = simulate_oom(monkeypatch, after_calls=1)  # micro-batch 16, no accumulation
+    cfg = load_config("demo_resnet18", [*ARGS, f"data_dir={tiny_dir}", f"out_dir={tmp_path}"])
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_module.train(cfg)
+    assert seen == [32, 32]  # the first step fitted; the second failed and was not retried
+
+
+def test_a_global_batch_that_does_not_split_into_even_micro_batches_is_refused():
+    cfg = load_config("demo_resnet18", ["batch_size=auto", "lr_base_batch=20", "grad_accum=3"])
+    with pytest.raises(UserError, match="does not split into 2 processes x grad_accum=3 even"):
+        auto_batch.first_choice(cfg, 2)
+    with pytest.raises(UserError, match="into 1 processes x grad_accum=4 even"):
+        auto_batch.first_choice({**cfg, "grad_accum": 4}, 1)  # 5 images: mixing needs pairs
+    assert auto_batch.first_choice({**cfg, "grad_accum": 2}, 5) == (2, 2)
+    assert auto_batch.halved(4, 2, 2) == (2, 4)
+    with pytest.raises(UserError, match="micro-batch of 2 does not fit and cannot be halved"):
+        auto_batch.halved(2, 8, 2)
+    no_mixing = {**cfg, "mix_prob": 0.0}
+    assert auto_batch.pairs(no_mixing) == 1 and auto_batch.halved(2, 8, 1) == (1, 16)

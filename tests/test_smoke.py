@@ -1,0 +1,123 @@
+"""`make smoke`: real configs end to end on the CPU in bf16, and the pieces it relies on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from scripts import smoke
+from tests.conftest import run_command
+from train.config import load_config
+from train.distributed import make_accelerator
+from train.engine import forward_step
+from train.inference import predict_crops
+from train.losses import AttractRepulseLoss
+from train.model import build_model, build_teacher
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory):
+    work = tmp_path_factory.mktemp("smoke")
+    (work / "logs").mkdir()
+    return work, smoke.build_data(work)
+
+
+def test_the_generated_dataset_has_the_real_classes_and_a_handful_of_images(smoke_data):
+    _, data = smoke_data
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert len(manifest["classes"]) == 1000
+    assert sum(manifest["counts"]["train"].values()) == 4 + 4 + 4
+    assert sum(manifest["counts"]["val"].values()) == 2 and manifest["counts"]["test"] == 1
+
+
+@pytest.mark.parametrize("model, expected", [("effnet_b2_ablation", (2, 3)), ("effnet_b7", (2, 2))])
+def test_two_optimiser_steps_make_one_epoch(smoke_data, model, expected):
+    _, data = smoke_data
+    cfg = load_config(model, [f"data_dir={data}"])
+    micro, accum = smoke.micro_batches(cfg)
+    assert (micro, accum) == expected
+    from train.data import split_train_eval
+
+    assert len(split_train_eval(cfg)[0]) == micro * accum * smoke.STEPS
+
+
+def test_the_process_tree_reaches_a_grandchild():
+    sleeper = "import time; time.sleep(60)"
+    code = (
+        f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); {sleeper}"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 30
+        while len(smoke.process_tree(parent.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        tree = smoke.process_tree(parent.pid)
+        assert tree[0] == parent.pid and len(tree) == 2
+    finally:
+        for pid in reversed(smoke.process_tree(parent.pid)):
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+        parent.wait()
+
+
+def test_a_checkpoint_in_bf16_is_refused(tmp_path):
+    best = tmp_path / "checkpoints" / "best"
+    best.mkdir(parents=True)
+    save_file({"w": torch.zeros(2, dtype=torch.bfloat16)}, best / "student.safetensors")
+    save_file({"w": torch.zeros(2)}, best / "teacher.safetensors")
+    with pytest.raises(smoke.SmokeFailure, match="student.safetensors holds"):
+        smoke.check_checkpoint(tmp_path)
+
+
+def test_bf16_autocasts_student_teacher_and_inference_and_keeps_losses_and_grads_float32():
+    """The mixed-precision path on the CPU: convolutions of the student (Accelerate's prepared
+    forward), of the teacher (its autocast region) and of inference run in bf16; the losses, the
+    gradients, the weights and the probabilities stay float32."""
+    cfg = load_config("demo_resnet18", ["mixed_precision=bf16"])
+    acc = make_accelerator(cfg["mixed_precision"])
+    assert acc.mixed_precision == "bf16"
+    model = build_model(cfg)
+    teacher = build_teacher(model, 0.99, False)
+    model, _ = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    seen = []
+    for role, net in (("student", acc.unwrap_model(model)), ("teacher", teacher.module)):
+        net.backbone.conv1.register_forward_hook(lambda m, i, o, r=role: seen.append((r, o.dtype)))
+    inputs = torch.randn(8, 3, 32, 32)
+    targets = torch.softmax(torch.randn(8, 10), -1)
+    result = forward_step(
+        acc, model, teacher, AttractRepulseLoss.from_config(cfg), inputs, targets, 1.0
+    )
+    assert seen == [("student", torch.bfloat16), ("teacher", torch.bfloat16)]
+    assert result.loss.dtype == torch.float32 and set(result.terms) >= {"ce", "cr", "mt", "aux"}
+    acc.backward(result.loss)
+    assert {p.grad.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    crops = torch.randn(2, 10, 3, 32, 32)
+    loader = [(crops, torch.zeros(2), torch.arange(2))]
+    probs = predict_crops(acc, teacher.module.eval(), loader, 2, 10, True, False)
+    assert seen[-1] == ("teacher", torch.bfloat16)
+    assert probs["main"].dtype == torch.float32
+    assert torch.allclose(probs["main"].sum(-1), torch.ones(2), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_make_smoke_runs_one_efficientnet_one_resnet_and_the_dsk_resnext(tmp_path):
+    """The CI subset: the smallest real config of each family, through every stage."""
+    started = time.perf_counter()
+    proc = run_command("-m", "scripts.smoke", "--models", *smoke.CI_MODELS, "--work", str(tmp_path))
+    times = pd.read_csv(tmp_path / "times.csv")
+    assert sorted(times["model"]) == sorted(smoke.CI_MODELS)
+    assert (times["total_s"] > 0).all()
+    for model in smoke.CI_MODELS:
+        metrics = pd.read_csv(tmp_path / "runs" / model / "metrics.csv")
+        assert metrics["step"].tolist() == [smoke.STEPS]
+        assert (tmp_path / "logits" / model / "meta.json").is_file()
+        assert not (tmp_path / "runs" / model / "checkpoints").exists()
+    assert "smoke.csv: valid; top-1" in proc.stdout
+    print(f"CI smoke subset: {time.perf_counter() - started:.0f} s")
