@@ -150,7 +150,7 @@ def build_state(cfg: dict[str, Any], device: str = "cpu") -> TrainingState:
 
 
 def training_step(state: TrainingState, images: int, size: int, device: str = "cpu") -> None:
-    """One step as `train.engine.forward_step` and `train.run` take it: bf16 autocast forward of
+    """One step as `train.engine.AttractRepulseStep` takes it: bf16 autocast forward of
     the student and the teacher on `num_views` x `images` views, float32 losses, backward onto
     the gradients already there, the optimiser step, the EMA update of the teacher."""
     cfg = state.cfg

@@ -11,6 +11,7 @@ import train.auto_batch as auto_batch
 import train.run as run_module
 from common.errors import UserError
 from train.config import load_config
+from train.engine import AttractRepulseStep
 
 # 80 training images; the global batch is lr_base_batch = 16.
 ARGS = [
@@ -25,18 +26,19 @@ ARGS = [
 
 
 def simulate_oom(monkeypatch, above_rows: int = 10**6, after_calls: int = 10**6) -> list[int]:
-    """forward_step raises CUDA's out-of-memory error for batches of more than `above_rows`
+    """The training step raises CUDA's out-of-memory error for batches of more than `above_rows`
     views, or from its `after_calls`-th call on; returns the batch sizes (views) it saw."""
-    real = run_module.forward_step
+    real = AttractRepulseStep.__call__
     seen: list[int] = []
 
-    def forward_step(accelerator, student, teacher, criterion, inputs, *args, **kwargs):
-        seen.append(inputs.shape[0])
-        if inputs.shape[0] > above_rows or len(seen) > after_calls:
+    def step(self, batch, *args, **kwargs):
+        views = batch[0]
+        seen.append(views.shape[0] * views.shape[1])
+        if seen[-1] > above_rows or len(seen) > after_calls:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(accelerator, student, teacher, criterion, inputs, *args, **kwargs)
+        return real(self, batch, *args, **kwargs)
 
-    monkeypatch.setattr(run_module, "forward_step", forward_step)
+    monkeypatch.setattr(AttractRepulseStep, "__call__", step)
     return seen
 
 

@@ -178,6 +178,8 @@ def _numbers(value: Any, count: int, interval: str) -> bool:
 
 def _problem(key: str, value: Any, base_value: Any) -> str | None:
     """Why `value` is not valid for `key` (None when it is)."""
+    if key in AUTO_KEYS and value == "auto":
+        return None
     if key in RANGES:
         if value is None:
             return None if base_value is None else f"needs a value {_range_text(RANGES[key])}"
