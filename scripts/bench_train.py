@@ -71,6 +71,8 @@ def median_seconds(steps: dict[str, tuple[Callable[[], None], int | None]], repe
             with threads(n):
                 started = time.perf_counter()
                 step()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - started)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 

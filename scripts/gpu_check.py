@@ -21,6 +21,7 @@ Without CUDA it refuses in one line. On a CUDA machine it prints one table:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -31,13 +32,21 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from timm.optim import create_optimizer_v2
 
 from common.errors import UserError, cli_main
 from scripts import plan
 from scripts.bench_loader import make_jpegs
-from scripts.bench_train import Step, _timed
+from scripts.bench_train import median_seconds
 from train.config import load_config
 from train.data import train_loader
+from train.distributed import make_accelerator
+from train.engine import AttractRepulseStep
+from train.losses import AttractRepulseLoss
+from train.model import build_model, build_teacher
+from train.rng import generator_for
+from train.run import optimizer_kwargs
+from train.views import SharedMixup
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = ["num_views=1", "cr_weight=0", "mt_weight=0", "aux_weight=0", "rce_weight=0"]
@@ -53,6 +62,23 @@ def require_cuda() -> None:
         )
 
 
+def random_batch_step(cfg: dict, images: torch.Tensor, labels: torch.Tensor):
+    """The training step (train/engine.py) of `cfg`, built as train/run.py builds it, on one
+    fixed batch of random images: a closure that runs it once."""
+    acc = make_accelerator(cfg["mixed_precision"])
+    model = build_model(cfg).to(memory_format=torch.channels_last)
+    teacher = build_teacher(model, cfg["ema_decay"], cfg["ema_warmup"])
+    optimizer = create_optimizer_v2(model, opt=cfg["opt"], lr=cfg["lr"], **optimizer_kwargs(cfg))
+    criterion = AttractRepulseLoss.from_config(cfg, model)
+    model, optimizer = acc.prepare(model, optimizer)
+    teacher.to(acc.device)
+    mix = SharedMixup.from_config(cfg)
+    step = AttractRepulseStep(acc, model, teacher, optimizer, criterion, mix, channels_last=True)
+    batch = (images[:, : cfg["num_views"]], labels, None)
+    counter = itertools.count(2)
+    return lambda: step(batch, generator_for(0), 1.0, False, next_step=next(counter))
+
+
 def step_rates(model: str, overrides: list[str], repeat: int) -> dict[str, float]:
     """Images/s of the baseline and the A&R step of `model` at its resolution and batch."""
     cfg = load_config(model, overrides)
@@ -61,9 +87,10 @@ def step_rates(model: str, overrides: list[str], repeat: int) -> dict[str, float
     labels = torch.randint(0, cfg["num_classes"], (cfg["batch_size"],))
     rates = {}
     for name, step_cfg in configs.items():
-        step = Step(step_cfg, images, labels)
-        rates[name] = cfg["batch_size"] / _timed(step.full, repeat)
-        del step
+        seconds = median_seconds(
+            {name: (random_batch_step(step_cfg, images, labels), None)}, repeat
+        )
+        rates[name] = cfg["batch_size"] / seconds[name]
         torch.cuda.empty_cache()
     gflops, _ = plan.forward_gflops(cfg)
     rates["tflops"] = rates["attract_repulse"] * cfg["num_views"] * plan.PASSES * gflops / 1e3
