@@ -20,13 +20,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from data_prep.build import build
 from data_prep.imagenet import make_plan
 from data_prep.place import file_writer
 from data_prep.splits import PER_CLASS, Splits
 
 FILES_PER_CLASS = 3 * PER_CLASS  # train + val + test
-PAYLOAD = b"\xff\xd8 not a real JPEG: the benchmark times placement, not decoding \xff\xd9"
+
+
+def _tiny_jpeg() -> bytes:
+    """An 8x8 JPEG: `make data` decodes every source image before placing it, so the files
+    must be real images; tiny ones keep the benchmark about placement."""
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 60, 30)).save(out, "JPEG")
+    return out.getvalue()
+
+
+PAYLOAD = _tiny_jpeg()
 
 
 def synthesise(root: Path, n_classes: int) -> Splits:
