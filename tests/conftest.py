@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_SPLITS = ROOT / "data_prep" / "vipriors"
@@ -83,3 +84,17 @@ def tiny_dir(fashion_dir, tmp_path_factory) -> Path:
         str(out),
     )
     return out
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one state per process and refuses another precision once set; a test
+    that needs its own (bf16) starts from none, as a command's process does, and leaves none."""
+
+    def reset() -> None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()
