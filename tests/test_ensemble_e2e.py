@@ -135,7 +135,10 @@ def test_logits_writes_one_row_per_image_in_id_order(world, logits_0):
     # trained on train+val with nothing held out: nothing to choose the weight on
     assert meta["resize_size"] == 20 and meta["heldout_split"] is None
     assert meta["fusion_weight_from"] == "fusion_fallback (no held-out images)"
-    assert meta["fusion_weight"] == 0.5 and meta["fusion_weight_chosen_on"] is None
+    fallback = load_config(str(world["base"] / "runs" / "tiny_0" / "config.yaml"))[
+        "fusion_fallback"
+    ]
+    assert meta["fusion_weight"] == fallback and meta["fusion_weight_chosen_on"] is None
     assert not (folder / "holdout.npz").exists()
     right = (val["probs"].astype(np.float32).argmax(1) == val["labels"]).mean()
     scores = meta["scores"]["val"]
@@ -143,7 +146,10 @@ def test_logits_writes_one_row_per_image_in_id_order(world, logits_0):
     assert scores["top1_center"] is not None and scores["trained_on"] is True
     assert scores["images"] == 9 and list(meta["scores"]) == ["val"]
     assert "tiny_0: no held-out images; val top-1" in proc.stdout
-    assert "(trained on)" in proc.stdout and "fusion weight 0.5 (fusion_fallback" in proc.stdout
+    assert (
+        "(trained on)" in proc.stdout
+        and f"fusion weight {fallback} (fusion_fallback" in proc.stdout
+    )
 
 
 def test_logits_rows_equal_an_explicit_tencrop_of_the_teacher(world, logits_0):
