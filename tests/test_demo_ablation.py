@@ -33,9 +33,10 @@ def test_the_demo_runs_every_stage_and_prints_the_closing_table(tiny_dir, tmp_pa
         assert any(line.startswith(f"{model} ") for line in closing)
     assert (tmp_path / "subs" / "demo.zip").is_file()
     assert "valid; top-1" in out
-    table = [line for line in out.splitlines() if line.startswith("ensemble ")]
+    results, timing = out.rsplit("Where the minutes went", 1)
+    table = [line for line in results.splitlines() if line.startswith("ensemble ")]
     assert table and table[-1].endswith("demo.json")
-    timing = out[out.rindex("Where the minutes went") :].splitlines()
+    timing = timing.splitlines()
     stages = ["data", *(f"train {m}" for m in models), *(f"TenCrop logits {m}" for m in models)]
     for stage in stages:
         assert any(line.startswith(f"{stage} ") for line in timing), stage
