@@ -262,25 +262,26 @@ def test_a_run_stopped_early_is_named_by_make_logits_which_records_its_step_and_
     args = args_for(tiny_dir, tmp_path, "workers=0")
     run_command("-m", "train", *args, "epochs=1")
     run = tmp_path / "demo_resnet18"
-    proc = start([*args, "epochs=2", "allow_config_change=true"])
-    wait_for(lambda: yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2, proc)
+    # 8 epochs to go: the stop lands long before the run could end on its own.
+    proc = start([*args, "epochs=8", "allow_config_change=true"])
+    wait_for(lambda: yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 8, proc)
     proc.send_signal(signal.SIGTERM)
     code, out, err = finish(proc)
     assert code == 75 and "stopped on request" in out, out + err
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["epochs"] == 2 and saved["allow_config_change"] is True
+    assert saved["epochs"] == 8 and saved["allow_config_change"] is True
     logits = tmp_path / "logits"
     proc = run_command(
-        "-m", "ensemble.logits", *args, "epochs=2", f"logits_dir={logits}", "--center-crop"
+        "-m", "ensemble.logits", *args, "epochs=8", f"logits_dir={logits}", "--center-crop"
     )
     stopped = int(re.search(r"stopped on request; checkpoint at step (\d+)", out).group(1))
     assert (
-        f"warning: run demo_resnet18 stopped early, after 1 of 2 epochs (newest checkpoint: "
+        f"warning: run demo_resnet18 stopped early, after 1 of 8 epochs (newest checkpoint: "
         f"step {stopped}); these logits come from {run / 'checkpoints' / 'best'} (step 10)"
     ) in proc.stderr
     meta = json.loads((logits / "demo_resnet18" / "meta.json").read_text())
     assert meta["checkpoint"] == "best" and meta["checkpoint_step"] == 10
-    assert (meta["checkpoint_epoch"], meta["epochs"], meta["run_finished"]) == (1, 2, False)
+    assert (meta["checkpoint_epoch"], meta["epochs"], meta["run_finished"]) == (1, 8, False)
 
 
 def test_make_logits_without_a_best_checkpoint_names_the_folder_it_looked_in(tiny_dir, tmp_path):
