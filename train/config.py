@@ -252,21 +252,25 @@ def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None)
 
 
 def save_config(cfg: dict[str, Any], path: Path, resumed_step: int | None = None) -> dict[str, Any]:
-    """The resolved config with its provenance. A resumed run keeps the file it started with and
-    appends the commit it resumed on, so that a run spanning commits names all of them.
+    """The resolved config in use with its provenance. A resumed run keeps the record it started
+    with and appends the step, commit and config hash it resumed with, so that a run spanning
+    commits (or a change allowed by allow_config_change) names all of them.
     Returns the provenance record."""
     path = Path(path)
     if resumed_step is not None and path.is_file():
-        saved = read_yaml(path)
-        record = saved.setdefault(provenance.KEY, {})
-        state = provenance.code_state()
+        record = read_yaml(path).get(provenance.KEY) or {}
         record.setdefault("resumed", []).append(
-            {"step": resumed_step, **state, "time": provenance.now()}
+            {
+                "step": resumed_step,
+                **provenance.code_state(),
+                "config_sha256": provenance.config_hash(cfg),
+                "time": provenance.now(),
+            }
         )
     else:
         manifest = Layout(Path(cfg["data_dir"])).manifest
         record = {**provenance.record(cfg, manifest), "time": provenance.now()}
-        saved = {**cfg, provenance.KEY: record}
+    saved = {**cfg, provenance.KEY: record}
     write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
     return saved[provenance.KEY]
 
