@@ -57,15 +57,3 @@ def tiny_dir(fashion_dir, tmp_path_factory) -> Path:
         str(out),
     )
     return out
-
-
-@pytest.fixture
-def fresh_accelerator_state():
-    """Accelerate keeps one process-wide state whose precision cannot change once set: a test
-    that builds Accelerators in-process starts and ends with none, so tests of other precisions
-    run in any order."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)

@@ -41,7 +41,7 @@ def simulate_oom(monkeypatch, above_rows: int = 10**6, after_calls: int = 10**6)
 
 
 def test_out_of_memory_in_the_first_step_halves_the_micro_batch_and_keeps_the_global_batch(
-    tiny_dir, tmp_path, monkeypatch, capsys, fresh_accelerator_state
+    tiny_dir, tmp_path, monkeypatch, capsys
 ):
     seen = simulate_oom(monkeypatch, above_rows=8)  # 4 images x 2 views fit, 8 and 16 do not
     cfg = load_config("demo_resnet18", [*ARGS, f"data_dir={tiny_dir}", f"out_dir={tmp_path}"])
@@ -66,9 +66,7 @@ def test_out_of_memory_in_the_first_step_halves_the_micro_batch_and_keeps_the_gl
     assert "resumed from" in capsys.readouterr().out
 
 
-def test_out_of_memory_after_the_first_step_is_raised(
-    tiny_dir, tmp_path, monkeypatch, fresh_accelerator_state
-):
+def test_out_of_memory_after_the_first_step_is_raised(tiny_dir, tmp_path, monkeypatch):
     seen = simulate_oom(monkeypatch, after_calls=1)  # micro-batch 16, no accumulation
     cfg = load_config("demo_resnet18", [*ARGS, f"data_dir={tiny_dir}", f"out_dir={tmp_path}"])
     with pytest.raises(torch.cuda.OutOfMemoryError):

@@ -75,9 +75,7 @@ def test_a_checkpoint_in_bf16_is_refused(tmp_path):
         smoke.check_checkpoint(tmp_path)
 
 
-def test_bf16_autocasts_student_teacher_and_inference_and_keeps_losses_and_grads_float32(
-    fresh_accelerator_state,
-):
+def test_bf16_autocasts_student_teacher_and_inference_and_keeps_losses_and_grads_float32():
     """The mixed-precision path on the CPU: convolutions of the student (Accelerate's prepared
     forward), of the teacher (its autocast region) and of inference run in bf16; the losses, the
     gradients, the weights and the probabilities stay float32."""
