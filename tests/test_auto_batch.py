@@ -42,7 +42,6 @@ def simulate_oom(monkeypatch, above_rows: int = 10**6, after_calls: int = 10**6)
     return seen
 
 
-@pytest.mark.slow
 def test_out_of_memory_in_the_first_step_halves_the_micro_batch_and_keeps_the_global_batch(
     tiny_dir, tmp_path, monkeypatch, capsys
 ):

@@ -23,7 +23,6 @@ def test_without_cuda_it_refuses_in_one_line():
     ]
 
 
-@pytest.mark.slow
 def test_the_step_rates_compare_the_baseline_and_the_attract_repulse_step():
     rates = gpu_check.step_rates(gpu_check.B2, TOY, repeat=2)
     # Both steps ran and were timed (which is faster is the GPU's to say: toy sizes on a
