@@ -30,7 +30,7 @@ from common.fs import write_text_atomic
 from data_prep.layout import Layout
 from ensemble.blend import load_ensemble_config
 from train.config import load_config, logits_dir, run_dir
-from train.slurm import render
+from train.slurm import add_job_arguments, render
 
 LOGITS = Template(r"""#!/usr/bin/env bash
 #SBATCH --job-name=logits-$name
@@ -71,12 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m scripts.slurm_ensemble", description=__doc__)
     parser.add_argument("overrides", nargs="*", help="key=value for every member")
     parser.add_argument("--config", default="vipriors16", help="configs/ensembles name")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes per training job")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--cpus-per-task", type=int, default=64)
-    parser.add_argument("--time", default="48:00:00", help="training jobs' time limit")
+    add_job_arguments(parser, nodes=1)
     parser.add_argument("--logits-time", default="04:00:00")
-    parser.add_argument("--warning-s", type=int, default=300, help="signal this early (seconds)")
     parser.add_argument("--submissions", type=Path, default=Path("submissions"))
     parser.add_argument("--dry-run", action="store_true", help="write the scripts, submit none")
     return parser.parse_args(argv)
@@ -97,15 +93,7 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[Job]]:
     folder = Path(configs[0]["out_dir"]) / ".slurm" / args.config
     jobs = []
     for model, cfg in zip(models, configs, strict=True):
-        train = render(
-            model,
-            args.overrides,
-            args.nodes,
-            args.gpus_per_node,
-            args.cpus_per_task,
-            args.time,
-            args.warning_s,
-        )
+        train = render(model, args.overrides, args)
         logits = LOGITS.substitute(
             name=cfg["name"],
             cpus=max(1, args.cpus_per_task // args.gpus_per_node),  # one GPU's share

@@ -80,10 +80,20 @@ def launch_command(model: str, overrides: list[str], nodes: int, gpus: int) -> s
     return MULTI_NODE.substitute(nodes=nodes, gpus=gpus, model=model, overrides=" ".join(overrides))
 
 
-def render(
-    model: str, overrides: list[str], nodes: int, gpus: int, cpus: int, time: str, warning_s: int
-) -> str:
+def add_job_arguments(parser: argparse.ArgumentParser, nodes: int) -> None:
+    """A training job's SLURM options, for `make slurm` and `make slurm-ensemble` alike."""
+    parser.add_argument("--nodes", type=int, default=nodes, help="nodes per training job")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--cpus-per-task", type=int, default=64)
+    parser.add_argument("--time", default="48:00:00", help="training job's time limit")
+    parser.add_argument("--warning-s", type=int, default=300, help="signal this early (seconds)")
+
+
+def render(model: str, overrides: list[str], args: argparse.Namespace) -> str:
+    """The training job's batch script, from the options of `add_job_arguments`."""
     cfg = load_config(model, overrides)
+    nodes, gpus, cpus = args.nodes, args.gpus_per_node, args.cpus_per_task
+    time, warning_s = args.time, args.warning_s
     return TEMPLATE.substitute(
         name=cfg["name"],
         run=run_dir(cfg),
@@ -104,23 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.slurm", description=__doc__)
     parser.add_argument("model")
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--cpus-per-task", type=int, default=64)
-    parser.add_argument("--time", default="48:00:00")
-    parser.add_argument("--warning-s", type=int, default=300, help="signal this early (seconds)")
+    add_job_arguments(parser, nodes=2)
     args = parser.parse_args(argv)
-    sys.stdout.write(
-        render(
-            args.model,
-            args.overrides,
-            args.nodes,
-            args.gpus_per_node,
-            args.cpus_per_task,
-            args.time,
-            args.warning_s,
-        )
-    )
+    sys.stdout.write(render(args.model, args.overrides, args))
     return 0
 
 
