@@ -94,10 +94,18 @@ def load_model(
 ) -> torch.nn.Module:
     model = build_model(cfg)
     model.load_state_dict(load_weights(run_dir(cfg), checkpoint, role))
-    model = for_inference(model)
-    if use_channels_last(cfg, device):
-        model = model.to(memory_format=torch.channels_last)
-    return model.to(device)
+    memory_format = (
+        torch.channels_last if use_channels_last(cfg, device) else torch.contiguous_format
+    )
+    model = model.to(device, memory_format=memory_format)
+    size = cfg["test_size"]
+    example = torch.zeros(2, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    return for_inference(model, example)
+
+
+def images_per_forward(cfg: dict[str, Any], view: str) -> int:
+    """The default: twice the training batch of crops (no gradients to keep), in images."""
+    return max(1, 2 * cfg["batch_size"] // (10 if view == "tencrop" else 1))
 
 
 def predict_split(
@@ -325,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = resolve_config(args.model, args.overrides)
     view = "center" if args.center_crop else "tencrop"
-    batch_size = args.batch_size or max(1, 2 * cfg["batch_size"] // (1 if args.center_crop else 10))
+    batch_size = args.batch_size or images_per_forward(cfg, view)
     layout = Layout(Path(cfg["data_dir"]))
     _check_classes(cfg, layout)
     items = {split: _items(layout, split) for split in SPLITS}

@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import importlib
 
-BENCHES = (
-    "bench_losses",
-    "bench_loader",
-    "bench_train",
-    "bench_loop",
-    "bench_tencrop",
-    "bench_ensemble",
-)
+BENCHES = {  # name: its arguments (every lever the speed work tried, side by side)
+    "bench_losses": [],
+    "bench_loader": [],
+    "bench_train": ["--compile"],
+    "bench_loop": ["--workers", "0", "1", "2"],
+    "bench_tencrop": [],
+    "bench_ensemble": [],
+}
 
 
 def main() -> None:
-    for name in BENCHES:
-        print(f"\n#### scripts/{name}.py", flush=True)
-        importlib.import_module(f"scripts.{name}").main([])
+    for name, args in BENCHES.items():
+        print(f"\n#### python -m scripts.{name} {' '.join(args)}", flush=True)
+        importlib.import_module(f"scripts.{name}").main(args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ evaluation or checkpoint) times the epoch's optimiser steps is the floor. Their 
 loop's overhead: loader, evaluation, checkpoints, logging (target: at most 1.1).
 
     python -m scripts.bench_loop [--model demo_resnet18] [--short 1] [--long 4] [--repeat 2]
+                                 [--workers 0 1 2]
 """
 
 from __future__ import annotations
@@ -43,30 +44,46 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--short", type=int, default=1)
     parser.add_argument("--long", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=2, help="real runs of each length")
+    parser.add_argument(
+        "--workers", type=int, nargs="*", help="loader processes to compare (default: the config's)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value for both the run and the step")
     args = parser.parse_args(argv)
+    cfg = load_config(args.model, args.overrides)
+    counts = args.workers or [cfg["workers"]]
     with tempfile.TemporaryDirectory() as out:
-        walls: dict[int, list[float]] = {args.short: [], args.long: []}
+        walls: dict[tuple[int, int], list[float]] = {
+            (w, e): [] for w in counts for e in (args.short, args.long)
+        }
         for _ in range(args.repeat):  # interleaved: the machine's speed drifts
-            for epochs in walls:
+            for workers, epochs in walls:
                 folder = tempfile.mkdtemp(dir=out)
-                walls[epochs].append(real_run_seconds(args.model, epochs, folder, args.overrides))
+                overrides = [*args.overrides, f"workers={workers}"]
+                walls[workers, epochs].append(
+                    real_run_seconds(args.model, epochs, folder, overrides)
+                )
         step, run = bare_step(args.model, args.overrides, out)
         bare = median_seconds({"bare": (step, None)}, 2 * run.steps_per_epoch)["bare"]
-    short, long = (sorted(walls[e])[len(walls[e]) // 2] for e in (args.short, args.long))
-    epoch = (long - short) / (args.long - args.short)
     floor = bare * run.steps_per_epoch
-    cfg = load_config(args.model, args.overrides)
     print(
-        f"\n== loop overhead: {args.model} ({cfg['arch']}, {cfg['img_size']} px, "
-        f"workers={cfg['workers']}), {run.steps_per_epoch} steps an epoch =="
-    )
-    print(
-        f"real command: {args.short} epoch(s) {short:.1f} s, {args.long} epochs {long:.1f} s "
-        f"(medians of {args.repeat}) -> one real epoch {epoch:.2f} s"
+        f"\n== loop overhead: {args.model} ({cfg['arch']}, {cfg['img_size']} px), "
+        f"{run.steps_per_epoch} steps an epoch, real runs of {args.short} and {args.long} epochs, "
+        f"medians of {args.repeat} =="
     )
     print(f"bare step {1e3 * bare:.0f} ms x {run.steps_per_epoch} steps = {floor:.2f} s")
-    print(f"loop overhead ratio (real epoch / bare steps): {epoch / floor:.2f} (target <= 1.1)")
+    print(f"{'loader workers':<22}{'short s':>9}{'long s':>9}{'epoch s':>9}{'real / bare':>13}")
+    for workers in counts:
+        short, long = (median(walls[workers, e]) for e in (args.short, args.long))
+        epoch = (long - short) / (args.long - args.short)
+        mark = " (config)" if workers == cfg["workers"] else ""
+        print(
+            f"{f'{workers}{mark}':<22}{short:>9.1f}{long:>9.1f}{epoch:>9.2f}{epoch / floor:>12.2f}x"
+        )
+    print("loop overhead target: real epoch / bare steps <= 1.1")
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 if __name__ == "__main__":

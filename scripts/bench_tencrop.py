@@ -1,11 +1,12 @@
 """TenCrop logits: the plain path against the fast path of `make logits`, on the same images.
 
-Plain: the network as trained (BatchNorm layers separate), contiguous memory, 64 images (640
-crops) a forward: what `make logits` did before. Fast: `train.inference.for_inference`
-(BatchNorm folded into the convolutions), with and without channels-last, at several batch
-sizes. Same crops, same averaging: every variant's probabilities are compared with the plain
-path's (largest difference, argmax agreement) as well as timed. Runs on the first `--images`
-test images of the embedded benchmark (`make data` first), interleaved, medians.
+Plain: the network as trained (BatchNorm layers separate), contiguous memory, at `make logits`'s
+default batch (what it ran before; the baseline) and at 64 images (640 crops) a forward. Fast:
+`train.inference.for_inference`, BatchNorm folded into the convolutions (with and without
+channels-last), and on the CPU the traced, frozen oneDNN model `make logits` now runs (tracing
+time included). Same crops, same averaging: every variant's probabilities are compared with the
+baseline's (largest difference, argmax agreement) as well as timed. Runs on the first
+`--images` test images of the embedded benchmark (`make data` first), interleaved, medians.
 
     python -m scripts.bench_tencrop [--model demo_resnet18] [--images 2000] [--repeat 3]
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from data_prep.layout import Layout
+from ensemble.logits import images_per_forward
 from train.config import load_config
 from train.data import eval_loader
 from train.distributed import make_accelerator
@@ -38,22 +40,28 @@ def main(argv: list[str] | None = None) -> None:
     acc = make_accelerator("no")
     torch.manual_seed(0)
     plain = build_model(cfg).eval()
-    folded = for_inference(plain)
-    nhwc = for_inference(plain).to(memory_format=torch.channels_last)
-    variants = {  # name: (model, channels_last, images per forward)
-        "plain, 64 images": (plain, False, 64),
-        "folded, 64 images": (folded, False, 64),
-        "folded, 32 images": (folded, False, 32),
-        "folded, 16 images": (folded, False, 16),
-        "folded + channels-last, 32": (nhwc, True, 32),
+    size = cfg["test_size"]
+    example = torch.zeros(2, 3, size, size)
+    default = images_per_forward(cfg, "tencrop")  # what `make logits` runs
+    variants = {  # name: (model factory, channels_last, images per forward); factory time counts
+        f"plain, {default} images (before)": (lambda: plain, False, default),
+        "plain, 64 images": (lambda: plain, False, 64),
+        f"folded, {default} images": (lambda: for_inference(plain), False, default),
+        f"folded + channels-last, {default}": (
+            lambda: for_inference(plain).to(memory_format=torch.channels_last),
+            True,
+            default,
+        ),
+        f"frozen oneDNN, {default} (now)": (lambda: for_inference(plain, example), False, default),
+        "frozen oneDNN, 64 images": (lambda: for_inference(plain, example), False, 64),
     }
 
-    def run(model, channels_last: bool, batch: int) -> tuple[float, torch.Tensor]:
+    def run(factory, channels_last: bool, batch: int) -> tuple[float, torch.Tensor]:
         loader = eval_loader(cfg, items, 0, 1, batch, "tencrop")
         started = time.perf_counter()
         out = predict_crops(
             acc,
-            model,
+            factory(),
             loader,
             len(items),
             cfg["num_classes"],
@@ -69,8 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, variant in variants.items():
             seconds, probs[name] = run(*variant)
             times[name].append(seconds)
-    base = probs["plain, 64 images"]
-    plain_s = sorted(times["plain, 64 images"])[args.repeat // 2]
+    before = next(iter(variants))
+    base = probs[before]
+    plain_s = sorted(times[before])[args.repeat // 2]
     print(
         f"\n== TenCrop: {cfg['arch']} at {cfg['test_size']} px, {len(items)} images x 10 crops, "
         f"workers={cfg['workers']}, {torch.get_num_threads()} threads, median of {args.repeat} =="

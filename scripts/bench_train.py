@@ -7,8 +7,8 @@ no checkpoint. That is the "bare step" the loop-overhead benchmark (bench_loop.p
 
 Side by side, interleaved (the machine's speed drifts), medians:
 - the strong baseline's step against the Attract-and-Repulse step (same images per step);
-- each lever against the default: channels-last, one thread instead of all, torch.compile
-  (its compile time reported apart: it is paid once per run).
+- each lever against the default: channels-last, one thread instead of all, bf16 autocast,
+  torch.compile (its compile time reported apart: it is paid once per run).
 
     python -m scripts.bench_train [--model demo_resnet18] [--repeat 7] [--compile]
 """
@@ -77,19 +77,20 @@ def median_seconds(steps: dict[str, tuple[Callable[[], None], int | None]], repe
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def compiled_seconds(model: str, repeat: int) -> dict[str, float]:
-    """torch.compile's first step (compilation included) and its median step, measured in a
-    fresh process: Accelerate fixes the dynamo backend for the process at its first Accelerator."""
+def own_process_seconds(model: str, overrides: list[str], repeat: int) -> dict[str, float]:
+    """The first step (compilation, if any, included) and the median step under `overrides`,
+    measured in a fresh process: Accelerate fixes the precision and the dynamo backend for the
+    process at its first Accelerator."""
     code = (
         "import json, tempfile, time; from scripts.bench_train import bare_step, median_seconds\n"
-        f"d = tempfile.mkdtemp(); step, _ = bare_step({model!r}, ['compile=true'], d)\n"
+        f"d = tempfile.mkdtemp(); step, _ = bare_step({model!r}, {overrides!r}, d)\n"
         "t = time.perf_counter(); step(); first = time.perf_counter() - t\n"
         f"print(json.dumps({{'first': first, **median_seconds({{'c': (step, None)}}, {repeat})}}))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"bench_train: the compiled step failed:\n{out.stderr[-2000:]}")
+        raise SystemExit(f"bench_train: the step with {overrides} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -108,7 +109,14 @@ def main(argv: list[str] | None = None) -> None:
             "1 thread": (default, 1),
         }
         seconds = median_seconds(steps, args.repeat)
-    compiled = compiled_seconds(args.model, args.repeat) if args.compile else None
+    # bf16 autocast: oneDNN's bf16 kernels where the CPU has them (avx512_bf16 or AMX), an
+    # emulation slower than fp32 where it has not; a different arithmetic, so not a default.
+    seconds["mixed_precision=bf16 (own process)"] = own_process_seconds(
+        args.model, ["mixed_precision=bf16"], args.repeat
+    )["c"]
+    compiled = (
+        own_process_seconds(args.model, ["compile=true"], args.repeat) if args.compile else None
+    )
     if compiled is not None:
         seconds["compile=true (own process)"] = compiled["c"]
     cfg = run.cfg
@@ -118,9 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         f"median of {args.repeat} =="
     )
     base = seconds["attract_repulse (default)"]
-    print(f"{'step':<28}{'ms':>8}{'vs default':>12}")
+    print(f"{'step':<36}{'ms':>8}{'vs default':>12}")
     for name, value in seconds.items():
-        print(f"{name:<28}{1e3 * value:>8.0f}{value / base:>11.2f}x")
+        print(f"{name:<36}{1e3 * value:>8.0f}{value / base:>11.2f}x")
     print(f"A&R / strong baseline: {base / seconds['strong baseline']:.2f}")
     if compiled is not None:
         print(f"torch.compile: first step {compiled['first']:.0f} s (compilation, once per run)")

@@ -243,8 +243,9 @@ def test_a_user_error_from_a_loader_worker_keeps_its_one_line_message():
 
 @pytest.mark.parametrize("arch", ["resnet18", "seresnet18", "efficientnet_b0"])
 def test_the_fast_inference_path_gives_the_plain_paths_probabilities(accelerator, arch):
-    """`make logits` folds BatchNorm into the convolutions and may run channels-last: the same
-    TenCrop probabilities as the plain model, up to float rounding."""
+    """`make logits` folds BatchNorm into the convolutions and may run channels-last, and on the
+    CPU runs the traced, frozen oneDNN model: the same TenCrop probabilities as the plain model,
+    up to float rounding."""
     cfg = load_config("demo_resnet18", [f"arch={arch}", "num_classes=5", "test_size=32"])
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -255,12 +256,15 @@ def test_the_fast_inference_path_gives_the_plain_paths_probabilities(accelerator
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.uniform_(-0.2, 0.2)
     model.eval()
-    fast = for_inference(model).to(memory_format=torch.channels_last)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) or arch != "resnet18"
+    folded = for_inference(model).to(memory_format=torch.channels_last)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) or arch != "resnet18"
+    frozen = for_inference(model, torch.zeros(2, 3, 32, 32))  # the CPU path of `make logits`
+    assert isinstance(frozen, torch.jit.ScriptModule)
     crops = torch.randn(6, 10, 3, 32, 32)
     with torch.inference_mode():
         plain_main, plain_aux = crop_probabilities(model, crops)
-        fast_main, fast_aux = crop_probabilities(fast, crops, channels_last=True)
-    torch.testing.assert_close(fast_main.mean(1), plain_main.mean(1), atol=1e-5, rtol=0)
-    torch.testing.assert_close(fast_aux.mean(1), plain_aux.mean(1), atol=1e-5, rtol=0)
-    assert torch.equal(fast_main.mean(1).argmax(-1), plain_main.mean(1).argmax(-1))
+        for fast, channels_last in ((folded, True), (frozen, False)):
+            fast_main, fast_aux = crop_probabilities(fast, crops, channels_last)
+            torch.testing.assert_close(fast_main.mean(1), plain_main.mean(1), atol=1e-5, rtol=0)
+            torch.testing.assert_close(fast_aux.mean(1), plain_aux.mean(1), atol=1e-5, rtol=0)
+            assert torch.equal(fast_main.mean(1).argmax(-1), plain_main.mean(1).argmax(-1))

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import run_command
 from tests.fake_slurm import Scheduler, install, load_jobs
 
-MODELS = ("demo_resnet18", "demo_seresnet18", "demo_resnet18_s1")  # configs/ensembles/demo.yaml
+MODELS = ("demo_resnet10t", "demo_resnet18")  # configs/ensembles/demo.yaml
 
 
 def overrides(data: Path, base: Path) -> list[str]:

@@ -149,8 +149,9 @@ def train_loader(
         batch_sampler=sampler,
         num_workers=cfg["workers"],
         worker_init_fn=ignore_stop_signals,
-        # Not persistent: workers that ignore SIGTERM cannot be terminated by the DataLoader's
-        # shutdown fallback, and a persistent pool hung a resumed run at exit in a test.
+        # Persistent: starting the pool again every epoch cost a tenth of an epoch on 2 cores
+        # (scripts/bench_loop.py). The workers ignore SIGTERM; _kill_workers_at_exit ends them.
+        persistent_workers=cfg["workers"] > 0,
         pin_memory=torch.cuda.is_available(),
         # A private generator: creating an epoch's iterator must not draw from the global RNG,
         # or a run resumed mid-epoch would shift the dropout stream of the uninterrupted run.
