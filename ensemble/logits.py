@@ -77,7 +77,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--batch-size",
         type=int,
         default=None,
-        help="images per forward (TenCrop: 10 crops each); default 2 * batch_size / crops",
+        help="images per forward (TenCrop: 10 crops each); default: 64 on the CPU, "
+        "2 * batch_size / crops on a GPU",
     )
     return parser.parse_intermixed_args(argv)
 
@@ -103,8 +104,14 @@ def load_model(
     return for_inference(model, example)
 
 
-def images_per_forward(cfg: dict[str, Any], view: str) -> int:
-    """The default: twice the training batch of crops (no gradients to keep), in images."""
+CPU_IMAGES_PER_FORWARD = 64  # scripts/bench_tencrop.py: 1.26x faster than 6 images a forward
+
+
+def images_per_forward(cfg: dict[str, Any], view: str, device: torch.device) -> int:
+    """The default: on a GPU twice the training batch of crops (no gradients to keep), in
+    images; on the CPU 64 images, whose larger convolutions oneDNN runs faster."""
+    if device.type == "cpu":
+        return CPU_IMAGES_PER_FORWARD
     return max(1, 2 * cfg["batch_size"] // (10 if view == "tencrop" else 1))
 
 
@@ -333,7 +340,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = resolve_config(args.model, args.overrides)
     view = "center" if args.center_crop else "tencrop"
-    batch_size = args.batch_size or images_per_forward(cfg, view)
     layout = Layout(Path(cfg["data_dir"]))
     _check_classes(cfg, layout)
     items = {split: _items(layout, split) for split in SPLITS}
@@ -344,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     step_dir = resolve_checkpoint(run_dir(cfg), args.checkpoint)
     source_meta = checkpoint_meta(cfg, step_dir, accelerator.is_main_process)
     model = load_model(cfg, step_dir, args.role, accelerator.device)
+    batch_size = args.batch_size or images_per_forward(cfg, view, accelerator.device)
     probs = {
         split: predict_split(accelerator, model, cfg, split_items, split, view, batch_size)
         for split, split_items in items.items()

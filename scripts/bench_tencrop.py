@@ -1,7 +1,7 @@
 """TenCrop logits: the plain path against the fast path of `make logits`, on the same images.
 
-Plain: the network as trained (BatchNorm layers separate), contiguous memory, at `make logits`'s
-default batch (what it ran before; the baseline) and at 64 images (640 crops) a forward. Fast:
+Plain: the network as trained (BatchNorm layers separate), contiguous memory, 12 images (120
+crops) a forward, as `make logits` ran before (the baseline), and 64 images (640 crops). Fast:
 `train.inference.for_inference`, BatchNorm folded into the convolutions (with and without
 channels-last), and on the CPU the traced, frozen oneDNN model `make logits` now runs (tracing
 time included). Same crops, same averaging: every variant's probabilities are compared with the
@@ -42,18 +42,19 @@ def main(argv: list[str] | None = None) -> None:
     plain = build_model(cfg).eval()
     size = cfg["test_size"]
     example = torch.zeros(2, 3, size, size)
-    default = images_per_forward(cfg, "tencrop")  # what `make logits` runs
+    before = 12  # `make logits`'s batch when the speed issue timed it: 2 x 64 images / 10 crops
+    now = images_per_forward(cfg, "tencrop", torch.device("cpu"))
     variants = {  # name: (model factory, channels_last, images per forward); factory time counts
-        f"plain, {default} images (before)": (lambda: plain, False, default),
+        f"plain, {before} images (before)": (lambda: plain, False, before),
         "plain, 64 images": (lambda: plain, False, 64),
-        f"folded, {default} images": (lambda: for_inference(plain), False, default),
-        f"folded + channels-last, {default}": (
+        f"folded, {now} images": (lambda: for_inference(plain), False, now),
+        f"folded + channels-last, {now}": (
             lambda: for_inference(plain).to(memory_format=torch.channels_last),
             True,
-            default,
+            now,
         ),
-        f"frozen oneDNN, {default} (now)": (lambda: for_inference(plain, example), False, default),
-        "frozen oneDNN, 64 images": (lambda: for_inference(plain, example), False, 64),
+        f"frozen oneDNN, {before} images": (lambda: for_inference(plain, example), False, before),
+        f"frozen oneDNN, {now} (now)": (lambda: for_inference(plain, example), False, now),
     }
 
     def run(factory, channels_last: bool, batch: int) -> tuple[float, torch.Tensor]:
@@ -77,9 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, variant in variants.items():
             seconds, probs[name] = run(*variant)
             times[name].append(seconds)
-    before = next(iter(variants))
-    base = probs[before]
-    plain_s = sorted(times[before])[args.repeat // 2]
+    baseline = next(iter(variants))
+    base = probs[baseline]
+    plain_s = sorted(times[baseline])[args.repeat // 2]
     print(
         f"\n== TenCrop: {cfg['arch']} at {cfg['test_size']} px, {len(items)} images x 10 crops, "
         f"workers={cfg['workers']}, {torch.get_num_threads()} threads, median of {args.repeat} =="

@@ -107,15 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         if logits_current(cfg):
             stages.kept(f"TenCrop logits {model}", "up to date")
         else:
-            # 64 images (640 crops) a forward: the CPU's sweet spot at 32 px.
-            stages.run(
-                f"TenCrop logits {model}",
-                "ensemble.logits",
-                model,
-                *args.overrides,
-                "--batch-size",
-                "64",
-            )
+            stages.run(f"TenCrop logits {model}", "ensemble.logits", model, *args.overrides)
     stages.run(
         "ensemble",
         "ensemble.blend",
