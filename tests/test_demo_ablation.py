@@ -25,7 +25,7 @@ def test_the_demo_runs_every_stage_and_prints_the_closing_table(tiny_dir, tmp_pa
     args = ["-m", "scripts.demo", *overrides, "--submissions", str(tmp_path / "subs")]
     out = run_command(*args).stdout
     models = load_ensemble_config("demo")["models"]
-    assert len(models) >= 3
+    assert len(models) >= 2  # an ensemble
     closing = out[out.rindex("\nmodel ") :].splitlines()  # the closing table, header first
     for model in models:
         assert (tmp_path / "runs" / model / "metrics.csv").is_file()

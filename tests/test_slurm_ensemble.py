@@ -47,7 +47,7 @@ def newest_step(run: Path) -> int:
 def test_each_logits_job_waits_for_its_training_and_the_ensemble_for_all_logits(tiny_dir, tmp_path):
     env = submit(tiny_dir, tmp_path)
     jobs = {job["name"]: job for job in load_jobs(env["FAKE_SLURM_DIR"]).values()}
-    assert len(jobs) == 7
+    assert len(jobs) == 2 * len(MODELS) + 1  # training and logits per model, one ensemble
     for name in MODELS:
         assert jobs[name]["after"] == []
         assert jobs[f"logits-{name}"]["after"] == [jobs[name]["id"]]
@@ -60,7 +60,7 @@ def test_each_logits_job_waits_for_its_training_and_the_ensemble_for_all_logits(
     recorded = json.loads((tmp_path / "runs" / ".slurm" / "demo" / "jobs.json").read_text())
     assert recorded["ensemble"] == {"demo": jobs["ensemble-demo"]["id"]}
     queue = subprocess.run(["squeue"], env={**env}, capture_output=True, text=True).stdout
-    assert queue.count("PENDING") == 7 and "afterok:" in queue
+    assert queue.count("PENDING") == len(jobs) and "afterok:" in queue
     for script in (tmp_path / "runs" / ".slurm" / "demo").glob("*.sh"):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
 
