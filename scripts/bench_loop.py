@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.bench_train import bare_step, median_seconds
+from scripts.bench_train import bare_step, median, median_seconds
 from train.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,10 +80,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{f'{workers}{mark}':<22}{short:>9.1f}{long:>9.1f}{epoch:>9.2f}{epoch / floor:>12.2f}x"
         )
     print("loop overhead target: real epoch / bare steps <= 1.1")
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 
 from data_prep.layout import Layout
 from ensemble.logits import images_per_forward
+from scripts.bench_train import median
 from train.config import load_config
 from train.data import eval_loader
 from train.distributed import make_accelerator
@@ -80,18 +81,18 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append(seconds)
     baseline = next(iter(variants))
     base = probs[baseline]
-    plain_s = sorted(times[baseline])[args.repeat // 2]
+    plain_s = median(times[baseline])
     print(
         f"\n== TenCrop: {cfg['arch']} at {cfg['test_size']} px, {len(items)} images x 10 crops, "
         f"workers={cfg['workers']}, {torch.get_num_threads()} threads, median of {args.repeat} =="
     )
     print(f"{'path':<30}{'s':>7}{'images/s':>10}{'speed-up':>10}{'max |dp|':>11}{'argmax':>9}")
-    for name, seconds in times.items():
-        median = sorted(seconds)[args.repeat // 2]
+    for name, runs in times.items():
+        seconds = median(runs)
         diff = (probs[name] - base).abs().max().item()
         same = (probs[name].argmax(1) == base.argmax(1)).float().mean().item()
         print(
-            f"{name:<30}{median:>7.2f}{len(items) / median:>10.0f}{plain_s / median:>9.2f}x"
+            f"{name:<30}{seconds:>7.2f}{len(items) / seconds:>10.0f}{plain_s / seconds:>9.2f}x"
             f"{diff:>11.1e}{100 * same:>8.2f}%"
         )
 
