@@ -7,6 +7,7 @@ import csv
 import gzip
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,16 @@ def official_lists() -> dict[str, list]:
         else:
             lists[name] = [[pool.setdefault(wnid, wnid), file] for wnid, file in rows]
     return lists
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory, request) -> Path:
+    """A directory the module's tests share, deleted when the module ends: the runs made in it
+    hold checkpoints of about 130 MB each, and keeping every module's until the session ends
+    would make the suite need tens of GB of free disk."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -59,9 +59,9 @@ for model, overrides in json.loads(sys.argv[1]):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(module_dir):
     """Paths of the tiny dataset, the model config and the runs (seeds 0 and 1)."""
-    base = tmp_path_factory.mktemp("ensemble_e2e")
+    base = module_dir
     rng = np.random.default_rng(0)
     for name in ("ant", "bee", "cat"):
         (base / "src" / name).mkdir(parents=True)

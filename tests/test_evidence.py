@@ -188,9 +188,9 @@ def tiny_overrides(tiny_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def study_dir(tiny_dir, tmp_path_factory):
+def study_dir(tiny_dir, module_dir):
     """An ablation of three rows (two runs: vanilla_aug is the strong baseline's), one seed."""
-    results = tmp_path_factory.mktemp("study")
+    results = module_dir
     args = [
         "-m",
         "scripts.ablation",

@@ -158,8 +158,8 @@ def newest_step(run: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
+def uninterrupted(tiny_dir, module_dir) -> Path:
+    out = module_dir
     run_command("-m", "train", *run_args(tiny_dir, out))
     return out / "demo_resnet18"
 
