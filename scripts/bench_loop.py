@@ -20,8 +20,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median_high
 
-from scripts.bench_train import bare_step, median, median_seconds
+from scripts.bench_train import bare_step, median_seconds
 from train.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bare step {1e3 * bare:.0f} ms x {run.steps_per_epoch} steps = {floor:.2f} s")
     print(f"{'loader workers':<22}{'short s':>9}{'long s':>9}{'epoch s':>9}{'real / bare':>13}")
     for workers in counts:
-        short, long = (median(walls[workers, e]) for e in (args.short, args.long))
+        short, long = (median_high(walls[workers, e]) for e in (args.short, args.long))
         epoch = (long - short) / (args.long - args.short)
         mark = " (config)" if workers == cfg["workers"] else ""
         print(

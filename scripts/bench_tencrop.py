@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from statistics import median_high
 
 import torch
 
 from data_prep.layout import Layout
 from ensemble.logits import images_per_forward
-from scripts.bench_train import median
 from train.config import load_config
 from train.data import eval_loader
 from train.distributed import make_accelerator
@@ -81,14 +81,14 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append(seconds)
     baseline = next(iter(variants))
     base = probs[baseline]
-    plain_s = median(times[baseline])
+    plain_s = median_high(times[baseline])
     print(
         f"\n== TenCrop: {cfg['arch']} at {cfg['test_size']} px, {len(items)} images x 10 crops, "
         f"workers={cfg['workers']}, {torch.get_num_threads()} threads, median of {args.repeat} =="
     )
     print(f"{'path':<30}{'s':>7}{'images/s':>10}{'speed-up':>10}{'max |dp|':>11}{'argmax':>9}")
     for name, runs in times.items():
-        seconds = median(runs)
+        seconds = median_high(runs)
         diff = (probs[name] - base).abs().max().item()
         same = (probs[name].argmax(1) == base.argmax(1)).float().mean().item()
         print(

@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median_high
 
 import torch
 
@@ -60,11 +61,6 @@ def threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def median(values: list[float]) -> float:
-    """The upper median: a timing that was measured (no average of two)."""
-    return sorted(values)[len(values) // 2]
-
-
 def median_seconds(steps: dict[str, tuple[Callable[[], None], int | None]], repeat: int):
     """Each step's median over `repeat` rounds, the steps interleaved within every round."""
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -79,7 +75,8 @@ def median_seconds(steps: dict[str, tuple[Callable[[], None], int | None]], repe
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - started)
-    return {name: median(t) for name, t in times.items()}
+    # The upper median: a timing that was measured, not an average of two.
+    return {name: median_high(t) for name, t in times.items()}
 
 
 def own_process_seconds(model: str, overrides: list[str], repeat: int) -> dict[str, float]:

@@ -159,9 +159,8 @@ def newest_step(run: Path) -> int:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_dir, module_dir) -> Path:
-    out = module_dir
-    run_command("-m", "train", *run_args(tiny_dir, out))
-    return out / "demo_resnet18"
+    run_command("-m", "train", *run_args(tiny_dir, module_dir))
+    return module_dir / "demo_resnet18"
 
 
 @pytest.mark.slow

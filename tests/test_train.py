@@ -94,9 +94,8 @@ def assert_bit_identical(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_dir, module_dir) -> Path:
-    out = module_dir
-    run_command("-m", "train", *train_args(tiny_dir, out))
-    return out / "demo_resnet18"
+    run_command("-m", "train", *train_args(tiny_dir, module_dir))
+    return module_dir / "demo_resnet18"
 
 
 def test_an_uninterrupted_run_writes_config_metrics_curves_and_checkpoints(uninterrupted):
