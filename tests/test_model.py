@@ -102,6 +102,17 @@ def test_aux_stage_picks_any_feature_stage_counting_from_either_end():
         assert model(torch.randn(2, 3, 32, 32))[1].shape == (2, 7)
 
 
+def test_arch_kwargs_reach_timm_and_a_misfit_is_a_user_error():
+    narrow = build_model(
+        config(arch="resnet18", drop_path_rate=0.0, arch_kwargs={"channels": [16, 32, 64, 128]})
+    )
+    assert [narrow.backbone.layer1[0].conv1.out_channels, narrow.backbone.num_features] == [16, 128]
+    assert narrow.aux_feature_info["num_chs"] == 64  # the head follows the narrower stage
+    assert narrow(torch.randn(2, 3, 32, 32))[0].shape == (2, 7)
+    with pytest.raises(UserError, match="arch_kwargs=.*does not fit arch='efficientnet_b0'"):
+        build_model(config(arch="efficientnet_b0", arch_kwargs={"channels": [16, 32, 64, 128]}))
+
+
 def test_without_aux_weight_there_is_no_head_and_predict_is_the_main_softmax():
     model = build_model(config(arch="resnet18", drop_path_rate=0.0, aux_weight=0.0)).eval()
     assert model.aux_head is None and model.aux_feature_info is None

@@ -144,6 +144,7 @@ class AuxNet(nn.Module):
 
 def _create_backbone(cfg: dict[str, Any]) -> nn.Module:
     kwargs = dict(pretrained=False, num_classes=cfg["num_classes"], drop_rate=cfg["drop_rate"])
+    kwargs.update(cfg["arch_kwargs"] or {})
     if cfg["drop_path_rate"] > 0:
         kwargs["drop_path_rate"] = cfg["drop_path_rate"]
     try:
@@ -155,11 +156,16 @@ def _create_backbone(cfg: dict[str, Any]) -> nn.Module:
             f"arch={cfg['arch']!r} is not a timm model ({err}); pick one from timm.list_models()"
         ) from None
     except TypeError as err:
-        if "drop_path_rate" not in str(err):
-            raise
-        raise UserError(
-            f"arch={cfg['arch']!r} has no stochastic depth; set drop_path_rate=0"
-        ) from None
+        if "drop_path_rate" in str(err):
+            raise UserError(
+                f"arch={cfg['arch']!r} has no stochastic depth; set drop_path_rate=0"
+            ) from None
+        if cfg["arch_kwargs"]:
+            raise UserError(
+                f"arch_kwargs={cfg['arch_kwargs']!r} does not fit arch={cfg['arch']!r} ({err}); "
+                "see the arguments of its timm model function"
+            ) from None
+        raise
 
 
 def _aux_index(backbone: nn.Module, cfg: dict[str, Any]) -> int:
