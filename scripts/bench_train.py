@@ -8,7 +8,9 @@ no checkpoint. That is the "bare step" the loop-overhead benchmark (bench_loop.p
 Side by side, interleaved (the machine's speed drifts), medians:
 - the strong baseline's step against the Attract-and-Repulse step (same images per step);
 - each lever against the default: channels-last, one thread instead of all, bf16 autocast,
-  torch.compile (its compile time reported apart: it is paid once per run).
+  torch.compile (its compile time reported apart: it is paid once per run);
+- and, as a different network rather than the same work faster, the demo's quarter-width ResNet-18
+  (configs/models/demo_resnet18_w16.yaml), the lever that bought its members their epochs.
 
     python -m scripts.bench_train [--model demo_resnet18] [--repeat 7] [--compile]
 """
@@ -34,6 +36,7 @@ from train.rng import mix_generator
 from train.run import Run
 
 ROOT = Path(__file__).resolve().parent.parent
+NARROW = "demo_resnet18_w16"
 BASELINE = ["num_views=1", "rce_weight=0", "cr_weight=0", "mt_weight=0", "aux_weight=0"]
 
 
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             "strong baseline": (bare_step(args.model, BASELINE, out)[0], None),
             "channels_last=true": (bare_step(args.model, ["channels_last=true"], out)[0], None),
             "1 thread": (default, 1),
+            # a different network, not the same work faster: the demo's quarter-width member
+            f"quarter width ({NARROW})": (bare_step(NARROW, [], out)[0], None),
         }
         seconds = median_seconds(steps, args.repeat)
     # bf16 autocast: oneDNN's bf16 kernels where the CPU has them (avx512_bf16 or AMX), an

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import run_command
 from tests.fake_slurm import Scheduler, install, load_jobs
 
-MODELS = ("demo_resnet10t", "demo_resnet18")  # configs/ensembles/demo.yaml
+MODELS = ("demo_resnet18_w16", "demo_resnet34_w16")  # configs/ensembles/demo.yaml
 
 
 def overrides(data: Path, base: Path) -> list[str]:
@@ -70,10 +70,11 @@ def test_the_chain_runs_in_order_and_a_preempted_training_job_requeues_and_resum
     tiny_dir, tmp_path
 ):
     env = submit(tiny_dir, tmp_path)
-    run = tmp_path / "runs" / "demo_resnet18"
+    preempted = MODELS[0]
+    run = tmp_path / "runs" / preempted
 
     def preempt(job: dict) -> bool:  # SLURM's early warning, once a checkpoint exists
-        return job["name"] == "demo_resnet18" and job["restarts"] == 0 and newest_step(run) >= 3
+        return job["name"] == preempted and job["restarts"] == 0 and newest_step(run) >= 3
 
     scheduler = Scheduler(env, preempt)
     jobs = scheduler.run()
@@ -81,8 +82,8 @@ def test_the_chain_runs_in_order_and_a_preempted_training_job_requeues_and_resum
         name: "COMPLETED" for name in [*MODELS, *(f"logits-{m}" for m in MODELS), "ensemble-demo"]
     }
     events = [(what, name) for what, _, name in scheduler.events]
-    assert events.count(("start", "demo_resnet18")) == 2
-    assert events.index(("signal", "demo_resnet18")) < events.index(("requeue", "demo_resnet18"))
+    assert events.count(("start", preempted)) == 2
+    assert events.index(("signal", preempted)) < events.index(("requeue", preempted))
     for name in MODELS:
         assert events.index(("end", name)) < events.index(("start", f"logits-{name}"))
         assert events.index(("end", f"logits-{name}")) < events.index(("start", "ensemble-demo"))
