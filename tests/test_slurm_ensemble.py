@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ensemble.blend import load_ensemble_config
 from tests.conftest import run_command
 from tests.fake_slurm import Scheduler, install, load_jobs
 
-MODELS = ("demo_resnet18_w16", "demo_resnet34_w16")  # configs/ensembles/demo.yaml
+MODELS = load_ensemble_config("demo")["models"]
 
 
 def overrides(data: Path, base: Path) -> list[str]:

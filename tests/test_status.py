@@ -13,11 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ensemble.blend import load_ensemble_config
 from scripts import status
 from tests.conftest import ROOT, run_command
 from train import checkpoint, heartbeat
 
-MODELS = ("demo_resnet10t", "demo_resnet18")  # configs/ensembles/demo.yaml
+MODELS = load_ensemble_config("demo")["models"]
+TRAINED = MODELS[0]  # the member that the tiny run trains
 
 
 def test_status_reads_the_checkpoint_layout_that_training_writes():
@@ -79,7 +81,7 @@ def test_status_follows_a_tiny_run_from_training_to_fresh_logits(tiny_dir, tmp_p
     args = overrides(tiny_dir, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "train", "demo_resnet18", *args],
+        [sys.executable, "-m", "train", TRAINED, *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -87,19 +89,19 @@ def test_status_follows_a_tiny_run_from_training_to_fresh_logits(tiny_dir, tmp_p
     )
     seen = []
     while trainer.poll() is None:
-        seen.append(table(args)["demo_resnet18"])
+        seen.append(table(args)[TRAINED])
         if seen[-1][4] == "running":
             break
     assert any(row[4] == "running" and row[-1] == "(training)" for row in seen), seen
     assert trainer.wait() == 0
 
-    run = tmp_path / "runs" / "demo_resnet18"
+    run = tmp_path / "runs" / TRAINED
     best = pd.read_csv(run / "metrics.csv")["heldout_teacher"].max()
     rows = table(args)
-    assert rows["demo_resnet18"][:2] == ["demo_resnet18", "1/1"]
-    assert rows["demo_resnet18"][2] == f"{best:.2f}"
-    assert rows["demo_resnet18"][4:] == ["done", "none", "make", "logits", "MODEL=demo_resnet18"]
-    for other in (m for m in MODELS if m != "demo_resnet18"):
+    assert rows[TRAINED][:2] == [TRAINED, "1/1"]
+    assert rows[TRAINED][2] == f"{best:.2f}"
+    assert rows[TRAINED][4:] == ["done", "none", "make", "logits", f"MODEL={TRAINED}"]
+    for other in (m for m in MODELS if m != TRAINED):
         assert rows[other] == [
             other,
             "0/1",
@@ -116,10 +118,10 @@ def test_status_follows_a_tiny_run_from_training_to_fresh_logits(tiny_dir, tmp_p
     ]
 
     older = run / "checkpoints" / "step_000000003"
-    run_command("-m", "ensemble.logits", "demo_resnet18", *args, "--checkpoint", str(older))
-    assert table(args)["demo_resnet18"][5:] == ["stale", "make", "logits", "MODEL=demo_resnet18"]
-    run_command("-m", "ensemble.logits", "demo_resnet18", *args)
-    assert table(args)["demo_resnet18"][5:] == ["fresh", "-"]
+    run_command("-m", "ensemble.logits", TRAINED, *args, "--checkpoint", str(older))
+    assert table(args)[TRAINED][5:] == ["stale", "make", "logits", f"MODEL={TRAINED}"]
+    run_command("-m", "ensemble.logits", TRAINED, *args)
+    assert table(args)[TRAINED][5:] == ["fresh", "-"]
 
     # Sixteen runs (hard-linked copies of this one, named as vipriors16's models): one read.
     sixteen = tmp_path / "sixteen"
