@@ -44,7 +44,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 setup: ## .venv with the pinned requirements, and Debian's Fashion-MNIST
-	@VENV=$(VENV) bash scripts/setup.sh
+	@VENV=$(VENV) bash scripts/ops/setup.sh
 
 data: setup ## build a dataset (IMAGENET= [SPLITS=] | FOLDER= | the embedded fashion50)
 ifneq ($(IMAGENET),)
@@ -71,38 +71,38 @@ evaluate: setup ## validate SUBMISSION= and score it against LABELS=
 	$(PY) -m ensemble.evaluate $(SUBMISSION) $(if $(LABELS),--labels $(LABELS))
 
 demo: ## the whole pipeline on the embedded benchmark (CPU; ends with where the minutes went)
-	@started=$$(date +%s.%N); VENV=$(VENV) bash scripts/setup.sh && $(PY) -m scripts.demo --started $$started
+	@started=$$(date +%s.%N); VENV=$(VENV) bash scripts/ops/setup.sh && $(PY) -m scripts.ops.demo --started $$started
 
 ablation: setup ## the paper's Tables 2 and 3 on the embedded benchmark (resumable; prints its estimate)
-	$(PY) -m scripts.ablation $(ARGS)
+	$(PY) -m scripts.studies.ablation $(ARGS)
 
 sweep: setup ## the paper's Figure 4: alpha, beta, gamma, delta swept around the full recipe
-	$(PY) -m scripts.ablation --sweep $(ARGS)
+	$(PY) -m scripts.studies.ablation --sweep $(ARGS)
 
 long-run: setup ## the full recipe against the baseline at equal epochs, equal time and 4x length
-	$(PY) -m scripts.long_run $(ARGS)
+	$(PY) -m scripts.studies.long_run $(ARGS)
 
 tsne: setup ## the paper's Figure 5: t-SNE of test features of RUNS="a b" (ablation rows or run folders)
-	$(PY) -m scripts.tsne $(RUNS) $(ARGS)
+	$(PY) -m scripts.studies.tsne $(RUNS) $(ARGS)
 
 bench: setup ## every benchmark; ratios measured side by side in one run
 	$(PY) -m scripts.bench
 
 bench-data: setup ## make data: link vs copy on 150,000 synthetic files
-	$(PY) -m scripts.bench_data
+	$(PY) -m scripts.bench.data
 
 chaos: setup ## SIGKILL a tiny run at 10 random moments; it must end bit-identical (~3 CPU-minutes)
-	$(PY) -m scripts.chaos $(ARGS)
+	$(PY) -m scripts.ops.chaos $(ARGS)
 
 smoke: setup ## every real config end to end on the CPU, bf16, 1,000 classes (MODELS= for a subset)
-	$(PY) -m scripts.smoke $(if $(MODELS),--models $(MODELS))
+	$(PY) -m scripts.ops.smoke $(if $(MODELS),--models $(MODELS))
 
 plan: setup ## parameters, FLOPs, memory, micro-batch and hours per config (GPU_MEM= GPUS= TFLOPS=)
-	$(PY) -m scripts.plan --gpu-mem $(GPU_MEM) --gpus $(GPUS) $(if $(TFLOPS),--tflops $(TFLOPS)) \
+	$(PY) -m scripts.ops.plan --gpu-mem $(GPU_MEM) --gpus $(GPUS) $(if $(TFLOPS),--tflops $(TFLOPS)) \
 		$(if $(MODELS),--models $(MODELS))
 
 gpu-check: setup ## GPU figures for the README: step speed, B7 memory, loader, two processes
-	$(PY) -m scripts.gpu_check
+	$(PY) -m scripts.bench.gpu_check
 
 test: setup ## the whole test suite (CI runs exactly this)
 	$(PY) -m pytest -q
@@ -121,10 +121,10 @@ slurm: setup ## print a requeueing SLURM job for MODEL= on NODES= nodes (multi-n
 	@$(PY) -m train.slurm $(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS) --nodes $(or $(NODES),2)
 
 slurm-ensemble: setup ## submit ENSEMBLE='s training, logits and ensemble jobs, chained (NODES= per model)
-	$(PY) -m scripts.slurm_ensemble --config $(ENSEMBLE) --nodes $(or $(NODES),1) $(if $(DATA),data=$(DATA)) $(ARGS)
+	$(PY) -m scripts.ops.slurm_ensemble --config $(ENSEMBLE) --nodes $(or $(NODES),1) $(if $(DATA),data=$(DATA)) $(ARGS)
 
 status: setup ## one table of ENSEMBLE='s models: epochs, best top-1, running, logits, next step
-	@$(PY) -m scripts.status --config $(ENSEMBLE) $(if $(DATA),data=$(DATA)) $(ARGS)
+	@$(PY) -m scripts.ops.status --config $(ENSEMBLE) $(if $(DATA),data=$(DATA)) $(ARGS)
 
 tensorboard: setup ## serve the runs' curves on http://127.0.0.1:PORT (LOGDIR=runs)
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host 127.0.0.1 --port $(PORT)

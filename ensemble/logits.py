@@ -104,7 +104,7 @@ def load_model(
     return for_inference(model, example)
 
 
-CPU_IMAGES_PER_FORWARD = 64  # scripts/bench_tencrop.py: 1.26x faster than 6 images a forward
+CPU_IMAGES_PER_FORWARD = 64  # scripts/bench/tencrop.py: 1.26x faster than 6 images a forward
 
 
 def images_per_forward(cfg: dict[str, Any], view: str, device: torch.device) -> int:

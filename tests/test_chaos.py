@@ -1,4 +1,4 @@
-"""`make chaos` (scripts/chaos.py): SIGKILLed at random moments, a run must lose nothing."""
+"""`make chaos` (scripts/ops/chaos.py): SIGKILLed at random moments, a run must lose nothing."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from scripts.chaos import compare, schedule
+from scripts.ops.chaos import compare, schedule
 from tests.conftest import run_command
 
 
 @pytest.mark.slow
 def test_ten_kills_including_checkpoint_writes_and_evaluation_are_all_survived():
-    proc = run_command("-m", "scripts.chaos", "--kills", "10")
+    proc = run_command("-m", "scripts.ops.chaos", "--kills", "10")
     kills = re.findall(r"^kill \d+/10 \((\w+), after step \d+\): (.*)$", proc.stdout, re.M)
     assert len(kills) == 10, proc.stdout
     assert any(where.startswith("while writing a checkpoint") for _, where in kills), proc.stdout

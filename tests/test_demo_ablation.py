@@ -22,7 +22,7 @@ def test_the_demo_runs_every_stage_and_prints_the_closing_table(tiny_dir, tmp_pa
         "warmup_epochs=0",
         "ckpt_every_steps=0",
     ]
-    args = ["-m", "scripts.demo", *overrides, "--submissions", str(tmp_path / "subs")]
+    args = ["-m", "scripts.ops.demo", *overrides, "--submissions", str(tmp_path / "subs")]
     out = run_command(*args).stdout
     models = load_ensemble_config("demo")["models"]
     assert len(models) >= 2  # an ensemble

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scripts import ablation, long_run, study, tsne
+from scripts.studies import ablation, long_run, runner, tsne
 from tests.conftest import run_command
 from train.config import load_config
 
@@ -27,7 +27,7 @@ def test_aggregate_is_the_mean_and_sample_std_of_each_row_in_order_of_appearance
     frame = pd.DataFrame(
         {"row": rng.choice(["b", "a", "c"], 40), "test_top1": rng.uniform(0, 100, 40)}
     )
-    stats = study.aggregate(frame)
+    stats = runner.aggregate(frame)
     assert list(stats.index) == list(dict.fromkeys(frame["row"]))
     for name, stat in stats.iterrows():
         values = [
@@ -38,14 +38,14 @@ def test_aggregate_is_the_mean_and_sample_std_of_each_row_in_order_of_appearance
         assert stat["mean"] == pytest.approx(mean, rel=1e-12)
         assert stat["std"] == pytest.approx(std, rel=1e-12)
         assert stat["count"] == len(values)
-    single = study.aggregate(pd.DataFrame({"row": ["x"], "test_top1": [5.0]}))
+    single = runner.aggregate(pd.DataFrame({"row": ["x"], "test_top1": [5.0]}))
     assert math.isnan(single.loc["x", "std"])
-    assert study.mean_std(single.loc["x"]) == "5.00 ± –"
+    assert runner.mean_std(single.loc["x"]) == "5.00 ± –"
 
 
 def test_difference_is_the_gap_of_means_with_its_welch_standard_error():
     a, b = pd.Series([70.0, 72.5, 74.0]), pd.Series([60.0, 61.0, 65.5, 66.0])
-    delta, se = study.difference(a, b)
+    delta, se = runner.difference(a, b)
 
     def variance(xs):
         m = sum(xs) / len(xs)
@@ -56,12 +56,12 @@ def test_difference_is_the_gap_of_means_with_its_welch_standard_error():
 
 
 def test_the_verdict_calls_two_standard_errors_noise_and_otherwise_compares_signs():
-    assert study.verdict(2.0, 1.0, 0.7) == "within noise"
-    assert study.verdict(2.1, 1.0, 0.7) == "reproduced"
-    assert study.verdict(-2.1, 1.0, 0.7) == "not reproduced"
-    assert study.verdict(2.1, 1.0, None) == "higher"
-    assert study.verdict(-2.1, 1.0, None) == "lower"
-    assert study.verdict(5.0, math.nan, 0.7) == "one seed: no verdict"
+    assert runner.verdict(2.0, 1.0, 0.7) == "within noise"
+    assert runner.verdict(2.1, 1.0, 0.7) == "reproduced"
+    assert runner.verdict(-2.1, 1.0, 0.7) == "not reproduced"
+    assert runner.verdict(2.1, 1.0, None) == "higher"
+    assert runner.verdict(-2.1, 1.0, None) == "lower"
+    assert runner.verdict(5.0, math.nan, 0.7) == "one seed: no verdict"
 
 
 def test_the_estimate_trains_each_run_at_the_rate_recorded_for_its_views_and_scores_each_job():
@@ -69,15 +69,15 @@ def test_the_estimate_trains_each_run_at_the_rate_recorded_for_its_views_and_sco
         {"epochs_left": 28, "train_images": 500, "views": 2},
         {"epochs_left": 10, "train_images": 1000, "views": 1},
     ]
-    got = study.estimate_seconds(runs, 5, {2: 0.01, 1: 0.02}, 40.0, 99.0)
+    got = runner.estimate_seconds(runs, 5, {2: 0.01, 1: 0.02}, 40.0, 99.0)
     assert got == pytest.approx(28 * 500 * 2 * 0.01 + 10 * 1000 * 0.02 + 5 * 40.0)
     # no rate for two views: the median of the recorded rates; none recorded: the fallback
-    got = study.estimate_seconds(runs[:1], 1, {1: 0.02, 3: 0.04}, 0.0, 99.0)
+    got = runner.estimate_seconds(runs[:1], 1, {1: 0.02, 3: 0.04}, 0.0, 99.0)
     assert got == pytest.approx(28 * 500 * 2 * 0.03)
-    assert study.estimate_seconds(runs[:1], 2, {}, 7.0, 0.5) == pytest.approx(
+    assert runner.estimate_seconds(runs[:1], 2, {}, 7.0, 0.5) == pytest.approx(
         28 * 500 * 2 * 0.5 + 14.0
     )
-    assert study.duration(59 * 60) == "59 min" and study.duration(125 * 60) == "2 h 05 min"
+    assert runner.duration(59 * 60) == "59 min" and runner.duration(125 * 60) == "2 h 05 min"
 
 
 def test_the_epoch_time_ratio_pools_every_epoch_of_every_seed():
@@ -112,13 +112,13 @@ def test_knn_accuracy_is_a_leave_one_out_cosine_vote():
 
 # ---- run naming and the spec ----------------------------------------------------------------
 def names(rows: list[dict], seed: int = 0, extra: tuple[str, ...] = ()) -> list[str]:
-    spec = study.load_spec()
-    jobs = study.row_jobs(spec, rows, [seed], list(extra))
-    return [study.run_name(spec["model"], job, Path("results")) for job in jobs]
+    spec = runner.load_spec()
+    jobs = runner.row_jobs(spec, rows, [seed], list(extra))
+    return [runner.run_name(spec["model"], job, Path("results")) for job in jobs]
 
 
 def test_rows_that_train_the_same_thing_share_one_run_in_any_stage():
-    spec = study.load_spec()
+    spec = runner.load_spec()
     rows = {r["name"]: r for r in spec["rows"]}
     base, vanilla, aux, fusion, cr = names(
         [
@@ -149,16 +149,16 @@ def test_rows_that_train_the_same_thing_share_one_run_in_any_stage():
 
 
 def test_the_spec_holds_every_row_and_sweep_the_issue_asks_for():
-    spec = study.load_spec()
+    spec = runner.load_spec()
     rows = {r["name"]: r for r in spec["rows"]}
     assert spec["seeds"] == spec["sweep_seeds"] == spec["long_run"]["seeds"] == [0, 1, 2]
     for row in rows.values():
         assert row.get("from") in (None, *rows) and row.get("compare_to") in (None, *rows)
-        assert row["eval"] in study.EVALS and row["table"] in ablation.TABLES
-        assert not any(o.startswith("epochs=") for o in study.row_overrides(rows, row["name"]))
-    for job in study.row_jobs(spec, spec["rows"], [0], []):
+        assert row["eval"] in runner.EVALS and row["table"] in ablation.TABLES
+        assert not any(o.startswith("epochs=") for o in runner.row_overrides(rows, row["name"]))
+    for job in runner.row_jobs(spec, spec["rows"], [0], []):
         load_config(spec["model"], list(job.overrides))  # every key exists, every value types
-    settings = {o for n in rows for o in study.row_overrides(rows, n)}
+    settings = {o for n in rows for o in runner.row_overrides(rows, n)}
     wanted = {
         "auto_augment=rand-m9-mstd0.5",
         "cr_similarity=cosine",
@@ -193,7 +193,7 @@ def study_dir(tiny_dir, module_dir):
     results = module_dir
     args = [
         "-m",
-        "scripts.ablation",
+        "scripts.studies.ablation",
         "--rows",
         "strong_baseline",
         "vanilla_aug",
@@ -232,7 +232,7 @@ def test_make_sweep_scores_each_value_and_draws_figure_4(study_dir, tiny_dir):
     results, _, _ = study_dir
     run_command(
         "-m",
-        "scripts.ablation",
+        "scripts.studies.ablation",
         "--sweep",
         "--rows",
         "rce_weight=0.01",
@@ -261,7 +261,7 @@ def test_make_tsne_embeds_both_runs_and_prints_their_separation(study_dir, tiny_
     results, _, _ = study_dir
     out = run_command(
         "-m",
-        "scripts.tsne",
+        "scripts.studies.tsne",
         "strong_baseline",
         "plus_aux_fusion",
         "--images",
@@ -284,7 +284,7 @@ def test_make_long_run_measures_equal_time_and_trains_the_long_runs(study_dir, t
     results, _, _ = study_dir
     args = [
         "-m",
-        "scripts.long_run",
+        "scripts.studies.long_run",
         "--splits",
         "train",
         "--factor",

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scripts import gpu_check, plan
+from scripts.bench import gpu_check
+from scripts.ops import plan
 from tests.conftest import run_command
 from train.config import load_config
 
@@ -15,7 +16,7 @@ TOY = ["arch=resnet18", "img_size=32", "test_size=32", "batch_size=4", "workers=
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the check instead")
 def test_without_cuda_it_refuses_in_one_line():
-    proc = run_command("-m", "scripts.gpu_check", check=False)
+    proc = run_command("-m", "scripts.bench.gpu_check", check=False)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
         "error: make gpu-check needs a CUDA GPU and this machine has none visible "

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from scripts import plan
+from scripts.ops import plan
 from tests.conftest import run_command
 from train.config import load_config
 from train.model import build_model
@@ -18,7 +18,7 @@ from train.model import build_model
 # so that the peak reflects live memory rather than what the heap happens to keep.
 MEASURE = """
 import sys, torch
-from scripts.plan import WARMUP_SIZE, build_state, training_step
+from scripts.ops.plan import WARMUP_SIZE, build_state, training_step
 from train.config import load_config
 
 def status(field):
@@ -136,7 +136,7 @@ def test_largest_micro_batch_and_hours_follow_their_formulas():
 def test_make_plan_prints_the_table(tmp_path):
     proc = run_command(
         "-m",
-        "scripts.plan",
+        "scripts.ops.plan",
         "--models",
         "effnet_b2_ablation",
         "--gpu-mem",
@@ -156,7 +156,7 @@ def test_make_plan_prints_the_table(tmp_path):
 
 
 def test_a_bad_gpu_count_is_one_line():
-    proc = run_command("-m", "scripts.plan", "--gpus", "0", check=False)
+    proc = run_command("-m", "scripts.ops.plan", "--gpus", "0", check=False)
     assert proc.returncode == 2 and "GPUS" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -36,7 +36,7 @@ def submit(data: Path, base: Path) -> dict[str, str]:
     env = install(base / "bin", base / "slurm")
     args = ["--config", "demo", "--nodes", "1", "--gpus-per-node", "1"]
     args += ["--submissions", str(base / "subs"), *overrides(data, base)]
-    run_command("-m", "scripts.slurm_ensemble", *args, env=env)
+    run_command("-m", "scripts.ops.slurm_ensemble", *args, env=env)
     return env
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from scripts import smoke
+from scripts.ops import smoke
 from tests.conftest import run_command
 from train.config import load_config
 from train.distributed import make_accelerator
@@ -118,7 +118,9 @@ def test_bf16_autocasts_student_teacher_and_inference_and_keeps_losses_and_grads
 def test_make_smoke_runs_one_efficientnet_one_resnet_and_the_dsk_resnext(tmp_path):
     """The CI subset: the smallest real config of each family, through every stage."""
     started = time.perf_counter()
-    proc = run_command("-m", "scripts.smoke", "--models", *smoke.CI_MODELS, "--work", str(tmp_path))
+    proc = run_command(
+        "-m", "scripts.ops.smoke", "--models", *smoke.CI_MODELS, "--work", str(tmp_path)
+    )
     times = pd.read_csv(tmp_path / "times.csv")
     assert sorted(times["model"]) == sorted(smoke.CI_MODELS)
     assert (times["total_s"] > 0).all()

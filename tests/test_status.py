@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from ensemble.blend import load_ensemble_config
-from scripts import status
+from scripts.ops import status
 from tests.conftest import ROOT, run_command
 from train import checkpoint, heartbeat
 
@@ -28,7 +28,7 @@ def test_status_reads_the_checkpoint_layout_that_training_writes():
 
 
 def test_status_imports_no_torch_so_that_it_answers_at_once():
-    probe = "import sys, scripts.status; print('torch' in sys.modules)"
+    probe = "import sys, scripts.ops.status; print('torch' in sys.modules)"
     assert run_command("-c", probe).stdout.strip() == "False"
 
 
@@ -69,8 +69,8 @@ def overrides(data: Path, base: Path) -> list[str]:
 
 
 def table(args: list[str]) -> dict[str, list[str]]:
-    """The rows of `python -m scripts.status`, split into cells, by model; and the outlook."""
-    out = run_command("-m", "scripts.status", "--config", "demo", *args).stdout
+    """The rows of `python -m scripts.ops.status`, split into cells, by model; and the outlook."""
+    out = run_command("-m", "scripts.ops.status", "--config", "demo", *args).stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1 : 1 + len(MODELS)]}
     rows["outlook"] = [out.strip().splitlines()[-1]]
     return rows

@@ -150,7 +150,7 @@ def train_loader(
         num_workers=cfg["workers"],
         worker_init_fn=ignore_stop_signals,
         # Persistent: starting the pool again every epoch cost a tenth of an epoch on 2 cores
-        # (scripts/bench_loop.py). The workers ignore SIGTERM; _kill_workers_at_exit ends them.
+        # (scripts/bench/loop.py). The workers ignore SIGTERM; _kill_workers_at_exit ends them.
         persistent_workers=cfg["workers"] > 0,
         pin_memory=torch.cuda.is_available(),
         # A private generator: creating an epoch's iterator must not draw from the global RNG,

@@ -77,7 +77,7 @@ def for_inference(model: torch.nn.Module, example: torch.Tensor | None = None) -
     Why TorchScript although torch marks it deprecated: on the 2-core CPU it made ResNet-18's
     TenCrop forward 1.5x faster for under a second of tracing, where torch.compile (freezing on)
     was 1.45x after 6 s of compiling, paid again in every `make logits` process
-    (scripts/bench_tencrop.py times the paths side by side)."""
+    (scripts/bench/tencrop.py times the paths side by side)."""
     model = model.eval()
     try:
         model = fx_optimization.fuse(model)

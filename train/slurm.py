@@ -6,7 +6,8 @@ boundary and exit with EXIT_PREEMPTED; the script then requeues itself, and the 
 resumes from that checkpoint because a rerun of the same command resumes. Its log,
 `runs/<name>/slurm-<job id>.out`, is appended to by every requeued start. One node launches
 `make train`'s way (every GPU of the node); several nodes use configs/accelerate/multinode.yaml.
-`make slurm-ensemble` (scripts/slurm_ensemble.py) submits this job for every model of an ensemble.
+`make slurm-ensemble` (scripts/ops/slurm_ensemble.py) submits this job for every model of an
+ensemble.
 """
 
 from __future__ import annotations

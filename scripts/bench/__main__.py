@@ -8,19 +8,19 @@ from __future__ import annotations
 import importlib
 
 BENCHES = {  # name: its arguments (every lever the speed work tried, side by side)
-    "bench_losses": [],
-    "bench_loader": [],
-    "bench_train": ["--compile"],
-    "bench_loop": ["--workers", "0", "1", "2"],
-    "bench_tencrop": [],
-    "bench_ensemble": [],
+    "losses": [],
+    "loader": [],
+    "train": ["--compile"],
+    "loop": ["--workers", "0", "1", "2"],
+    "tencrop": [],
+    "ensemble": [],
 }
 
 
 def main() -> None:
     for name, args in BENCHES.items():
-        print(f"\n#### python -m scripts.{name} {' '.join(args)}", flush=True)
-        importlib.import_module(f"scripts.{name}").main(args)
+        print(f"\n#### python -m scripts.bench.{name} {' '.join(args)}", flush=True)
+        importlib.import_module(f"scripts.bench.{name}").main(args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import pandas as pd
 
 from common.errors import cli_main
 from common.fs import write_text_atomic
-from scripts import study
+from scripts.studies import runner
 from train.config import load_config
 
 SPLITS = {"train": "train_splits=[train]", "train+val": "train_splits=[train,val]"}
@@ -53,7 +53,7 @@ def row(spec: dict, which: str, split: str, regime: str, epochs: int) -> dict:
     return {
         "name": f"{which}:{split}:{regime}",
         "eval": rows[which]["eval"],
-        "overrides": [*study.row_overrides(rows, which), SPLITS[split], f"epochs={epochs}"],
+        "overrides": [*runner.row_overrides(rows, which), SPLITS[split], f"epochs={epochs}"],
         "which": which,
         "split": split,
         "regime": regime,
@@ -100,11 +100,11 @@ def gap_lines(frame: pd.DataFrame, spec: dict, splits: list[str]) -> list[str]:
             base = frame[frame["row"] == f"{spec['baseline']}:{split}:{base_regime}"]
             if full.empty or base.empty:
                 continue
-            delta, se = study.difference(full["test_top1"], base["test_top1"])
+            delta, se = runner.difference(full["test_top1"], base["test_top1"])
             lines.append(
                 f"| {split} | {label} | {full['epochs'].iloc[0]} / {base['epochs'].iloc[0]} "
                 f"| {delta:+.2f} ± {'–' if math.isnan(se) else f'{se:.2f}'} "
-                f"| {study.verdict(delta, se, None)} |"
+                f"| {runner.verdict(delta, se, None)} |"
             )
     return lines
 
@@ -118,11 +118,11 @@ def table_lines(frame: pd.DataFrame, minutes_of: dict[str, float]) -> list[str]:
     ]
     for name, group in frame.groupby("row", sort=False):
         which, split, regime = name.split(":")
-        stat = study.aggregate(group).iloc[0]
+        stat = runner.aggregate(group).iloc[0]
         times = [minutes_of[run] for run in group["run"] if run in minutes_of]
         minutes = f"{np.median(times):.1f}" if times else ""
         lines.append(
-            f"| {which} | {split} | {regime} | {group['epochs'].iloc[0]} | {study.mean_std(stat)} "
+            f"| {which} | {split} | {regime} | {group['epochs'].iloc[0]} | {runner.mean_std(stat)} "
             f"| {int(stat['count'])} | {minutes} |"
         )
     return lines
@@ -151,7 +151,7 @@ def write_report(frame: pd.DataFrame, spec: dict, splits: list[str], results: Pa
             f" {len(kept['measured_on'])} runs), so the"
             f" baseline trains {kept['equal_time_epochs']} epochs in the full recipe's time.",
         ]
-    minutes_of = study.training_minutes(results)
+    minutes_of = runner.training_minutes(results)
     lines += ["", *table_lines(frame, minutes_of), "", *gap_lines(frame, spec, splits)]
     write_text_atomic(results / "long_run.md", "\n".join(lines) + "\n")
     plot(frame, results)
@@ -159,14 +159,14 @@ def write_report(frame: pd.DataFrame, spec: dict, splits: list[str], results: Pa
 
 def curve(frame: pd.DataFrame, name: str, results: Path) -> pd.Series:
     """Mean over seeds of the row's held-out top-1 per epoch (its eval's metrics.csv column)."""
-    column = study.HELDOUT_COLUMN[frame.loc[frame["row"] == name, "eval"].iloc[0]]
+    column = runner.HELDOUT_COLUMN[frame.loc[frame["row"] == name, "eval"].iloc[0]]
     runs = [m.set_index("epoch")[column] for m in metrics_of(frame, name, results) if column in m]
     return pd.concat(runs, axis=1).mean(axis=1) if runs else pd.Series(dtype=float)
 
 
 def plot(frame: pd.DataFrame, results: Path) -> None:
     """Held-out (val) curves of the train-split runs, and each row's final test top-1."""
-    plt = study.pyplot()
+    plt = runner.pyplot()
     fig, ax = plt.subplots(figsize=(11, 4.8))
     colours = {}
     for name, group in frame[frame["row"].str.contains(":train:")].groupby("row", sort=False):
@@ -183,7 +183,7 @@ def plot(frame: pd.DataFrame, results: Path) -> None:
                 alpha=0.7,
                 label=f"{which}, {regime} ({group['epochs'].iloc[0]} ep): val",
             )
-        stat = study.aggregate(group).iloc[0]
+        stat = runner.aggregate(group).iloc[0]
         ax.errorbar(
             [group["epochs"].iloc[0]],
             [stat["mean"]],
@@ -201,7 +201,7 @@ def plot(frame: pd.DataFrame, results: Path) -> None:
     )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
-    study.save_figure(fig, results / "long_run.png")
+    runner.save_figure(fig, results / "long_run.png")
 
 
 @cli_main
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=Path("results"), help="output folder")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (epochs= sets E)")
     args = parser.parse_args(argv)
-    spec = study.load_spec()
+    spec = runner.load_spec()
     conf = spec["long_run"]
     seeds, splits = args.seeds or conf["seeds"], args.splits or conf["splits"]
     epochs = load_config(spec["model"], [*spec["common"], *args.overrides])["epochs"]
@@ -221,17 +221,19 @@ def main(argv: list[str] | None = None) -> None:
     pair = (spec["baseline"], spec["full_recipe"])
     first = [row(spec, w, s, "equal_epochs", epochs) for s in splits for w in pair]
     long = [row(spec, w, "train", "long", epochs * (args.factor or conf["factor"])) for w in pair]
-    jobs = partial(study.row_jobs, spec, seeds=seeds, extra=extra)
+    jobs = partial(runner.row_jobs, spec, seeds=seeds, extra=extra)
     report = partial(write_report, spec=spec, splits=splits, results=args.results)
     # The equal-time runs last as long as the full recipe's equal-epoch runs, by construction.
     full_time = [r for r in first if r["which"] == spec["full_recipe"]]
-    todo = study.pending("long_run", spec["model"], jobs([*first, *full_time, *long]), args.results)
-    seconds, source = study.estimate(spec["model"], todo, args.results, spec)
-    print(f"long-run: estimated {study.duration(seconds)} in all (from {source})", flush=True)
-    done = study.run_jobs("long_run", spec["model"], jobs(first), args.results, spec, report)
+    todo = runner.pending(
+        "long_run", spec["model"], jobs([*first, *full_time, *long]), args.results
+    )
+    seconds, source = runner.estimate(spec["model"], todo, args.results, spec)
+    print(f"long-run: estimated {runner.duration(seconds)} in all (from {source})", flush=True)
+    done = runner.run_jobs("long_run", spec["model"], jobs(first), args.results, spec, report)
     equal = budget(spec, done, epochs, args.results)["equal_time_epochs"]
     timed = [row(spec, spec["baseline"], s, "equal_time", equal) for s in splits]
-    study.run_jobs(
+    runner.run_jobs(
         "long_run", spec["model"], jobs([*first, *timed, *long]), args.results, spec, report
     )
 

@@ -5,7 +5,7 @@ TenCrop logits -> ensemble -> submissions/demo.csv -> evaluation against the loc
 -> a closing table. Every stage is the real command; a rerun reuses what is done (training
 resumes or finds its run complete, logits newer than their checkpoint are kept).
 
-`python -m scripts.demo [key=value ...]` passes overrides to every model (the tests run the same
+`python -m scripts.ops.demo [key=value ...]` passes overrides to every model (the tests run the same
 script on a tiny dataset with `epochs=1 data_dir=... out_dir=... logits_dir=...`).
 """
 

@@ -12,7 +12,7 @@ Side by side, interleaved (the machine's speed drifts), medians:
 - and, as a different network rather than the same work faster, the demo's quarter-width ResNet-18
   (configs/models/demo_resnet18_w16.yaml), the lever that bought its members their epochs.
 
-    python -m scripts.bench_train [--model demo_resnet18] [--repeat 7] [--compile]
+    python -m scripts.bench.train [--model demo_resnet18] [--repeat 7] [--compile]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from train.config import load_config
 from train.rng import mix_generator
 from train.run import Run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NARROW = "demo_resnet18_w16"
 BASELINE = ["num_views=1", "rce_weight=0", "cr_weight=0", "mt_weight=0", "aux_weight=0"]
 
@@ -87,7 +87,7 @@ def own_process_seconds(model: str, overrides: list[str], repeat: int) -> dict[s
     measured in a fresh process: Accelerate fixes the precision and the dynamo backend for the
     process at its first Accelerator."""
     code = (
-        "import json, tempfile, time; from scripts.bench_train import bare_step, median_seconds\n"
+        "import json, tempfile, time; from scripts.bench.train import bare_step, median_seconds\n"
         f"d = tempfile.mkdtemp(); step, _ = bare_step({model!r}, {overrides!r}, d)\n"
         "t = time.perf_counter(); step(); first = time.perf_counter() - t\n"
         f"print(json.dumps({{'first': first, **median_seconds({{'c': (step, None)}}, {repeat})}}))"

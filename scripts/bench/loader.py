@@ -12,7 +12,7 @@ best time over the passes, which drops the spikes of a shared machine):
 It prints views per second per core for each, their ratio, and the time of one decode and of one
 view's transform, which explain the ratio.
 
-    python -m scripts.bench_loader [--images 200] [--repeats 3] [--img-size 320]
+    python -m scripts.bench.loader [--images 200] [--repeats 3] [--img-size 320]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from PIL import Image
 
 from train.views import MultiViewDataset, build_train_transform, load_rgb
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[tuple[str, Path, int]]:

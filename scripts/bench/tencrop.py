@@ -8,7 +8,7 @@ time included). Same crops, same averaging: every variant's probabilities are co
 baseline's (largest difference, argmax agreement) as well as timed. Runs on the first
 `--images` test images of the embedded benchmark (`make data` first), interleaved, medians.
 
-    python -m scripts.bench_tencrop [--model demo_resnet18] [--images 2000] [--repeat 3]
+    python -m scripts.bench.tencrop [--model demo_resnet18] [--images 2000] [--repeat 3]
 """
 
 from __future__ import annotations

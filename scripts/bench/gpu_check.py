@@ -4,7 +4,7 @@ Without CUDA it refuses in one line. On a CUDA machine it prints one table:
 1. step: EfficientNet-B2 at 320 px (configs/models/effnet_b2_ablation.yaml, its 64 images per
    GPU), bf16, channels-last: images/s of the strong-baseline step (one view, CE with mixing and
    smoothing) and of the Attract-and-Repulse step (two views, teacher, SCE + CR + MT + auxiliary
-   head, EMA), timed as `scripts.bench_train` times them, their ratio (the arithmetic says about
+   head, EMA), timed as `scripts.bench.train` times them, their ratio (the arithmetic says about
    2.7), and the model TFLOP/s the A&R step achieves (`make plan TFLOPS=` takes it).
 2. memory: EfficientNet-B7 at 448 px (effnet_b7, its micro-batch of 16 per GPU): the peak CUDA
    memory allocated by a training step (after one that created the optimiser state), against
@@ -35,9 +35,9 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from common.errors import UserError, cli_main
-from scripts import plan
-from scripts.bench_loader import make_jpegs
-from scripts.bench_train import median_seconds
+from scripts.bench.loader import make_jpegs
+from scripts.bench.train import median_seconds
+from scripts.ops import plan
 from train.config import load_config
 from train.data import train_loader
 from train.distributed import make_accelerator
@@ -48,7 +48,7 @@ from train.rng import generator_for
 from train.run import optimizer_kwargs
 from train.views import SharedMixup
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BASELINE = ["num_views=1", "cr_weight=0", "mt_weight=0", "aux_weight=0", "rce_weight=0"]
 GIB = 2**30
 B2 = "effnet_b2_ablation"  # the paper's ablation setting: EfficientNet-B2, 320 px, 64 per GPU
@@ -163,7 +163,7 @@ def table(rows: list[tuple[str, str, str]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m scripts.gpu_check", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench.gpu_check", description=__doc__)
     parser.add_argument("--repeat", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--loader-batches", type=int, default=8)
     return parser.parse_args(argv)

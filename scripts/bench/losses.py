@@ -7,7 +7,7 @@ so that its peak memory is its own: peak RSS (`ru_maxrss`) minus the RSS after i
 A reference training step (timm efficientnet_b2 forward and backward at 320 px, measured on a
 few views and scaled to the same number of views) says what fraction of a step the CR costs.
 
-    python -m scripts.bench_losses [--rows 256 512 1024] [--classes 1000] [--threads 1]
+    python -m scripts.bench.losses [--rows 256 512 1024] [--classes 1000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MB = 1 << 20
 # Brute force runs only where its estimated peak fits in this share of the available memory:
 # the machine is shared, and at 2N = 1,024, C = 1,000 each [2N, 2N, C] float32 temporary is 4 GB.
@@ -107,7 +107,7 @@ def measure(
     cmd = [
         sys.executable,
         "-m",
-        "scripts.bench_losses",
+        "scripts.bench.losses",
         "--child",
         variant,
         "--rows",

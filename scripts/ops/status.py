@@ -162,7 +162,7 @@ def ensemble_outlook(name: str, rows: list[ModelStatus], root: Path) -> str:
 
 @cli_main
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m scripts.status", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scripts.ops.status", description=__doc__)
     parser.add_argument("--config", default="vipriors16", help="configs/ensembles name")
     parser.add_argument("overrides", nargs="*", help="key=value for every model (out_dir=...)")
     args = parser.parse_args(argv)

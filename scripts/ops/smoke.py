@@ -41,11 +41,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from data_prep.layout import Layout
-from scripts.plan import plan_models
+from scripts.ops.plan import plan_models
 from train.config import load_config, logits_dir, run_dir
 from train.data import split_train_eval
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLASSES = 1000
 POPULATED = {0: 6, 1: 5, 2: 4}  # class index -> images in its folder; 997 folders are empty
 PER_CLASS = "4,1,1"  # at most 4 train, 1 val, 1 test per class
@@ -273,7 +273,7 @@ def ensemble_and_evaluate(names: list[str], work: Path, data: Path) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m scripts.smoke", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scripts.ops.smoke", description=__doc__)
     parser.add_argument("--models", nargs="+", help="default: vipriors16 and effnet_b2_ablation")
     parser.add_argument("--work", type=Path, default=ROOT / "results" / "smoke")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")

@@ -27,7 +27,7 @@ from common.fs import write_text_atomic
 from common.metrics import top1
 from data_prep.layout import Layout
 from ensemble.submission import read_labels
-from scripts import study
+from scripts.studies import runner
 from train.checkpoint import load_weights
 from train.config import load_config, run_dir
 from train.inference import build_crop_transform
@@ -43,16 +43,16 @@ def resolve(target: str, seed: int, overrides: list[str], results: Path) -> tupl
             str(folder / "config.yaml"), [f"out_dir={folder.parent}", f"name={folder.name}"]
         )
         return folder.name, cfg, "teacher" if cfg["mt_weight"] > 0 else "student"
-    spec = study.load_spec()
+    spec = runner.load_spec()
     rows = {r["name"]: r for r in spec["rows"]}
     if target not in rows:
         raise UserError(
             f"{target!r} is neither a run folder (with config.yaml) nor a row of "
             f"configs/ablation.yaml ({', '.join(rows)})"
         )
-    (job,) = study.row_jobs(spec, [rows[target]], [seed], overrides)
-    cfg = load_config(spec["model"], study.job_overrides(spec["model"], job, results))
-    return f"{target} (seed {seed})", cfg, study.EVALS[job.eval][0]
+    (job,) = runner.row_jobs(spec, [rows[target]], [seed], overrides)
+    cfg = load_config(spec["model"], runner.job_overrides(spec["model"], job, results))
+    return f"{target} (seed {seed})", cfg, runner.EVALS[job.eval][0]
 
 
 def test_sample(data_dir: Path, images: int) -> list[tuple[str, Path, int]]:
@@ -108,7 +108,7 @@ def embed(feats: np.ndarray) -> np.ndarray:
 
 
 def plot(panels: list[dict], classes: list[str], labels: np.ndarray, path: Path) -> None:
-    plt = study.pyplot()
+    plt = runner.pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1.5, 5.2), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         for c, name in enumerate(classes):
@@ -125,7 +125,7 @@ def plot(panels: list[dict], classes: list[str], labels: np.ndarray, path: Path)
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, markerscale=3, fontsize=8, loc="center right")
     fig.tight_layout(rect=(0, 0, 0.88, 1))
-    study.save_figure(fig, path)
+    runner.save_figure(fig, path)
 
 
 def report(panels: list[dict], images: int) -> str:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     overrides = [t for t in args.targets if "=" in t]
     runs = [t for t in args.targets if "=" not in t]
     if not runs:
-        spec = study.load_spec()
+        spec = runner.load_spec()
         runs = [spec["baseline"], spec["full_recipe"]]
     resolved = [resolve(r, args.seed, overrides, args.results) for r in runs]
     data_dirs = {str(cfg["data_dir"]) for _, cfg, _ in resolved}

@@ -1,7 +1,7 @@
 """`make ablation` / `make sweep`: the paper's Tables 2 and 3 and Figure 4, embedded benchmark.
 
 Rows and sweeps come from configs/ablation.yaml; every (row, seed) is one job of the shared
-runner (scripts/study.py: resumable runs, each score appended to results/ablation.csv or
+runner (scripts/studies/runner.py: resumable runs, each score appended to results/ablation.csv or
 sweep.csv as it finishes, a rerun does only what is missing). After every run the tables are
 rewritten from the CSV: results/ablation.{md,png} (each row beside the paper's number, its
 difference to the row it is compared to, and whether that reproduces the paper's), and for the
@@ -21,7 +21,7 @@ import pandas as pd
 
 from common.errors import cli_main
 from common.fs import write_text_atomic
-from scripts import study
+from scripts.studies import runner
 from train.config import load_config
 
 TABLES = {
@@ -42,7 +42,7 @@ def signed(value: float | None) -> str:
 def ablation_line(row: dict, frame: pd.DataFrame, paper: dict) -> str:
     """One table line: the row's scores, and its difference to `compare_to` beside the paper's."""
     scores = frame.loc[frame["row"] == row["name"], "test_top1"]
-    stat = study.aggregate(frame[frame["row"] == row["name"]]).iloc[0]
+    stat = runner.aggregate(frame[frame["row"] == row["name"]]).iloc[0]
     epochs = "/".join(
         str(e) for e in sorted(frame.loc[frame["row"] == row["name"], "epochs"].unique())
     )
@@ -50,13 +50,13 @@ def ablation_line(row: dict, frame: pd.DataFrame, paper: dict) -> str:
     delta = paper_delta = None
     judged = ""
     if ref and (frame["row"] == ref).any():
-        delta, se = study.difference(scores, frame.loc[frame["row"] == ref, "test_top1"])
+        delta, se = runner.difference(scores, frame.loc[frame["row"] == ref, "test_top1"])
         if paper.get(row["name"]) is not None and paper.get(ref) is not None:
             paper_delta = paper[row["name"]] - paper[ref]
-        judged = study.verdict(delta, se, paper_delta)
+        judged = runner.verdict(delta, se, paper_delta)
     ref_paper = "" if paper.get(row["name"]) is None else f"{paper[row['name']]:.2f}"
     return (
-        f"| {row['name']} | {row['paper_row']} | {study.mean_std(stat)} | {int(stat['count'])} "
+        f"| {row['name']} | {row['paper_row']} | {runner.mean_std(stat)} | {int(stat['count'])} "
         f"| {epochs} | {ref or ''} | {signed(delta)} | {signed(paper_delta)} | {judged} "
         f"| {ref_paper} |"
     )
@@ -82,13 +82,13 @@ def write_ablation(frame: pd.DataFrame, rows: list[dict], spec: dict, results: P
             lines += [ablation_line(r, frame, paper) for r in group]
     write_text_atomic(results / "ablation.md", "\n".join(lines) + "\n")
     if present:
-        plot_bars(study.aggregate(frame).loc[[r["name"] for r in present]], spec["rows"], results)
+        plot_bars(runner.aggregate(frame).loc[[r["name"] for r in present]], spec["rows"], results)
 
 
 def plot_bars(stats: pd.DataFrame, rows: list[dict], results: Path) -> None:
     """Bars (mean, std error bars) coloured by the paper's table; the paper's top-1 on a
     second axis (another dataset and model: compare the pattern, not the level)."""
-    plt = study.pyplot()
+    plt = runner.pyplot()
     tables = {r["name"]: r["table"] for r in rows}
     paper = [next(r.get("paper") for r in rows if r["name"] == n) for n in stats.index]
     colours = {t: f"C{i}" for i, t in enumerate(TABLES)}
@@ -109,7 +109,7 @@ def plot_bars(stats: pd.DataFrame, rows: list[dict], results: Path) -> None:
     other.set_ylabel("paper's top-1 (%), EfficientNet-b2 on ImageNet")
     other.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    study.save_figure(fig, results / "ablation.png")
+    runner.save_figure(fig, results / "ablation.png")
 
 
 # ---- the sweep (Figure 4) ------------------------------------------------------------------
@@ -118,7 +118,7 @@ def sweep_rows(spec: dict) -> list[dict]:
     (e.g. cr_space=features) and `knob=value`."""
     rows = {r["name"]: r for r in spec["rows"]}
     full = rows[spec["sweep_from"]]
-    base = study.row_overrides(rows, full["name"])
+    base = runner.row_overrides(rows, full["name"])
     recipe = load_config(spec["model"], [*spec["common"], *base])
     out = []
     for sweep in spec["sweeps"]:
@@ -160,15 +160,15 @@ def write_sweep_table(frame: pd.DataFrame, knob: str, results: Path) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for (series, value), group in part.groupby(["series", "value"], sort=False):
-        stat = study.aggregate(group, by="knob").iloc[0]
+        stat = runner.aggregate(group, by="knob").iloc[0]
         mark = " (recipe)" if group["recipe_point"].iloc[0] else ""
         delta, judged = None, ""
         if len(centre) and not group["recipe_point"].iloc[0]:
-            delta, se = study.difference(group["test_top1"], centre)
-            judged = study.verdict(delta, se, None)
+            delta, se = runner.difference(group["test_top1"], centre)
+            judged = runner.verdict(delta, se, None)
         epochs = "/".join(str(e) for e in sorted(group["epochs"].unique()))
         lines.append(
-            f"| {value:g}{mark} | {series} | {study.mean_std(stat)} | {int(stat['count'])} "
+            f"| {value:g}{mark} | {series} | {runner.mean_std(stat)} | {int(stat['count'])} "
             f"| {epochs} | {signed(delta)} | {judged} |"
         )
     write_text_atomic(results / f"sweep_{knob}.md", "\n".join(lines) + "\n")
@@ -176,7 +176,7 @@ def write_sweep_table(frame: pd.DataFrame, knob: str, results: Path) -> None:
 
 def plot_sweep(frame: pd.DataFrame, results: Path) -> None:
     """results/sweep.png: one panel per knob, each series a line of mean ± std per value."""
-    plt = study.pyplot()
+    plt = runner.pyplot()
     panels = list(dict.fromkeys(frame["panel"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
@@ -201,7 +201,7 @@ def plot_sweep(frame: pd.DataFrame, results: Path) -> None:
         ax.set(title=panel, xlabel=part["knob"].iloc[0], ylabel="test top-1 (%)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    study.save_figure(fig, results / "sweep.png")
+    runner.save_figure(fig, results / "sweep.png")
 
 
 def write_sweep(frame: pd.DataFrame, rows: list[dict], results: Path) -> None:
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=Path("results"), help="output folder")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (e.g. epochs=30)")
     args = parser.parse_args(argv)
-    spec = study.load_spec()
+    spec = runner.load_spec()
     every = sweep_rows(spec) if args.sweep else spec["rows"]
     unknown = sorted(set(args.rows or []) - {r["name"] for r in every})
     if unknown:
@@ -232,15 +232,15 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for r in every if not args.rows or r["name"] in args.rows]
     spec_seeds = spec["sweep_seeds" if args.sweep else "seeds"]
     seeds = args.seeds or spec_seeds
-    jobs = study.row_jobs(spec, rows, seeds, args.overrides)
+    jobs = runner.row_jobs(spec, rows, seeds, args.overrides)
     # The tables show every row and seed scored so far, not only this invocation's.
-    shown = study.row_jobs(spec, every, sorted({*spec_seeds, *seeds}), args.overrides)
+    shown = runner.row_jobs(spec, every, sorted({*spec_seeds, *seeds}), args.overrides)
     if args.sweep:
         report = partial(write_sweep, rows=every, results=args.results)
     else:
         report = partial(write_ablation, rows=every, spec=spec, results=args.results)
     stage = "sweep" if args.sweep else "ablation"
-    study.run_jobs(stage, spec["model"], jobs, args.results, spec, report, shown)
+    runner.run_jobs(stage, spec["model"], jobs, args.results, spec, report, shown)
 
 
 if __name__ == "__main__":

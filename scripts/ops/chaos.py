@@ -9,7 +9,7 @@ every checkpoint both runs kept is compared file by file: student and teacher we
 scheduler and loop state, and every process's RNG snapshot, bit for bit; metrics.csv too, timing
 aside. Prints "kills survived: N/N" (N/N only when everything matched) and exits 1 otherwise.
 
-`python -m scripts.chaos [--kills 10] [--seed S] [--work DIR]` (DIR keeps both runs to inspect).
+`python -m scripts.ops.chaos [--kills 10] [--seed S] [--work DIR]` (DIR keeps both runs to inspect).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # 80 training images, batch 8: 10 steps an epoch, 20 in all; a checkpoint every 3 steps and at
 # each epoch end (after its evaluation), all kept for the comparison.
 STEPS, EVERY = 10, 3
@@ -222,7 +222,7 @@ def compare(ref: Path, other: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.chaos", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scripts.ops.chaos", description=__doc__)
     parser.add_argument("--kills", type=int, default=10, help="at least 2")
     parser.add_argument("--seed", type=int, default=None, help="default: drawn and printed")
     parser.add_argument("--work", type=Path, help="keep the dataset and both runs here")
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kills < 2:
         parser.error("--kills must be at least 2 (one in a checkpoint write, one in evaluation)")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
-    print(f"chaos: seed {seed} (python -m scripts.chaos --seed {seed} replays the schedule)")
+    print(f"chaos: seed {seed} (python -m scripts.ops.chaos --seed {seed} replays the schedule)")
     work = args.work or Path(tempfile.mkdtemp(prefix="chaos-"))
     started = time.perf_counter()
     try:

@@ -82,7 +82,7 @@ def measure(files: int, workers: int = 8, base: str | None = None) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m scripts.bench_data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench.data", description=__doc__)
     parser.add_argument("--files", type=int, default=150_000, help="size of the synthetic tree")
     parser.add_argument("--workers", type=int, default=8, help="placement threads, as make data")
     parser.add_argument("--tmp", help="where to make the tree (default: the system temp folder)")

@@ -13,7 +13,7 @@
    again). Target: TenCrop no slower than the ten passes. Both are repeated, interleaved, and
    the fastest of each is kept, because the machine is shared.
 
-    python -m scripts.bench_ensemble [--models 16] [--rows 50000] [--classes 1000] [--threads 1]
+    python -m scripts.bench.ensemble [--models 16] [--rows 50000] [--classes 1000] [--threads 1]
                                      [--search-models N]  (also time --search-weights)
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MB = 1 << 20
 
 

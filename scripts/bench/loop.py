@@ -7,7 +7,7 @@ cancel out). The bare step (bench_train.py: the same Run, one in-memory batch, n
 evaluation or checkpoint) times the epoch's optimiser steps is the floor. Their ratio is the
 loop's overhead: loader, evaluation, checkpoints, logging (target: at most 1.1).
 
-    python -m scripts.bench_loop [--model demo_resnet18] [--short 1] [--long 4] [--repeat 2]
+    python -m scripts.bench.loop [--model demo_resnet18] [--short 1] [--long 4] [--repeat 2]
                                  [--workers 0 1 2]
 """
 
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from statistics import median_high
 
-from scripts.bench_train import bare_step, median_seconds
+from scripts.bench.train import bare_step, median_seconds
 from train.config import load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def real_run_seconds(model: str, epochs: int, out_dir: str, overrides: list[str]) -> float:

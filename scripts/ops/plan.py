@@ -347,7 +347,7 @@ def assumptions(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m scripts.plan", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scripts.ops.plan", description=__doc__)
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument(

@@ -37,7 +37,7 @@ from common.errors import UserError
 from common.fs import atomic_path, write_text_atomic
 from data_prep.layout import Layout
 from ensemble.evaluate import logits_top1
-from scripts.demo import logits_current
+from scripts.ops.demo import logits_current
 from train.config import CONFIG_DIR, load_config, logits_dir, run_dir
 from train.data import split_train_eval
 from train.run import RESUME_NEUTRAL_KEYS

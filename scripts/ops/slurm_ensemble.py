@@ -68,7 +68,9 @@ fi
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m scripts.slurm_ensemble", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.ops.slurm_ensemble", description=__doc__
+    )
     parser.add_argument("overrides", nargs="*", help="key=value for every member")
     parser.add_argument("--config", default="vipriors16", help="configs/ensembles name")
     add_job_arguments(parser, nodes=1)
