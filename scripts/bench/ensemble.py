@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+from scripts.stages import ROOT, child_env
+
 MB = 1 << 20
 
 
@@ -74,7 +74,7 @@ finally:
 
 def run_measured(module: str, args: list[str], run: bool = True) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of `python -m module args` in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     command = [sys.executable, "-c", _PEAK, "__main__" if run else "import", module, *args]
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -38,6 +38,7 @@ from common.errors import UserError, cli_main
 from scripts.bench.loader import make_jpegs
 from scripts.bench.train import median_seconds
 from scripts.ops import plan
+from scripts.stages import ROOT, child_env
 from train.config import load_config
 from train.data import train_loader
 from train.distributed import make_accelerator
@@ -48,7 +49,6 @@ from train.rng import generator_for
 from train.run import optimizer_kwargs
 from train.views import SharedMixup
 
-ROOT = Path(__file__).resolve().parents[2]
 BASELINE = ["num_views=1", "cr_weight=0", "mt_weight=0", "aux_weight=0", "rce_weight=0"]
 GIB = 2**30
 B2 = "effnet_b2_ablation"  # the paper's ablation setting: EfficientNet-B2, 320 px, 64 per GPU
@@ -145,7 +145,7 @@ def two_process_rate(model: str, overrides: list[str], folder: Path, per_class: 
         make_jpegs(source / f"class_{label:02d}", per_class + 2, seed=label)
     data, runs = folder / "data", folder / "runs"
     python = [sys.executable, "-m"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     prep = ["data_prep", "folder", "--root", str(source), "--per-class", f"{per_class},1,1"]
     subprocess.run([*python, *prep, "--out", str(data)], env=env, check=True, cwd=ROOT)
     args = [model, *overrides, f"data_dir={data}", f"out_dir={runs}"]

@@ -28,9 +28,8 @@ import torch
 import yaml
 from PIL import Image
 
+from scripts.stages import ROOT
 from train.views import MultiViewDataset, build_train_transform, load_rgb
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[tuple[str, Path, int]]:

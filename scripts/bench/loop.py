@@ -14,24 +14,21 @@ loop's overhead: loader, evaluation, checkpoints, logging (target: at most 1.1).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from statistics import median_high
 
 from scripts.bench.train import bare_step, median_seconds
+from scripts.stages import ROOT, child_env
 from train.config import load_config
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def real_run_seconds(model: str, epochs: int, out_dir: str, overrides: list[str]) -> float:
     """Wall time of the real training command for `epochs` epochs, from scratch."""
     args = [model, f"epochs={epochs}", f"out_dir={out_dir}", f"name=loop{epochs}", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "train.launch", *args], env=env, cwd=ROOT)
     if done.returncode != 0:

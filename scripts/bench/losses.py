@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from scripts.stages import ROOT, child_env
+
 MB = 1 << 20
 # Brute force runs only where its estimated peak fits in this share of the available memory:
 # the machine is shared, and at 2N = 1,024, C = 1,000 each [2N, 2N, C] float32 temporary is 4 GB.
@@ -125,7 +125,7 @@ def measure(
         "--step-size",
         str(args.step_size),
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

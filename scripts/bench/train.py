@@ -20,22 +20,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from statistics import median_high
 
 import torch
 
+from scripts.stages import child_env
 from train.config import load_config
 from train.rng import mix_generator
 from train.run import Run
 
-ROOT = Path(__file__).resolve().parents[2]
 NARROW = "demo_resnet18_w16"
 BASELINE = ["num_views=1", "rce_weight=0", "cr_weight=0", "mt_weight=0", "aux_weight=0"]
 
@@ -92,7 +90,7 @@ def own_process_seconds(model: str, overrides: list[str], repeat: int) -> dict[s
         "t = time.perf_counter(); step(); first = time.perf_counter() - t\n"
         f"print(json.dumps({{'first': first, **median_seconds({{'c': (step, None)}}, {repeat})}}))"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"bench_train: the step with {overrides} failed:\n{out.stderr[-2000:]}")

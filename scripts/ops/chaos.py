@@ -15,7 +15,6 @@ aside. Prints "kills survived: N/N" (N/N only when everything matched) and exits
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import subprocess
@@ -28,7 +27,8 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[2]
+from scripts.stages import ROOT, child_env
+
 # 80 training images, batch 8: 10 steps an epoch, 20 in all; a checkpoint every 3 steps and at
 # each epoch end (after its evaluation), all kept for the comparison.
 STEPS, EVERY = 10, 3
@@ -51,7 +51,7 @@ POLL_S = 0.002
 
 
 def python(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True, **kwargs)
 
 
@@ -66,7 +66,7 @@ def build_data(work: Path) -> Path:
 
 
 def start(data: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     args = [*RUN, f"data_dir={data}", f"out_dir={out}"]
     with open(out / "log.txt", "a") as log:
         return subprocess.Popen(

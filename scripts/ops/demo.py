@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from common.errors import cli_main
 from data_prep.layout import Layout
 from ensemble.blend import load_ensemble_config
 from ensemble.evaluate import logits_top1, score
-from train.checkpoint import MARKER, checkpoint_root
+from scripts.stages import logits_current, run_module
 from train.config import load_config, logits_dir, run_dir
 
 ENSEMBLE = "demo"
@@ -36,9 +35,7 @@ class Stages:
     def run(self, title: str, *args: str) -> None:
         print(f"\n==> {title}: python -m {' '.join(args)}", flush=True)
         started = time.time()
-        if subprocess.run([sys.executable, "-m", *args]).returncode != 0:
-            command = " ".join(args)
-            raise SystemExit(f"demo: `python -m {command}` failed; fix it and rerun make demo")
+        run_module(*args, then="rerun make demo")
         self.seconds[title] = time.time() - started
         print(f"    ({self.seconds[title]:.0f} s)", flush=True)
 
@@ -53,13 +50,6 @@ class Stages:
             lines.append(f"{title:<34}{seconds:>8.0f}{100 * seconds / total:>7.0f}%")
         lines.append(f"{'total':<34}{total:>8.0f}   ({total / 60:.1f} min)")
         return "\n".join(lines)
-
-
-def logits_current(cfg: dict) -> bool:
-    """True when the model's logits are complete and newer than its best checkpoint."""
-    meta = logits_dir(cfg) / "meta.json"
-    best = checkpoint_root(run_dir(cfg)) / "best" / MARKER
-    return meta.is_file() and best.is_file() and meta.stat().st_mtime > best.stat().st_mtime
 
 
 def closing_table(configs: list[dict], submission: Path, ensemble: dict, labels: Path) -> str:
@@ -83,6 +73,7 @@ def closing_table(configs: list[dict], submission: Path, ensemble: dict, labels:
     return "\n".join(lines)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="key=value for every model")

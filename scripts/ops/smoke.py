@@ -42,10 +42,10 @@ from safetensors.torch import load_file
 
 from data_prep.layout import Layout
 from scripts.ops.plan import plan_models
+from scripts.stages import ROOT, child_env
 from train.config import load_config, logits_dir, run_dir
 from train.data import split_train_eval
 
-ROOT = Path(__file__).resolve().parents[2]
 CLASSES = 1000
 POPULATED = {0: 6, 1: 5, 2: 4}  # class index -> images in its folder; 997 folders are empty
 PER_CLASS = "4,1,1"  # at most 4 train, 1 val, 1 test per class
@@ -82,10 +82,6 @@ def run_logged(args: list[str], log: Path) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise SmokeFailure(f"`python -m {' '.join(args)}` exited {proc.returncode}: {tail(log)}")
     return proc
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def tail(log: Path, lines: int = 5) -> str:

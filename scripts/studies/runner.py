@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,11 +31,10 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from common.errors import UserError
 from common.fs import atomic_path, write_text_atomic
 from data_prep.layout import Layout
 from ensemble.evaluate import logits_top1
-from scripts.ops.demo import logits_current
+from scripts.stages import logits_current, run_module
 from train.config import CONFIG_DIR, load_config, logits_dir, run_dir
 from train.data import split_train_eval
 from train.run import RESUME_NEUTRAL_KEYS
@@ -132,14 +129,6 @@ def read_metrics(cfg: dict[str, Any]) -> pd.DataFrame:
 def epochs_done(cfg: dict[str, Any]) -> int:
     metrics = read_metrics(cfg)
     return int(metrics["epoch"].max()) if len(metrics) else 0
-
-
-def run_module(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", *args])
-    if proc.returncode != 0:
-        raise UserError(
-            f"`python -m {' '.join(args)}` failed ({proc.returncode}); fix it and rerun"
-        )
 
 
 def score(model: str, job: Job, results: Path) -> dict[str, Any]:

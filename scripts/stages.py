@@ -1,0 +1,41 @@
+"""The pipeline's stages as subprocesses, shared by every room of `scripts/`.
+
+The demo, the study runner, the smoke run and the benchmarks start the real commands
+(`python -m train.launch`, `python -m ensemble.logits`, ...) from the repository root with it on
+PYTHONPATH, exactly as a user's `make` target does; `logits_current` tells them whether a model's
+TenCrop logits can be reused.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from common.errors import UserError
+from train.checkpoint import MARKER, checkpoint_root
+from train.config import logits_dir, run_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment with the repository on PYTHONPATH (for `python -m <stage>`)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def run_module(*args: str, then: str = "rerun") -> None:
+    """`python -m <args>` from the repository root; a failure is one line that says what to do."""
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=child_env())
+    if proc.returncode != 0:
+        raise UserError(
+            f"`python -m {' '.join(args)}` failed ({proc.returncode}); fix it and {then}"
+        )
+
+
+def logits_current(cfg: dict) -> bool:
+    """True when the model's logits are complete and newer than its best checkpoint."""
+    meta = logits_dir(cfg) / "meta.json"
+    best = checkpoint_root(run_dir(cfg)) / "best" / MARKER
+    return meta.is_file() and best.is_file() and meta.stat().st_mtime > best.stat().st_mtime
