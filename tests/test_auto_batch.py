@@ -47,7 +47,7 @@ def test_out_of_memory_in_the_first_step_halves_the_micro_batch_and_keeps_the_gl
 ):
     seen = simulate_oom(monkeypatch, above_rows=8)  # 4 images x 2 views fit, 8 and 16 do not
     cfg = load_config("demo_resnet18", [*ARGS, f"data_dir={tiny_dir}", f"out_dir={tmp_path}"])
-    assert run_module.train(cfg) == 0
+    assert run_module.train(cfg, auto_batch.train_auto_batch) == 0
     out = capsys.readouterr().out
     assert "trying micro-batch 16 x 1 processes x grad_accum 1 = global batch 16" in out
     assert "out of memory at micro-batch 16; halving it" in out
@@ -63,7 +63,7 @@ def test_out_of_memory_in_the_first_step_halves_the_micro_batch_and_keeps_the_gl
     # A rerun resumes with the saved choice instead of trying the larger batches again.
     built = []
     monkeypatch.setattr(auto_batch, "Run", lambda c: built.append(c) or run_module.Run(c))
-    assert run_module.train(cfg) == 0
+    assert run_module.train(cfg, auto_batch.train_auto_batch) == 0
     assert [(c["batch_size"], c["grad_accum"]) for c in built] == [(4, 4)]
     assert "resumed from" in capsys.readouterr().out
 
@@ -72,7 +72,7 @@ def test_out_of_memory_after_the_first_step_is_raised(tiny_dir, tmp_path, monkey
     seen = simulate_oom(monkeypatch, after_calls=1)  # micro-batch 16, no accumulation
     cfg = load_config("demo_resnet18", [*ARGS, f"data_dir={tiny_dir}", f"out_dir={tmp_path}"])
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        run_module.train(cfg)
+        run_module.train(cfg, auto_batch.train_auto_batch)
     assert seen == [32, 32]  # the first step fitted; the second failed and was not retried
 
 

@@ -20,9 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value settings (see configs/base.yaml)")
     args = parser.parse_args(argv)
     cfg = load_config(args.model, args.overrides)
-    from train.run import train  # after the config is valid: a typo fails fast, before torch
+    # After the config is valid: a typo fails fast, before torch is imported.
+    from train.auto_batch import train_auto_batch
+    from train.run import fixed_batch, train
 
-    return train(cfg)
+    return train(cfg, train_auto_batch if cfg["batch_size"] == "auto" else fixed_batch)
 
 
 if __name__ == "__main__":

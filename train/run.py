@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -375,8 +376,14 @@ def run_to_end(run: Run) -> int:
         run.tracking.finish(code, run.global_step)
 
 
-def train(cfg: dict[str, Any]) -> int:
-    """Train (or resume) the run of `cfg`; returns the process exit code."""
+def fixed_batch(cfg: dict[str, Any]) -> int:
+    """Train (or resume) `cfg` at its own batch_size and grad_accum; the exit code."""
+    return run_to_end(Run(cfg))
+
+
+def train(cfg: dict[str, Any], fit: Callable[[dict[str, Any]], int] = fixed_batch) -> int:
+    """Train (or resume) the run of `cfg` under its lock with `fit`; the process exit code.
+    The caller chooses `fit` (train/__main__.py: `train.auto_batch` for `batch_size: auto`)."""
     # Before the Accelerator: a refused second trainer touches nothing. The global rank is
     # the launcher's RANK (unset for a single process).
     main_process = os.environ.get("RANK", "0") == "0"
@@ -388,11 +395,7 @@ def train(cfg: dict[str, Any]) -> int:
     )
     with lock if main_process else contextlib.nullcontext():
         try:
-            if cfg["batch_size"] == "auto":
-                from train.auto_batch import train_auto_batch  # it builds on Run
-
-                return train_auto_batch(cfg)
-            return run_to_end(Run(cfg))
+            return fit(cfg)
         except RuntimeError as err:
             death = worker_death(err)
             if death is None:
