@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -326,3 +327,39 @@ def test_seeding_fixes_every_generator_a_checkpoint_snapshots():
     assert torch.equal(first["torch"], second["torch"])
     assert first["python"] == second["python"]
     assert torch.equal(first["numpy"][1], second["numpy"][1])
+
+
+def test_a_run_started_in_process_gives_back_the_signals_it_took(tiny_dir, tmp_path):
+    """train() from Python (a notebook, a sweep driver, this suite) restores the handlers and
+    the wake-up fd it found and ends its watchdog: afterwards SIGTERM reaches our own handler."""
+    from train.config import load_config
+    from train.run import train
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    cfg = load_config(RUN[0], [*args_for(tiny_dir, tmp_path, "epochs=1", "workers=0")[1:]])
+    assert train(cfg) == 0
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert signal.set_wakeup_fd(-1) == -1  # none was set before the run, none is left
+    assert not [t for t in threading.enumerate() if t.name == "stop"]
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # Python runs the handler at the next bytecode boundary
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [signal.SIGTERM]
+
+
+def test_closing_a_stop_request_after_a_stop_signal_cancels_its_clock():
+    """The run checkpointed in time and closed the request: the watchdog must not exit later."""
+    from train.stop import StopRequest
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    with StopRequest(timeout_s=0.5) as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)
+        assert stop.requested
+    time.sleep(1.0)  # beyond timeout_s: still alive, and the handler given back
+    assert signal.getsignal(signal.SIGUSR1) == previous
+    assert not stop._watchdog.is_alive()

@@ -367,12 +367,14 @@ def heldout_note(row: dict[str, Any]) -> str:
 
 
 def run_to_end(run: Run) -> int:
-    """Train `run` to its end or its stop; the trackers and the heartbeat are closed either way."""
+    """Train `run` to its end or its stop; the trackers, the heartbeat and the stop request
+    (the process's signal handlers) are closed either way."""
     code = None
     try:
         code = run.train()
         return code
     finally:
+        run.stop.close()
         run.tracking.finish(code, run.global_step)
 
 

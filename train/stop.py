@@ -9,6 +9,10 @@ loader workers and exits with EXIT_PREEMPTED (a rerun resumes from the newest ch
 Python runs signal handlers only between bytecodes of the main thread, so a main thread blocked
 in C would never start that clock. The C-level handler also writes the signal number to a
 wake-up pipe (`signal.set_wakeup_fd`); a watchdog thread reads it and keeps the clock instead.
+
+A run started from Python (a notebook, a sweep driver, the tests) must leave the process as it
+found it: `close()` (or the end of a `with` block) puts back the previous handlers and wake-up
+fd and ends the watchdog, whose clock, if running, is cancelled.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 from common.status import EXIT_PREEMPTED, record_exit_status
 from train.data import kill_loader_workers
@@ -26,27 +29,54 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
-    """Remembers SIGTERM/SIGUSR1; ends the process `timeout_s` later if the loop has not."""
+    """Remembers SIGTERM/SIGUSR1; ends the process `timeout_s` later if the loop has not.
+    Must be made and closed on the main thread (Python's signal API requires it)."""
 
     def __init__(self, timeout_s: float) -> None:
         self.requested = False
         self.timeout_s = timeout_s
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)  # set_wakeup_fd requires it: a signal never blocks
-        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, args=(read_fd,), daemon=True, name="stop").start()
+        self._closed = threading.Event()
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)  # set_wakeup_fd requires it: a signal never blocks
+        self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self._watchdog = threading.Thread(target=self._watch, daemon=True, name="stop")
+        self._watchdog.start()
+
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give the process back its previous handlers and wake-up fd; end the watchdog."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        signal.set_wakeup_fd(self._previous_fd)
+        for sig, handler in self._previous.items():
+            # None: a handler installed from C, which Python cannot reinstall; the default is
+            # the closest it can give back.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        os.close(self._write_fd)  # the watchdog's read sees the end of the pipe
+        self._watchdog.join()
+        os.close(self._read_fd)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def _watch(self, read_fd: int) -> None:
+    def _watch(self) -> None:
         # Every signal with a Python handler writes its number here (SIGCHLD of the loader's
-        # workers, SIGINT too): wait for a stop signal among them.
-        while not any(byte in STOP_SIGNALS for byte in os.read(read_fd, 64)):
-            pass
-        time.sleep(self.timeout_s)
+        # workers, SIGINT too): wait for a stop signal among them, or for close().
+        while True:
+            data = os.read(self._read_fd, 64)
+            if not data:
+                return  # closed before any stop signal
+            if any(byte in STOP_SIGNALS for byte in data):
+                break
+        if self._closed.wait(self.timeout_s):
+            return  # the run ended in time (with its checkpoint) and closed the request
         sys.stderr.write(
             f"error: no checkpoint within stop_timeout_s={self.timeout_s:g} s of the stop "
             "signal (a data loader worker or another process hangs); exiting without one: "
