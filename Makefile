@@ -27,6 +27,8 @@ SEARCH ?=
 NAME ?=
 SUBMISSION ?=
 LABELS ?=
+# make smoke: PRECISION=native trains in the CPU's native precision (fp32 where bf16 is emulated)
+PRECISION ?=
 # make tensorboard: LOGDIR= (the runs), PORT=
 LOGDIR ?= runs
 PORT ?= 6006
@@ -94,8 +96,8 @@ bench-data: setup ## make data: link vs copy on 150,000 synthetic files
 chaos: setup ## SIGKILL a tiny run at 10 random moments; it must end bit-identical (~3 CPU-minutes)
 	$(PY) -m scripts.ops.chaos $(ARGS)
 
-smoke: setup ## every real config end to end on the CPU, bf16, 1,000 classes (MODELS= for a subset)
-	$(PY) -m scripts.ops.smoke $(if $(MODELS),--models $(MODELS))
+smoke: setup ## every real config end to end on the CPU, bf16, 1,000 classes (MODELS= for a subset; PRECISION=native)
+	$(PY) -m scripts.ops.smoke $(if $(MODELS),--models $(MODELS)) $(if $(PRECISION),--precision $(PRECISION))
 
 plan: setup ## parameters, FLOPs, memory, micro-batch and hours per config (GPU_MEM= GPUS= TFLOPS=)
 	$(PY) -m scripts.ops.plan --gpu-mem $(GPU_MEM) --gpus $(GPUS) $(if $(TFLOPS),--tflops $(TFLOPS)) \
@@ -105,7 +107,7 @@ gpu-check: setup ## GPU figures for the README: step speed, B7 memory, loader, t
 	$(PY) -m scripts.bench.gpu_check
 
 test: setup ## the whole test suite (CI runs exactly this)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup ## the tests not marked slow
 	$(PY) -m pytest -q -m "not slow"

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from scripts.ops import smoke
 from tests.conftest import run_command
 from train.config import load_config
-from train.distributed import make_accelerator
+from train.distributed import cpu_has_native_bf16, make_accelerator
 from train.engine import SUM_COLUMNS, AttractRepulseStep
 from train.inference import predict_crops
 from train.losses import AttractRepulseLoss
@@ -114,13 +114,26 @@ def test_bf16_autocasts_student_teacher_and_inference_and_keeps_losses_and_grads
     assert torch.allclose(probs["main"].sum(-1), torch.ones(2), atol=1e-5)
 
 
+def test_smoke_trains_in_fp32_where_bf16_would_be_emulated_and_says_so(monkeypatch, capsys):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # how an AVX2-only CPU is emulated
+    assert not cpu_has_native_bf16()
+    assert smoke.choose_precision("native") == "no"
+    assert "training in fp32" in capsys.readouterr().out
+    assert smoke.choose_precision("bf16") == "bf16"  # make smoke's default: kept, with a warning
+    assert "bf16 is emulated, about 9x slower" in capsys.readouterr().err
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_has_native_bf16() == native
+    assert smoke.choose_precision("native") == ("bf16" if native else "no")
+
+
 @pytest.mark.slow
 def test_make_smoke_runs_one_efficientnet_one_resnet_and_the_dsk_resnext(tmp_path):
-    """The CI subset: the smallest real config of each family, through every stage."""
+    """The CI subset: the smallest real config of each family, through every stage, in the
+    precision this CPU computes natively (bf16, or fp32 where bf16 would be emulated)."""
     started = time.perf_counter()
-    proc = run_command(
-        "-m", "scripts.ops.smoke", "--models", *smoke.CI_MODELS, "--work", str(tmp_path)
-    )
+    command = ["-m", "scripts.ops.smoke", "--models", *smoke.CI_MODELS, "--work", str(tmp_path)]
+    proc = run_command(*command, "--precision", "native")
     times = pd.read_csv(tmp_path / "times.csv")
     assert sorted(times["model"]) == sorted(smoke.CI_MODELS)
     assert (times["total_s"] > 0).all()
