@@ -117,7 +117,7 @@ lint: setup ## ruff check and ruff format --check (the tree is formatted by ruff
 	$(VENV)/bin/ruff format --check .
 
 clean: ## remove generated runs, logits and submissions (keeps data/ and .venv)
-	rm -rf runs logits results submissions/*.csv submissions/*.zip submissions/*.json
+	rm -rf runs logits submissions/*.csv submissions/*.zip submissions/*.json
 
 slurm: setup ## print a requeueing SLURM job for MODEL= on NODES= nodes (multi-node accelerate)
 	@$(PY) -m train.slurm $(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS) --nodes $(or $(NODES),2)

@@ -23,9 +23,11 @@ from tests.conftest import ROOT
 from train.inference import build_crop_transform
 from train.rng import generator_for, stable_seed
 from train.views import (
+    DeviceAugment,
     EvalDataset,
     MultiViewDataset,
     SharedMixup,
+    WorkerViews,
     build_train_transform,
     load_rgb,
 )
@@ -285,6 +287,32 @@ def test_persistent_workers_load_the_same_views_and_follow_set_epoch(image_items
         assert indices.tolist() == list(range(len(image_items)))
         expected = torch.stack([dataset[i][0] for i in range(len(image_items))])
         assert torch.equal(views, expected), f"epoch {epoch}"
+
+
+@pytest.mark.parametrize(
+    "remode,reprob", [("pixel", 1.0), ("pixel", 0.25), ("rand", 1.0), ("const", 1.0)]
+)
+def test_worker_half_then_device_half_equal_the_one_process_pipeline_bit_for_bit(
+    image_items, remode, reprob
+):
+    """Same draws: crop, flip, AutoAugment and erasing from the same generators in the same
+    order, through a real loader with workers; normalisation and the erasing on the device
+    (here the CPU) give exactly today's float views."""
+    full = build_train_transform(config(remode=remode, reprob=reprob))
+    reference = MultiViewDataset(image_items, full, 2, seed=5, rank=1)
+    split = MultiViewDataset(image_items, WorkerViews(full), 2, seed=5, rank=1)
+    loader = DataLoader(split, batch_size=4, num_workers=2)
+    augment = DeviceAugment(full)
+    for epoch in (0, 3):
+        reference.set_epoch(epoch)
+        split.set_epoch(epoch)
+        shipped = [batch for batch in loader]
+        assert shipped[0][0].pixels.dtype == torch.uint8
+        got = torch.cat([augment(batch[0]) for batch in shipped])
+        expected = torch.stack([reference[i][0] for i in range(len(image_items))])
+        assert torch.equal(got, expected), (remode, reprob, epoch)
+        erased = torch.cat([batch[0].erase[..., 2] > 0 for batch in shipped])
+        assert erased.all() if reprob == 1.0 else 0 < erased.sum() < erased.numel()
 
 
 def test_eval_dataset_returns_image_label_or_minus_one_and_index(image_items):

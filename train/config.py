@@ -36,6 +36,7 @@ RANGES = {
     "test_size": "[1, inf)",
     "test_resize_ratio": "(0, 1]",
     "workers": "[0, inf)",
+    "cpu_workers": "[0, inf)",
     "num_views": "[1, 2]",
     "hflip": "[0, 1]",
     "reprob": "[0, 1]",
@@ -117,13 +118,16 @@ def _named(kind: str, name: str) -> dict[str, Any]:
     return read_yaml(path)
 
 
-# Keys that may also say "auto", resolved when the run starts (batch_size: train/auto_batch.py).
-AUTO_KEYS = {"batch_size"}
+# Keys that may also say "auto", resolved when the run starts (batch_size: train/auto_batch.py;
+# workers: train/data.py loader_workers).
+AUTO_KEYS = {"batch_size", "workers"}
 
 
 def _check_type(key: str, value: Any, default: Any, origin: str) -> Any:
     if default is None or value is None or (key in AUTO_KEYS and value == "auto"):
         return value
+    if key in AUTO_KEYS:  # a count where it is not "auto", whatever base.yaml's default
+        default = 0
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
     elif isinstance(default, float):
@@ -214,12 +218,12 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def _coerce(text: str, default: Any) -> Any:
+def _coerce(key: str, text: str, default: Any) -> Any:
     """Command-line text as YAML (`epochs=2`, `train_splits=[train,val]`), except that a
     string-typed key keeps its text: YAML 1.1 would read `mixed_precision=no` as false."""
     if text in ("", "null", "~"):
         return None
-    if isinstance(default, str):
+    if isinstance(default, str) and key not in AUTO_KEYS:
         return text
     try:
         return yaml.safe_load(text)
@@ -233,7 +237,7 @@ def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None)
     overrides = overrides or {}
     if isinstance(overrides, list):
         raw = parse_overrides(overrides)
-        overrides = {k: _coerce(v, base.get(k)) for k, v in raw.items()}
+        overrides = {k: _coerce(k, v, base.get(k)) for k, v in raw.items()}
     model_path = Path(model)
     if model_path.suffix in (".yaml", ".yml") and model_path.is_file():
         model_layer, model_name = read_yaml(model_path), model_path.stem

@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, Sampler, Subset
 
 from common.errors import UserError
 from data_prep.layout import Layout
-from train.distributed import shard
+from train.distributed import cpus_per_process, shard
 from train.inference import build_crop_transform
 from train.rng import generator_for
-from train.views import EvalDataset, MultiViewDataset, build_train_transform
+from train.views import EvalDataset, MultiViewDataset, WorkerViews, build_train_transform
 
 Item = tuple[str, Path, int]
 
@@ -134,24 +134,69 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield order[first : first + self.batch_size].tolist()
 
 
+def loader_workers(cfg: dict[str, Any]) -> int:
+    """`workers`, with `auto` resolved. On a GPU machine: the CPUs this process may use, shared
+    with the node's other training processes (LOCAL_WORLD_SIZE), less one for the process
+    itself. On a CPU machine: `cpu_workers`, the count measured on 2 cores (configs/base.yaml)."""
+    if cfg["workers"] != "auto":
+        return cfg["workers"]
+    if not torch.cuda.is_available():
+        return cfg["cpu_workers"]
+    return max(1, cpus_per_process() - 1)
+
+
+class DevicePrefetcher:
+    """A loader's batches with their uint8 views already on `device` (timm's PrefetchLoader,
+    nanoGPT's habit): batch k+1 is taken from the loader and its copy queued, from pinned
+    memory on a side stream, as soon as batch k is handed out, so it travels while k trains.
+    Labels, indices and the erasing draws stay on the host, where the step reads them.
+    On the CPU it hands the batches out as they come."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple]:
+        if self.device.type != "cuda":
+            yield from self.loader
+            return
+        stream = torch.cuda.Stream(self.device)
+        pending = None
+        for batch in self.loader:
+            with torch.cuda.stream(stream):
+                pixels = batch[0].pixels.to(self.device, non_blocking=True)
+            if pending is not None:
+                yield pending
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            # The memory was allocated on the side stream: keep it from reuse until the
+            # compute stream is done with it.
+            pixels.record_stream(torch.cuda.current_stream(self.device))
+            pending = (batch[0]._replace(pixels=pixels), *batch[1:])
+        if pending is not None:
+            yield pending
+
+
 def train_loader(
     cfg: dict[str, Any], items: list[Item], rank: int, world: int
 ) -> tuple[DataLoader, MultiViewDataset, EpochBatchSampler]:
     if cfg["num_views"] not in (1, 2):
         raise UserError(f"num_views={cfg['num_views']}: the recipe uses 1 or 2 views")
-    dataset = MultiViewDataset(
-        items, build_train_transform(cfg), cfg["num_views"], cfg["seed"], rank=rank
-    )
+    # The workers ship uint8 views and erasing draws; the device finishes them (DeviceAugment).
+    views = WorkerViews(build_train_transform(cfg))
+    dataset = MultiViewDataset(items, views, cfg["num_views"], cfg["seed"], rank=rank)
+    workers = loader_workers(cfg)
     sampler = EpochBatchSampler(len(items), cfg["batch_size"], cfg["seed"], rank, world)
     _register_exit_handler()
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
-        num_workers=cfg["workers"],
+        num_workers=workers,
         worker_init_fn=ignore_stop_signals,
         # Persistent: starting the pool again every epoch cost a tenth of an epoch on 2 cores
         # (scripts/bench/loop.py). The workers ignore SIGTERM; _kill_workers_at_exit ends them.
-        persistent_workers=cfg["workers"] > 0,
+        persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
         # A private generator: creating an epoch's iterator must not draw from the global RNG,
         # or a run resumed mid-epoch would shift the dropout stream of the uninterrupted run.
@@ -175,7 +220,7 @@ def eval_loader(
     return DataLoader(
         Subset(dataset, list(shard(len(items), rank, world))),
         batch_size=batch_size,
-        num_workers=cfg["workers"],
+        num_workers=loader_workers(cfg),
         worker_init_fn=ignore_stop_signals,
         pin_memory=torch.cuda.is_available(),
     )

@@ -48,6 +48,22 @@ def cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def cpus_per_process() -> int:
+    """The CPUs this process may use, shared with the node's other training processes."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // local)
+
+
+def tune_for_gpu(workers: int) -> None:
+    """On a GPU: cuDNN times its kernels once for the run's fixed shapes and keeps the fastest,
+    and the training process takes only the cores its loader workers leave (torch would start
+    one intra-op thread per core beside them). Nothing changes on the CPU."""
+    if not torch.cuda.is_available():
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.set_num_threads(max(1, cpus_per_process() - workers))
+
+
 def make_accelerator(
     mixed_precision: str = "no",
     grad_accum: int = 1,

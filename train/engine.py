@@ -8,10 +8,12 @@ in `train/losses.py`; the loop's bookkeeping (position, scheduler, checkpoints, 
 lives in `train/run.py`.
 
 Host synchronisation: loss terms stay on the device (the loop sums them and reads them once an
-epoch). The only per-step reduction is at the end of an accumulation window: whether any process
-saw a non-finite loss, got a stop signal, or wants a checkpoint by its clock. It cannot wait: a
-non-finite step must be skipped before it reaches the weights, and every process must skip, stop
-and save at the same step (DDP).
+epoch). The targets and the CR positives are computed on the host from the labels and the
+mixing parameters, before the forward, and copied without a wait (pinned, non-blocking): the
+loss reads nothing back. The only host read is at the end of an accumulation window: whether
+any process saw a non-finite loss, got a stop signal, or wants a checkpoint by its clock. It
+cannot wait: a non-finite step must be skipped before it reaches the weights, and every process
+must skip, stop and save at the same step (DDP).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 
 from train.losses import TERMS, AttractRepulseLoss
-from train.views import SharedMixup
+from train.views import SharedMixup, to_device
 
 # The row a micro-step adds to the loop's running sums: total loss, each term, 1 (the count).
 SUM_COLUMNS = ("loss", *TERMS, "count")
@@ -39,12 +41,16 @@ class StepResult:
 
 
 def two_view_batch(views, labels, mix: SharedMixup, generator, channels_last: bool):
-    """Views [N, V, C, H, W] -> mixed inputs [V*N, C, H, W] (view-major) and their targets."""
-    mixed, targets = mix(views.transpose(0, 1), labels, generator)
+    """Views [N, V, C, H, W] -> mixed inputs [V*N, C, H, W] (view-major) and their targets.
+
+    The mixing parameters come from the host generator and the targets from the host labels,
+    so the targets are on the host (before any forward); the views are mixed where they are."""
+    params = mix.draw(views.shape[0], views.shape[3], views.shape[4], generator)
+    mixed = mix.apply(views.transpose(0, 1), params)
     inputs = mixed.flatten(0, 1)
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    return inputs, targets.repeat(mixed.shape[0], 1)
+    return inputs, mix.targets(labels, params).repeat(mixed.shape[0], 1)
 
 
 def _float(logits: torch.Tensor | None) -> torch.Tensor | None:
@@ -69,6 +75,7 @@ class AttractRepulseStep:
         self.optimizer, self.criterion, self.mix = optimizer, criterion, mix
         self.grad_clip, self.channels_last = grad_clip, channels_last
         self.window_bad = torch.zeros((), device=accelerator.device)
+        self.bits = torch.tensor([1, 2, 4], device=accelerator.device)  # bad, stop, save
 
     def __call__(
         self, batch, generator, mt_scale: float, stop: bool, next_step: int, save: bool = False
@@ -77,7 +84,11 @@ class AttractRepulseStep:
         views, labels, _ = batch
         # Two views of each image, mixed with ONE pairing, lambda and box shared by both views.
         inputs, targets = two_view_batch(views, labels, self.mix, generator, self.channels_last)
-        inputs, targets = inputs.to(acc.device), targets.to(acc.device)
+        # The CR positives depend on the targets alone: found on the host, before the forward,
+        # so that the loss never waits for the device.
+        positives = self.criterion.positives(targets)
+        inputs = inputs.to(acc.device)  # already there when the loop prefetched it
+        targets, positives = to_device(targets, acc.device), to_device(positives, acc.device)
         with acc.accumulate(self.student):
             # The student on both views; the teacher (EMA of the student) without gradient.
             logits, aux_logits = self.student(inputs)
@@ -87,7 +98,12 @@ class AttractRepulseStep:
                     teacher_logits = self.teacher.module(inputs)[0]
             # L = CE + alpha RCE + beta CR + gamma MT + aux, in float32 (train/losses.py).
             loss, terms = self.criterion(
-                logits.float(), targets, _float(aux_logits), _float(teacher_logits), mt_scale
+                logits.float(),
+                targets,
+                _float(aux_logits),
+                _float(teacher_logits),
+                mt_scale,
+                positives,
             )
             finite = torch.isfinite(loss)
             acc.backward(loss)  # divided by grad_accum; all-reduced at the window's end only
@@ -98,9 +114,11 @@ class AttractRepulseStep:
                 return StepResult(sums, boundary=False)
             # The window's end: one reduction tells every process to update or skip, and whether
             # to stop or checkpoint here (clocks differ between processes; the decision must not).
-            requests = torch.tensor([float(stop), float(save)], device=acc.device)
+            # Its one host read is the step's only one: a skip must be known before the update.
+            requests = to_device(torch.tensor([float(stop), float(save)]), acc.device)
             flags = torch.cat([self.window_bad[None], requests])
-            bad, stop_any, save_any = (acc.reduce(flags, reduction="sum") > 0).tolist()
+            code = int(((acc.reduce(flags, reduction="sum") > 0) * self.bits).sum())
+            bad, stop_any, save_any = (bool(code & bit) for bit in (1, 2, 4))
             self.window_bad.zero_()
             if not bad:
                 if self.grad_clip > 0:

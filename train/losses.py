@@ -132,6 +132,7 @@ def contrastive_regularization(
     tau: float = 0.1,
     delta: float = 0.005,
     similarity: str = "dot",
+    positives: Tensor | None = None,
 ) -> Tensor:
     """Contrastive Regularization: SupCon (Khosla et al. 2020) on class probabilities.
 
@@ -167,8 +168,9 @@ def contrastive_regularization(
         sim = sim - sim.max(dim=1, keepdim=True).values.detach()
         self_pair = torch.eye(rows, dtype=torch.bool, device=vectors.device)
         log_prob = sim - sim.masked_fill(self_pair, float("-inf")).logsumexp(dim=1, keepdim=True)
-        positives = positive_mask(targets, delta) | self_pair.roll(rows // 2, dims=1)
-        positives &= ~self_pair
+        if positives is None:
+            positives = positive_mask(targets, delta)
+        positives = (positives | self_pair.roll(rows // 2, dims=1)) & ~self_pair
         count = positives.sum(1).clamp_min(1)
         return (-torch.where(positives, log_prob, 0.0).sum(1) / count).mean()
 
@@ -275,6 +277,11 @@ class AttractRepulseLoss(nn.Module):
         except ValueError as err:
             raise UserError(f"config: {err}") from None
 
+    def positives(self, targets: Tensor) -> Tensor | None:
+        """CR's positive pairs of these targets (`positive_mask`), None without CR: the step
+        finds them on the host before the forward and passes them in."""
+        return positive_mask(targets, self.cr_delta) if self.cr_weight > 0 else None
+
     def _sce_terms(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         ce = soft_cross_entropy(logits, targets)
         return ce, reverse_cross_entropy(logits, targets, self.rce_log_min)
@@ -291,6 +298,7 @@ class AttractRepulseLoss(nn.Module):
         aux_logits: Tensor | None = None,
         teacher_logits: Tensor | None = None,
         mt_scale: float = 1.0,
+        positives: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         if logits.shape != targets.shape or logits.shape[0] % self.num_views:
             raise ValueError(
@@ -302,7 +310,12 @@ class AttractRepulseLoss(nn.Module):
         total = ce + self.rce_weight * rce
         if self.cr_weight > 0:
             terms["cr"] = contrastive_regularization(
-                self._cr_vectors(logits), targets, self.cr_tau, self.cr_delta, self.cr_similarity
+                self._cr_vectors(logits),
+                targets,
+                self.cr_tau,
+                self.cr_delta,
+                self.cr_similarity,
+                positives,
             )
             total = total + self.cr_weight * terms["cr"]
         if self.mt_weight > 0 and teacher_logits is not None:

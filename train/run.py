@@ -30,21 +30,28 @@ from common.status import EXIT_PREEMPTED
 from data_prep.layout import Layout
 from train import checkpoint as ckpt
 from train.config import run_dir, save_config, score_column
-from train.data import eval_loader, split_train_eval, train_loader, worker_death
-from train.distributed import make_accelerator
+from train.data import (
+    DevicePrefetcher,
+    eval_loader,
+    split_train_eval,
+    train_loader,
+    worker_death,
+)
+from train.distributed import make_accelerator, tune_for_gpu
 from train.engine import SUM_COLUMNS, AttractRepulseStep
 from train.inference import best_fusion, fuse, predict_crops
 from train.losses import AttractRepulseLoss
 from train.metrics import write_metrics
 from train.model import build_model, build_teacher, ema_decay, use_channels_last
-from train.rng import mix_generator, seed_everything, set_rng_state
+from train.rng import mix_generator, seed_everything, set_rng_state, stable_seed
 from train.stop import StopRequest
 from train.tracking import Tracking, trackers
-from train.views import SharedMixup
+from train.views import DeviceAugment, SharedMixup, build_train_transform
 
 # Keys that change where, how often or how a run is evaluated, never the weights it computes.
 RESUME_NEUTRAL_KEYS = {
     "workers",
+    "cpu_workers",
     "eval_every",
     "ckpt_every_steps",
     "ckpt_every_minutes",
@@ -96,6 +103,12 @@ class Run:
         self.loader, self.dataset, self.sampler = train_loader(
             cfg, self.train_items, self.rank, self.world
         )
+        tune_for_gpu(self.loader.num_workers)
+        # The workers ship uint8 views; the device normalises and erases them (train/views.py).
+        self.prefetcher = DevicePrefetcher(self.loader, self.acc.device)
+        self.augment = DeviceAugment(build_train_transform(cfg))
+        cuda = self.acc.device.type == "cuda"
+        self.noise = torch.Generator(self.acc.device) if cuda else None  # erasing on a GPU
         accum = cfg["grad_accum"]
         self.sampler.steps -= self.sampler.steps % accum  # whole optimiser steps per epoch
         self.steps_per_epoch = self.sampler.steps // accum
@@ -235,7 +248,12 @@ class Run:
             leave=False,
         )
         started, images = time.perf_counter(), 0
-        for batch in self.loader:
+        for views, labels, index in self.prefetcher:
+            if self.noise is not None:  # keyed like the mixing: a resumed run draws the same
+                self.noise.manual_seed(
+                    stable_seed(cfg["seed"], "erase", self.epoch, self.micro, self.rank)
+                )
+            batch = (self.augment(views, self.noise), labels, index)
             result = self.step(
                 batch,
                 mix_generator(cfg["seed"], self.epoch, self.micro, self.rank),

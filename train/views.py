@@ -16,23 +16,29 @@ run replays it whatever worker or process does the work.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
 from timm.data.mixup import one_hot
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import MaybeToTensor
 from torch.utils.data import Dataset
+from torchvision.transforms import Compose, Normalize, ToTensor
 
 from common.errors import UserError
 from train.rng import seeded_global_rngs, stable_seed
 
 Transform = Callable[[Image.Image], torch.Tensor]
+# The steps of timm's training pipeline that run on the training device (DeviceAugment).
+DEVICE_STEPS = (MaybeToTensor, ToTensor, Normalize, RandomErasing)
 
 
 def build_train_transform(cfg: dict[str, Any]) -> Transform:
@@ -51,6 +57,101 @@ def build_train_transform(cfg: dict[str, Any]) -> Transform:
         re_prob=cfg["reprob"],
         re_mode=cfg["remode"],
     )
+
+
+class ViewBatch(NamedTuple):
+    """What a loader worker ships for one image's views (collated: a leading batch dimension).
+
+    The worker runs the PIL half of `build_train_transform` (crop, flip, AutoAugment) and draws
+    RandomErasing's box; the training device runs the tensor half (`DeviceAugment`): to float,
+    normalise, erase. uint8 is a quarter of float32's bytes to pin and copy, and the per-pixel
+    work runs where the model runs (timm's PrefetchLoader does the same).
+    """
+
+    pixels: torch.Tensor  # [V, C, H, W] uint8
+    erase: torch.Tensor  # [V, 4] int64: top, left, height, width; height 0 = not erased
+    noise_state: torch.Tensor  # [V, S] uint8: torch's CPU generator state before the noise
+
+
+class _PasteRecorder:
+    """Stands in for the image in timm's `RandomErasing._erase`: keeps where it pastes, so that
+    the box comes from timm's own draws (Python's `random`) and its noise draw advances torch's
+    generator exactly as before; the noise itself is dropped (the device makes its own)."""
+
+    box = (0, 0, 0, 0)
+
+    def __setitem__(self, key, value) -> None:
+        _, rows, cols = key
+        self.box = (rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start)
+
+
+class WorkerViews:
+    """The worker's half of `build_train_transform(cfg)`: PIL image -> (uint8 view [C, H, W],
+    erase box [4], generator state [S]), drawing from the same generators in the same order."""
+
+    def __init__(self, full: Compose):
+        steps = full.transforms
+        self.pil = Compose([t for t in steps if not isinstance(t, DEVICE_STEPS)])
+        self.erasing = next((t for t in steps if isinstance(t, RandomErasing)), None)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pixels = torch.from_numpy(np.array(self.pil(image), dtype=np.uint8, copy=True))
+        pixels = pixels.permute(2, 0, 1).contiguous()  # as torchvision's to_tensor lays it out
+        state = torch.get_rng_state()  # the noise would be drawn from here on
+        recorder = _PasteRecorder()
+        if self.erasing is not None:
+            self.erasing._erase(recorder, *pixels.shape, torch.float32)
+        return pixels, torch.tensor(recorder.box), state
+
+
+class DeviceAugment:
+    """The device's half of `build_train_transform`: uint8 views -> float, normalised, erased.
+
+    On the CPU every value equals the one-process pipeline's bit for bit (the same float ops,
+    the noise drawn from the worker's generator state). On a GPU the noise comes from a CUDA
+    generator seeded per step (`noise`), so erased pixels differ from a CPU run's; everything
+    else equals it up to float rounding.
+    """
+
+    def __init__(self, full: Compose):
+        steps = full.transforms
+        norm = next(t for t in steps if isinstance(t, Normalize))
+        self.mean, self.std = tuple(norm.mean), tuple(norm.std)
+        erasing = next((t for t in steps if isinstance(t, RandomErasing)), None)
+        self.per_pixel = erasing is not None and erasing.per_pixel
+        self.rand_color = erasing is not None and erasing.rand_color
+
+    def __call__(self, views: ViewBatch, noise: torch.Generator | None = None) -> torch.Tensor:
+        """views (pixels on the device; erase and noise_state on the host) -> [N, V, C, H, W]."""
+        pixels = views.pixels
+        mean, std = self._constants(pixels.device)
+        out = pixels.to(torch.float32).div(255).sub_(mean).div_(std)
+        chan = out.shape[2]
+        for (n, v), (top, left, h, w) in zip(
+            np.ndindex(*views.erase.shape[:2]), views.erase.view(-1, 4).tolist(), strict=True
+        ):
+            if h:
+                size = (chan, h, w) if self.per_pixel else (chan, 1, 1)
+                out[n, v, :, top : top + h, left : left + w] = self._noise(
+                    size, views.noise_state[n, v], noise, out.device
+                )
+        return out
+
+    @functools.cache  # noqa: B019 (one instance per run; a new tensor per step would copy)
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as [C, 1, 1] float32 on `device`, as torchvision's Normalize makes them."""
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        return mean.to(device), std.to(device)
+
+    def _noise(self, size, state, noise, device) -> torch.Tensor:
+        if not (self.per_pixel or self.rand_color):
+            return torch.zeros(size, device=device)
+        if device.type == "cpu":  # the draw the one-process pipeline made, from its state
+            # clone: set_state reads a view of a batch from its storage's start (a crash)
+            generator = torch.Generator().set_state(state.clone())
+            return torch.empty(size).normal_(generator=generator)
+        return torch.empty(size, device=device).normal_(generator=noise)
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -104,8 +205,14 @@ class MultiViewDataset(Dataset):
         _, path, label = self.items[index]
         image = load_rgb(path)
         with seeded_global_rngs(stable_seed(self.seed, self.epoch, index, self.rank)):
-            views = torch.stack([self.transform(image) for _ in range(self.num_views)])
-        return views, label, index
+            views = [self.transform(image) for _ in range(self.num_views)]
+        if isinstance(views[0], tuple):  # WorkerViews: the device finishes them
+            return (
+                ViewBatch(*(torch.stack(part) for part in zip(*views, strict=True))),
+                label,
+                index,
+            )
+        return torch.stack(views), label, index
 
 
 class EvalDataset(Dataset):
@@ -241,7 +348,8 @@ class SharedMixup:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """views [V, N, C, H, W], labels [N] -> (mixed views [V, N, C, H, W], targets [N, C]).
 
-        An unmixed batch returns `views` itself (not a copy) with smoothed targets.
+        An unmixed batch returns `views` itself (not a copy) with smoothed targets. The targets
+        are computed where `labels` are (the host, in training), the views mixed where they are.
         """
         if views.ndim != 5 or labels.shape != views.shape[1:2]:
             raise ValueError(
@@ -249,13 +357,24 @@ class SharedMixup:
                 f"and {tuple(labels.shape)}"
             )
         params = self.draw(views.shape[1], views.shape[3], views.shape[4], generator)
-        targets = self.targets(labels, params)
+        return self.apply(views, params), self.targets(labels, params)
+
+    def apply(self, views: torch.Tensor, params: MixParams) -> torch.Tensor:
+        """Mix views [V, N, C, H, W] with `params` (on the views' device, without a host read)."""
         if params.lam == 1.0 and params.box is None:
-            return views, targets
-        partner = params.partner.to(views.device)
+            return views
+        partner = to_device(params.partner, views.device)
         if params.box is None:
-            return views.mul(params.lam).add_(views[:, partner], alpha=1.0 - params.lam), targets
+            return views.mul(params.lam).add_(views[:, partner], alpha=1.0 - params.lam)
         y0, y1, x0, x1 = params.box
         mixed = views.clone()
         mixed[..., y0:y1, x0:x1] = views[:, partner, :, y0:y1, x0:x1]
-        return mixed, targets
+        return mixed
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: through pinned memory, copied
+    asynchronously in stream order (a pageable copy would wait for the queued work)."""
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)

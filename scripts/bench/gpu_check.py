@@ -132,7 +132,7 @@ def loader_rate(model: str, overrides: list[str], folder: Path, batches: int) ->
     iterator = iter(loader)
     next(iterator)
     started = time.perf_counter()
-    count = sum(batch[0].shape[0] for batch in iterator)
+    count = sum(batch[1].shape[0] for batch in iterator)
     return count / (time.perf_counter() - started)
 
 

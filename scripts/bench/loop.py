@@ -23,6 +23,7 @@ from statistics import median_high
 from scripts.bench.train import bare_step, median_seconds
 from scripts.stages import ROOT, child_env
 from train.config import load_config
+from train.data import loader_workers
 
 
 def real_run_seconds(model: str, epochs: int, out_dir: str, overrides: list[str]) -> float:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value for both the run and the step")
     args = parser.parse_args(argv)
     cfg = load_config(args.model, args.overrides)
-    counts = args.workers or [cfg["workers"]]
+    counts = args.workers or [loader_workers(cfg)]
     with tempfile.TemporaryDirectory() as out:
         walls: dict[tuple[int, int], list[float]] = {
             (w, e): [] for w in counts for e in (args.short, args.long)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     for workers in counts:
         short, long = (median_high(walls[workers, e]) for e in (args.short, args.long))
         epoch = (long - short) / (args.long - args.short)
-        mark = " (config)" if workers == cfg["workers"] else ""
+        mark = " (config)" if workers == loader_workers(cfg) else ""
         print(
             f"{f'{workers}{mark}':<22}{short:>9.1f}{long:>9.1f}{epoch:>9.2f}{epoch / floor:>12.2f}x"
         )
