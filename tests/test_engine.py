@@ -7,6 +7,7 @@ import copy
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from train.engine import SUM_COLUMNS, AttractRepulseStep
 from train.losses import AttractRepulseLoss
@@ -87,3 +88,91 @@ def test_a_non_finite_loss_skips_the_update_and_is_left_out_of_the_sums():
     assert not torch.equal(step.student.fc.weight, before)
     assert ok.sums[SUM_COLUMNS.index("count")] == 1
     assert ok.sums[SUM_COLUMNS.index("loss")] > 0
+
+
+# Ops that make a GPU wait for the host: a read of a value (.item(), bool(), .tolist()), and
+# ops whose output size depends on values (nonzero, unique, masked_select, boolean indexing).
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select")
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the host-waiting ops dispatched while active, outside `host_side` regions."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        boolean_index = name.startswith("index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for a in args
+            if isinstance(a, (list, tuple))
+            for i in a
+        )
+        if not self.paused and (boolean_index or any(op in name for op in SYNC_OPS)):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_step_reads_the_device_once_per_optimiser_step_and_never_inside_the_loss(monkeypatch):
+    """The full recipe's terms (CR with mixing, MT, aux) over one accumulation window of two
+    micro-steps: no host-waiting op inside the loss, exactly one read at the window's end. The
+    mixing draw (a CPU generator) and the CR positives (from the host targets) run on the host
+    before anything reaches the device: those regions are not counted here. On a GPU,
+    tests/test_gpu.py runs a whole real step under torch.cuda.set_sync_debug_mode("error")."""
+    import train.losses as losses
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.aux = nn.Linear(3 * 4 * 4, C), nn.Linear(3 * 4 * 4, C)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)), self.aux(x.flatten(1))
+
+    counter = SyncCounter()
+    real_loss = AttractRepulseLoss.forward
+
+    def host_side(fn):
+        def paused(*args, **kwargs):
+            counter.paused = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counter.paused = False
+
+        return paused
+
+    inside_loss = []
+
+    def loss(self, *args, **kwargs):
+        before = len(counter.seen)
+        out = real_loss(self, *args, **kwargs)
+        inside_loss.extend(counter.seen[before:])
+        return out
+
+    # Host side by construction: the mixing draw (a CPU generator) and the positives.
+    monkeypatch.setattr(losses, "positive_mask", host_side(losses.positive_mask))
+    monkeypatch.setattr(SharedMixup, "draw", host_side(SharedMixup.draw))
+    monkeypatch.setattr(AttractRepulseLoss, "forward", loss)
+    torch.manual_seed(0)
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    student = Net()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    student, optimizer = acc.prepare(student, optimizer)
+    criterion = AttractRepulseLoss(
+        rce_weight=0.1, cr_weight=1.0, mt_weight=1.0, aux_weight=0.3, num_views=2
+    )
+    mix = SharedMixup(0.5, 1.0, 1.0, 0.5, 0.1, C)
+    teacher = build_teacher(student, 0.5, warmup=False)
+    step = AttractRepulseStep(acc, student, teacher, optimizer, criterion, mix)
+    with counter:
+        first = step(batch(N, 5), generator_for(1), 1.0, False, next_step=1)
+        assert not first.boundary and counter.seen == []
+        second = step(batch(N, 6), generator_for(2), 1.0, False, next_step=1)
+    assert second.boundary and not second.skipped
+    assert inside_loss == []
+    assert counter.seen == ["_local_scalar_dense.default"]  # the window's one reduction, read once
+    assert first.sums[SUM_COLUMNS.index("cr")] > 0 and first.sums[SUM_COLUMNS.index("aux")] > 0
