@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import yaml
 
-from tests.conftest import run_command
+from tests.conftest import ROOT, run_command
 from train.launch import launch_args
 
 
@@ -69,3 +73,57 @@ def test_the_generated_slurm_job_is_valid_shell_that_requeues_on_the_early_signa
     assert "#SBATCH --signal=B:USR1@" in job and "#SBATCH --requeue" in job
     assert "scontrol requeue" in job and "--num_processes $(( 4 * 8 ))" in job
     assert "-m train.launch" in job and "effnet_b7 epochs=460" in job
+
+
+SLOW_CHECKPOINT = """
+import time
+
+import train.checkpoint as checkpoint
+
+_save = checkpoint.save_checkpoint
+
+
+def save_checkpoint(*args, **kwargs):  # longer than torchrun's 30 s grace period
+    time.sleep({delay})
+    return _save(*args, **kwargs)
+
+
+checkpoint.save_checkpoint = save_checkpoint
+"""
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_a_two_process_launch_checkpoints_even_when_it_outlasts_the_grace(
+    tiny_dir, tmp_path
+):
+    """`make train` with 2 processes goes through torchrun's agent (--multi_gpu), as a GPU run
+    does. Its own SIGTERM handling prints a traceback and SIGKILLs the workers 30 s later; the
+    launcher's relay must let a 35 s checkpoint finish: status 75, no traceback."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_CHECKPOINT.format(delay=35))
+    out = tmp_path / "out"
+    args = ["demo_resnet18", "epochs=3", "batch_size=4", "workers=0", "ckpt_every_steps=0"]
+    args += [f"data_dir={tiny_dir}", f"out_dir={out}", "train_splits=[train]"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.launch", "--num_processes", "2", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    run = out / "demo_resnet18"
+    deadline = time.monotonic() + 300
+    while not (run / "config.yaml").is_file() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.2)
+    time.sleep(2)  # into the first epoch
+    stopped = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, output
+    assert time.monotonic() - stopped > 35  # the checkpoint outlasted the agent's grace period
+    assert "Traceback" not in output and "stopped on request" in output, output
+    done = [p for p in (run / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()]
+    assert done, output

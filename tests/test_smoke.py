@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from common.processes import process_tree
 from scripts.ops import smoke
 from tests.conftest import run_command
 from train.config import load_config
@@ -58,12 +59,12 @@ def test_the_process_tree_reaches_a_grandchild():
     parent = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.time() + 30
-        while len(smoke.process_tree(parent.pid)) < 2 and time.time() < deadline:
+        while len(process_tree(parent.pid)) < 2 and time.time() < deadline:
             time.sleep(0.1)
-        tree = smoke.process_tree(parent.pid)
+        tree = process_tree(parent.pid)
         assert tree[0] == parent.pid and len(tree) == 2
     finally:
-        for pid in reversed(smoke.process_tree(parent.pid)):
+        for pid in reversed(process_tree(parent.pid)):
             subprocess.run(["kill", "-9", str(pid)], check=False)
         parent.wait()
 

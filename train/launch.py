@@ -5,15 +5,17 @@ machine, or one CPU process (`--num_processes N` for N CPU processes). CPU machi
 `accelerate launch --cpu --num_processes N` starts a single process, so N > 1 CPU processes are
 launched as `--multi_gpu` and train/distributed.py puts them on the CPU (gloo).
 
-The launcher relays SIGTERM/SIGUSR1 to every training process (accelerate's launcher does not)
-and, since accelerate reports any failure as status 1, turns a stop it relayed into
-EXIT_PREEMPTED, so a job script can requeue. Other failures exit with the status the training
+The launcher relays SIGTERM/SIGUSR1 to every training process (accelerate's launcher does not),
+a SIGTERM as SIGUSR1 (PREEMPT_SIGNAL: torchrun's agent would kill a slow checkpoint), and, since
+accelerate reports any failure as status 1, turns a stop it relayed into EXIT_PREEMPTED, so a
+job script can requeue. Other failures exit with the status the training
 processes recorded (common/status.py): 2 for a user error, as `python -m train` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -26,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from common.errors import UserError, cli_main
+from common.processes import process_tree, running
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, read_exit_status
 from train.config import CONFIG_DIR, load_config
 
@@ -80,33 +83,34 @@ def run(command: list[str]) -> int:
     return code
 
 
+# What the group gets for a SIGTERM. torchrun's agent (accelerate's --multi_gpu launcher, every
+# multi-process run, on a GPU or on the CPU) answers SIGTERM with a 20-line traceback, then
+# SIGTERMs its workers and SIGKILLs them 30 s later, checkpoint written or not. SIGUSR1 it does
+# not handle: it ends at once and silently, while the workers, which stop on either signal,
+# write their checkpoint in their own time (bounded by stop_timeout_s) and exit 75.
+PREEMPT_SIGNAL = signal.SIGUSR1
+
+
 def _run_relaying(command: list[str], env: dict[str, str]) -> int:
-    relayed = []
+    relayed, signalled = [], set()
     process = subprocess.Popen(command, start_new_session=True, env=env)
 
     def relay(signum, frame):
+        # The whole tree: torchrun starts each training process in a session of its own.
         relayed.append(signum)
-        os.killpg(process.pid, signum)
+        for pid in process_tree(process.pid):
+            signalled.add(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, PREEMPT_SIGNAL if signum == signal.SIGTERM else signum)
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, relay)
     code = process.wait()
-    if relayed:
-        _wait_for_group(process.pid)
+    while any(running(pid) for pid in signalled):  # the workers outlive the agent
+        time.sleep(0.5)
     if relayed and code != 0 and signal.SIGINT not in relayed:
         return EXIT_PREEMPTED
     return code
-
-
-def _wait_for_group(pgid: int) -> None:
-    """After a relayed stop, wait until every process of the group has exited: torchrun dies
-    of SIGUSR1 at once, while its workers are still writing their checkpoint."""
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
 
 
 @cli_main

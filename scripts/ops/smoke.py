@@ -47,6 +47,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from common.errors import warn
+from common.processes import process_tree
 from data_prep.layout import Layout
 from scripts.ops.plan import plan_models
 from scripts.stages import ROOT, child_env
@@ -120,24 +121,6 @@ def newest_step(run: Path) -> int:
         if p.is_dir() and not p.name.endswith(".tmp") and (p / "COMPLETE").is_file()
     ]
     return max(done, default=0)
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (from /proc): the launcher starts the training process in a
-    session of its own, so a process group does not reach it."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    tree, todo = [pid], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        tree += kids
-        todo += kids
-    return tree
 
 
 def train_killed_at_first_checkpoint(args: list[str], run: Path, log: Path) -> None:
