@@ -25,13 +25,14 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def run_module(*args: str, then: str = "rerun") -> None:
-    """`python -m <args>` from the repository root; a failure is one line that says what to do."""
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=child_env())
+def run_module(*args: str, then: str = "rerun", env: dict[str, str] | None = None) -> None:
+    """`python -m <args>` (paths relative to the caller's folder, as in the caller's own
+    arguments), with `env` on top of the child environment; a failure is one line that says
+    what to do."""
+    proc = subprocess.run([sys.executable, "-m", *args], env={**child_env(), **(env or {})})
     if proc.returncode != 0:
-        raise UserError(
-            f"`python -m {' '.join(args)}` failed ({proc.returncode}); fix it and {then}"
-        )
+        command = " ".join(args)
+        raise UserError(f"`python -m {command}` failed ({proc.returncode}); fix it and {then}")
 
 
 def logits_current(cfg: dict) -> bool:

@@ -1,8 +1,11 @@
-"""`make gpu-check`: the refusal without CUDA, and its measurements run on the CPU at toy sizes
-(this project has had no GPU: the parts must at least run)."""
+"""`make gpu-check`: the refusal without CUDA, and each section's measurement run on the CPU at
+toy sizes (the figures are the GPU's to give; here the parts must run and count right). The
+sections that only mean something on a GPU (host syncs, B7 memory, compile) run in
+tests/test_gpu.py, skipped without CUDA."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +14,7 @@ from scripts.ops import plan
 from tests.conftest import run_command
 from train.config import load_config
 
-TOY = ["arch=resnet18", "img_size=32", "test_size=32", "batch_size=4", "workers=1"]
+TOY = ["arch=resnet18", "img_size=32", "test_size=32", "batch_size=4", "mixed_precision=no"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the check instead")
@@ -24,12 +27,16 @@ def test_without_cuda_it_refuses_in_one_line():
     ]
 
 
-def test_the_step_rates_compare_the_baseline_and_the_attract_repulse_step():
-    rates = gpu_check.step_rates(gpu_check.B2, TOY, repeat=2)
-    # Both steps ran and were timed (which is faster is the GPU's to say: toy sizes on a
-    # shared CPU measure overheads).
+def toy(tiny_dir, tmp_path) -> list[str]:
+    return [*TOY, *gpu_check.data_overrides(tiny_dir, tmp_path, 10)]
+
+
+def test_the_bare_step_rates_compare_the_baseline_and_the_attract_repulse_step(tiny_dir, tmp_path):
+    overrides = toy(tiny_dir, tmp_path)
+    rates = gpu_check.step_rates(gpu_check.B2, overrides, 2, tmp_path)
+    # Both real steps ran and were timed (which is faster is the GPU's to say).
     assert rates["attract_repulse"] > 0 and rates["baseline"] > 0
-    gflops, _ = plan.forward_gflops(load_config(gpu_check.B2, TOY))
+    gflops, _ = plan.forward_gflops(load_config(gpu_check.B2, overrides))
     assert rates["tflops"] == pytest.approx(rates["attract_repulse"] * 2 * 4 * gflops / 1e3)
 
 
@@ -38,9 +45,32 @@ def test_the_loader_rate_counts_the_images_after_the_first_batch(tmp_path):
     assert len(list(tmp_path.glob("*.JPEG"))) == 4 * 3
 
 
+def test_agreement_is_the_largest_difference_and_the_share_of_equal_argmax():
+    cpu = np.array([[0.6, 0.4], [0.2, 0.8], [0.5, 0.5 - 1e-9]])
+    gpu = np.array([[0.6, 0.4], [0.3, 0.7], [0.5 - 2e-9, 0.5]])
+    worst, same = gpu_check.agreement(cpu, gpu)
+    assert worst == pytest.approx(0.1) and same == pytest.approx(200 / 3)
+
+
+def test_the_report_keeps_every_finished_section(tmp_path):
+    report = gpu_check.Report(tmp_path / "gpu_check.md", "# header")
+    report.add("bare", [("a", "1 img/s", "")], 1.0)
+    report.add("loader", [("b", "2 img/s", "x")], 2.0)
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert text.startswith("# header\n\n## bare (1 s)") and "| b | 2 img/s | x |" in text
+
+
 @pytest.mark.slow
-def test_the_two_process_run_reports_its_images_per_second(tmp_path):
-    toy = [*TOY, "mixed_precision=no", "drop_path_rate=0.0", "eval_every=1"]
-    rate = gpu_check.two_process_rate(gpu_check.B2, toy, tmp_path, per_class=4)
-    assert rate > 0
-    assert (tmp_path / "runs" / gpu_check.B2 / "checkpoints" / "best" / "COMPLETE").is_file()
+def test_the_real_loop_reports_its_images_per_second_for_each_epoch(tiny_dir, tmp_path):
+    per_epoch, samples = gpu_check.loop_rates(gpu_check.B2, toy(tiny_dir, tmp_path), epochs=2)
+    assert len(per_epoch) == 2 and min(per_epoch) > 0
+    assert samples == []  # no GPU to sample here
+
+
+@pytest.mark.slow
+def test_the_demo_section_runs_the_pipeline_and_compares_two_predictions(tiny_dir, tmp_path):
+    """On the CPU both 'devices' are the CPU: the fp32 probabilities agree exactly."""
+    overrides = [f"data_dir={tiny_dir}", "epochs=1", "batch_size=8", "eval_every=1"]
+    rows = gpu_check.demo_section(tmp_path, overrides)
+    assert rows[0][0] == "make demo on the GPU"
+    assert rows[1][1] == "max |dp| 0.00e+00, argmax equal 100.00%"

@@ -38,7 +38,7 @@ from train.data import (
     worker_death,
 )
 from train.distributed import make_accelerator, tune_for_gpu
-from train.engine import SUM_COLUMNS, AttractRepulseStep
+from train.engine import SUM_COLUMNS, AttractRepulseStep, StepResult
 from train.inference import best_fusion, fuse, predict_crops
 from train.losses import AttractRepulseLoss
 from train.metrics import write_metrics
@@ -248,23 +248,11 @@ class Run:
             leave=False,
         )
         started, images = time.perf_counter(), 0
-        for views, labels, index in self.prefetcher:
-            if self.noise is not None:  # keyed like the mixing: a resumed run draws the same
-                self.noise.manual_seed(
-                    stable_seed(cfg["seed"], "erase", self.epoch, self.micro, self.rank)
-                )
-            batch = (self.augment(views, self.noise), labels, index)
-            result = self.step(
-                batch,
-                mix_generator(cfg["seed"], self.epoch, self.micro, self.rank),
-                self._mt_scale(),
-                self.stop.requested,
-                next_step=self.global_step + 1,
-                save=self._minutes_due(),
-            )
+        for batch in self.prefetcher:
+            result = self.train_step(batch, self.stop.requested, self._minutes_due())
             self.sums += result.sums
             self.micro += 1
-            images += batch[0].shape[0] * self.world
+            images += len(batch[1]) * self.world  # the labels: one per image
             bar.update()
             if result.boundary:
                 self._count_update(result.skipped)
@@ -278,6 +266,24 @@ class Run:
         bar.close()
         self.end_epoch(images / max(time.perf_counter() - started, 1e-9))
         return False
+
+    def train_step(self, batch: tuple, stop: bool, save: bool) -> StepResult:
+        """One micro-step at the loop's position: the device finishes the loader's uint8 views
+        (normalise, erase), then Algorithm 1 (train/engine.py)."""
+        cfg = self.cfg
+        views, labels, index = batch
+        if self.noise is not None:  # keyed like the mixing: a resumed run draws the same
+            self.noise.manual_seed(
+                stable_seed(cfg["seed"], "erase", self.epoch, self.micro, self.rank)
+            )
+        return self.step(
+            (self.augment(views, self.noise), labels, index),
+            mix_generator(cfg["seed"], self.epoch, self.micro, self.rank),
+            self._mt_scale(),
+            stop,
+            next_step=self.global_step + 1,
+            save=save,
+        )
 
     def _mt_scale(self) -> float:
         """gamma's linear ramp-up over `mt_rampup_epochs` (1 without a ramp)."""

@@ -17,6 +17,7 @@ fd and ends the watchdog, whose clock, if running, is cancelled.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -59,8 +60,12 @@ class StopRequest:
             # None: a handler installed from C, which Python cannot reinstall; the default is
             # the closest it can give back.
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        os.close(self._write_fd)  # the watchdog's read sees the end of the pipe
+        # Wake the watchdog with a byte (not by closing the pipe: forked loader workers hold
+        # copies of its write end, so its reader would never see the end of it).
+        with contextlib.suppress(BlockingIOError):  # a full pipe wakes it anyway
+            os.write(self._write_fd, b"\0")
         self._watchdog.join()
+        os.close(self._write_fd)
         os.close(self._read_fd)
 
     def _handle(self, signum, frame) -> None:
@@ -69,12 +74,9 @@ class StopRequest:
     def _watch(self) -> None:
         # Every signal with a Python handler writes its number here (SIGCHLD of the loader's
         # workers, SIGINT too): wait for a stop signal among them, or for close().
-        while True:
-            data = os.read(self._read_fd, 64)
-            if not data:
+        while not any(byte in STOP_SIGNALS for byte in os.read(self._read_fd, 64)):
+            if self._closed.is_set():
                 return  # closed before any stop signal
-            if any(byte in STOP_SIGNALS for byte in data):
-                break
         if self._closed.wait(self.timeout_s):
             return  # the run ended in time (with its checkpoint) and closed the request
         sys.stderr.write(

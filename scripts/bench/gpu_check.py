@@ -1,57 +1,60 @@
-"""`make gpu-check`: the figures the README's GPU section needs, in one run of a few minutes.
+"""`make gpu-check`: one command that measures the GPU path, section by section.
 
-Without CUDA it refuses in one line. On a CUDA machine it prints one table:
-1. step: EfficientNet-B2 at 320 px (configs/models/effnet_b2_ablation.yaml, its 64 images per
-   GPU), bf16, channels-last: images/s of the strong-baseline step (one view, CE with mixing and
-   smoothing) and of the Attract-and-Repulse step (two views, teacher, SCE + CR + MT + auxiliary
-   head, EMA), timed as `scripts.bench.train` times them, their ratio (the arithmetic says about
-   2.7), and the model TFLOP/s the A&R step achieves (`make plan TFLOPS=` takes it).
-2. memory: EfficientNet-B7 at 448 px (effnet_b7, its micro-batch of 16 per GPU): the peak CUDA
-   memory allocated by a training step (after one that created the optimiser state), against
-   `make plan`'s estimate of the same step; and the caching allocator's peak reservation.
-3. loader: the training loader (`train.data.train_loader`: two views of RandomResizedCrop,
-   AutoAugment, RandomErasing) on generated JPEGs of ImageNet size with the config's workers:
-   images/s, against what the A&R step of (1) consumes.
-4. two processes, with two or more GPUs: `python -m train.launch --num_processes 2` (as
-   `make train`) on a generated 16-class dataset for one epoch of 8 steps; the run's images/s
-   from its metrics.csv against twice the one-GPU step of (1) (the run's figure includes
-   loading and the first steps' warm-up).
+Without CUDA it refuses in one line. On a CUDA machine each section prints its table as soon as
+it is measured and rewrites results/gpu_check.md (the sections so far), so that a run cut short
+still reports what it measured. In order, cheapest first:
+
+1. bare: the real step (`train.run.Run.train_step`: the device's augmentation of a real loader
+   batch, then Algorithm 1) of EfficientNet-B2 at 320 px (configs/models/effnet_b2_ablation.yaml,
+   64 images, bf16), strong baseline and Attract-and-Repulse, images/s and model TFLOP/s;
+   and the host syncs per optimiser step (`torch.cuda.set_sync_debug_mode("warn")`).
+2. loader: the training loader at `workers: auto` on generated ImageNet-size JPEGs, images/s,
+   against what the A&R step consumes.
+3. loop: `python -m train.launch` (as `make train`) on those JPEGs (16 classes, ~2,000 images,
+   3 epochs) for both steps: images/s per epoch, the ratio to the bare step, and the GPU's
+   utilisation sampled every half second while it trains.
+4. b7: EfficientNet-B7 at 448 px (effnet_b7): peak memory of a step against `make plan`'s
+   estimate, and its images/s.
+5. demo: `make demo`'s pipeline on the GPU (both members, TenCrop logits, ensemble, evaluation)
+   with its timing table, then one member's checkpoint predicted on the CPU and on the GPU: the
+   fp32 probabilities within 1e-4, the bf16 argmax agreement (the dataset must be present:
+   data/fashion50, built or copied first; nothing is downloaded).
+6. compile: the bare steps again with `compile=true`, each in a fresh process (Accelerate fixes
+   the dynamo backend per process), the compile time reported apart.
+
+    python -m scripts.bench.gpu_check [--sections bare loader loop b7 demo compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import os
-import subprocess
-import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from statistics import median
 
+import numpy as np
 import pandas as pd
 import torch
-from timm.optim import create_optimizer_v2
 
 from common.errors import UserError, cli_main
+from common.fs import write_text_atomic
+from ensemble.blend import load_ensemble_config
 from scripts.bench.loader import make_jpegs
-from scripts.bench.train import median_seconds
+from scripts.bench.train import BASELINE, bare_step, median_seconds, own_process_seconds
 from scripts.ops import plan
-from scripts.stages import ROOT, child_env
+from scripts.stages import ROOT, run_module
 from train.config import load_config
-from train.data import train_loader
-from train.distributed import make_accelerator
-from train.engine import AttractRepulseStep
-from train.losses import AttractRepulseLoss
-from train.model import build_model, build_teacher
-from train.rng import generator_for
-from train.run import optimizer_kwargs
-from train.views import SharedMixup
+from train.data import loader_workers, train_loader
 
-BASELINE = ["num_views=1", "cr_weight=0", "mt_weight=0", "aux_weight=0", "rce_weight=0"]
 GIB = 2**30
 B2 = "effnet_b2_ablation"  # the paper's ablation setting: EfficientNet-B2, 320 px, 64 per GPU
+CLASSES, PER_CLASS = 16, 125  # the loop's generated dataset: 2,000 training images
+REPORT = ROOT / "results" / "gpu_check.md"
+Rows = list[tuple[str, str, str]]
 
 
 def require_cuda() -> None:
@@ -62,68 +65,76 @@ def require_cuda() -> None:
         )
 
 
-def random_batch_step(cfg: dict, images: torch.Tensor, labels: torch.Tensor):
-    """The training step (train/engine.py) of `cfg`, built as train/run.py builds it, on one
-    fixed batch of random images: a closure that runs it once."""
-    acc = make_accelerator(cfg["mixed_precision"])
-    model = build_model(cfg).to(memory_format=torch.channels_last)
-    teacher = build_teacher(model, cfg["ema_decay"], cfg["ema_warmup"])
-    optimizer = create_optimizer_v2(model, opt=cfg["opt"], lr=cfg["lr"], **optimizer_kwargs(cfg))
-    criterion = AttractRepulseLoss.from_config(cfg, model)
-    model, optimizer = acc.prepare(model, optimizer)
-    teacher.to(acc.device)
-    mix = SharedMixup.from_config(cfg)
-    step = AttractRepulseStep(acc, model, teacher, optimizer, criterion, mix, channels_last=True)
-    batch = (images[:, : cfg["num_views"]], labels, None)
-    counter = itertools.count(2)
-    return lambda: step(batch, generator_for(0), 1.0, False, next_step=next(counter))
+def make_dataset(folder: Path, classes: int, per_class: int) -> Path:
+    """An ImageFolder of `classes` x `per_class` generated ImageNet-size JPEGs, built by
+    `python -m data_prep folder` (4 val and 1 test image per class on top)."""
+    source = folder / "source"
+    for label in range(classes):
+        (source / f"class_{label:02d}").mkdir(parents=True, exist_ok=True)
+        make_jpegs(source / f"class_{label:02d}", per_class + 5, seed=label)
+    data = folder / "data"
+    prep = ["data_prep", "folder", "--root", str(source), "--per-class", f"{per_class},4,1"]
+    run_module(*prep, "--out", str(data))
+    return data
 
 
-def step_rates(model: str, overrides: list[str], repeat: int) -> dict[str, float]:
-    """Images/s of the baseline and the A&R step of `model` at its resolution and batch."""
+def data_overrides(data: Path, out: Path, classes: int) -> list[str]:
+    return [f"data_dir={data}", f"out_dir={out}", f"num_classes={classes}", "train_splits=[train]"]
+
+
+# ---- 1. bare steps and host syncs ----------------------------------------------------------
+def step_rates(model: str, overrides: list[str], repeat: int, out: Path) -> dict[str, float]:
+    """Images/s of the baseline and the A&R bare step, and the A&R step's model TFLOP/s."""
     cfg = load_config(model, overrides)
-    configs = {"baseline": load_config(model, [*overrides, *BASELINE]), "attract_repulse": cfg}
-    images = torch.randn(cfg["batch_size"], 2, 3, cfg["img_size"], cfg["img_size"])
-    labels = torch.randint(0, cfg["num_classes"], (cfg["batch_size"],))
     rates = {}
-    for name, step_cfg in configs.items():
-        seconds = median_seconds(
-            {name: (random_batch_step(step_cfg, images, labels), None)}, repeat
-        )
-        rates[name] = cfg["batch_size"] / seconds[name]
-        torch.cuda.empty_cache()
+    for name, extra in (("baseline", BASELINE), ("attract_repulse", [])):
+        step, _ = bare_step(model, [*overrides, *extra], str(out / name))
+        rates[name] = cfg["batch_size"] / median_seconds({name: (step, None)}, repeat)[name]
+        del step
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     gflops, _ = plan.forward_gflops(cfg)
     rates["tflops"] = rates["attract_repulse"] * cfg["num_views"] * plan.PASSES * gflops / 1e3
     return rates
 
 
-def peak_memory(model: str) -> dict[str, float]:
-    """GiB: the peak allocated and reserved in one step of the config's micro-batch (or of the
-    largest the plan fits on this GPU, if smaller), and the plan's estimate of the same step."""
-    cfg = load_config(model)
-    footprint = plan.footprint(cfg)
-    total = torch.cuda.get_device_properties(0).total_memory / GIB
-    fits = plan.largest_micro_batch(footprint, plan.usable_bytes(total, footprint.params, 1))
-    images = min(cfg["batch_size"], fits)
-    if images < 1:
-        return {"images": 0, "allocated": 0.0, "reserved": 0.0, "estimate": 0.0}
-    state = plan.build_state(cfg, "cuda")
-    plan.training_step(state, 1, plan.WARMUP_SIZE, "cuda")  # optimiser state and gradients
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    plan.training_step(state, images, cfg["img_size"], "cuda")
-    torch.cuda.synchronize()
-    measured = {
-        "images": images,
-        "allocated": torch.cuda.max_memory_allocated() / GIB,
-        "reserved": torch.cuda.max_memory_reserved() / GIB,
-        "estimate": footprint.bytes_at(images) / GIB,
-    }
-    del state
-    torch.cuda.empty_cache()
-    return measured
+def syncs_per_update(model: str, overrides: list[str], out: Path, updates: int = 3) -> float:
+    """Host syncs per optimiser step of the A&R step, as CUDA's sync debug mode reports them
+    (after one warm-up step: cuDNN's benchmark and the allocator sync on first use)."""
+    step, run = bare_step(model, overrides, str(out / "syncs"))
+    micro = updates * run.cfg["grad_accum"]
+    step()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(micro):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    return len(syncs) / updates
 
 
+def bare_section(data: Path, out: Path, repeat: int) -> tuple[Rows, dict[str, float]]:
+    overrides = data_overrides(data, out, CLASSES)
+    rates = step_rates(B2, overrides, repeat, out)
+    syncs = syncs_per_update(B2, overrides, out)
+    ratio = rates["baseline"] / rates["attract_repulse"]
+    rows = [
+        ("B2 320 px bf16, strong baseline bare step", f"{rates['baseline']:.0f} img/s", ""),
+        (
+            "B2 320 px bf16, A&R bare step",
+            f"{rates['attract_repulse']:.0f} img/s",
+            f"{ratio:.2f}x slower than the baseline (arithmetic: 2.7x)",
+        ),
+        ("B2 A&R model TFLOP/s", f"{rates['tflops']:.1f}", "make plan TFLOPS= for EfficientNets"),
+        ("host syncs per optimiser step (A&R)", f"{syncs:g}", "goal: at most 1"),
+    ]
+    return rows, rates
+
+
+# ---- 2. the loader -------------------------------------------------------------------------
 def loader_rate(model: str, overrides: list[str], folder: Path, batches: int) -> float:
     """Images/s of the training loader over `batches` batches after the first (worker start)."""
     cfg = load_config(model, overrides)
@@ -136,97 +147,228 @@ def loader_rate(model: str, overrides: list[str], folder: Path, batches: int) ->
     return count / (time.perf_counter() - started)
 
 
-def two_process_rate(model: str, overrides: list[str], folder: Path, per_class: int = 64) -> float:
-    """Images/s of a 2-process `train.launch` run of one epoch on 16 classes of `per_class`
-    training images, from its metrics.csv."""
-    source = folder / "source"
-    for label in range(16):
-        (source / f"class_{label:02d}").mkdir(parents=True)
-        make_jpegs(source / f"class_{label:02d}", per_class + 2, seed=label)
-    data, runs = folder / "data", folder / "runs"
-    python = [sys.executable, "-m"]
-    env = child_env()
-    prep = ["data_prep", "folder", "--root", str(source), "--per-class", f"{per_class},1,1"]
-    subprocess.run([*python, *prep, "--out", str(data)], env=env, check=True, cwd=ROOT)
-    args = [model, *overrides, f"data_dir={data}", f"out_dir={runs}"]
-    args += ["num_classes=16", "epochs=1"]
-    args += ["warmup_epochs=0", "train_splits=[train]", "ckpt_every_steps=0"]
-    launch = [*python, "train.launch", "--num_processes", "2", *args]
-    subprocess.run(launch, env=env, check=True, cwd=ROOT)
-    return float(pd.read_csv(runs / model / "metrics.csv")["img_per_s"].iloc[-1])
+def loader_section(rates: dict[str, float], folder: Path, batches: int) -> Rows:
+    cfg = load_config(B2)
+    folder.mkdir(parents=True, exist_ok=True)
+    rate = loader_rate(B2, [], folder, batches)
+    return [
+        (
+            f"loader, B2 320 px, workers auto = {loader_workers(cfg)}",
+            f"{rate:.0f} img/s",
+            f"the A&R bare step consumes {rates.get('attract_repulse', float('nan')):.0f} img/s",
+        )
+    ]
 
 
-def table(rows: list[tuple[str, str, str]]) -> str:
+# ---- 3. the real loop ----------------------------------------------------------------------
+class Utilisation:
+    """Samples the GPU's utilisation (NVML, through torch) every `every` s while active."""
+
+    def __init__(self, every: float = 0.5):
+        self.every, self.samples = every, []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.every):
+            self.samples.append(torch.cuda.utilization())
+
+    def __enter__(self) -> Utilisation:
+        if torch.cuda.is_available():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def loop_rates(model: str, overrides: list[str], epochs: int) -> tuple[list[float], list[int]]:
+    """(img/s of each epoch from metrics.csv, GPU utilisation samples) of a real
+    `train.launch` run."""
+    cfg = load_config(model, overrides)
+    args = [*overrides, f"epochs={epochs}", "warmup_epochs=0", "ckpt_every_steps=0"]
+    with Utilisation() as utilisation:
+        run_module("train.launch", model, *args)
+    metrics = pd.read_csv(Path(cfg["out_dir"]) / cfg["name"] / "metrics.csv")
+    return metrics["img_per_s"].tolist(), utilisation.samples
+
+
+def loop_section(data: Path, out: Path, rates: dict[str, float], epochs: int) -> Rows:
+    rows = []
+    for name, extra in (("attract_repulse", []), ("baseline", BASELINE)):
+        overrides = [*data_overrides(data, out / f"loop-{name}", CLASSES), *extra]
+        per_epoch, samples = loop_rates(B2, overrides, epochs)
+        last = per_epoch[-1]
+        bare = rates.get(name, float("nan"))
+        busy = f", GPU busy median {median(samples):.0f}% (mean {np.mean(samples):.0f}%)"
+        rows.append(
+            (
+                f"real loop, {name}, img/s per epoch",
+                " / ".join(f"{r:.0f}" for r in per_epoch),
+                f"last epoch {last / bare:.2f}x the bare step{busy if samples else ''}",
+            )
+        )
+    return rows
+
+
+# ---- 4. EfficientNet-B7 --------------------------------------------------------------------
+def b7_section(repeat: int) -> Rows:
+    cfg = load_config("effnet_b7")
+    footprint = plan.footprint(cfg)
+    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    fits = plan.largest_micro_batch(footprint, plan.usable_bytes(total, footprint.params, 1))
+    images = min(cfg["batch_size"], fits)
+    if images < 1:
+        return [("B7 448 px step", "not run", "make plan fits no image on this GPU")]
+    state = plan.build_state(cfg, "cuda")
+    plan.training_step(state, 1, plan.WARMUP_SIZE, "cuda")  # optimiser state and gradients
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    plan.training_step(state, images, cfg["img_size"], "cuda")
+    torch.cuda.synchronize()
+    allocated = torch.cuda.max_memory_allocated() / GIB
+    estimate = footprint.bytes_at(images) / GIB
+    step = (lambda: plan.training_step(state, images, cfg["img_size"], "cuda"), None)
+    seconds = median_seconds({"b7": step}, repeat)["b7"]
+    label = f"B7 448 px, {images} images"
+    return [
+        (
+            f"{label}: peak allocated",
+            f"{allocated:.1f} GiB",
+            f"make plan: {estimate:.1f} GiB ({estimate / allocated - 1:+.0%})",
+        ),
+        (f"{label}: one view's step", f"{images / seconds:.0f} img/s", "plan.training_step"),
+    ]
+
+
+# ---- 5. the demo on the GPU, and GPU/CPU agreement ------------------------------------------
+def probabilities(model: str, overrides: list[str], out: Path, cpu: bool) -> np.ndarray:
+    """TenCrop test probabilities of `model`'s checkpoint by `python -m ensemble.logits`."""
+    logits = out / ("cpu" if cpu else "gpu")
+    args = [model, *overrides, f"logits_dir={logits}"]
+    run_module("ensemble.logits", *args, env={"CUDA_VISIBLE_DEVICES": ""} if cpu else None)
+    with np.load(logits / model / "test.npz", allow_pickle=False) as arrays:
+        return arrays["probs"].astype(np.float64)
+
+
+def agreement(cpu: np.ndarray, gpu: np.ndarray) -> tuple[float, float]:
+    """(max |difference| of probabilities, % of images with the same argmax)."""
+    same = (cpu.argmax(1) == gpu.argmax(1)).mean() * 100
+    return float(np.abs(cpu - gpu).max()), float(same)
+
+
+def demo_section(out: Path, overrides: Sequence[str] = ()) -> Rows:
+    started = time.perf_counter()
+    dirs = [f"out_dir={out / 'runs'}", f"logits_dir={out / 'logits'}", *overrides]
+    run_module("scripts.ops.demo", *dirs, "--submissions", str(out / "submissions"))
+    rows = [("make demo on the GPU", f"{time.perf_counter() - started:.0f} s", "2-core CPU: 301 s")]
+    member = load_ensemble_config("demo")["models"][0]
+    on_cpu = probabilities(member, [*dirs, "mixed_precision=no"], out / "agree", cpu=True)
+    for precision, goal in (("no", "fp32: within 1e-4"), ("bf16", "bf16: argmax >= 99.5%")):
+        on_gpu = probabilities(
+            member, [*dirs, f"mixed_precision={precision}"], out / precision, False
+        )
+        worst, same = agreement(on_cpu, on_gpu)
+        rows.append(
+            (
+                f"{member} TenCrop, GPU {precision} vs CPU fp32",
+                f"max |dp| {worst:.2e}, argmax equal {same:.2f}%",
+                goal,
+            )
+        )
+    return rows
+
+
+# ---- 6. torch.compile ----------------------------------------------------------------------
+def compile_section(data: Path, out: Path, repeat: int, rates: dict[str, float]) -> Rows:
+    rows = []
+    for name, extra in (("baseline", BASELINE), ("attract_repulse", [])):
+        overrides = [*data_overrides(data, out / f"compile-{name}", CLASSES), *extra]
+        timing = own_process_seconds(B2, [*overrides, "compile=true"], repeat)
+        rate = load_config(B2)["batch_size"] / timing["c"]
+        eager = rates.get(name, float("nan"))
+        rows.append(
+            (
+                f"B2 {name} bare step, compile=true",
+                f"{rate:.0f} img/s",
+                f"{rate / eager:.2f}x eager; compile {timing['first']:.0f} s once",
+            )
+        )
+    return rows
+
+
+# ---- the report ----------------------------------------------------------------------------
+def table(rows: Rows) -> str:
     lines = ["| check | measured | against |", "|---|--:|---|"]
     lines += [f"| {check} | {value} | {against} |" for check, value, against in rows]
     return "\n".join(lines)
 
 
+class Report:
+    """Sections as they finish: printed, and results/gpu_check.md rewritten with all so far."""
+
+    def __init__(self, path: Path, header: str):
+        self.path, self.parts = path, [header]
+
+    def add(self, title: str, rows: Rows, seconds: float) -> None:
+        text = f"## {title} ({seconds:.0f} s)\n\n{table(rows)}"
+        print(f"\n{text}", flush=True)
+        self.parts.append(text)
+        write_text_atomic(self.path, "\n\n".join(self.parts) + "\n")
+
+
+SECTIONS = ("bare", "loader", "loop", "b7", "demo", "compile")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m scripts.bench.gpu_check", description=__doc__)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--repeat", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--loader-batches", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the real loop")
+    parser.add_argument("--report", type=Path, default=REPORT)
     return parser.parse_args(argv)
 
 
 @cli_main
-def main(argv: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     require_cuda()
     started = time.perf_counter()
-    gpus = torch.cuda.device_count()
-    print(f"gpu-check: {gpus} x {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    rates = step_rates(B2, [], args.repeat)
-    ratio = rates["baseline"] / rates["attract_repulse"]
-    rows: list[tuple[str, str, str]] = [
-        ("B2 320 px bf16, strong baseline step", f"{rates['baseline']:.0f} img/s", ""),
-        (
-            "B2 320 px bf16, A&R step",
-            f"{rates['attract_repulse']:.0f} img/s",
-            f"{ratio:.2f}x slower than the baseline (arithmetic: 2.7x)",
-        ),
-        ("B2 A&R model TFLOP/s", f"{rates['tflops']:.1f}", "make plan TFLOPS= for EfficientNets"),
-    ]
-    memory = peak_memory("effnet_b7")
-    label = f"B7 448 px step, {memory['images']} images"
-    if memory["images"]:
-        rows += [
-            (
-                f"{label}: peak allocated",
-                f"{memory['allocated']:.1f} GiB",
-                f"make plan: {memory['estimate']:.1f} GiB "
-                f"({memory['estimate'] / memory['allocated'] - 1:+.0%})",
-            ),
-            (f"{label}: peak reserved", f"{memory['reserved']:.1f} GiB", ""),
-        ]
-    else:
-        rows.append(("B7 448 px step", "not run", "make plan fits no image on this GPU"))
-    with tempfile.TemporaryDirectory() as tmp:
-        loader = loader_rate(B2, [], Path(tmp), args.loader_batches)
-        workers = load_config(B2)["workers"]
-        rows.append(
-            (
-                f"loader, B2 320 px, {workers} workers ({os.cpu_count()} CPUs)",
-                f"{loader:.0f} img/s",
-                f"the A&R step consumes {rates['attract_repulse']:.0f} img/s",
-            )
-        )
-        if gpus >= 2:
-            pair = two_process_rate(B2, [], Path(tmp))
-            rows.append(
-                (
-                    "2 processes, B2 A&R, train.launch",
-                    f"{pair:.0f} img/s",
-                    f"2 x one GPU's step: {2 * rates['attract_repulse']:.0f} img/s",
-                )
-            )
-        else:
-            rows.append(("2 processes", "not run", "one GPU visible"))
-    print(
-        f"\n{table(rows)}\n\nmeasured {time.strftime('%Y-%m-%d')} in "
-        f"{(time.perf_counter() - started) / 60:.1f} min"
+    device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    header = (
+        f"# make gpu-check, {time.strftime('%Y-%m-%d')}\n\n{device}, torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}; `python -m scripts.bench.gpu_check "
+        f"--sections {' '.join(args.sections)}`"
     )
-    return rows
+    print(header, flush=True)
+    report = Report(args.report, header)
+    rates: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        folder = Path(tmp)
+        data = make_dataset(folder, CLASSES, PER_CLASS)
+
+        def bare() -> Rows:
+            rows, measured = bare_section(data, folder / "bare", args.repeat)
+            rates.update(measured)  # the later sections compare with these
+            return rows
+
+        sections: dict[str, Callable[[], Rows]] = {
+            "bare": bare,
+            "loader": lambda: loader_section(rates, folder / "loader", args.loader_batches),
+            "loop": lambda: loop_section(data, folder, rates, args.epochs),
+            "b7": lambda: b7_section(args.repeat),
+            "demo": lambda: demo_section(folder / "demo"),
+            "compile": lambda: compile_section(data, folder, args.repeat, rates),
+        }
+        for name in args.sections:
+            begun = time.perf_counter()
+            print(f"\ngpu-check: {name} ...", flush=True)
+            report.add(name, sections[name](), time.perf_counter() - begun)
+            torch.cuda.empty_cache()  # what a section held is free for the next
+    print(f"\ngpu-check: {(time.perf_counter() - started) / 60:.1f} min; {args.report}")
 
 
 if __name__ == "__main__":

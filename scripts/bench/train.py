@@ -31,7 +31,6 @@ import torch
 
 from scripts.stages import child_env
 from train.config import load_config
-from train.rng import mix_generator
 from train.run import Run
 
 NARROW = "demo_resnet18_w16"
@@ -42,12 +41,12 @@ def bare_step(model: str, overrides: list[str], out_dir: str) -> tuple[Callable[
     """A closure running one real step on a fixed in-memory batch, and its Run."""
     cfg = load_config(model, [*overrides, "workers=0", f"out_dir={out_dir}"])
     run = Run(cfg)
-    batch = next(iter(run.loader))
+    batch = next(iter(run.prefetcher))  # uint8 views, on the device: the loop's own handover
     counter = iter(range(2, 1 << 30))  # optimiser steps > 1: timm's EMA really averages
 
-    def step() -> None:
-        k = next(counter)
-        run.step(batch, mix_generator(cfg["seed"], 0, k, 0), 1.0, False, next_step=k)
+    def step() -> None:  # the loop's micro-step: the device's augmentation, then Algorithm 1
+        run.micro = run.global_step = next(counter)
+        run.train_step(batch, stop=False, save=False)
 
     return step, run
 
