@@ -40,7 +40,7 @@ GPUS ?= 8
 TFLOPS ?=
 
 
-.PHONY: help setup data train logits ensemble evaluate demo ablation sweep long-run tsne bench bench-data chaos test test-fast lint clean slurm slurm-ensemble status tensorboard smoke plan gpu-check
+.PHONY: help setup data train logits ensemble evaluate demo ablation sweep long-run frontier tsne bench bench-data chaos test test-fast lint clean slurm slurm-ensemble status tensorboard smoke plan gpu-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -83,6 +83,9 @@ sweep: setup ## the paper's Figure 4: alpha, beta, gamma, delta swept around the
 
 long-run: setup ## the full recipe against the baseline at equal epochs, equal time and 4x length
 	$(PY) -m scripts.studies.long_run $(ARGS)
+
+frontier: setup ## the full recipe against the baseline at equal wall-clock, 12 to 96 epochs (resumable)
+	$(PY) -m scripts.studies.frontier $(ARGS)
 
 tsne: setup ## the paper's Figure 5: t-SNE of test features of RUNS="a b" (ablation rows or run folders)
 	$(PY) -m scripts.studies.tsne $(RUNS) $(ARGS)

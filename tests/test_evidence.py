@@ -318,3 +318,25 @@ def test_make_long_run_measures_equal_time_and_trains_the_long_runs(study_dir, t
     assert "| train | equal time |" in report and "| train | long run | 2 / 2 |" in report
     assert (results / "long_run.png").stat().st_size > 1000
     assert "0 to do" in run_command(*args).stdout  # a rerun trains nothing
+
+
+@pytest.mark.slow
+def test_make_frontier_trains_both_sides_at_equal_time_and_draws_the_frontier(study_dir, tiny_dir):
+    """On the ablation's results: the full recipe's 1-epoch train run is the ablation's own."""
+    results, _, _ = study_dir
+    args = ["-m", "scripts.studies.frontier", "--epochs", "1", "--trainval-epochs", "1"]
+    args += ["--seeds", "0", "--results", str(results), *tiny_overrides(tiny_dir)]
+    out = run_command(*args).stdout
+    assert "measuring the epoch-time ratio" in out and "frontier: 4 runs, 0 done" in out
+    ratio = json.loads((results / "frontier_budget.json").read_text())["ratio"]
+    frame = pd.read_csv(results / "frontier.csv").set_index("row")
+    ablated = pd.read_csv(results / "ablation.csv").set_index("row")["run"]
+    assert frame.loc["plus_aux_fusion:train:E1", "run"] == ablated["plus_aux_fusion"]
+    for split in ("train", "train+val"):
+        assert frame.loc[f"plus_aux_fusion:{split}:E1", "epochs"] == 1
+        equal_time = max(1, round(ratio))
+        assert frame.loc[f"strong_baseline:{split}:E1", "epochs"] == equal_time
+    report = (results / "frontier.md").read_text()
+    assert "| train | 1 |" in report and "| train+val | 1 |" in report
+    assert (results / "frontier.png").stat().st_size > 1000
+    assert "0 to do" in run_command(*args).stdout  # a rerun trains nothing

@@ -68,9 +68,14 @@ def test_the_real_loop_reports_its_images_per_second_for_each_epoch(tiny_dir, tm
 
 
 @pytest.mark.slow
-def test_the_demo_section_runs_the_pipeline_and_compares_two_predictions(tiny_dir, tmp_path):
+def test_the_agreement_rows_predict_one_checkpoint_twice_and_compare(tiny_dir, tmp_path):
     """On the CPU both 'devices' are the CPU: the fp32 probabilities agree exactly."""
-    overrides = [f"data_dir={tiny_dir}", "epochs=1", "batch_size=8", "eval_every=1"]
-    rows = gpu_check.demo_section(tmp_path, overrides)
-    assert rows[0][0] == "make demo on the GPU"
-    assert rows[1][1] == "max |dp| 0.00e+00, argmax equal 100.00%"
+    dirs = [f"data_dir={tiny_dir}", f"out_dir={tmp_path / 'runs'}", f"logits_dir={tmp_path}"]
+    member = "demo_resnet18_w16"
+    run_command("-m", "train", member, *dirs, "epochs=1", "batch_size=8")
+    rows = gpu_check.agreement_rows(member, dirs, tmp_path)
+    assert [r[0] for r in rows] == [
+        f"{member} TenCrop, GPU no vs CPU fp32",
+        f"{member} TenCrop, GPU bf16 vs CPU fp32",
+    ]
+    assert rows[0][1] == "max |dp| 0.00e+00, argmax equal 100.00%"

@@ -336,11 +336,13 @@ def test_a_run_started_in_process_gives_back_the_signals_it_took(tiny_dir, tmp_p
     from train.run import train
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    wakeup_fd = signal.set_wakeup_fd(-1)  # read it: setting returns the previous one
+    signal.set_wakeup_fd(wakeup_fd)
     # workers=1: the forked loader process holds copies of the watchdog's pipe
     cfg = load_config(RUN[0], [*args_for(tiny_dir, tmp_path, "epochs=1", "workers=1")[1:]])
     assert train(cfg) == 0
     assert {sig: signal.getsignal(sig) for sig in before} == before
-    assert signal.set_wakeup_fd(-1) == -1  # none was set before the run, none is left
+    assert signal.set_wakeup_fd(wakeup_fd) == wakeup_fd  # the one found before the run
     assert not [t for t in threading.enumerate() if t.name == "stop"]
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))

@@ -148,7 +148,6 @@ class Run:
             cfg["grad_clip"],
             self.channels_last,
         )
-        self.stop = StopRequest(cfg["stop_timeout_s"])
         # Where the loop stands; all of it travels in the checkpoint.
         self.epoch, self.micro, self.global_step = 0, 0, 0
         self.nonfinite_run, self.skipped = 0, 0
@@ -215,6 +214,12 @@ class Run:
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> int:
+        """Resume, then train to the end or to a stop signal. SIGTERM/SIGUSR1 are the run's only
+        while it trains: the process gets its own handlers back however this returns."""
+        with StopRequest(self.cfg["stop_timeout_s"]) as self.stop:
+            return self._train()
+
+    def _train(self) -> int:
         cfg = self.cfg
         self.acc.print(
             f"run {cfg['name']}: world size {self.world} ({self.acc.distributed_type.value}, "
@@ -391,14 +396,12 @@ def heldout_note(row: dict[str, Any]) -> str:
 
 
 def run_to_end(run: Run) -> int:
-    """Train `run` to its end or its stop; the trackers, the heartbeat and the stop request
-    (the process's signal handlers) are closed either way."""
+    """Train `run` to its end or its stop; the trackers and the heartbeat are closed either way."""
     code = None
     try:
         code = run.train()
         return code
     finally:
-        run.stop.close()
         run.tracking.finish(code, run.global_step)
 
 

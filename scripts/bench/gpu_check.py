@@ -2,7 +2,8 @@
 
 Without CUDA it refuses in one line. On a CUDA machine each section prints its table as soon as
 it is measured and rewrites results/gpu_check.md (the sections so far), so that a run cut short
-still reports what it measured. In order, cheapest first:
+still reports what it measured; a section that fails is reported as failed, with its error, and
+the next one runs. In order, cheapest first:
 
 1. bare: the real step (`train.run.Run.train_step`: the device's augmentation of a real loader
    batch, then Algorithm 1) of EfficientNet-B2 at 320 px (configs/models/effnet_b2_ablation.yaml,
@@ -259,12 +260,18 @@ def agreement(cpu: np.ndarray, gpu: np.ndarray) -> tuple[float, float]:
     return float(np.abs(cpu - gpu).max()), float(same)
 
 
-def demo_section(out: Path, overrides: Sequence[str] = ()) -> Rows:
+def demo_section(out: Path) -> Rows:
     started = time.perf_counter()
-    dirs = [f"out_dir={out / 'runs'}", f"logits_dir={out / 'logits'}", *overrides]
+    dirs = [f"out_dir={out / 'runs'}", f"logits_dir={out / 'logits'}"]
     run_module("scripts.ops.demo", *dirs, "--submissions", str(out / "submissions"))
     rows = [("make demo on the GPU", f"{time.perf_counter() - started:.0f} s", "2-core CPU: 301 s")]
     member = load_ensemble_config("demo")["models"][0]
+    return rows + agreement_rows(member, dirs, out)
+
+
+def agreement_rows(member: str, dirs: list[str], out: Path) -> Rows:
+    """The trained `member` predicted on the CPU (fp32) and on the GPU (fp32, bf16)."""
+    rows = []
     on_cpu = probabilities(member, [*dirs, "mixed_precision=no"], out / "agree", cpu=True)
     for precision, goal in (("no", "fp32: within 1e-4"), ("bf16", "bf16: argmax >= 99.5%")):
         on_gpu = probabilities(
@@ -366,7 +373,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in args.sections:
             begun = time.perf_counter()
             print(f"\ngpu-check: {name} ...", flush=True)
-            report.add(name, sections[name](), time.perf_counter() - begun)
+            try:
+                rows = sections[name]()
+            except Exception as err:  # noqa: BLE001 (one device session: measure the rest)
+                rows = [(name, "failed", " ".join(f"{type(err).__name__}: {err}".split())[:300])]
+            report.add(name, rows, time.perf_counter() - begun)
             torch.cuda.empty_cache()  # what a section held is free for the next
     print(f"\ngpu-check: {(time.perf_counter() - started) / 60:.1f} min; {args.report}")
 
