@@ -201,3 +201,23 @@ def test_every_recipe_key_of_base_yaml_says_whether_the_paper_or_we_chose_it():
     assert "ours" in comments["ema_decay"] and "paper gives no eta" in comments["ema_decay"]
     for key in ("opt_eps", "lr_base_batch", "mix_prob", "fusion_fallback"):
         assert "ours" in comments[key], key
+
+
+def test_workers_auto_takes_the_measured_cpu_value_on_a_cpu_and_the_cores_per_gpu_on_a_gpu(
+    monkeypatch,
+):
+    import train.data as data
+    import train.distributed as distributed
+
+    assert load_config("effnet_b7")["workers"] == "auto"  # every config's default
+    assert data.loader_workers(load_config("demo_resnet18")) == 1  # cpu_workers, 2 cores
+    assert data.loader_workers(load_config("demo_resnet18_w16")) == 0  # the demo's members
+    assert data.loader_workers(load_config("demo_resnet18", ["workers=3"])) == 3
+    monkeypatch.setattr(data.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two GPU processes share the 16 cores
+    assert data.loader_workers(load_config("effnet_b7")) == 7  # 8 each, one for the process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert data.loader_workers(load_config("effnet_b7")) == 15
+    with pytest.raises(UserError, match="workers=-1"):
+        load_config("demo_resnet18", ["workers=-1"])

@@ -29,6 +29,7 @@ the next one runs. In order, cheapest first:
 from __future__ import annotations
 
 import argparse
+import subprocess
 import tempfile
 import threading
 import time
@@ -163,7 +164,8 @@ def loader_section(rates: dict[str, float], folder: Path, batches: int) -> Rows:
 
 # ---- 3. the real loop ----------------------------------------------------------------------
 class Utilisation:
-    """Samples the GPU's utilisation (NVML, through torch) every `every` s while active."""
+    """Samples GPU 0's utilisation (%) every `every` s while active, from nvidia-smi (present
+    wherever the driver is; torch.cuda.utilization would need pynvml)."""
 
     def __init__(self, every: float = 0.5):
         self.every, self.samples = every, []
@@ -171,8 +173,11 @@ class Utilisation:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
         while not self._done.wait(self.every):
-            self.samples.append(torch.cuda.utilization())
+            out = subprocess.run([*query, "-i", "0"], capture_output=True, text=True, timeout=10)
+            if out.returncode == 0 and out.stdout.strip().isdigit():
+                self.samples.append(int(out.stdout.strip()))
 
     def __enter__(self) -> Utilisation:
         if torch.cuda.is_available():
