@@ -29,7 +29,7 @@ import yaml
 from PIL import Image
 
 from scripts.stages import ROOT
-from train.views import MultiViewDataset, build_train_transform, load_rgb
+from train.views import MultiViewDataset, WorkerViews, build_train_transform, load_rgb
 
 
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[tuple[str, Path, int]]:
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = yaml.safe_load((ROOT / "configs" / "base.yaml").read_text())
     cfg["img_size"] = args.img_size
-    transform = build_train_transform(cfg)
+    # What a loader worker does: the PIL half, to uint8 views and erasing draws (the device
+    # finishes them, train/views.py).
+    transform = WorkerViews(build_train_transform(cfg))
     with tempfile.TemporaryDirectory() as tmp:
         items = make_jpegs(Path(tmp), args.images)
         once = MultiViewDataset(items, transform, num_views=2, seed=0)
