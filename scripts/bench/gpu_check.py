@@ -229,7 +229,7 @@ def b7_section(repeat: int) -> Rows:
     if images < 1:
         return [("B7 448 px step", "not run", "make plan fits no image on this GPU")]
     state = plan.build_state(cfg, "cuda")
-    plan.training_step(state, 1, plan.WARMUP_SIZE, "cuda")  # optimiser state and gradients
+    plan.training_step(state, 1, cfg["img_size"], "cuda")  # optimiser state and gradients
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     plan.training_step(state, images, cfg["img_size"], "cuda")

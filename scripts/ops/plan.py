@@ -32,14 +32,16 @@ from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch import nn
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.errors import UserError, cli_main
 from ensemble.blend import load_ensemble_config
-from train.config import load_config
+from train.config import available, load_config
 from train.losses import AttractRepulseLoss
 from train.model import build_model
 from train.run import optimizer_kwargs
@@ -62,7 +64,6 @@ REFERENCE_THROUGHPUT = {
     "resnet": ("resnet101", 224, 747.89),
 }
 IMAGES_PER_CLASS = 50  # the VIPriors subset: 50 train and 50 val images per class
-WARMUP_SIZE = 64  # px of the step that creates the optimiser state before the measured one
 # The config keys that decide a footprint: configs that agree on them share one measurement.
 FOOTPRINT_KEYS = (
     "arch",
@@ -79,8 +80,9 @@ FOOTPRINT_KEYS = (
 
 
 def plan_models() -> list[str]:
-    """The paper's 16 ensemble members and the ablation's EfficientNet-B2."""
-    return [*load_ensemble_config("vipriors16")["models"], "effnet_b2_ablation"]
+    """The paper's 16 ensemble members, the ablation's EfficientNet-B2 and Table 1's rows."""
+    table1 = [m for m in available("models") if m.startswith("table1_")]
+    return [*load_ensemble_config("vipriors16")["models"], "effnet_b2_ablation", *table1]
 
 
 class StorageTracker(TorchDispatchMode):
@@ -137,13 +139,27 @@ class TrainingState:
         return out
 
 
+def model_on(cfg: dict[str, Any], device: str) -> nn.Module:
+    """`build_model` on `device`, or on FakeTensors inside FakeTensorMode: built on the meta
+    device, then given fake storage there, since some timm models compute settings from tensors
+    while they are built (Swin's drop-path rates: `torch.linspace(...).item()`), which a
+    FakeTensor cannot answer."""
+    if detect_fake_mode() is None:
+        with torch.device(device):
+            return build_model(cfg)
+    with unset_fake_temporarily(), torch.device("meta"):
+        model = build_model(cfg)
+    # Module.to_empty's own walk, with a factory instead of empty_like: FakeTensorMode refuses
+    # the meta tensors as inputs, but makes fake ones from shapes.
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+
+
 def build_state(cfg: dict[str, Any], device: str = "cpu") -> TrainingState:
     """The run's modules. The teacher is a second model rather than timm's ModelEmaV3 (a deep
     copy, which FakeTensors do not support): the same tensors. Contrastive Regularization is left
     out: its positive mask is data-dependent, and its [2N, 2N] and [2N, C] temporaries are small."""
-    with torch.device(device):
-        student = build_model(cfg)
-        teacher = build_model(cfg).requires_grad_(False)
+    student = model_on(cfg, device)
+    teacher = model_on(cfg, device).requires_grad_(False)
     optimizer = create_optimizer_v2(student, opt=cfg["opt"], lr=cfg["lr"], **optimizer_kwargs(cfg))
     criterion = AttractRepulseLoss.from_config({**cfg, "cr_weight": 0.0})
     return TrainingState(student, teacher, optimizer, criterion, cfg)
@@ -179,7 +195,9 @@ def step_peak_bytes(cfg: dict[str, Any], images_list: Sequence[int]) -> list[int
     peaks = []
     with FakeTensorMode():
         state = build_state(cfg)
-        training_step(state, 1, WARMUP_SIZE)  # creates the optimiser state and the gradients
+        # one image first creates the optimiser state and the gradients (at the config's size:
+        # some models, Swin among them, take no other)
+        training_step(state, 1, cfg["img_size"])
         for images in images_list:
             tracker = StorageTracker()
             for tensor in state.tensors():
@@ -193,7 +211,7 @@ def step_peak_bytes(cfg: dict[str, Any], images_list: Sequence[int]) -> list[int
 def forward_gflops(cfg: dict[str, Any]) -> tuple[float, int]:
     """(forward GFLOPs of one image at the training resolution, student parameters)."""
     with FakeTensorMode():
-        model = build_model(cfg).eval()
+        model = model_on(cfg, "cpu").eval()
         params = sum(p.numel() for p in model.parameters())
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
@@ -263,7 +281,8 @@ def reference_tflops(cfg: dict[str, Any]) -> dict[str, float]:
     """Model TFLOP/s of each family's reference: images/s x 3 (forward + backward) x GFLOPs."""
     out = {}
     for name, (arch, px, images_per_s) in REFERENCE_THROUGHPUT.items():
-        gflops, _ = forward_gflops({**cfg, "arch": arch, "img_size": px, "aux_weight": 0.0})
+        reference = {**cfg, "arch": arch, "arch_kwargs": {}, "img_size": px, "aux_weight": 0.0}
+        gflops, _ = forward_gflops(reference)
         out[name] = images_per_s * 3 * gflops / 1e3
     return out
 
@@ -338,7 +357,7 @@ def assumptions(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         "Global batch: the config's batch_size x grad_accum on the paper's 8 GPUs (the lr is "
         "given for it); micro-batches are even (Mixup/CutMix pair images), and smaller ones "
         "than the config's see fewer negatives in CR.",
-        f"Hours on {args.gpus} GPUs: epochs x training images x 2 views x {PASSES} passes x "
+        f"Hours on {args.gpus} GPUs: epochs x training images x num_views x {PASSES} passes x "
         f"forward FLOPs at {speed}; validation passes left out.",
     ]
     if ensemble:
