@@ -228,6 +228,20 @@ def test_make_ablation_appends_each_run_writes_its_tables_and_a_rerun_does_nothi
 
 
 @pytest.mark.slow
+def test_rows_at_another_length_have_their_own_tables_beside_the_ablation(tmp_path, tiny_dir):
+    """`--epochs 2`: the rows trained 2 epochs, apart in ablation_e2.*; no ablation.* written."""
+    results = tmp_path
+    args = ["-m", "scripts.studies.ablation", "--epochs", "2", "--rows", "vanilla_aug"]
+    args += ["--seeds", "0", "--results", str(results), *tiny_overrides(tiny_dir)]
+    assert "ablation_e2: 1 runs, 0 done" in run_command(*args).stdout
+    frame = pd.read_csv(results / "ablation_e2.csv")
+    assert frame["row"].tolist() == ["vanilla_aug"] and frame["epochs"].tolist() == [2]
+    assert "every run 2 epochs long" in (results / "ablation_e2.md").read_text()
+    assert (results / "ablation_e2.png").is_file()
+    assert not (results / "ablation.md").exists() and not (results / "ablation.csv").exists()
+
+
+@pytest.mark.slow
 def test_make_sweep_scores_each_value_and_draws_figure_4(study_dir, tiny_dir):
     results, _, _ = study_dir
     run_command(
@@ -340,3 +354,7 @@ def test_make_frontier_trains_both_sides_at_equal_time_and_draws_the_frontier(st
     assert "| train | 1 |" in report and "| train+val | 1 |" in report
     assert (results / "frontier.png").stat().st_size > 1000
     assert "0 to do" in run_command(*args).stdout  # a rerun trains nothing
+    # a run of one budget keeps every budget already scored in the report
+    args[args.index("--trainval-epochs") + 1] = "0"
+    assert "frontier: 2 runs, 2 done, 0 to do" in run_command(*args).stdout
+    assert "| train+val | 1 |" in (results / "frontier.md").read_text()

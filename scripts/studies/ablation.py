@@ -7,6 +7,8 @@ rewritten from the CSV: results/ablation.{md,png} (each row beside the paper's n
 difference to the row it is compared to, and whether that reproduces the paper's), and for the
 sweep results/sweep_<knob>.md and results/sweep.png (the paper's Figure 4: value on x, test
 top-1 mean with standard-deviation error bars on y, one panel per knob).
+`--epochs N` trains the rows N epochs long, apart: results/ablation_e<N>.{csv,md,png} (the
+augmentation claims at length: `make ablation ARGS="--epochs 48 --rows ..."`).
 """
 
 from __future__ import annotations
@@ -62,11 +64,14 @@ def ablation_line(row: dict, frame: pd.DataFrame, paper: dict) -> str:
     )
 
 
-def write_ablation(frame: pd.DataFrame, rows: list[dict], spec: dict, results: Path) -> None:
-    """results/ablation.md (grouped as the paper's tables) and ablation.png (bars, error bars)."""
+def write_ablation(
+    frame: pd.DataFrame, rows: list[dict], spec: dict, results: Path, stage: str = "ablation"
+) -> None:
+    """results/<stage>.md (grouped as the paper's tables) and <stage>.png (bars, error bars)."""
     paper = {r["name"]: r.get("paper") for r in spec["rows"]}
+    length = "" if stage == "ablation" else f", every run {stage.split('_e')[1]} epochs long"
     lines = [
-        "# The paper's Tables 2 and 3 on the embedded benchmark",
+        f"# The paper's Tables 2 and 3 on the embedded benchmark{length}",
         "",
         f"`{spec['model']}` trained on the train split, scored on the full test set (centre crop);"
         " mean ± sample standard deviation over seeds. Δ: the row minus the row it is compared to"
@@ -80,12 +85,13 @@ def write_ablation(frame: pd.DataFrame, rows: list[dict], spec: dict, results: P
         if group:
             lines += ["", f"## {title}", "", HEADER]
             lines += [ablation_line(r, frame, paper) for r in group]
-    write_text_atomic(results / "ablation.md", "\n".join(lines) + "\n")
+    write_text_atomic(results / f"{stage}.md", "\n".join(lines) + "\n")
     if present:
-        plot_bars(runner.aggregate(frame).loc[[r["name"] for r in present]], spec["rows"], results)
+        stats = runner.aggregate(frame).loc[[r["name"] for r in present]]
+        plot_bars(stats, spec["rows"], results / f"{stage}.png")
 
 
-def plot_bars(stats: pd.DataFrame, rows: list[dict], results: Path) -> None:
+def plot_bars(stats: pd.DataFrame, rows: list[dict], path: Path) -> None:
     """Bars (mean, std error bars) coloured by the paper's table; the paper's top-1 on a
     second axis (another dataset and model: compare the pattern, not the level)."""
     plt = runner.pyplot()
@@ -109,7 +115,7 @@ def plot_bars(stats: pd.DataFrame, rows: list[dict], results: Path) -> None:
     other.set_ylabel("paper's top-1 (%), EfficientNet-b2 on ImageNet")
     other.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    runner.save_figure(fig, results / "ablation.png")
+    runner.save_figure(fig, path)
 
 
 # ---- the sweep (Figure 4) ------------------------------------------------------------------
@@ -221,6 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rows", nargs="*", help="only these rows (names, e.g. cr_weight=0.3)")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the seeds")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help="the rows at this length, apart: results/ablation_e<N>.{csv,md,png} (not the sweep)",
+    )
     parser.add_argument("--results", type=Path, default=Path("results"), help="output folder")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (e.g. epochs=30)")
     args = parser.parse_args(argv)
@@ -232,14 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for r in every if not args.rows or r["name"] in args.rows]
     spec_seeds = spec["sweep_seeds" if args.sweep else "seeds"]
     seeds = args.seeds or spec_seeds
-    jobs = runner.row_jobs(spec, rows, seeds, args.overrides)
+    if args.sweep and args.epochs:
+        parser.error("--epochs is for the rows; a sweep's length is an override (epochs=N)")
+    overrides = [*args.overrides, *([f"epochs={args.epochs}"] if args.epochs else [])]
+    jobs = runner.row_jobs(spec, rows, seeds, overrides)
     # The tables show every row and seed scored so far, not only this invocation's.
-    shown = runner.row_jobs(spec, every, sorted({*spec_seeds, *seeds}), args.overrides)
+    shown = runner.row_jobs(spec, every, sorted({*spec_seeds, *seeds}), overrides)
+    stage = "sweep" if args.sweep else f"ablation_e{args.epochs}" if args.epochs else "ablation"
     if args.sweep:
         report = partial(write_sweep, rows=every, results=args.results)
     else:
-        report = partial(write_ablation, rows=every, spec=spec, results=args.results)
-    stage = "sweep" if args.sweep else "ablation"
+        report = partial(write_ablation, rows=every, spec=spec, results=args.results, stage=stage)
     runner.run_jobs(stage, spec["model"], jobs, args.results, spec, report, shown)
 
 

@@ -87,6 +87,21 @@ def budget_rows(spec: dict, split: str, epochs: int, ratio: float) -> list[dict]
     ]
 
 
+def scored(results: Path, split: str) -> list[int]:
+    """The budgets of `split` in <results>/frontier.csv (rows are `<row>:<split>:E<epochs>`)."""
+    csv = results / f"{STAGE}.csv"
+    names = pd.read_csv(csv)["row"].str.split(":") if csv.is_file() else []
+    return sorted({int(n[2][1:]) for n in names if n[1] == split})
+
+
+def frontier_rows(spec: dict, budgets: list[int], trainval: list[int], ratio: float) -> list[dict]:
+    """Both sides at each budget on the train split, then at each train+val budget (0: none)."""
+    rows = [r for e in dict.fromkeys(budgets) for r in budget_rows(spec, "train", e, ratio)]
+    for epochs in dict.fromkeys(e for e in trainval if e):
+        rows += budget_rows(spec, "train+val", epochs, ratio)
+    return rows
+
+
 # ---- the report ----------------------------------------------------------------------------
 def side(name: str, spec: dict) -> str:
     return "full" if name.split(":")[0] == spec["full_recipe"] else "baseline"
@@ -214,13 +229,17 @@ def main(argv: list[str] | None = None) -> None:
     conf = spec["frontier"]
     extra = [o for o in args.overrides if not o.startswith("epochs=")]  # each row sets its own
     ratio = budget(spec, extra, args.results)["ratio"]
-    rows = [r for e in args.epochs or conf["epochs"] for r in budget_rows(spec, "train", e, ratio)]
     trainval = conf["trainval_epochs"] if args.trainval_epochs is None else args.trainval_epochs
-    if trainval:
-        rows += budget_rows(spec, "train+val", trainval, ratio)
-    jobs = runner.row_jobs(spec, rows, args.seeds or conf["seeds"], extra)
+    seeds = args.seeds or conf["seeds"]
+    rows = frontier_rows(spec, args.epochs or conf["epochs"], [trainval], ratio)
+    jobs = runner.row_jobs(spec, rows, seeds, extra)
+    # The report shows every budget scored so far, not only this invocation's.
+    budgets = [*conf["epochs"], *(args.epochs or []), *scored(args.results, "train")]
+    trainvals = [conf["trainval_epochs"], trainval, *scored(args.results, "train+val")]
+    every = frontier_rows(spec, budgets, trainvals, ratio)
+    shown = runner.row_jobs(spec, every, sorted({*conf["seeds"], *seeds}), extra)
     report = partial(write_report, spec=spec, results=args.results)
-    runner.run_jobs(STAGE, spec["model"], jobs, args.results, spec, report)
+    runner.run_jobs(STAGE, spec["model"], jobs, args.results, spec, report, shown)
 
 
 if __name__ == "__main__":
