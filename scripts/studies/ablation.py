@@ -30,6 +30,7 @@ TABLES = {
     3: "Table 3: the components, cumulative",
     2: "Table 2: the Strong Baseline's augmentation",
     "variants": "Variants of the formulas, on the full recipe",
+    1: "Table 1: architectures, under the Strong Baseline",
 }
 HEADER = (
     "| row | paper's row | test top-1 (%) | seeds | epochs | compared to | Δ | Δ paper | verdict "
