@@ -93,6 +93,19 @@ def test_the_epoch_time_ratio_pools_every_epoch_of_every_seed():
     assert long_run.epoch_time_ratio(baseline, full) == pytest.approx(expected, rel=1e-12)
 
 
+def test_a_row_at_length_shows_the_default_lengths_difference_and_whether_its_sign_moved():
+    def scores(a: list[float], b: list[float]) -> pd.DataFrame:
+        rows = {"row": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1], "epochs": [48] * 4}
+        return pd.DataFrame({**rows, "test_top1": [*a, *b]})
+
+    row = {"name": "b", "paper_row": "B", "compare_to": "a"}
+    long, short = scores([70, 72], [74, 76]), scores([70, 72], [66, 68])
+    line = ablation.ablation_line(row, long, {}, short)
+    assert "| +4.00 |" in line and line.endswith("| -4.00 | yes |")
+    assert ablation.ablation_line(row, long, {}, long).endswith("| +4.00 | no |")
+    assert ablation.ablation_line(row, long, {}).endswith("|  |")  # no columns without `short`
+
+
 def test_knn_accuracy_is_a_leave_one_out_cosine_vote():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 4, 60)
@@ -237,7 +250,8 @@ def test_rows_at_another_length_have_their_own_tables_beside_the_ablation(tmp_pa
     assert "ablation_e2: 1 runs, 0 done" in run_command(*args).stdout
     frame = pd.read_csv(results / "ablation_e2.csv")
     assert frame["row"].tolist() == ["vanilla_aug"] and frame["epochs"].tolist() == [2]
-    assert "every run 2 epochs long" in (results / "ablation_e2.md").read_text()
+    table = (results / "ablation_e2.md").read_text()
+    assert "every run 2 epochs long" in table and "| Δ at 12 ep | sign moved |" in table
     assert (results / "ablation_e2.png").is_file()
     assert not (results / "ablation.md").exists() and not (results / "ablation.csv").exists()
 

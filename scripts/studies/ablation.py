@@ -42,27 +42,52 @@ def signed(value: float | None) -> str:
     return "" if value is None or math.isnan(value) else f"{value:+.2f}"
 
 
-def ablation_line(row: dict, frame: pd.DataFrame, paper: dict) -> str:
-    """One table line: the row's scores, and its difference to `compare_to` beside the paper's."""
+def delta_of(row: dict, frame: pd.DataFrame) -> tuple[float | None, float]:
+    """(the row's mean minus its `compare_to` row's, the standard error); None without both."""
+    ref = row.get("compare_to")
+    names = set(frame["row"])
+    if not ref or ref not in names or row["name"] not in names:
+        return None, math.nan
     scores = frame.loc[frame["row"] == row["name"], "test_top1"]
+    return runner.difference(scores, frame.loc[frame["row"] == ref, "test_top1"])
+
+
+def ablation_line(
+    row: dict, frame: pd.DataFrame, paper: dict, short: pd.DataFrame | None = None
+) -> str:
+    """One table line: the row's scores, and its difference to `compare_to` beside the paper's;
+    with `short` (the rows at the default length), that length's difference and whether the
+    sign moved."""
     stat = runner.aggregate(frame[frame["row"] == row["name"]]).iloc[0]
     epochs = "/".join(
         str(e) for e in sorted(frame.loc[frame["row"] == row["name"], "epochs"].unique())
     )
     ref = row.get("compare_to")
-    delta = paper_delta = None
+    delta, se = delta_of(row, frame)
+    paper_delta = None
     judged = ""
-    if ref and (frame["row"] == ref).any():
-        delta, se = runner.difference(scores, frame.loc[frame["row"] == ref, "test_top1"])
+    if delta is not None:
         if paper.get(row["name"]) is not None and paper.get(ref) is not None:
             paper_delta = paper[row["name"]] - paper[ref]
         judged = runner.verdict(delta, se, paper_delta)
     ref_paper = "" if paper.get(row["name"]) is None else f"{paper[row['name']]:.2f}"
-    return (
+    line = (
         f"| {row['name']} | {row['paper_row']} | {runner.mean_std(stat)} | {int(stat['count'])} "
         f"| {epochs} | {ref or ''} | {signed(delta)} | {signed(paper_delta)} | {judged} "
         f"| {ref_paper} |"
     )
+    if short is None:
+        return line
+    before, _ = delta_of(row, short)
+    moved = "" if delta is None or before is None else "yes" if delta * before < 0 else "no"
+    return f"{line} {signed(before)} | {moved} |"
+
+
+def at_default_length(rows: list[dict], spec: dict, results: Path) -> pd.DataFrame:
+    """The rows' scores at the spec's own length (results/ablation.csv), to compare against."""
+    jobs = runner.row_jobs(spec, rows, spec["seeds"], [])
+    frame = runner.read_results(results / "ablation.csv")
+    return runner.current(frame, runner.wanted(spec["model"], jobs, results))
 
 
 def write_ablation(
@@ -71,6 +96,12 @@ def write_ablation(
     """results/<stage>.md (grouped as the paper's tables) and <stage>.png (bars, error bars)."""
     paper = {r["name"]: r.get("paper") for r in spec["rows"]}
     length = "" if stage == "ablation" else f", every run {stage.split('_e')[1]} epochs long"
+    header, short = HEADER, None
+    if stage != "ablation":  # beside each difference, the default length's (ablation.csv)
+        short = at_default_length(rows, spec, results)
+        default = load_config(spec["model"], spec["common"])["epochs"]
+        header = HEADER.replace("| paper |\n", f"| paper | Δ at {default} ep | sign moved |\n")
+        header += "---|---|"
     lines = [
         f"# The paper's Tables 2 and 3 on the embedded benchmark{length}",
         "",
@@ -84,8 +115,8 @@ def write_ablation(
     for table, title in TABLES.items():
         group = [r for r in present if r["table"] == table]
         if group:
-            lines += ["", f"## {title}", "", HEADER]
-            lines += [ablation_line(r, frame, paper) for r in group]
+            lines += ["", f"## {title}", "", header]
+            lines += [ablation_line(r, frame, paper, short) for r in group]
     write_text_atomic(results / f"{stage}.md", "\n".join(lines) + "\n")
     if present:
         stats = runner.aggregate(frame).loc[[r["name"] for r in present]]
