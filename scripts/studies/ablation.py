@@ -91,14 +91,19 @@ def at_default_length(rows: list[dict], spec: dict, results: Path) -> pd.DataFra
 
 
 def write_ablation(
-    frame: pd.DataFrame, rows: list[dict], spec: dict, results: Path, stage: str = "ablation"
+    frame: pd.DataFrame,
+    rows: list[dict],
+    spec: dict,
+    results: Path,
+    epochs: int | None = None,
+    short: pd.DataFrame | None = None,
 ) -> None:
-    """results/<stage>.md (grouped as the paper's tables) and <stage>.png (bars, error bars)."""
+    """results/ablation.md (grouped as the paper's tables) and ablation.png (bars, error bars);
+    with `epochs`, ablation_e<epochs>.*, each difference beside the default length's (`short`)."""
     paper = {r["name"]: r.get("paper") for r in spec["rows"]}
-    length = "" if stage == "ablation" else f", every run {stage.split('_e')[1]} epochs long"
-    header, short = HEADER, None
-    if stage != "ablation":  # beside each difference, the default length's (ablation.csv)
-        short = at_default_length(rows, spec, results)
+    stage, length, header = "ablation", "", HEADER
+    if epochs:
+        stage, length = f"ablation_e{epochs}", f", every run {epochs} epochs long"
         default = load_config(spec["model"], spec["common"])["epochs"]
         header = HEADER.replace("| paper |\n", f"| paper | Δ at {default} ep | sign moved |\n")
         header += "---|---|"
@@ -285,7 +290,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         report = partial(write_sweep, rows=every, results=args.results)
     else:
-        report = partial(write_ablation, rows=every, spec=spec, results=args.results, stage=stage)
+        # at length, the default length's scores (ablation.csv, which this stage leaves alone)
+        short = at_default_length(every, spec, args.results) if args.epochs else None
+        report = partial(
+            write_ablation,
+            rows=every,
+            spec=spec,
+            results=args.results,
+            epochs=args.epochs,
+            short=short,
+        )
     runner.run_jobs(stage, spec["model"], jobs, args.results, spec, report, shown)
 
 

@@ -234,9 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = frontier_rows(spec, args.epochs or conf["epochs"], [trainval], ratio)
     jobs = runner.row_jobs(spec, rows, seeds, extra)
     # The report shows every budget scored so far, not only this invocation's.
-    budgets = [*conf["epochs"], *(args.epochs or []), *scored(args.results, "train")]
-    trainvals = [conf["trainval_epochs"], trainval, *scored(args.results, "train+val")]
-    every = frontier_rows(spec, budgets, trainvals, ratio)
+    budgets = [*(args.epochs or conf["epochs"]), *scored(args.results, "train")]
+    every = frontier_rows(spec, budgets, [trainval, *scored(args.results, "train+val")], ratio)
     shown = runner.row_jobs(spec, every, sorted({*conf["seeds"], *seeds}), extra)
     report = partial(write_report, spec=spec, results=args.results)
     runner.run_jobs(STAGE, spec["model"], jobs, args.results, spec, report, shown)
