@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from scripts.studies import ablation, long_run, runner, tsne
-from tests.conftest import run_command
+from tests.conftest import NARROW, run_command
 from train.config import load_config
 
 
@@ -198,7 +198,14 @@ def test_the_spec_holds_every_row_and_sweep_the_issue_asks_for():
 
 # ---- end to end on the tiny dataset ---------------------------------------------------------
 def tiny_overrides(tiny_dir: Path) -> list[str]:
-    return [f"data_dir={tiny_dir}", "epochs=1", "batch_size=8", "ckpt_every_steps=0", "workers=0"]
+    return [
+        f"data_dir={tiny_dir}",
+        "epochs=1",
+        "batch_size=8",
+        "ckpt_every_steps=0",
+        "workers=0",
+        NARROW,
+    ]
 
 
 @pytest.fixture(scope="module")

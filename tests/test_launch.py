@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run_command
+from tests.conftest import NARROW, ROOT, run_command
 from train.launch import launch_args
 
 
@@ -40,6 +40,7 @@ def test_accelerate_launch_prints_no_values_not_passed_warning(tiny_dir, tmp_pat
         "-m",
         "train.launch",
         "demo_resnet18",
+        NARROW,
         "epochs=1",
         "batch_size=8",
         "workers=0",
@@ -104,7 +105,7 @@ def test_a_sigterm_to_a_two_process_launch_checkpoints_even_when_it_outlasts_the
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SLOW_CHECKPOINT.format(delay=35))
     out = tmp_path / "out"
-    args = ["demo_resnet18", "epochs=3", "batch_size=4", "workers=0", "ckpt_every_steps=0"]
+    args = ["demo_resnet18", NARROW, "epochs=3", "batch_size=4", "workers=0", "ckpt_every_steps=0"]
     args += [f"data_dir={tiny_dir}", f"out_dir={out}", "train_splits=[train]"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "train.launch", "--num_processes", "2", *args],

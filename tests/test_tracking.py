@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
 from common.errors import UserError
-from tests.conftest import ROOT, run_command
+from tests.conftest import NARROW, ROOT, run_command
 from train.config import load_config
 from train.heartbeat import FILE as HEARTBEAT
 from train.tracking import Tracking, hyperparameters, init_kwargs, trackers
@@ -115,6 +115,7 @@ def test_hyperparameters_are_flat_scalars_and_resume_options_name_the_step():
 # kill after step 8 leaves logged steps that the resumed run must replace, not repeat.
 RUN_ARGS = [
     "demo_resnet18",
+    NARROW,
     "epochs=2",
     "batch_size=8",
     "workers=1",

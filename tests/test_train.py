@@ -17,13 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 from common.errors import UserError
-from tests.conftest import ROOT, run_command
+from tests.conftest import NARROW, ROOT, run_command
 
 pytestmark = pytest.mark.slow
 
 # 80 training images, batch 8: 10 steps an epoch, 20 in all; a checkpoint every 3 steps.
 RUN_ARGS = [
     "demo_resnet18",
+    NARROW,
     "epochs=2",
     "batch_size=8",
     "workers=1",

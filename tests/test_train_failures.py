@@ -24,9 +24,16 @@ import pytest
 import yaml
 
 from common.lock import holder
-from tests.conftest import ROOT, run_command
+from tests.conftest import NARROW, ROOT, run_command
 
-RUN = ["demo_resnet18", "batch_size=8", "warmup_epochs=1", "lr=0.05", "train_splits=[train]"]
+RUN = [
+    "demo_resnet18",
+    NARROW,
+    "batch_size=8",
+    "warmup_epochs=1",
+    "lr=0.05",
+    "train_splits=[train]",
+]
 PATIENCE_S = 300  # far beyond any of these runs on a loaded machine; a hang fails the test
 
 
@@ -228,7 +235,8 @@ def test_a_full_disk_during_a_checkpoint_says_how_much_room_it_needs_and_loses_n
     )
     assert needed, line
     written = sum(f.stat().st_size for f in (checkpoints / "step_000000003").iterdir())
-    assert int(needed.group(1).replace(",", "")) == pytest.approx(written / 1e6, rel=0.05)
+    # (whole MB in the message)
+    assert int(needed.group(1).replace(",", "")) == pytest.approx(written / 1e6, rel=0.05, abs=0.5)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000000003"]  # no partial
     resumed = run_command("-m", "train", *args)
     assert f"resumed from {checkpoints / 'step_000000003'}" in resumed.stdout
