@@ -265,11 +265,15 @@ def test_rows_at_another_length_have_their_own_tables_beside_the_ablation(tmp_pa
 
 @pytest.mark.slow
 def test_make_sweep_scores_each_value_and_draws_figure_4(study_dir, tiny_dir):
+    """At a length of its own (`--epochs 1`, the tiny runs' length: the ablation's run is the
+    recipe's point), apart in sweep_e1.*, val beside test."""
     results, _, _ = study_dir
     run_command(
         "-m",
         "scripts.studies.ablation",
         "--sweep",
+        "--epochs",
+        "1",
         "--rows",
         "rce_weight=0.01",
         "rce_weight=0.1",
@@ -280,16 +284,21 @@ def test_make_sweep_scores_each_value_and_draws_figure_4(study_dir, tiny_dir):
         str(results),
         *tiny_overrides(tiny_dir),
     )
-    sweep = pd.read_csv(results / "sweep.csv")
+    sweep = pd.read_csv(results / "sweep_e1.csv")
     full = pd.read_csv(results / "ablation.csv").set_index("row").loc["plus_aux_fusion", "run"]
     runs = dict(zip(sweep["row"], sweep["run"], strict=True))
     assert runs["rce_weight=0.01"] == runs["mt_weight=1.0"] == full  # the recipe's own point
     assert runs["rce_weight=0.1"] != full
     assert len(list((results / "runs").iterdir())) == 3  # one new run
-    alpha = (results / "sweep_rce_weight.md").read_text()
-    assert "| 0.01 (recipe) |" in alpha and "| 0.1 |" in alpha
-    assert (results / "sweep_mt_weight.md").is_file()
-    assert (results / "sweep.png").stat().st_size > 1000
+    alpha = (results / "sweep_e1_rce_weight.md").read_text()
+    assert "| val top-1 (%) | test top-1 (%) |" in alpha and "| Δ val |" in alpha
+    recipe = next(line for line in alpha.splitlines() if line.startswith("| 0.01 (recipe) |"))
+    val = sweep.set_index("row").loc["rce_weight=0.01", "val_top1"]
+    assert f"| {val:.2f} ± – |" in recipe
+    assert "| 0.1 |" in alpha
+    assert (results / "sweep_e1_mt_weight.md").is_file()
+    assert (results / "sweep_e1.png").stat().st_size > 1000
+    assert not (results / "sweep.csv").exists()
 
 
 @pytest.mark.slow

@@ -7,8 +7,10 @@ rewritten from the CSV: results/ablation.{md,png} (each row beside the paper's n
 difference to the row it is compared to, and whether that reproduces the paper's), and for the
 sweep results/sweep_<knob>.md and results/sweep.png (the paper's Figure 4: value on x, test
 top-1 mean with standard-deviation error bars on y, one panel per knob).
-`--epochs N` trains the rows N epochs long, apart: results/ablation_e<N>.{csv,md,png} (the
-augmentation claims at length: `make ablation ARGS="--epochs 48 --rows ..."`).
+`--epochs N` trains the rows (or the swept values) N epochs long, apart:
+results/ablation_e<N>.{csv,md,png} (the augmentation claims at length: `make ablation
+ARGS="--epochs 48 --rows ..."`), results/sweep_e<N>.csv, sweep_e<N>_<knob>.md, sweep_e<N>.png
+(the recipe's choices confirmed at length).
 """
 
 from __future__ import annotations
@@ -189,36 +191,41 @@ def with_sweep_columns(frame: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
     return frame.merge(meta, on="row", how="inner")
 
 
-def write_sweep_table(frame: pd.DataFrame, knob: str, results: Path) -> None:
-    """results/sweep_<knob>.md: each value's scores, and its difference to the recipe's point."""
+def write_sweep_table(frame: pd.DataFrame, knob: str, results: Path, stage: str) -> None:
+    """results/<stage>_<knob>.md: each value's held-out val and test scores, and each value's
+    difference to the recipe's point on both (a choice is made on val, never on test)."""
     part = frame[frame["knob"] == knob]
-    centre = part.loc[part["recipe_point"], "test_top1"]
+    centre = part[part["recipe_point"]]
     lines = [
         f"# Figure 4 {part['panel'].iloc[0]}: `{knob}` around the full recipe",
         "",
-        "Test top-1 (%), mean ± sample standard deviation over seeds. Δ: minus the recipe's own"
-        " point; within noise when |Δ| is at most two standard errors.",
+        "Top-1 (%) on the held-out val images and on the test set, mean ± sample standard"
+        " deviation over seeds. Δ: minus the recipe's own point; within noise when |Δ| is at most"
+        " two standard errors.",
         "",
-        f"| {knob} | series | test top-1 (%) | seeds | epochs | Δ vs recipe | verdict |",
-        "|---|---|---|---|---|---|---|",
+        f"| {knob} | series | val top-1 (%) | test top-1 (%) | seeds | epochs | Δ val | verdict"
+        " (val) | Δ test vs recipe | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (series, value), group in part.groupby(["series", "value"], sort=False):
-        stat = runner.aggregate(group, by="knob").iloc[0]
+        stat = {m: runner.aggregate(group, "knob", m).iloc[0] for m in ("val_top1", "test_top1")}
         mark = " (recipe)" if group["recipe_point"].iloc[0] else ""
-        delta, judged = None, ""
+        cells = {m: ("", "") for m in stat}
         if len(centre) and not group["recipe_point"].iloc[0]:
-            delta, se = runner.difference(group["test_top1"], centre)
-            judged = runner.verdict(delta, se, None)
+            for metric in stat:
+                delta, se = runner.difference(group[metric], centre[metric])
+                cells[metric] = (signed(delta), runner.verdict(delta, se, None))
         epochs = "/".join(str(e) for e in sorted(group["epochs"].unique()))
         lines.append(
-            f"| {value:g}{mark} | {series} | {runner.mean_std(stat)} | {int(stat['count'])} "
-            f"| {epochs} | {signed(delta)} | {judged} |"
+            f"| {value:g}{mark} | {series} | {runner.mean_std(stat['val_top1'])} "
+            f"| {runner.mean_std(stat['test_top1'])} | {int(stat['test_top1']['count'])} "
+            f"| {epochs} | {' | '.join(cells['val_top1'])} | {' | '.join(cells['test_top1'])} |"
         )
-    write_text_atomic(results / f"sweep_{knob}.md", "\n".join(lines) + "\n")
+    write_text_atomic(results / f"{stage}_{knob}.md", "\n".join(lines) + "\n")
 
 
-def plot_sweep(frame: pd.DataFrame, results: Path) -> None:
-    """results/sweep.png: one panel per knob, each series a line of mean ± std per value."""
+def plot_sweep(frame: pd.DataFrame, results: Path, stage: str) -> None:
+    """results/<stage>.png: one panel per knob, each series a line of mean ± std per value."""
     plt = runner.pyplot()
     panels = list(dict.fromkeys(frame["panel"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
@@ -244,16 +251,16 @@ def plot_sweep(frame: pd.DataFrame, results: Path) -> None:
         ax.set(title=panel, xlabel=part["knob"].iloc[0], ylabel="test top-1 (%)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    runner.save_figure(fig, results / "sweep.png")
+    runner.save_figure(fig, results / f"{stage}.png")
 
 
-def write_sweep(frame: pd.DataFrame, rows: list[dict], results: Path) -> None:
+def write_sweep(frame: pd.DataFrame, rows: list[dict], results: Path, stage: str) -> None:
     frame = with_sweep_columns(frame, rows)
     if frame.empty:
         return
     for knob in dict.fromkeys(frame["knob"]):
-        write_sweep_table(frame, knob, results)
-    plot_sweep(frame, results)
+        write_sweep_table(frame, knob, results, stage)
+    plot_sweep(frame, results, stage)
 
 
 @cli_main
@@ -267,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--epochs",
         type=int,
-        help="the rows at this length, apart: results/ablation_e<N>.{csv,md,png} (not the sweep)",
+        help="the rows (or sweep) at this length, apart: results/ablation_e<N>.*, sweep_e<N>*",
     )
     parser.add_argument("--results", type=Path, default=Path("results"), help="output folder")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (e.g. epochs=30)")
@@ -280,15 +287,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for r in every if not args.rows or r["name"] in args.rows]
     spec_seeds = spec["sweep_seeds" if args.sweep else "seeds"]
     seeds = args.seeds or spec_seeds
-    if args.sweep and args.epochs:
-        parser.error("--epochs is for the rows; a sweep's length is an override (epochs=N)")
     overrides = [*args.overrides, *([f"epochs={args.epochs}"] if args.epochs else [])]
     jobs = runner.row_jobs(spec, rows, seeds, overrides)
     # The tables show every row and seed scored so far, not only this invocation's.
     shown = runner.row_jobs(spec, every, sorted({*spec_seeds, *seeds}), overrides)
-    stage = "sweep" if args.sweep else f"ablation_e{args.epochs}" if args.epochs else "ablation"
+    stage = ("sweep" if args.sweep else "ablation") + (f"_e{args.epochs}" if args.epochs else "")
     if args.sweep:
-        report = partial(write_sweep, rows=every, results=args.results)
+        report = partial(write_sweep, rows=every, results=args.results, stage=stage)
     else:
         # at length, the default length's scores (ablation.csv, which this stage leaves alone)
         short = at_default_length(every, spec, args.results) if args.epochs else None

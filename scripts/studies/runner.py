@@ -333,6 +333,8 @@ def verdict(delta: float, se: float, paper_delta: float | None) -> str:
 
 
 def mean_std(stat: pd.Series) -> str:
+    if math.isnan(stat["mean"]):
+        return "–"  # e.g. val, where the runs trained on it
     std = "–" if math.isnan(stat["std"]) else f"{stat['std']:.2f}"
     return f"{stat['mean']:.2f} ± {std}"
 
