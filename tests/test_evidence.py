@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common.errors import UserError
 from scripts.studies import ablation, long_run, runner, tsne
 from tests.conftest import NARROW, run_command
 from train.config import load_config
@@ -159,6 +160,17 @@ def test_rows_that_train_the_same_thing_share_one_run_in_any_stage():
         for w in ("strong_baseline", "plus_aux_fusion")
     ]
     assert names(pair) == [base, aux]
+
+
+def test_a_row_whose_unquoted_comma_made_a_key_of_its_own_is_refused(tmp_path, monkeypatch):
+    spec = tmp_path / "ablation.yaml"
+    spec.write_text(
+        "rows:\n  - {name: r, table: 1, paper_row: ResNet50 (ResNet-18, 11.2M), paper: 40.9,"
+        " eval: student, overrides: []}\n"
+    )
+    monkeypatch.setattr(runner, "SPEC", spec)
+    with pytest.raises(UserError, match=r"row r has unknown keys 11.2M\); quote a value"):
+        runner.load_spec()
 
 
 def test_the_spec_holds_every_row_and_sweep_the_issue_asks_for():

@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
+from common.errors import UserError
 from common.fs import atomic_path, write_text_atomic
 from data_prep.layout import Layout
 from ensemble.evaluate import logits_top1
@@ -66,8 +67,21 @@ class Job:
     eval: str
 
 
+ROW_KEYS = {"name", "table", "paper_row", "paper", "eval", "compare_to", "from", "overrides"}
+
+
 def load_spec() -> dict[str, Any]:
-    return yaml.safe_load(SPEC.read_text())
+    """configs/ablation.yaml; a row with a key not in ROW_KEYS is refused (an unquoted comma in
+    a flow mapping's value silently starts a new key)."""
+    spec = yaml.safe_load(SPEC.read_text())
+    for row in spec["rows"]:
+        unknown = sorted(map(str, set(row) - ROW_KEYS))
+        if unknown:
+            raise UserError(
+                f"{SPEC}: row {row.get('name')} has unknown keys {', '.join(unknown)}; quote a"
+                " value that holds a comma"
+            )
+    return spec
 
 
 def row_overrides(rows: dict[str, dict], name: str) -> list[str]:
