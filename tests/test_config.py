@@ -8,6 +8,7 @@ import yaml
 from common.errors import UserError, user_message
 from tests.conftest import run_command
 from train.config import CONFIG_DIR, available, load_config
+from train.distributed import dynamo_plugin
 
 ENSEMBLE_ARCHS = {
     "efficientnet_b5",
@@ -54,6 +55,27 @@ def test_unknown_key_is_refused_with_the_valid_keys():
 def test_wrong_type_is_refused():
     with pytest.raises(UserError, match=r"epochs='ten' is a str, expected a int"):
         load_config("effnet_b7", ["epochs=ten"])
+
+
+def test_compile_takes_a_bool_or_the_cuda_graph_mode_and_refuses_other_words():
+    assert load_config("effnet_b7", ["compile=reduce-overhead"])["compile"] == "reduce-overhead"
+    assert load_config("effnet_b7", ["compile=true"])["compile"] is True
+    expected = r"compile='fast' is a str, expected a bool like False or 'reduce-overhead'$"
+    with pytest.raises(UserError, match=expected):
+        load_config("effnet_b7", ["compile=fast"])
+
+
+@pytest.mark.parametrize(
+    "value, backend, mode",
+    [
+        (False, "NO", "default"),
+        (True, "INDUCTOR", "default"),
+        ("reduce-overhead", "INDUCTOR", "reduce-overhead"),
+    ],
+)
+def test_compile_picks_accelerates_dynamo_backend_and_mode(value, backend, mode):
+    plugin = dynamo_plugin(value)
+    assert (plugin.backend.name, plugin.mode) == (backend, mode)
 
 
 def test_unknown_model_names_the_valid_ones():

@@ -121,10 +121,13 @@ def _named(kind: str, name: str) -> dict[str, Any]:
 # Keys that may also say "auto", resolved when the run starts (batch_size: train/auto_batch.py;
 # workers: train/data.py loader_workers).
 AUTO_KEYS = {"batch_size", "workers"}
+# Words a key may say instead of a value of its type: "auto" above, and for `compile` a
+# torch.compile mode (train/distributed.py dynamo_plugin).
+WORDS = {**{key: ("auto",) for key in AUTO_KEYS}, "compile": ("reduce-overhead",)}
 
 
 def _check_type(key: str, value: Any, default: Any, origin: str) -> Any:
-    if default is None or value is None or (key in AUTO_KEYS and value == "auto"):
+    if default is None or value is None or value in WORDS.get(key, ()):
         return value
     if key in AUTO_KEYS:  # a count where it is not "auto", whatever base.yaml's default
         default = 0
@@ -136,9 +139,10 @@ def _check_type(key: str, value: Any, default: Any, origin: str) -> Any:
     else:
         ok = isinstance(value, type(default))
     if not ok:
+        words = "".join(f" or {word!r}" for word in WORDS.get(key, ()))
         raise UserError(
             f"{origin}: {key}={value!r} is a {type(value).__name__}, "
-            f"expected a {type(default).__name__} like {default!r}"
+            f"expected a {type(default).__name__} like {default!r}{words}"
         )
     return value
 
@@ -182,7 +186,7 @@ def _numbers(value: Any, count: int, interval: str) -> bool:
 
 def _problem(key: str, value: Any, base_value: Any) -> str | None:
     """Why `value` is not valid for `key` (None when it is)."""
-    if key in AUTO_KEYS and value == "auto":
+    if value in WORDS.get(key, ()):
         return None
     if key in RANGES:
         if value is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import TorchDynamoPlugin
 
 from common.errors import UserError
 
@@ -64,21 +65,31 @@ def tune_for_gpu(workers: int) -> None:
     torch.set_num_threads(max(1, cpus_per_process() - workers))
 
 
+def dynamo_plugin(compile_model: bool | str) -> TorchDynamoPlugin:
+    """The config's `compile`: false = eager; true = torch.compile with inductor's default mode;
+    "reduce-overhead" = inductor with CUDA graphs, each step's kernels replayed in one launch
+    (on a GPU; on the CPU it compiles as true does)."""
+    if compile_model is False:
+        return TorchDynamoPlugin(backend="no")
+    mode = "default" if compile_model is True else compile_model
+    return TorchDynamoPlugin(backend="inductor", mode=mode)
+
+
 def make_accelerator(
     mixed_precision: str = "no",
     grad_accum: int = 1,
-    compile_model: bool = False,
+    compile_model: bool | str = False,
     log_with: list[str] | None = None,
     project_dir: Path | None = None,
 ) -> Accelerator:
-    """`compile_model`: `prepare` wraps the student in torch.compile (inductor); checkpoints and
-    `unwrap_model` see the plain module. `log_with` trackers (train/tracking.py) write under
+    """`compile_model` (`dynamo_plugin`): `prepare` wraps the student in torch.compile; checkpoints
+    and `unwrap_model` see the plain module. `log_with` trackers (train/tracking.py) write under
     `project_dir`."""
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=resolve_precision(mixed_precision),
         gradient_accumulation_steps=grad_accum,
-        dynamo_backend="inductor" if compile_model else "no",
+        dynamo_plugin=dynamo_plugin(compile_model),
         log_with=log_with or None,
         project_dir=project_dir,
     )

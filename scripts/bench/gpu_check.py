@@ -20,8 +20,9 @@ the next one runs. In order, cheapest first:
    with its timing table, then one member's checkpoint predicted on the CPU and on the GPU: the
    fp32 probabilities within 1e-4, the bf16 argmax agreement (the dataset must be present:
    data/fashion50, built or copied first; nothing is downloaded).
-6. compile: the bare steps again with `compile=true`, each in a fresh process (Accelerate fixes
-   the dynamo backend per process), the compile time reported apart.
+6. compile: the bare steps again with `compile=true`, and A&R with `compile=reduce-overhead`
+   (CUDA graphs), each in a fresh process (Accelerate fixes the dynamo backend per process), the
+   compile time reported apart.
 
     python -m scripts.bench.gpu_check [--sections bare loader loop b7 demo compile]
 """
@@ -294,16 +295,29 @@ def agreement_rows(member: str, dirs: list[str], out: Path) -> Rows:
 
 
 # ---- 6. torch.compile ----------------------------------------------------------------------
+# (step, its overrides, the `compile` value): inductor on both steps, then CUDA graphs on A&R.
+COMPILED = (
+    ("baseline", BASELINE, "true"),
+    ("attract_repulse", [], "true"),
+    ("attract_repulse", [], "reduce-overhead"),
+)
+
+
 def compile_section(data: Path, out: Path, repeat: int, rates: dict[str, float]) -> Rows:
     rows = []
-    for name, extra in (("baseline", BASELINE), ("attract_repulse", [])):
-        overrides = [*data_overrides(data, out / f"compile-{name}", CLASSES), *extra]
-        timing = own_process_seconds(B2, [*overrides, "compile=true"], repeat)
+    for name, extra, mode in COMPILED:
+        check = f"B2 {name} bare step, compile={mode}"
+        overrides = [*data_overrides(data, out / f"compile-{name}-{mode}", CLASSES), *extra]
+        try:
+            timing = own_process_seconds(B2, [*overrides, f"compile={mode}"], repeat)
+        except SystemExit as err:  # how the child's failure arrives: the other modes still run
+            rows.append((check, "failed", str(err).strip().splitlines()[-1][:300]))
+            continue
         rate = load_config(B2)["batch_size"] / timing["c"]
         eager = rates.get(name, float("nan"))
         rows.append(
             (
-                f"B2 {name} bare step, compile=true",
+                check,
                 f"{rate:.0f} img/s",
                 f"{rate / eager:.2f}x eager; compile {timing['first']:.0f} s once",
             )
