@@ -145,7 +145,7 @@ def table_lines(frame: pd.DataFrame, table: pd.DataFrame) -> list[str]:
         "| baseline: epochs, min, test top-1 | full − baseline | ahead | beyond 2 SE |",
         "|---|--:|---|---|--:|---|---|",
     ]
-    for (split, size), group in table.groupby(["split", "budget"], sort=False):
+    for (split, size), group in table.groupby(["split", "budget"]):  # train before train+val
         by_side = {r["side"]: r for _, r in group.iterrows()}
         if set(by_side) != set(SIDES):
             continue
