@@ -67,12 +67,23 @@ def splits_dir(official_lists, tmp_path_factory) -> Path:
     return folder
 
 
+# The longest command of the suite (the smoke subset's) takes about 5 minutes on the slow CPU
+# kind: a command still running after 15 fails its test instead of holding CI to its limit (a
+# DataLoader worker forked while another thread held CPython's runtime lock hangs for good on
+# Python < 3.11.8, gh-112275; seen once, 2026-12-06, on 3.11.7).
+COMMAND_TIMEOUT_S = 900
+
+
 def run_command(*args: str, cwd: Path = ROOT, check: bool = True, **kwargs):
     """Run `python -m ...` the way the Makefile does, returning the CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **kwargs.pop("env", {})}
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs
-    )
+    kwargs.setdefault("timeout", COMMAND_TIMEOUT_S)
+    try:
+        proc = subprocess.run(
+            [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs
+        )
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"{args} still running after {err.timeout:.0f} s: hung") from None
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
