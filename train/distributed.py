@@ -68,8 +68,8 @@ def tune_for_gpu(workers: int) -> None:
 def dynamo_plugin(compile_model: bool | str) -> TorchDynamoPlugin:
     """The config's `compile`: false = eager; true = torch.compile with inductor's default mode;
     "reduce-overhead" = inductor with CUDA graphs, each step's kernels replayed in one launch
-    (on a GPU; on the CPU it compiles as true does)."""
-    if compile_model is False:
+    (inductor applies them to CUDA tensors only)."""
+    if not compile_model:
         return TorchDynamoPlugin(backend="no")
     mode = "default" if compile_model is True else compile_model
     return TorchDynamoPlugin(backend="inductor", mode=mode)
