@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import NARROW, ROOT, run_command
-from train.launch import launch_args
+from train.launch import ACCELERATE_LAUNCH, launch_args
 
 
 def option(args: list[str], name: str) -> str:
@@ -51,6 +51,21 @@ def test_accelerate_launch_prints_no_values_not_passed_warning(tiny_dir, tmp_pat
     )
     assert "were not passed" not in out.stdout + out.stderr
     assert (tmp_path / "demo_resnet18" / "metrics.csv").is_file()
+
+
+def test_every_machines_options_parse_under_accelerates_own_launch_command(monkeypatch):
+    """The launcher runs `accelerate launch` as its module, under this python: the parser
+    that module's main() uses must take what launch_args gives for each kind of machine."""
+    from accelerate.commands.launch import launch_command_parser
+
+    assert ACCELERATE_LAUNCH == [sys.executable, "-m", "accelerate.commands.launch"]
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    for procs, gpus in ((None, 0), (2, 0), (None, 4)):
+        options = launch_args(None, procs, gpus)
+        parsed = launch_command_parser().parse_args([*options, "-m", "train", "effnet_b7"])
+        assert parsed.config_file == options[1] and parsed.module
+        assert parsed.num_processes == int(option(options, "--num_processes"))
+        assert parsed.training_script_args == ["effnet_b7"]
 
 
 def test_a_users_cpu_config_with_several_processes_is_corrected(tmp_path):

@@ -32,6 +32,11 @@ from common.processes import process_tree, running
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, read_exit_status
 from train.config import CONFIG_DIR, load_config
 
+# `accelerate launch` itself, through the module behind it: the same parser and launchers, without
+# the CLI's other commands, whose imports (timm among them) are half of its 4 s of start-up on
+# 2 cores; and no `accelerate` script looked for beside a python that may not have one.
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+
 
 def gpu_count() -> int:
     try:
@@ -123,11 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     load_config(args.model, args.overrides)  # refuse a bad config before starting processes
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
     options = launch_args(args.config_file, args.num_processes, gpu_count())
     options += shlex.split(args.accelerate_args)
     # --quiet: a failing run has printed its one-line error; no launcher traceback after it.
-    command = [accelerate, "launch", "--quiet", *options, "-m", "train", args.model]
+    command = [*ACCELERATE_LAUNCH, "--quiet", *options, "-m", "train", args.model]
     return run(command + args.overrides)
 
 
