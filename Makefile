@@ -109,11 +109,16 @@ plan: setup ## parameters, FLOPs, memory, micro-batch and hours per config (GPU_
 gpu-check: setup ## GPU figures for the README: step speed, B7 memory, loader, two processes
 	$(PY) -m scripts.bench.gpu_check
 
+# Two pytest workers of one thread each: the suite's time is mostly single-threaded process
+# start-up (about 300 commands), which one worker leaves the second core idle through; two
+# threads per worker would put four on two cores (README, Tests).
+TEST = OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
+
 test: setup ## the whole test suite (CI runs exactly this)
-	$(PY) -m pytest -q --durations=15
+	$(TEST) --durations=15
 
 test-fast: setup ## the tests not marked slow
-	$(PY) -m pytest -q -m "not slow"
+	$(TEST) -m "not slow"
 
 lint: setup ## ruff check and ruff format --check (the tree is formatted by ruff format)
 	$(VENV)/bin/ruff check .

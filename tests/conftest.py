@@ -28,6 +28,12 @@ SPLIT_NAMES = ("train", "val", "test")
 NARROW = f"arch_kwargs={json.dumps(load_config('demo_resnet18_w16')['arch_kwargs'])}"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked `longest` first: with two workers, one runs it while the other takes
+    the rest, instead of one running it alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)
+
+
 @pytest.fixture(scope="session")
 def official_lists() -> dict[str, list]:
     """The shipped split lists in the toolkit's entry format, read with gzip and csv alone:
@@ -67,11 +73,12 @@ def splits_dir(official_lists, tmp_path_factory) -> Path:
     return folder
 
 
-# The longest command of the suite (the smoke subset's) takes about 5 minutes on the slow CPU
-# kind: a command still running after 15 fails its test instead of holding CI to its limit (a
-# DataLoader worker forked while another thread held CPython's runtime lock hangs for good on
-# Python < 3.11.8, gh-112275; seen once, 2026-12-06, on 3.11.7).
-COMMAND_TIMEOUT_S = 900
+# The longest command of the suite (the smoke subset's) takes about 10 minutes on one thread
+# (`make test`'s workers) on the slow CPU kind: a command still running after 30 fails its test
+# instead of holding CI to its limit (a DataLoader worker forked while another thread held
+# CPython's runtime lock hangs for good on Python < 3.11.8, gh-112275; seen once, 2026-12-06,
+# on 3.11.7).
+COMMAND_TIMEOUT_S = 1800
 
 
 def run_command(*args: str, cwd: Path = ROOT, check: bool = True, **kwargs):

@@ -21,13 +21,24 @@ def option(args: list[str], name: str) -> str:
 
 def test_a_cpu_machine_gets_one_process_with_every_core_by_default(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     args = launch_args(None, None, gpus=0)
     assert option(args, "--num_processes") == "1" and args[1].endswith("cpu.yaml")
     assert option(args, "--num_cpu_threads_per_process") == "8"
 
 
+def test_threads_set_by_the_caller_are_kept_and_nonsense_is_ignored(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert option(launch_args(None, 2, gpus=0), "--num_cpu_threads_per_process") == "1"
+    for nonsense in ("", "0", "two"):
+        monkeypatch.setenv("OMP_NUM_THREADS", nonsense)
+        assert option(launch_args(None, 2, gpus=0), "--num_cpu_threads_per_process") == "4"
+
+
 def test_several_cpu_processes_are_launched_as_multi_gpu_so_that_they_really_start(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     args = launch_args(None, 2, gpus=0)
     config = yaml.safe_load(open(args[1]))
     assert config["distributed_type"] == "MULTI_GPU" and option(args, "--num_processes") == "2"

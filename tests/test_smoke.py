@@ -131,6 +131,7 @@ def test_smoke_trains_in_fp32_where_bf16_would_be_emulated_and_says_so(monkeypat
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_make_smoke_runs_one_efficientnet_one_resnet_and_the_dsk_resnext(tmp_path):
     """The CI subset: the smallest real config of each family, through every stage, in the
     precision this CPU computes natively (bf16, or fp32 where bf16 would be emulated)."""

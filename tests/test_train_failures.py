@@ -175,7 +175,9 @@ def test_sigterm_ends_a_run_whose_loader_hangs_within_stop_timeout_s(data, tmp_p
 def test_two_trainers_started_together_on_one_run_the_second_is_refused_naming_the_first(
     tiny_dir, tmp_path
 ):
-    args = args_for(tiny_dir, tmp_path, "epochs=2", "workers=0")
+    # Long enough that the holder still trains when the refused one has exited, however
+    # slowly a loaded machine lets it exit: it is killed below.
+    args = args_for(tiny_dir, tmp_path, "epochs=50", "workers=0")
     first, second = start(args), start(args)
     while first.poll() is None and second.poll() is None:
         time.sleep(0.05)

@@ -70,10 +70,15 @@ def launch_args(config_file: str | None, num_processes: int | None, gpus: int) -
 
 def cpu_threads(gpus: int, procs: int) -> list[str]:
     """On the CPU, the cores shared out between the processes (accelerate warns when it has to
-    guess this itself)."""
+    guess this itself), or OMP_NUM_THREADS where it is set: accelerate would overwrite it, and
+    a run that its caller gave N threads (`make test`'s workers) must get N, as `python -m
+    train` does, whose results then stay bit-identical."""
     if gpus > 0:
         return []
-    return ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // procs))]
+    threads = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not threads.isdigit() or int(threads) < 1:
+        threads = str(max(1, (os.cpu_count() or 1) // procs))
+    return ["--num_cpu_threads_per_process", threads]
 
 
 def run(command: list[str]) -> int:
