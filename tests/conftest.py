@@ -73,8 +73,8 @@ def splits_dir(official_lists, tmp_path_factory) -> Path:
     return folder
 
 
-# The longest command of the suite (the smoke subset's) takes about 10 minutes on one thread
-# (`make test`'s workers) on the slow CPU kind: a command still running after 30 fails its test
+# The longest command of the suite (the smoke subset's) took 7 minutes on one thread (`make
+# test`'s workers) under emulated AVX2 (2026-12-06): a command still running after 30 fails its test
 # instead of holding CI to its limit (a DataLoader worker forked while another thread held
 # CPython's runtime lock hangs for good on Python < 3.11.8, gh-112275; seen once, 2026-12-06,
 # on 3.11.7).

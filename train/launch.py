@@ -70,9 +70,9 @@ def launch_args(config_file: str | None, num_processes: int | None, gpus: int) -
 
 def cpu_threads(gpus: int, procs: int) -> list[str]:
     """On the CPU, the cores shared out between the processes (accelerate warns when it has to
-    guess this itself), or OMP_NUM_THREADS where it is set: accelerate would overwrite it, and
-    a run that its caller gave N threads (`make test`'s workers) must get N, as `python -m
-    train` does, whose results then stay bit-identical."""
+    guess this itself), or OMP_NUM_THREADS where the caller set it (accelerate would overwrite
+    it): a launched run then has the threads a direct `python -m train` has, and their results
+    stay bit-identical (`make test` gives each of its workers one)."""
     if gpus > 0:
         return []
     threads = os.environ.get("OMP_NUM_THREADS", "").strip()
