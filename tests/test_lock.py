@@ -21,9 +21,15 @@ HOLD = """
 import os, sys, time
 from common.lock import FileLock
 with FileLock(sys.argv[1], "the thing", "wait"):
-    if len(sys.argv) > 2 and os.fork() == 0:  # a child, as a DataLoader worker is
-        time.sleep(60)
-        os._exit(0)
+    if len(sys.argv) > 2:
+        ready, started = os.pipe()
+        if os.fork() == 0:  # a child, as a DataLoader worker is
+            # fork returns here after the at-fork hooks; a loaded machine may not have run
+            # them yet when the parent goes on, so the parent waits for this line
+            os.write(started, b"x")
+            time.sleep(60)
+            os._exit(0)
+        os.read(ready, 1)
     print("held", flush=True)
     time.sleep(60)
 """
