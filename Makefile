@@ -109,9 +109,9 @@ plan: setup ## parameters, FLOPs, memory, micro-batch and hours per config (GPU_
 gpu-check: setup ## GPU figures for the README: step speed, B7 memory, loader, two processes
 	$(PY) -m scripts.bench.gpu_check
 
-# Two pytest workers of one thread each: the suite's time is mostly single-threaded process
-# start-up (about 300 commands), which one worker leaves the second core idle through; two
-# threads per worker would put four on two cores (README, Tests).
+# Two pytest workers of one thread each: the suite is mostly single-threaded process start-up
+# (about 300 commands), during which one worker left the second core idle; two threads per
+# worker would put four on two cores (README, Tests).
 TEST = OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 test: setup ## the whole test suite (CI runs exactly this)
