@@ -62,7 +62,7 @@ train: setup ## train MODEL= [DATA=] [ARGS="epochs=2 ..."] under accelerate laun
 		$(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS)
 
 logits: setup ## TenCrop probabilities of MODEL= for val and test (NPROC= processes)
-	$(if $(filter-out 1,$(or $(NPROC),1)),$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC),$(PY)) \
+	$(if $(filter-out 1,$(or $(NPROC),1)),$(PY) -m accelerate.commands.launch --multi_gpu --num_processes $(NPROC),$(PY)) \
 		-m ensemble.logits $(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS)
 
 ensemble: setup ## average models into submissions/<name>.csv/.zip/.json
