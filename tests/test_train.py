@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -9,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -137,6 +140,42 @@ def test_a_run_killed_at_a_random_step_resumes_bit_identical(uninterrupted, tiny
     assert "resumed from" in resumed.stdout
     assert_bit_identical(final_state(uninterrupted), final_state(run))
     assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2]
+
+
+def as_written_on_a_gpu(step_dir: Path) -> None:
+    """Rewrite the checkpoint's state.pt as a GPU run leaves it, its optimiser state's storages
+    tagged cuda:0 (the pickle's location strings), and reseal the marker's checksum."""
+    path = step_dir / "state.pt"
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for info, data in entries:
+            if info.filename.endswith("/data.pkl"):
+                assert data.count(b"X\x03\x00\x00\x00cpu") >= 1
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            archive.writestr(info, data)
+    marker = json.loads((step_dir / "COMPLETE").read_text())
+    marker["files"]["state.pt"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (step_dir / "COMPLETE").write_text(json.dumps(marker))
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu_bit_identical(
+    uninterrupted, tiny_dir, tmp_path
+):
+    proc = start(train_args(tiny_dir, tmp_path))
+    run = tmp_path / "demo_resnet18"
+    while newest_step(run) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    newest = run / "checkpoints" / f"step_{newest_step(run):09d}"
+    as_written_on_a_gpu(newest)
+    if not torch.cuda.is_available():  # what a plain torch.load makes of it on this machine
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            torch.load(newest / "state.pt", weights_only=True)
+    resumed = run_command("-m", "train", *train_args(tiny_dir, tmp_path))
+    assert f"resumed from {newest}" in resumed.stdout
+    assert_bit_identical(final_state(uninterrupted), final_state(run))
 
 
 def test_a_kill_while_a_checkpoint_is_written_resumes_bit_identical(

@@ -189,12 +189,19 @@ def latest_valid(run_dir: Path) -> Path | None:
     return None
 
 
+def load_tensors(path: Path) -> Any:
+    """A torch.save file's contents on the host: state.pt holds the optimiser state where it
+    was (cuda:0 for a GPU run), and loading it there would put every process's copy on GPU 0, or
+    fail on a machine without CUDA. `load_state_dict` moves each tensor to its parameter."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_state(step_dir: Path, rank: int) -> tuple[dict, dict, dict]:
     """(weights by role, loop state, this rank's RNG state) of a verified checkpoint."""
     weights = {role: load_file(str(step_dir / f"{role}.safetensors")) for role in WEIGHTS}
-    state = torch.load(step_dir / "state.pt", weights_only=True)
+    state = load_tensors(step_dir / "state.pt")
     rng_file = step_dir / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+    rng = load_tensors(rng_file) if rng_file.is_file() else None
     return weights, state, rng
 
 
@@ -233,7 +240,7 @@ def checkpoint_info(step_dir: Path) -> dict[str, Any]:
     from its marker, or from state.pt for checkpoints written before the marker held them."""
     info = json.loads((Path(step_dir) / MARKER).read_text())
     if "epoch" not in info:
-        state = torch.load(Path(step_dir) / "state.pt", weights_only=True)
+        state = load_tensors(Path(step_dir) / "state.pt")
         info.update(_progress(state))
     return {key: info.get(key) for key in ("step", "epoch", "mid_epoch", "epochs")}
 

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from scripts.stages import ROOT, child_env
+from train.checkpoint import load_tensors
 
 # 80 training images, batch 8: 10 steps an epoch, 20 in all; a checkpoint every 3 steps and at
 # each epoch end (after its evaluation), all kept for the comparison.
@@ -178,7 +179,7 @@ def chaos(data: Path, out: Path, kills: int, gap: float, rng: random.Random) -> 
 
 
 def _state_without_timing(path: Path) -> dict:
-    state = torch.load(path, weights_only=True)
+    state = load_tensors(path)
     state["config"] = {k: v for k, v in state["config"].items() if k != "out_dir"}
     state["history"] = [{k: row[k] for k in row if k not in TIMING} for row in state["history"]]
     return state
@@ -210,7 +211,7 @@ def compare(ref: Path, other: Path) -> list[str]:
             elif file == "state.pt":
                 same = equal(_state_without_timing(a), _state_without_timing(b))
             elif file.startswith("rng_rank"):
-                same = equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True))
+                same = equal(load_tensors(a), load_tensors(b))
             else:
                 continue  # COMPLETE: checksums of state.pt, whose timing figures differ
             if not same:

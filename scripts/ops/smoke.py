@@ -52,6 +52,7 @@ from common.processes import process_tree
 from data_prep.layout import Layout
 from scripts.ops.plan import plan_models
 from scripts.stages import ROOT, child_env
+from train.checkpoint import load_tensors
 from train.config import load_config, logits_dir, run_dir
 from train.data import split_train_eval
 from train.distributed import cpu_has_native_bf16
@@ -168,7 +169,7 @@ def check_checkpoint(run: Path) -> None:
         dtypes = {t.dtype for t in load_file(best / f"{role}.safetensors").values()}
         if dtypes - {torch.float32, torch.int64}:
             raise SmokeFailure(f"{best}/{role}.safetensors holds {sorted(map(str, dtypes))}")
-    state = torch.load(best / "state.pt", weights_only=True)
+    state = load_tensors(best / "state.pt")
     slots = [v for s in state["optimizer"]["state"].values() for v in s.values()]
     dtypes = {v.dtype for v in slots if isinstance(v, torch.Tensor) and v.is_floating_point()}
     if dtypes != {torch.float32}:
