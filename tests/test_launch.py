@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -155,3 +156,15 @@ def test_a_sigterm_to_a_two_process_launch_checkpoints_even_when_it_outlasts_the
     assert "Traceback" not in output and "stopped on request" in output, output
     done = [p for p in (run / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()]
     assert done, output
+    # Rerun: it resumes mid-epoch and ends as an uninterrupted two-process run ends, the
+    # resumed epoch's training loss included (the checkpoint holds the sums of both processes).
+    two = ["-m", "train.launch", "--num_processes", "2"]
+    assert "resumed from" in run_command(*two, *args).stdout
+    run_command(*two, *[arg.replace(str(out), str(tmp_path / "whole")) for arg in args])
+    resumed, whole = (
+        pd.read_csv(folder / "demo_resnet18" / "metrics.csv").drop(columns="img_per_s")
+        for folder in (out, tmp_path / "whole")
+    )
+    pd.testing.assert_frame_equal(resumed, whole, check_exact=False, rtol=1e-9)
+    last = "checkpoints/step_000000030/student.safetensors"
+    assert (run / last).read_bytes() == (tmp_path / "whole" / "demo_resnet18" / last).read_bytes()

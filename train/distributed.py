@@ -103,6 +103,24 @@ def make_accelerator(
     return accelerator
 
 
+def share_main_buffers(module: torch.nn.Module, world: int) -> None:
+    """The main process's buffers (batch-norm statistics) in `module` on every process, one
+    broadcast per dtype. DDP does this for the student at each forward; the teacher's EMA reads
+    them after the step, when each process's student holds statistics of its own micro-batch:
+    without this every process kept its own teacher, while checkpoints hold the main one's (a
+    resume then changed the other processes' teacher, and the run)."""
+    if world == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
+        torch.distributed.broadcast(flat, src=0)
+        for buffer, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+            buffer.copy_(part.view_as(buffer))
+
+
 def shard(n: int, rank: int, world: int) -> range:
     """Indices this process handles: rank, rank + world, ... (every index on exactly one rank)."""
     return range(rank, n, world)

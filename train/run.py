@@ -166,7 +166,9 @@ class Run:
             "nonfinite": [self.nonfinite_run, self.skipped],
             "best": self.best,
             "history": self.history,
-            "sums": self.sums.cpu(),
+            # Summed over processes: the main process writes state.pt, and a resume gives
+            # the total to the main process and zeros to the others (`resume`).
+            "sums": self.acc.reduce(self.sums, reduction="sum").cpu(),
             "config": self.cfg,
             "tracking": self.tracking.state_dict(),
         }
@@ -202,6 +204,8 @@ class Run:
         self.nonfinite_run, self.skipped = state["nonfinite"]
         self.best, self.history = state["best"], state["history"]
         self.sums = state["sums"].to(self.acc.device)
+        if not self.acc.is_main_process:
+            self.sums.zero_()
         self.tracking.load_state_dict(state.get("tracking", {}))
         if rng is None:
             raise UserError(

@@ -86,7 +86,9 @@ class Tracking:
         self.acc, self.cfg, self.dir, self.terms = acc, cfg, Path(run_dir), terms
         self.every = cfg["log_every_steps"]
         self.global_batch = cfg["batch_size"] * acc.num_processes * cfg["grad_accum"]
-        self.mark = torch.zeros(len(terms) + 1, dtype=torch.float64)  # sums at the last interval
+        # The sums of all processes at the last interval (the same on each, so the checkpoint's
+        # copy, the main process's, serves every process on resume).
+        self.mark = torch.zeros(len(terms) + 1, dtype=torch.float64)
         self.clock, self.clock_step = time.perf_counter(), 0
         self.started = None
 
@@ -111,13 +113,13 @@ class Tracking:
         """After optimiser step `step` (every process): log the interval when one is due.
 
         `sums` holds this process's running sums of the loss terms and the count of finite
-        steps since the epoch began; the interval's share is `sums - mark`, summed over processes.
+        steps since the epoch began; the interval's share is their total over processes less
+        the total at the last interval.
         """
         if self.every <= 0 or step % self.every:
             return
-        delta = sums - self.mark.to(sums.device)
-        delta = self.acc.reduce(delta.to(self.acc.device), reduction="sum").cpu()
-        self.mark = sums.detach().clone()
+        total = self.acc.reduce(sums.to(self.acc.device), reduction="sum").cpu()
+        delta, self.mark = total - self.mark, total
         means = (delta[:-1] / delta[-1].clamp(min=1)).tolist()
         now = time.perf_counter()
         values = {f"train/{t}": m for t, m in zip(self.terms, means, strict=True)}
