@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import NARROW, ROOT, run_command
-from train.launch import ACCELERATE_LAUNCH, launch_args
+from train.launch import ACCELERATE_LAUNCH, gpu_count, launch_args
 
 
 def option(args: list[str], name: str) -> str:
@@ -91,6 +91,18 @@ def test_gpus_are_all_used():
     args = launch_args(None, None, gpus=4)
     assert args[1].endswith("gpu.yaml") and option(args, "--num_processes") == "4"
     assert "--num_cpu_threads_per_process" not in args
+
+
+def test_the_gpus_counted_are_those_cuda_visible_devices_leaves_visible(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"  # a node of eight GPUs, as nvidia-smi -L lists them
+    fake.write_text('#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo "GPU $i: NVIDIA H100"; done\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_count() == 8
+    for visible, count in (("0,1", 2), ("3", 1), ("", 0), ("2,-1,3", 1), ("0,1,2,3,4,5,6,7,8", 8)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert gpu_count() == count, visible
 
 
 def test_the_generated_slurm_job_is_valid_shell_that_requeues_on_the_early_signal(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import shlex
 import signal
@@ -39,11 +40,19 @@ ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 def gpu_count() -> int:
+    """The GPUs this launch may use: those nvidia-smi lists (it ignores CUDA_VISIBLE_DEVICES),
+    at most as many as CUDA_VISIBLE_DEVICES names before its first empty or negative entry
+    (where CUDA stops reading it), so that no process is started for a hidden GPU."""
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return 0
-    return out.stdout.count("GPU ") if out.returncode == 0 else 0
+    present = out.stdout.count("GPU ") if out.returncode == 0 else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return present
+    entries = itertools.takewhile(lambda e: e and not e.startswith("-"), visible.split(","))
+    return min(present, sum(1 for _ in entries))
 
 
 def launch_args(config_file: str | None, num_processes: int | None, gpus: int) -> list[str]:
