@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 from common.errors import UserError, user_message
 from tests.conftest import run_command
 from train.config import CONFIG_DIR, available, load_config
-from train.distributed import dynamo_plugin
+from train.distributed import dynamo_plugin, full_fp32
 
 ENSEMBLE_ARCHS = {
     "efficientnet_b5",
@@ -76,6 +77,24 @@ def test_compile_takes_a_bool_or_the_cuda_graph_mode_and_refuses_other_words():
 def test_compile_picks_accelerates_dynamo_backend_and_mode(value, backend, mode):
     plugin = dynamo_plugin(value)
     assert (plugin.backend.name, plugin.mode) == (backend, mode)
+
+
+def test_cuda_graphs_are_refused_with_gradient_accumulation_and_inductor_is_not():
+    with pytest.raises(UserError, match=r"reduce-overhead with grad_accum=2: .*compile=true"):
+        dynamo_plugin("reduce-overhead", grad_accum=2)
+    assert dynamo_plugin(True, grad_accum=2).mode == "default"
+
+
+def test_full_fp32_turns_tf32_off_through_the_flags_inductor_reads():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        full_fp32()
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        # What the newer API (and the convolutions) then see: no TF32 anywhere.
+        assert torch.backends.cudnn.conv.fp32_precision != "tf32"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_unknown_model_names_the_valid_ones():

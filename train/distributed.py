@@ -19,10 +19,12 @@ from common.errors import UserError
 
 
 def resolve_precision(mixed_precision: str) -> str:
-    """`auto` = bf16 where the GPU supports it, full precision elsewhere (bf16 on CPU is slow)."""
+    """`auto` = bf16 where the GPU computes it natively (Ampere and later), full precision
+    elsewhere: bf16 on the CPU is slow, and torch's default check counts the emulated bf16 of
+    a V100 or T4 as supported."""
     if mixed_precision != "auto":
         return mixed_precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
         return "bf16"
     return "no"
 
@@ -65,14 +67,31 @@ def tune_for_gpu(workers: int) -> None:
     torch.set_num_threads(max(1, cpus_per_process() - workers))
 
 
-def dynamo_plugin(compile_model: bool | str) -> TorchDynamoPlugin:
+def dynamo_plugin(compile_model: bool | str, grad_accum: int = 1) -> TorchDynamoPlugin:
     """The config's `compile`: false = eager; true = torch.compile with inductor's default mode;
     "reduce-overhead" = inductor with CUDA graphs, each step's kernels replayed in one launch
-    (inductor applies them to CUDA tensors only)."""
+    (inductor applies them to CUDA tensors only; refused with gradient accumulation)."""
     if not compile_model:
         return TorchDynamoPlugin(backend="no")
+    if compile_model == "reduce-overhead" and grad_accum > 1:
+        # The first micro-step's gradients live in the graph's memory and the next replay
+        # writes over them (pytorch/pytorch#169545): accumulation would be wrong or fail.
+        raise UserError(
+            f"compile=reduce-overhead with grad_accum={grad_accum}: CUDA graphs overwrite the "
+            "gradients a micro-step leaves for the next; use compile=true or grad_accum=1"
+        )
     mode = "default" if compile_model is True else compile_model
     return TorchDynamoPlugin(backend="inductor", mode=mode)
+
+
+def full_fp32() -> None:
+    """`mixed_precision: no` on a GPU computes in IEEE fp32 (ours), as on the CPU: cuDNN's
+    convolutions default to TF32 (10 of fp32's 23 mantissa bits) on Ampere and later, and
+    Accelerate turns TF32 matmuls on under torch.compile. bf16 (`auto` on a GPU) is the fast
+    path. The legacy flags: inductor reads them, and a read after the newer `fp32_precision`
+    API has set them raises."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def make_accelerator(
@@ -81,15 +100,16 @@ def make_accelerator(
     compile_model: bool | str = False,
     log_with: list[str] | None = None,
     project_dir: Path | None = None,
+    cpu: bool = False,
 ) -> Accelerator:
     """`compile_model` (`dynamo_plugin`): `prepare` wraps the student in torch.compile; checkpoints
     and `unwrap_model` see the plain module. `log_with` trackers (train/tracking.py) write under
-    `project_dir`."""
+    `project_dir`. `cpu`: the CPU even where a GPU is visible (the CPU benchmarks)."""
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=cpu or not torch.cuda.is_available(),
         mixed_precision=resolve_precision(mixed_precision),
         gradient_accumulation_steps=grad_accum,
-        dynamo_plugin=dynamo_plugin(compile_model),
+        dynamo_plugin=dynamo_plugin(compile_model, grad_accum),
         log_with=log_with or None,
         project_dir=project_dir,
     )
@@ -100,6 +120,8 @@ def make_accelerator(
             f"{accelerator.num_processes}; on a CPU machine launch with `--multi_gpu "
             "--num_processes N` (make train does), not `--cpu --num_processes N`"
         )
+    if accelerator.mixed_precision == "no" and accelerator.device.type == "cuda":
+        full_fp32()
     return accelerator
 
 

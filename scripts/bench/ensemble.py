@@ -146,7 +146,7 @@ def bench_tencrop(images: int, size: int, repeats: int) -> dict[str, float]:
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
     }
-    accelerator = make_accelerator("no")
+    accelerator = make_accelerator("no", cpu=True)
     model = timm.create_model("resnet18", num_classes=100).eval()
 
     def main_only(x):  # the (main, aux) interface of train.model.AuxNet, without an aux head

@@ -5,8 +5,9 @@ crops) a forward, as `make logits` ran before (the baseline), and 64 images (640
 `train.inference.for_inference`, BatchNorm folded into the convolutions (with and without
 channels-last), and on the CPU the traced, frozen oneDNN model `make logits` now runs (tracing
 time included). Same crops, same averaging: every variant's probabilities are compared with the
-baseline's (largest difference, argmax agreement) as well as timed. Runs on the first
-`--images` test images of the embedded benchmark (`make data` first), interleaved, medians.
+baseline's (largest difference, argmax agreement) as well as timed. Runs on the CPU (a GPU
+is left alone), on the first `--images` test images of the embedded benchmark (`make data`
+first), interleaved, medians.
 
     python -m scripts.bench.tencrop [--model demo_resnet18] [--images 2000] [--repeat 3]
 """
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_config(args.model, args.overrides)
     items = Layout(Path(cfg["data_dir"])).test_items()[: args.images]
-    acc = make_accelerator("no")
+    acc = make_accelerator("no", cpu=True)
     torch.manual_seed(0)
     plain = build_model(cfg).eval()
     size = cfg["test_size"]
