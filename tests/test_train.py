@@ -66,6 +66,18 @@ def newest_step(run: Path) -> int:
     return max(steps, default=-1)
 
 
+def killed_at(data: Path, out: Path, step: int) -> Path:
+    """Start a run in `out`, SIGKILL it once checkpoint `step` or a later one is sealed, and
+    return its newest checkpoint folder."""
+    proc = start(train_args(data, out))
+    run = out / "demo_resnet18"
+    while newest_step(run) < step and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    return run / "checkpoints" / f"step_{newest_step(run):09d}"
+
+
 def final_state(run: Path) -> dict[str, dict]:
     last = sorted((run / "checkpoints").glob("step_000000020"))[0]
     state = torch.load(last / "state.pt", weights_only=True)
@@ -129,12 +141,8 @@ def test_an_uninterrupted_run_writes_config_metrics_curves_and_checkpoints(unint
 
 def test_a_run_killed_at_a_random_step_resumes_bit_identical(uninterrupted, tiny_dir, tmp_path):
     kill_after = random.Random(os.getpid()).randrange(3, 18)
-    proc = start(train_args(tiny_dir, tmp_path))
+    killed_at(tiny_dir, tmp_path, kill_after)
     run = tmp_path / "demo_resnet18"
-    while newest_step(run) < kill_after and proc.poll() is None:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
     assert newest_step(run) < 20, "the run finished before it was killed"
     resumed = run_command("-m", "train", *train_args(tiny_dir, tmp_path))
     assert "resumed from" in resumed.stdout
@@ -162,20 +170,14 @@ def as_written_on_a_gpu(step_dir: Path) -> None:
 def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu_bit_identical(
     uninterrupted, tiny_dir, tmp_path
 ):
-    proc = start(train_args(tiny_dir, tmp_path))
-    run = tmp_path / "demo_resnet18"
-    while newest_step(run) < 3 and proc.poll() is None:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    newest = run / "checkpoints" / f"step_{newest_step(run):09d}"
+    newest = killed_at(tiny_dir, tmp_path, 3)
     as_written_on_a_gpu(newest)
     if not torch.cuda.is_available():  # what a plain torch.load makes of it on this machine
         with pytest.raises(RuntimeError, match="CUDA device"):
             torch.load(newest / "state.pt", weights_only=True)
     resumed = run_command("-m", "train", *train_args(tiny_dir, tmp_path))
     assert f"resumed from {newest}" in resumed.stdout
-    assert_bit_identical(final_state(uninterrupted), final_state(run))
+    assert_bit_identical(final_state(uninterrupted), final_state(tmp_path / "demo_resnet18"))
 
 
 def test_a_kill_while_a_checkpoint_is_written_resumes_bit_identical(
@@ -195,18 +197,12 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_bit_identical(
 
 
 def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(uninterrupted, tiny_dir, tmp_path):
-    proc = start(train_args(tiny_dir, tmp_path))
-    run = tmp_path / "demo_resnet18"
-    while newest_step(run) < 9 and proc.poll() is None:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    newest = run / "checkpoints" / f"step_{newest_step(run):09d}"
+    newest = killed_at(tiny_dir, tmp_path, 9)
     weights = newest / "student.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated, marker still present
     resumed = run_command("-m", "train", *train_args(tiny_dir, tmp_path))
     assert "incomplete or corrupt" in resumed.stderr
-    assert_bit_identical(final_state(uninterrupted), final_state(run))
+    assert_bit_identical(final_state(uninterrupted), final_state(tmp_path / "demo_resnet18"))
 
 
 def test_sigterm_checkpoints_exits_75_and_the_rerun_continues(uninterrupted, tiny_dir, tmp_path):
