@@ -5,7 +5,8 @@ Mixup/CutMix on both, the student on both views, the teacher on both without gra
 L = CE + alpha RCE + beta CR + gamma MT (+ the auxiliary head), backward; at the end of a
 gradient-accumulation window, the optimiser step and the teacher's EMA update. The formulas live
 in `train/losses.py`; the loop's bookkeeping (position, scheduler, checkpoints, signals, metrics)
-lives in `train/run.py`.
+lives in `train/run.py`. With several processes the EMA reads the main process's batch-norm
+statistics (ours; the paper is silent), so every process holds the teacher checkpoints keep.
 
 Host synchronisation: loss terms stay on the device (the loop sums them and reads them once an
 epoch). The targets and the CR positives are computed on the host from the labels and the
