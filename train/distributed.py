@@ -139,8 +139,9 @@ def share_main_buffers(module: torch.nn.Module, world: int) -> None:
     for buffers in by_dtype.values():
         flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
         torch.distributed.broadcast(flat, src=0)
-        for buffer, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
-            buffer.copy_(part.view_as(buffer))
+        parts = flat.split([buffer.numel() for buffer in buffers])
+        # One fused copy: a GPU step would otherwise launch one copy per buffer (hundreds at B7).
+        torch._foreach_copy_(buffers, [p.view_as(b) for b, p in zip(buffers, parts, strict=True)])
 
 
 def shard(n: int, rank: int, world: int) -> range:
