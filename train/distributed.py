@@ -102,8 +102,8 @@ def make_accelerator(
     project_dir: Path | None = None,
     cpu: bool = False,
 ) -> Accelerator:
-    """`compile_model` (`dynamo_plugin`): `prepare` wraps the student in torch.compile; checkpoints
-    and `unwrap_model` see the plain module. `log_with` trackers (train/tracking.py) write under
+    """`compile_model` (`dynamo_plugin`): `prepare` wraps the student in torch.compile
+    (`plain_module` unwraps it). `log_with` trackers (train/tracking.py) write under
     `project_dir`. `cpu`: the CPU even where a GPU is visible (the CPU benchmarks)."""
     accelerator = Accelerator(
         cpu=cpu or not torch.cuda.is_available(),
@@ -123,6 +123,13 @@ def make_accelerator(
     if accelerator.mixed_precision == "no" and accelerator.device.type == "cuda":
         full_fp32()
     return accelerator
+
+
+def plain_module(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The module itself, without DDP's or torch.compile's wrapper: its state_dict has the keys
+    an eager run's has. Accelerate keeps the compile wrapper by default, whose keys carry an
+    `_orig_mod.` prefix: a compiled run's student checkpoint then loaded nowhere else."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def share_main_buffers(module: torch.nn.Module, world: int) -> None:

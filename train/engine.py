@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 
-from train.distributed import share_main_buffers
+from train.distributed import plain_module, share_main_buffers
 from train.losses import TERMS, AttractRepulseLoss
 from train.views import SharedMixup, to_device
 
@@ -128,7 +128,7 @@ class AttractRepulseStep:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if not bad:
-                student = acc.unwrap_model(self.student)
+                student = plain_module(acc, self.student)
                 share_main_buffers(student, acc.num_processes)  # one teacher on every process
                 self.teacher.update(student, step=next_step)
         return StepResult(sums, boundary=True, skipped=bad, stop=stop_any, save=save_any)

@@ -37,7 +37,7 @@ from train.data import (
     train_loader,
     worker_death,
 )
-from train.distributed import make_accelerator, tune_for_gpu
+from train.distributed import make_accelerator, plain_module, tune_for_gpu
 from train.engine import SUM_COLUMNS, AttractRepulseStep, StepResult
 from train.inference import best_fusion, fuse, predict_crops
 from train.losses import AttractRepulseLoss
@@ -176,7 +176,7 @@ class Run:
     def save(self) -> Path | None:
         self.saved_at = time.monotonic()
         weights = {
-            "student": self.acc.unwrap_model(self.model).state_dict(),
+            "student": plain_module(self.acc, self.model).state_dict(),
             "teacher": self.teacher.module.state_dict(),
         }
         return ckpt.save_checkpoint(
@@ -194,7 +194,7 @@ class Run:
                 f"{step_dir} was made with a different config ({', '.join(changed)}); "
                 "rerun with the same settings, pass allow_config_change=true, or use another name="
             )
-        self.acc.unwrap_model(self.model).load_state_dict(weights["student"])
+        plain_module(self.acc, self.model).load_state_dict(weights["student"])
         self.teacher.module.load_state_dict(weights["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
