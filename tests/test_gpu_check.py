@@ -60,6 +60,35 @@ def test_the_report_keeps_every_finished_section(tmp_path):
     assert text.startswith("# header\n\n## bare (1 s)") and "| b | 2 img/s | x |" in text
 
 
+def test_the_compile_rows_give_each_mode_its_rate_and_a_failed_mode_its_last_line(
+    monkeypatch, tiny_dir, tmp_path
+):
+    """The compiled steps themselves run in tests/test_compile.py (CPU) and on a GPU here."""
+
+    def timing(model, overrides, repeat):  # the child process's result, or its failure
+        if "compile=reduce-overhead" in overrides:
+            raise SystemExit("bench_train: the step failed:\nTraceback\nRuntimeError: no graph")
+        return {"first": 40.0, "c": 0.5 if "num_views=1" in overrides else 1.0}
+
+    monkeypatch.setattr(gpu_check, "own_process_seconds", timing)
+    rows = gpu_check.compile_section(
+        tiny_dir, tmp_path, 3, {"baseline": 64.0, "attract_repulse": 16.0}
+    )
+    assert rows == [
+        ("B2 baseline bare step, compile=true", "128 img/s", "2.00x eager; compile 40 s once"),
+        (
+            "B2 attract_repulse bare step, compile=true",
+            "64 img/s",
+            "4.00x eager; compile 40 s once",
+        ),
+        (
+            "B2 attract_repulse bare step, compile=reduce-overhead",
+            "failed",
+            "RuntimeError: no graph",
+        ),
+    ]
+
+
 @pytest.mark.slow
 def test_the_real_loop_reports_its_images_per_second_for_each_epoch(tiny_dir, tmp_path):
     per_epoch, samples = gpu_check.loop_rates(gpu_check.B2, toy(tiny_dir, tmp_path), epochs=2)

@@ -316,7 +316,7 @@ def compile_section(data: Path, out: Path, repeat: int, rates: dict[str, float])
         except SystemExit as err:  # how the child's failure arrives: the other modes still run
             rows.append((check, "failed", str(err).strip().splitlines()[-1][:300]))
             continue
-        rate = load_config(B2)["batch_size"] / timing["c"]
+        rate = load_config(B2, overrides)["batch_size"] / timing["c"]
         eager = rates.get(name, float("nan"))
         rows.append(
             (
