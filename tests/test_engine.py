@@ -121,7 +121,7 @@ def test_the_step_reads_the_device_once_per_optimiser_step_and_never_inside_the_
     micro-steps: no host-waiting op inside the loss, exactly one read at the window's end. The
     mixing draw (a CPU generator) and the CR positives (from the host targets) run on the host
     before anything reaches the device: those regions are not counted here. On a GPU,
-    tests/test_gpu.py runs a whole real step under torch.cuda.set_sync_debug_mode("error")."""
+    tests/test_gpu.py counts the syncs of whole real steps (torch.cuda.set_sync_debug_mode)."""
     import train.losses as losses
 
     class Net(nn.Module):
