@@ -12,6 +12,9 @@ channels-first: 4e-4). So one epoch is compared, and a tolerance, not equality.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -36,6 +39,10 @@ def train_and_predict(tiny_dir, out, compiled: str) -> tuple[pd.DataFrame, dict,
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None,
+    reason="torch.compile on the CPU builds its kernels with the C++ compiler $CXX (or g++)",
+)
 def test_a_compiled_run_trains_evaluates_and_saves_what_an_eager_run_does(tiny_dir, tmp_path):
     eager = train_and_predict(tiny_dir, tmp_path / "eager", "false")
     compiled = train_and_predict(tiny_dir, tmp_path / "compiled", "true")
