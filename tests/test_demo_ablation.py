@@ -3,6 +3,8 @@ long-run and tsne: tests/test_evidence.py)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ensemble.blend import load_ensemble_config
@@ -23,6 +25,7 @@ def test_the_demo_runs_every_stage_and_prints_the_closing_table(tiny_dir, tmp_pa
         "ckpt_every_steps=0",
     ]
     args = ["-m", "scripts.ops.demo", *overrides, "--submissions", str(tmp_path / "subs")]
+    args += ["--timings", str(tmp_path / "timings.json")]
     out = run_command(*args).stdout
     models = load_ensemble_config("demo")["models"]
     assert len(models) >= 2  # an ensemble
@@ -41,5 +44,7 @@ def test_the_demo_runs_every_stage_and_prints_the_closing_table(tiny_dir, tmp_pa
     for stage in stages:
         assert any(line.startswith(f"{stage} ") for line in timing), stage
     assert timing[-1].startswith("total") and timing[-1].endswith("min)")
+    seconds = json.loads((tmp_path / "timings.json").read_text())  # the same stages, for gpu-check
+    assert list(seconds) == [*stages, "ensemble", "evaluate"] and min(seconds.values()) >= 0
     again = run_command(*args).stdout  # a rerun reuses what is done
     assert again.count("up to date, kept") == len(models)

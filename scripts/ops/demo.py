@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from common.errors import cli_main
+from common.fs import write_text_atomic
 from data_prep.layout import Layout
 from ensemble.blend import load_ensemble_config
 from ensemble.evaluate import logits_top1, score
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--started", type=float, help="epoch seconds when `make demo` began (times its setup)"
     )
+    parser.add_argument(
+        "--timings", type=Path, help="also write the stages' seconds here, as JSON (make gpu-check)"
+    )
     args = parser.parse_args(argv)
     stages = Stages()
     if args.started is not None:
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     scores = {"val": report["val"]["top1"]["ensemble"], "test": 100.0 * correct / total}
     print("\n" + closing_table(configs, submission, scores, labels))
     print("\nWhere the minutes went:\n" + stages.table())
+    if args.timings is not None:
+        write_text_atomic(args.timings, json.dumps(stages.seconds, indent=1))
 
 
 if __name__ == "__main__":
