@@ -5,9 +5,12 @@ tests/test_gpu.py, skipped without CUDA."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from scripts.bench import gpu_check
 from scripts.ops import plan
@@ -38,6 +41,16 @@ def test_the_bare_step_rates_compare_the_baseline_and_the_attract_repulse_step(t
     assert rates["attract_repulse"] > 0 and rates["baseline"] > 0
     gflops, _ = plan.forward_gflops(load_config(gpu_check.B2, overrides))
     assert rates["tflops"] == pytest.approx(rates["attract_repulse"] * 2 * 4 * gflops / 1e3)
+
+
+def test_the_generated_dataset_splits_each_class_into_train_val_and_test(tmp_path):
+    data = gpu_check.make_dataset(tmp_path, classes=3, per_class=2)
+    counts = json.loads((data / "manifest.json").read_text())["counts"]
+    names = [f"class_{label:02d}" for label in range(3)]
+    per_class = {split: dict.fromkeys(names, n) for split, n in (("train", 2), ("val", 4))}
+    assert counts == {**per_class, "test": 3}  # the test split is unlabelled: a total
+    with Image.open(next((data / "train" / "class_02").iterdir())) as image:
+        assert min(image.size) >= 320  # ImageNet-size, as the real loop decodes
 
 
 def test_the_loader_rate_counts_the_images_after_the_first_batch(tmp_path):
