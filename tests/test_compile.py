@@ -4,7 +4,7 @@ graph, recompiles it for the held-out passes and is unwrapped for the checkpoint
 
 The one difference by design: inductor draws dropout masks from its own generator, so these runs
 have dropout off, and then compute what an eager run computes up to float rounding: inductor's
-batch-norm sums round differently (one step's gradients within 1.3e-5 of eager's, relative to each
+fused kernels sum in another order (one step's gradients within 1.3e-5 of eager's, relative to each
 tensor's largest), and early training amplifies that. Measured 2026-12-06 on the tiny dataset,
 seed 5: the weights differ by 2e-6 after the first epoch's two steps, by 9e-3 after the second
 epoch's (eager channels-last against eager channels-first: 4e-4). So one epoch is compared, with
