@@ -66,13 +66,17 @@ def test_agreement_is_the_largest_difference_and_the_share_of_equal_argmax():
 
 
 def test_the_demo_rows_set_each_stage_beside_the_cpu_figure():
-    assert gpu_check.demo_row("train demo_resnet18_w16", 33.2) == (
+    assert gpu_check.demo_row("train demo_resnet18_w16", 33.2, 99) == (
         "make demo on the GPU: train demo_resnet18_w16",
         "33 s",
         "2-core CPU 99 s: 3.0x faster",
     )
-    assert gpu_check.demo_row("total (data kept)", 55)[2] == "2-core CPU 220 s: 4.0x faster"
-    assert gpu_check.demo_row("evaluate", 0.4) == ("make demo on the GPU: evaluate", "0 s", "")
+    assert gpu_check.demo_row("total (data kept)", 55, 220)[2] == "2-core CPU 220 s: 4.0x faster"
+    assert gpu_check.demo_row("evaluate", 0.4, None) == (
+        "make demo on the GPU: evaluate",
+        "0 s",
+        "",
+    )
 
 
 def test_the_report_keeps_every_finished_section(tmp_path):
