@@ -3,6 +3,9 @@ signal to a process group does not reach it; the launcher and the smoke run walk
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from pathlib import Path
 
 
@@ -34,3 +37,11 @@ def running(pid: int) -> bool:
         return _stat_fields(Path(f"/proc/{pid}/stat"))[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every descendant (found before the first is killed, so that no orphan
+    escapes by being re-parented): a child past its time, with whatever it started."""
+    for member in process_tree(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)

@@ -12,8 +12,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from common.errors import UserError
+from common.processes import kill_tree
 from train.checkpoint import MARKER, checkpoint_root
 from train.config import logits_dir, run_dir
 
@@ -25,11 +27,32 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def run_module(*args: str, then: str = "rerun", env: dict[str, str] | None = None) -> None:
+def run_child(
+    command: list[str], timeout: float | None = None, **popen: Any
+) -> subprocess.CompletedProcess:
+    """`command` run to its end, or past `timeout` seconds (or on Ctrl-C) ended with everything it
+    started (`subprocess.TimeoutExpired`): `subprocess.run` would kill the child alone and leave
+    its own children (the training processes of `train.launch`) holding the GPU."""
+    with subprocess.Popen(command, **popen) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            kill_tree(proc.pid)
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def run_module(
+    *args: str,
+    then: str = "rerun",
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> None:
     """`python -m <args>` (paths relative to the caller's folder, as in the caller's own
-    arguments), with `env` on top of the child environment; a failure is one line that says
-    what to do."""
-    proc = subprocess.run([sys.executable, "-m", *args], env={**child_env(), **(env or {})})
+    arguments), with `env` on top of the child environment, ended with its children after
+    `timeout` seconds (`subprocess.TimeoutExpired`); a failure is one line that says what to do."""
+    command = [sys.executable, "-m", *args]
+    proc = run_child(command, timeout, env={**child_env(), **(env or {})})
     if proc.returncode != 0:
         command = " ".join(args)
         raise UserError(f"`python -m {command}` failed ({proc.returncode}); fix it and {then}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.processes import process_tree
+from common.processes import kill_tree, process_tree
 from scripts.ops import smoke
 from tests.conftest import run_command
 from train.config import load_config
@@ -66,8 +66,7 @@ def test_the_process_tree_reaches_a_grandchild():
         tree = process_tree(parent.pid)
         assert tree[0] == parent.pid and len(tree) == 2
     finally:
-        for pid in reversed(process_tree(parent.pid)):
-            subprocess.run(["kill", "-9", str(pid)], check=False)
+        kill_tree(parent.pid)
         parent.wait()
 
 

@@ -29,7 +29,7 @@ from statistics import median_high
 
 import torch
 
-from scripts.stages import child_env
+from scripts.stages import child_env, run_child
 from train.config import load_config
 from train.run import Run
 
@@ -79,18 +79,21 @@ def median_seconds(steps: dict[str, tuple[Callable[[], None], int | None]], repe
     return {name: median_high(t) for name, t in times.items()}
 
 
-def own_process_seconds(model: str, overrides: list[str], repeat: int) -> dict[str, float]:
+def own_process_seconds(
+    model: str, overrides: list[str], repeat: int, timeout: float | None = None
+) -> dict[str, float]:
     """The first step (compilation, if any, included) and the median step under `overrides`,
-    measured in a fresh process: Accelerate fixes the precision and the dynamo backend for the
-    process at its first Accelerator."""
+    measured in a fresh process (ended past `timeout` s: `subprocess.TimeoutExpired`):
+    Accelerate fixes the precision and the dynamo backend for the process at its first
+    Accelerator."""
     code = (
         "import json, tempfile, time; from scripts.bench.train import bare_step, median_seconds\n"
         f"d = tempfile.mkdtemp(); step, _ = bare_step({model!r}, {overrides!r}, d)\n"
         "t = time.perf_counter(); step(); first = time.perf_counter() - t\n"
         f"print(json.dumps({{'first': first, **median_seconds({{'c': (step, None)}}, {repeat})}}))"
     )
-    env = child_env()
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    out = run_child([sys.executable, "-c", code], timeout, env=child_env(), **pipes)
     if out.returncode != 0:
         raise SystemExit(f"bench_train: the step with {overrides} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

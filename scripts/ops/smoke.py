@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -48,7 +46,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from common.errors import warn
-from common.processes import process_tree
+from common.processes import kill_tree
 from data_prep.layout import Layout
 from scripts.ops.plan import plan_models
 from scripts.stages import ROOT, child_env
@@ -149,11 +147,7 @@ def train_killed_at_first_checkpoint(args: list[str], run: Path, log: Path) -> N
             raise SmokeFailure(
                 f"training ended (status {proc.returncode}) before its kill: {tail(log)}"
             )
-        for pid in process_tree(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_tree(proc.pid)
         proc.wait()
     precision = next(a.split("=", 1)[1] for a in args if a.startswith("mixed_precision="))
     if f"precision {precision}" not in log.read_text():
