@@ -6,14 +6,20 @@ tests/test_gpu.py, skipped without CUDA."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from common.processes import process_tree, running
 from scripts.bench import gpu_check
 from scripts.ops import plan
+from scripts.stages import run_child
 from tests.conftest import run_command
 from train.config import load_config
 
@@ -87,20 +93,62 @@ def test_the_report_keeps_every_finished_section(tmp_path):
     assert text.startswith("# header\n\n## bare (1 s)") and "| b | 2 img/s | x |" in text
 
 
+def test_a_section_cut_short_or_failed_keeps_what_it_measured_and_is_named_for_the_rerun(
+    tmp_path,
+):
+    def cut():  # the real loop's second run past the budget
+        yield ("real loop, attract_repulse", "100 / 200", "")
+        raise subprocess.TimeoutExpired("train.launch", 60)
+
+    def failed():
+        yield ("B7 448 px", "30 GiB", "")
+        raise RuntimeError("out of memory\n  at step 2")
+
+    sections = {"b7": failed, "loop": cut, "demo": lambda: [("demo", "9 s", "")]}
+    report = gpu_check.Report(tmp_path / "gpu_check.md", "# header")
+    again = gpu_check.run_sections(sections, report, gpu_check.UNBOUNDED)
+    assert again == ["bare", "b7", "loop"]  # the loop's ratios are to the bare steps
+    text = (tmp_path / "gpu_check.md").read_text()
+    failed_row = "| b7 | failed | RuntimeError: out of memory at step 2 |"
+    assert f"| B7 448 px | 30 GiB |  |\n{failed_row}" in text
+    assert "| real loop, attract_repulse | 100 / 200 |  |\n| loop | cut short |" in text
+    assert "| demo | 9 s |  |" in text
+
+    spent = gpu_check.Budget(0)
+    assert gpu_check.run_sections({"demo": failed}, report, spent) == ["demo"]
+    assert "| demo | not run | the time budget (--minutes) was spent |" in report.parts[-1]
+
+
+def test_a_child_past_its_time_is_ended_with_the_processes_it_started(tmp_path):
+    """As `train.launch` past the budget: its training processes must not hold the GPU on."""
+    pid_file = tmp_path / "grandchild"
+    code = (
+        "import subprocess, sys, time, pathlib\n"
+        "kid = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(kid.pid)); time.sleep(60)"
+    )
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_child([sys.executable, "-c", code], timeout=5)
+    grandchild = int(pid_file.read_text())
+    while running(grandchild) and time.monotonic() - started < 30:  # re-parented, then reaped
+        time.sleep(0.1)
+    assert not running(grandchild)
+
+
 def test_the_compile_rows_give_each_mode_its_rate_and_a_failed_mode_its_last_line(
     monkeypatch, tiny_dir, tmp_path
 ):
     """The compiled steps themselves run in tests/test_compile.py (CPU) and on a GPU here."""
 
-    def timing(model, overrides, repeat):  # the child process's result, or its failure
+    def timing(model, overrides, repeat, timeout):  # the child process's result, or its failure
         if "compile=reduce-overhead" in overrides:
             raise SystemExit("bench_train: the step failed:\nTraceback\nRuntimeError: no graph")
         return {"first": 40.0, "c": 0.5 if "num_views=1" in overrides else 1.0}
 
     monkeypatch.setattr(gpu_check, "own_process_seconds", timing)
-    rows = gpu_check.compile_section(
-        tiny_dir, tmp_path, 3, {"baseline": 64.0, "attract_repulse": 16.0}
-    )
+    eager = {"baseline": 64.0, "attract_repulse": 16.0}
+    rows = list(gpu_check.compile_section(tiny_dir, tmp_path, 3, eager))
     assert rows == [
         ("B2 baseline bare step, compile=true", "128 img/s", "2.00x eager; compile 40 s once"),
         (
@@ -124,12 +172,32 @@ def test_the_real_loop_reports_its_images_per_second_for_each_epoch(tiny_dir, tm
 
 
 @pytest.mark.slow
+def test_the_real_loop_past_the_budget_leaves_no_training_process(tiny_dir, tmp_path):
+    """train.launch starts accelerate in a session of its own: the budget ends the whole tree."""
+    overrides = toy(tiny_dir, tmp_path)
+    begun = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        gpu_check.loop_rates(gpu_check.B2, overrides, epochs=500, budget=gpu_check.Budget(0.75))
+    assert time.monotonic() - begun < 60
+    assert list(tmp_path.rglob("metrics.csv")), "killed before it trained: the test shows nothing"
+    time.sleep(1)
+    assert [pid for pid in process_tree(1) if str(tmp_path) in cmdline(pid)] == []
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
 def test_the_agreement_rows_predict_one_checkpoint_twice_and_compare(tiny_dir, tmp_path):
     """On the CPU both 'devices' are the CPU: the fp32 probabilities agree exactly."""
     dirs = [f"data_dir={tiny_dir}", f"out_dir={tmp_path / 'runs'}", f"logits_dir={tmp_path}"]
     member = "demo_resnet18_w16"
     run_command("-m", "train", member, *dirs, "epochs=1", "batch_size=8")
-    rows = gpu_check.agreement_rows(member, dirs, tmp_path)
+    rows = list(gpu_check.agreement_rows(member, dirs, tmp_path))
     assert [r[0] for r in rows] == [
         f"{member} TenCrop, GPU no vs CPU fp32",
         f"{member} TenCrop, GPU bf16 vs CPU fp32",

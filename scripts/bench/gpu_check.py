@@ -24,7 +24,13 @@ the next one runs. In order, cheapest first:
    (CUDA graphs), each in a fresh process (Accelerate fixes the dynamo backend per process), the
    compile time reported apart.
 
-    python -m scripts.bench.gpu_check [--sections bare loader loop b7 demo compile]
+The run keeps to `--minutes` (8: a 15-minute device session holds the run, its start and a
+rerun): each child process (the real loop, the demo, a compiled step) is ended with everything it
+started when the minutes run out, the rows measured so far are kept, the section is reported as
+cut short and the later ones as not run, and the last line says which `--sections` to rerun.
+The in-process measurements (bare, loader, b7) are a fixed number of steps each.
+
+    python -m scripts.bench.gpu_check [--sections bare loader loop b7 demo compile] [--minutes 8]
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import median
@@ -60,7 +66,21 @@ GIB = 2**30
 B2 = "effnet_b2_ablation"  # the paper's ablation setting: EfficientNet-B2, 320 px, 64 per GPU
 CLASSES, PER_CLASS = 16, 125  # the loop's generated dataset: 2,000 training images
 REPORT = ROOT / "results" / "gpu_check.md"
-Rows = list[tuple[str, str, str]]
+Row = tuple[str, str, str]
+Rows = list[Row]
+
+
+class Budget:
+    """The run's time: what a child process may still take, in seconds (its timeout)."""
+
+    def __init__(self, minutes: float | None):
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+
+UNBOUNDED = Budget(None)
 
 
 def require_cuda() -> None:
@@ -71,7 +91,7 @@ def require_cuda() -> None:
         )
 
 
-def make_dataset(folder: Path, classes: int, per_class: int) -> Path:
+def make_dataset(folder: Path, classes: int, per_class: int, budget: Budget = UNBOUNDED) -> Path:
     """An ImageFolder of `classes` x `per_class` generated ImageNet-size JPEGs, built by
     `python -m data_prep folder` (4 val and 1 test image per class on top)."""
     source = folder / "source"
@@ -83,7 +103,7 @@ def make_dataset(folder: Path, classes: int, per_class: int) -> Path:
         list(pool.map(make_jpegs, folders, [per_class + 5] * classes, range(classes)))
     data = folder / "data"
     prep = ["data_prep", "folder", "--root", str(source), "--per-class", f"{per_class},4,1"]
-    run_module(*prep, "--out", str(data))
+    run_module(*prep, "--out", str(data), timeout=budget.left())
     return data
 
 
@@ -125,22 +145,21 @@ def syncs_per_update(model: str, overrides: list[str], out: Path, updates: int =
     return len(syncs) / updates
 
 
-def bare_section(data: Path, out: Path, repeat: int) -> tuple[Rows, dict[str, float]]:
+def bare_section(data: Path, out: Path, repeat: int, rates: dict[str, float]) -> Iterator[Row]:
+    """The bare steps' rows; their rates also go into `rates`, which the later sections compare
+    with."""
     overrides = data_overrides(data, out, CLASSES)
-    rates = step_rates(B2, overrides, repeat, out)
-    syncs = syncs_per_update(B2, overrides, out)
+    rates.update(step_rates(B2, overrides, repeat, out))
     ratio = rates["baseline"] / rates["attract_repulse"]
-    rows = [
-        ("B2 320 px bf16, strong baseline bare step", f"{rates['baseline']:.0f} img/s", ""),
-        (
-            "B2 320 px bf16, A&R bare step",
-            f"{rates['attract_repulse']:.0f} img/s",
-            f"{ratio:.2f}x slower than the baseline (arithmetic: 2.7x)",
-        ),
-        ("B2 A&R model TFLOP/s", f"{rates['tflops']:.1f}", "make plan TFLOPS= for EfficientNets"),
-        ("host syncs per optimiser step (A&R)", f"{syncs:g}", "goal: at most 1"),
-    ]
-    return rows, rates
+    yield ("B2 320 px bf16, strong baseline bare step", f"{rates['baseline']:.0f} img/s", "")
+    yield (
+        "B2 320 px bf16, A&R bare step",
+        f"{rates['attract_repulse']:.0f} img/s",
+        f"{ratio:.2f}x slower than the baseline (arithmetic: 2.7x)",
+    )
+    yield ("B2 A&R model TFLOP/s", f"{rates['tflops']:.1f}", "make plan TFLOPS= for EfficientNets")
+    syncs = syncs_per_update(B2, overrides, out)
+    yield ("host syncs per optimiser step (A&R)", f"{syncs:g}", "goal: at most 1")
 
 
 # ---- 2. the loader -------------------------------------------------------------------------
@@ -197,33 +216,33 @@ class Utilisation:
             self._thread.join()
 
 
-def loop_rates(model: str, overrides: list[str], epochs: int) -> tuple[list[float], list[int]]:
+def loop_rates(
+    model: str, overrides: list[str], epochs: int, budget: Budget = UNBOUNDED
+) -> tuple[list[float], list[int]]:
     """(img/s of each epoch from metrics.csv, GPU utilisation samples) of a real
     `train.launch` run."""
     cfg = load_config(model, overrides)
     args = [*overrides, f"epochs={epochs}", "warmup_epochs=0", "ckpt_every_steps=0"]
     with Utilisation() as utilisation:
-        run_module("train.launch", model, *args)
+        run_module("train.launch", model, *args, timeout=budget.left())
     metrics = pd.read_csv(Path(cfg["out_dir"]) / cfg["name"] / "metrics.csv")
     return metrics["img_per_s"].tolist(), utilisation.samples
 
 
-def loop_section(data: Path, out: Path, rates: dict[str, float], epochs: int) -> Rows:
-    rows = []
+def loop_section(
+    data: Path, out: Path, rates: dict[str, float], epochs: int, budget: Budget
+) -> Iterator[Row]:
     for name, extra in (("attract_repulse", []), ("baseline", BASELINE)):
         overrides = [*data_overrides(data, out / f"loop-{name}", CLASSES), *extra]
-        per_epoch, samples = loop_rates(B2, overrides, epochs)
+        per_epoch, samples = loop_rates(B2, overrides, epochs, budget)
         last = per_epoch[-1]
         bare = rates.get(name, float("nan"))
         busy = f", GPU busy median {median(samples):.0f}% (mean {np.mean(samples):.0f}%)"
-        rows.append(
-            (
-                f"real loop, {name}, img/s per epoch",
-                " / ".join(f"{r:.0f}" for r in per_epoch),
-                f"last epoch {last / bare:.2f}x the bare step{busy if samples else ''}",
-            )
+        yield (
+            f"real loop, {name}, img/s per epoch",
+            " / ".join(f"{r:.0f}" for r in per_epoch),
+            f"last epoch {last / bare:.2f}x the bare step{busy if samples else ''}",
         )
-    return rows
 
 
 # ---- 4. EfficientNet-B7 --------------------------------------------------------------------
@@ -260,11 +279,14 @@ def b7_section(repeat: int) -> Rows:
 
 
 # ---- 5. the demo on the GPU, and GPU/CPU agreement ------------------------------------------
-def probabilities(model: str, overrides: list[str], out: Path, cpu: bool) -> np.ndarray:
+def probabilities(
+    model: str, overrides: list[str], out: Path, cpu: bool, budget: Budget = UNBOUNDED
+) -> np.ndarray:
     """TenCrop test probabilities of `model`'s checkpoint by `python -m ensemble.logits`."""
     logits = out / ("cpu" if cpu else "gpu")
     args = [model, *overrides, f"logits_dir={logits}"]
-    run_module("ensemble.logits", *args, env={"CUDA_VISIBLE_DEVICES": ""} if cpu else None)
+    env = {"CUDA_VISIBLE_DEVICES": ""} if cpu else None
+    run_module("ensemble.logits", *args, env=env, timeout=budget.left())
     with np.load(logits / model / "test.npz", allow_pickle=False) as arrays:
         return arrays["probs"].astype(np.float64)
 
@@ -284,18 +306,19 @@ CPU_DEMO_S = {
 }
 
 
-def demo_section(out: Path) -> Rows:
+def demo_section(out: Path, budget: Budget) -> Iterator[Row]:
     """`make demo`'s pipeline on the GPU, stage by stage against the 2-core CPU, then one
     member's GPU/CPU agreement."""
     dirs = [f"out_dir={out / 'runs'}", f"logits_dir={out / 'logits'}"]
     timings = out / "timings.json"
     demo = ["scripts.ops.demo", *dirs, "--submissions", str(out / "submissions")]
-    run_module(*demo, "--timings", str(timings))
+    run_module(*demo, "--timings", str(timings), timeout=budget.left())
     seconds = json.loads(timings.read_text())
-    rows = [demo_row(stage, value, CPU_DEMO_S.get(stage)) for stage, value in seconds.items()]
-    rows.append(demo_row("total (data kept)", sum(seconds.values()), sum(CPU_DEMO_S.values())))
+    for stage, value in seconds.items():
+        yield demo_row(stage, value, CPU_DEMO_S.get(stage))
+    yield demo_row("total (data kept)", sum(seconds.values()), sum(CPU_DEMO_S.values()))
     member = load_ensemble_config("demo")["models"][0]
-    return rows + agreement_rows(member, dirs, out)
+    yield from agreement_rows(member, dirs, out, budget)
 
 
 def demo_row(stage: str, seconds: float, cpu: float | None) -> tuple[str, str, str]:
@@ -304,23 +327,21 @@ def demo_row(stage: str, seconds: float, cpu: float | None) -> tuple[str, str, s
     return (f"make demo on the GPU: {stage}", f"{seconds:.0f} s", against)
 
 
-def agreement_rows(member: str, dirs: list[str], out: Path) -> Rows:
+def agreement_rows(
+    member: str, dirs: list[str], out: Path, budget: Budget = UNBOUNDED
+) -> Iterator[Row]:
     """The trained `member` predicted on the CPU (fp32) and on the GPU (fp32, bf16)."""
-    rows = []
-    on_cpu = probabilities(member, [*dirs, "mixed_precision=no"], out / "agree", cpu=True)
+    fp32 = [*dirs, "mixed_precision=no"]
+    on_cpu = probabilities(member, fp32, out / "agree", cpu=True, budget=budget)
     for precision, goal in (("no", "fp32: within 1e-4"), ("bf16", "bf16: argmax >= 99.5%")):
-        on_gpu = probabilities(
-            member, [*dirs, f"mixed_precision={precision}"], out / precision, False
-        )
+        overrides = [*dirs, f"mixed_precision={precision}"]
+        on_gpu = probabilities(member, overrides, out / precision, False, budget)
         worst, same = agreement(on_cpu, on_gpu)
-        rows.append(
-            (
-                f"{member} TenCrop, GPU {precision} vs CPU fp32",
-                f"max |dp| {worst:.2e}, argmax equal {same:.2f}%",
-                goal,
-            )
+        yield (
+            f"{member} TenCrop, GPU {precision} vs CPU fp32",
+            f"max |dp| {worst:.2e}, argmax equal {same:.2f}%",
+            goal,
         )
-    return rows
 
 
 # ---- 6. torch.compile ----------------------------------------------------------------------
@@ -332,26 +353,25 @@ COMPILED = (
 )
 
 
-def compile_section(data: Path, out: Path, repeat: int, rates: dict[str, float]) -> Rows:
-    rows = []
+def compile_section(
+    data: Path, out: Path, repeat: int, rates: dict[str, float], budget: Budget = UNBOUNDED
+) -> Iterator[Row]:
     for name, extra, mode in COMPILED:
         check = f"B2 {name} bare step, compile={mode}"
         overrides = [*data_overrides(data, out / f"compile-{name}-{mode}", CLASSES), *extra]
+        compiled = [*overrides, f"compile={mode}"]
         try:
-            timing = own_process_seconds(B2, [*overrides, f"compile={mode}"], repeat)
+            timing = own_process_seconds(B2, compiled, repeat, budget.left())
         except SystemExit as err:  # how the child's failure arrives: the other modes still run
-            rows.append((check, "failed", str(err).strip().splitlines()[-1][:300]))
+            yield (check, "failed", str(err).strip().splitlines()[-1][:300])
             continue
         rate = load_config(B2, overrides)["batch_size"] / timing["c"]
         eager = rates.get(name, float("nan"))
-        rows.append(
-            (
-                check,
-                f"{rate:.0f} img/s",
-                f"{rate / eager:.2f}x eager; compile {timing['first']:.0f} s once",
-            )
+        yield (
+            check,
+            f"{rate:.0f} img/s",
+            f"{rate / eager:.2f}x eager; compile {timing['first']:.0f} s once",
         )
-    return rows
 
 
 # ---- the report ----------------------------------------------------------------------------
@@ -374,16 +394,57 @@ class Report:
         write_text_atomic(self.path, "\n\n".join(self.parts) + "\n")
 
 
+PROG = "python -m scripts.bench.gpu_check"
 SECTIONS = ("bare", "loader", "loop", "b7", "demo", "compile")
+COMPARED = ("loader", "loop", "compile")  # their ratios are to the bare steps
+
+
+def measure(name: str, section: Callable[[], Iterable[Row]], budget: Budget) -> tuple[Rows, bool]:
+    """(The section's rows, whether it finished): what it measured before it failed or the
+    budget ran out is kept, and a last row says which."""
+    if budget.left() == 0:
+        return [(name, "not run", "the time budget (--minutes) was spent")], False
+    rows: Rows = []
+    try:
+        for row in section():
+            rows.append(row)
+    except subprocess.TimeoutExpired:
+        return [*rows, (name, "cut short", "the time budget (--minutes) ran out")], False
+    except Exception as err:  # noqa: BLE001 (one device session: measure the rest)
+        error = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        return [*rows, (name, "failed", error)], False
+    return rows, True
+
+
+def run_sections(
+    sections: dict[str, Callable[[], Iterable[Row]]], report: Report, budget: Budget
+) -> list[str]:
+    """Each section's rows into the report as it finishes; returns the sections to run again
+    (with bare where a section to rerun compares with it)."""
+    again = []
+    for name, section in sections.items():
+        begun = time.perf_counter()
+        print(f"\ngpu-check: {name} ...", flush=True)
+        rows, finished = measure(name, section, budget)
+        if not finished:
+            again.append(name)
+        report.add(name, rows, time.perf_counter() - begun)
+        torch.cuda.empty_cache()  # what a section held is free for the next
+    if any(name in COMPARED for name in again) and "bare" not in again:
+        again.insert(0, "bare")
+    return again
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m scripts.bench.gpu_check", description=__doc__)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--repeat", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--loader-batches", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the real loop")
     parser.add_argument("--report", type=Path, default=REPORT)
+    parser.add_argument(
+        "--minutes", type=float, default=8.0, help="the whole run's time, dataset included"
+    )
     return parser.parse_args(argv)
 
 
@@ -391,43 +452,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     require_cuda()
-    started = time.perf_counter()
+    started, budget = time.perf_counter(), Budget(args.minutes)
     device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
     header = (
         f"# make gpu-check, {time.strftime('%Y-%m-%d')}\n\n{device}, torch {torch.__version__}, "
-        f"CUDA {torch.version.cuda}; `python -m scripts.bench.gpu_check "
-        f"--sections {' '.join(args.sections)}`"
+        f"CUDA {torch.version.cuda}; `{PROG} --sections {' '.join(args.sections)} "
+        f"--minutes {args.minutes:g}`"
     )
     print(header, flush=True)
     report = Report(args.report, header)
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         folder = Path(tmp)
-        data = make_dataset(folder, CLASSES, PER_CLASS)
-
-        def bare() -> Rows:
-            rows, measured = bare_section(data, folder / "bare", args.repeat)
-            rates.update(measured)  # the later sections compare with these
-            return rows
-
-        sections: dict[str, Callable[[], Rows]] = {
-            "bare": bare,
+        data = make_dataset(folder, CLASSES, PER_CLASS, budget)
+        sections: dict[str, Callable[[], Iterable[Row]]] = {
+            "bare": lambda: bare_section(data, folder / "bare", args.repeat, rates),
             "loader": lambda: loader_section(rates, folder / "loader", args.loader_batches),
-            "loop": lambda: loop_section(data, folder, rates, args.epochs),
+            "loop": lambda: loop_section(data, folder, rates, args.epochs, budget),
             "b7": lambda: b7_section(args.repeat),
-            "demo": lambda: demo_section(folder / "demo"),
-            "compile": lambda: compile_section(data, folder, args.repeat, rates),
+            "demo": lambda: demo_section(folder / "demo", budget),
+            "compile": lambda: compile_section(data, folder, args.repeat, rates, budget),
         }
-        for name in args.sections:
-            begun = time.perf_counter()
-            print(f"\ngpu-check: {name} ...", flush=True)
-            try:
-                rows = sections[name]()
-            except Exception as err:  # noqa: BLE001 (one device session: measure the rest)
-                rows = [(name, "failed", " ".join(f"{type(err).__name__}: {err}".split())[:300])]
-            report.add(name, rows, time.perf_counter() - begun)
-            torch.cuda.empty_cache()  # what a section held is free for the next
+        chosen = {name: sections[name] for name in args.sections}
+        again = run_sections(chosen, report, budget)
     print(f"\ngpu-check: {(time.perf_counter() - started) / 60:.1f} min; {args.report}")
+    if again:
+        print(f"gpu-check: to finish, run: {PROG} --sections {' '.join(again)}")
 
 
 if __name__ == "__main__":
