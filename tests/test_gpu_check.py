@@ -5,6 +5,7 @@ tests/test_gpu.py, skipped without CUDA."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -117,6 +118,44 @@ def test_a_section_cut_short_or_failed_keeps_what_it_measured_and_is_named_for_t
     spent = gpu_check.Budget(0)
     assert gpu_check.run_sections({"demo": failed}, report, spent) == ["demo"]
     assert "| demo | not run | the time budget (--minutes) was spent |" in report.parts[-1]
+
+
+def test_the_command_wires_each_section_to_its_function_and_names_what_to_rerun(
+    monkeypatch, tmp_path, capsys
+):
+    """main() with each section's function replaced by one that checks its call against the
+    real signature: a device session must not be spent on a wiring mistake."""
+    called = []
+
+    def stand_in(name, rows):
+        real = getattr(gpu_check, name)
+
+        def fake(*args, **kwargs):
+            bound = inspect.signature(real).bind(*args, **kwargs)
+            called.append(name)
+            if name == "loop_section":
+                assert isinstance(bound.arguments["budget"], gpu_check.Budget)
+                yield ("real loop, attract_repulse", "90 / 100", "")
+                raise subprocess.TimeoutExpired("train.launch", 1)
+            yield from rows
+
+        monkeypatch.setattr(gpu_check, name, fake)
+
+    for name in ("bare_section", "loader_section", "b7_section", "demo_section"):
+        stand_in(name, [(name, "1", "")])
+    stand_in("loop_section", [])
+    stand_in("compile_section", [("compile_section", "2", "")])
+    monkeypatch.setattr(gpu_check, "require_cuda", lambda: None)
+    monkeypatch.setattr(gpu_check, "make_dataset", lambda folder, *_: folder / "data")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "a GPU")
+    report = tmp_path / "gpu_check.md"
+    gpu_check.main(["--report", str(report), "--minutes", "5"])
+    assert called == [f"{name}_section" for name in gpu_check.SECTIONS]
+    text = report.read_text()
+    assert "--minutes 5`" in text and "| loop | cut short |" in text
+    assert "| compile_section | 2 |" in text  # the sections after a cut one still ran
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"gpu-check: to finish, run: {gpu_check.PROG} --sections bare loop"
 
 
 def test_a_child_past_its_time_is_ended_with_the_processes_it_started(tmp_path):
