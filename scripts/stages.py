@@ -51,8 +51,7 @@ def run_module(
     """`python -m <args>` (paths relative to the caller's folder, as in the caller's own
     arguments), with `env` on top of the child environment, ended with its children after
     `timeout` seconds (`subprocess.TimeoutExpired`); a failure is one line that says what to do."""
-    command = [sys.executable, "-m", *args]
-    proc = run_child(command, timeout, env={**child_env(), **(env or {})})
+    proc = run_child([sys.executable, "-m", *args], timeout, env={**child_env(), **(env or {})})
     if proc.returncode != 0:
         command = " ".join(args)
         raise UserError(f"`python -m {command}` failed ({proc.returncode}); fix it and {then}")

@@ -321,7 +321,7 @@ def demo_section(out: Path, budget: Budget) -> Iterator[Row]:
     yield from agreement_rows(member, dirs, out, budget)
 
 
-def demo_row(stage: str, seconds: float, cpu: float | None) -> tuple[str, str, str]:
+def demo_row(stage: str, seconds: float, cpu: float | None) -> Row:
     """One stage's GPU seconds, beside the CPU's (`cpu`) where the CPU's is known."""
     against = "" if cpu is None else f"2-core CPU {cpu} s: {cpu / max(seconds, 1e-9):.1f}x faster"
     return (f"make demo on the GPU: {stage}", f"{seconds:.0f} s", against)
