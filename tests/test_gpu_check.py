@@ -205,22 +205,41 @@ def test_the_compile_rows_give_each_mode_its_rate_and_a_failed_mode_its_last_lin
 
 @pytest.mark.slow
 def test_the_real_loop_reports_its_images_per_second_for_each_epoch(tiny_dir, tmp_path):
-    per_epoch, samples = gpu_check.loop_rates(gpu_check.B2, toy(tiny_dir, tmp_path), epochs=2)
-    assert len(per_epoch) == 2 and min(per_epoch) > 0
+    per_epoch, samples, cut = gpu_check.loop_rates(gpu_check.B2, toy(tiny_dir, tmp_path), 2)
+    assert len(per_epoch) == 2 and min(per_epoch) > 0 and cut is None
     assert samples == []  # no GPU to sample here
 
 
 @pytest.mark.slow
-def test_the_real_loop_past_the_budget_leaves_no_training_process(tiny_dir, tmp_path):
+def test_the_real_loop_past_the_budget_keeps_its_epochs_and_leaves_no_training_process(
+    tiny_dir, tmp_path
+):
     """train.launch starts accelerate in a session of its own: the budget ends the whole tree."""
     overrides = toy(tiny_dir, tmp_path)
     begun = time.monotonic()
-    with pytest.raises(subprocess.TimeoutExpired):
-        gpu_check.loop_rates(gpu_check.B2, overrides, epochs=500, budget=gpu_check.Budget(0.75))
-    assert time.monotonic() - begun < 60
-    assert list(tmp_path.rglob("metrics.csv")), "killed before it trained: the test shows nothing"
+    per_epoch, _, cut = gpu_check.loop_rates(gpu_check.B2, overrides, 500, gpu_check.Budget(0.75))
+    assert time.monotonic() - begun < 60 and isinstance(cut, subprocess.TimeoutExpired)
+    assert per_epoch and min(per_epoch) > 0, "killed before an epoch: the test shows nothing"
     time.sleep(1)
     assert [pid for pid in process_tree(1) if str(tmp_path) in cmdline(pid)] == []
+
+
+def test_a_real_loop_cut_short_reports_its_finished_epochs_then_the_cut(monkeypatch, tmp_path):
+    timeout = subprocess.TimeoutExpired("train.launch", 1.0)
+    runs = iter([([90.0, 100.0], [40, 60], None), ([300.0], [], timeout)])
+    monkeypatch.setattr(gpu_check, "loop_rates", lambda *args: next(runs))
+    rates = {"attract_repulse": 100.0, "baseline": 400.0}
+    section = gpu_check.loop_section(tmp_path, tmp_path, rates, 3, gpu_check.UNBOUNDED)
+    rows, finished = gpu_check.measure("loop", lambda: section, gpu_check.UNBOUNDED)
+    assert not finished and rows == [
+        (
+            "real loop, attract_repulse, img/s per epoch",
+            "90 / 100",
+            "last epoch 1.00x the bare step, GPU busy median 50% (mean 50%)",
+        ),
+        ("real loop, baseline, img/s per epoch", "300", "last epoch 0.75x the bare step"),
+        ("loop", "cut short", "the time budget (--minutes) ran out"),
+    ]
 
 
 def cmdline(pid: int) -> str:

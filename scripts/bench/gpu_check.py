@@ -26,8 +26,9 @@ the next one runs. In order, cheapest first:
 
 The run keeps to `--minutes` (8: a 15-minute device session holds the run, its start and a
 rerun): each child process (the real loop, the demo, a compiled step) is ended with everything it
-started when the minutes run out, the rows measured so far are kept, the section is reported as
-cut short and the later ones as not run, and the last line says which `--sections` to rerun.
+started when the minutes run out, the rows measured so far are kept (a real loop's finished
+epochs too), the section is reported as cut short and the later ones as not run, and the last
+line says which `--sections` to rerun.
 The in-process measurements (bare, loader, b7) are a fixed number of steps each.
 
     python -m scripts.bench.gpu_check [--sections bare loader loop b7 demo compile] [--minutes 8]
@@ -218,15 +219,20 @@ class Utilisation:
 
 def loop_rates(
     model: str, overrides: list[str], epochs: int, budget: Budget = UNBOUNDED
-) -> tuple[list[float], list[int]]:
-    """(img/s of each epoch from metrics.csv, GPU utilisation samples) of a real
-    `train.launch` run."""
+) -> tuple[list[float], list[int], subprocess.TimeoutExpired | None]:
+    """(img/s of each finished epoch from metrics.csv, GPU utilisation samples, the timeout if
+    the budget ended the run) of a real `train.launch` run: a run cut short keeps its epochs."""
     cfg = load_config(model, overrides)
     args = [*overrides, f"epochs={epochs}", "warmup_epochs=0", "ckpt_every_steps=0"]
+    cut = None
     with Utilisation() as utilisation:
-        run_module("train.launch", model, *args, timeout=budget.left())
-    metrics = pd.read_csv(Path(cfg["out_dir"]) / cfg["name"] / "metrics.csv")
-    return metrics["img_per_s"].tolist(), utilisation.samples
+        try:
+            run_module("train.launch", model, *args, timeout=budget.left())
+        except subprocess.TimeoutExpired as err:
+            cut = err
+    metrics = Path(cfg["out_dir"]) / cfg["name"] / "metrics.csv"
+    per_epoch = pd.read_csv(metrics)["img_per_s"].tolist() if metrics.exists() else []
+    return per_epoch, utilisation.samples, cut
 
 
 def loop_section(
@@ -234,15 +240,18 @@ def loop_section(
 ) -> Iterator[Row]:
     for name, extra in (("attract_repulse", []), ("baseline", BASELINE)):
         overrides = [*data_overrides(data, out / f"loop-{name}", CLASSES), *extra]
-        per_epoch, samples = loop_rates(B2, overrides, epochs, budget)
-        last = per_epoch[-1]
-        bare = rates.get(name, float("nan"))
-        busy = f", GPU busy median {median(samples):.0f}% (mean {np.mean(samples):.0f}%)"
-        yield (
-            f"real loop, {name}, img/s per epoch",
-            " / ".join(f"{r:.0f}" for r in per_epoch),
-            f"last epoch {last / bare:.2f}x the bare step{busy if samples else ''}",
-        )
+        per_epoch, samples, cut = loop_rates(B2, overrides, epochs, budget)
+        if per_epoch:
+            yield loop_row(name, per_epoch, samples, rates.get(name, float("nan")))
+        if cut:
+            raise cut
+
+
+def loop_row(name: str, per_epoch: list[float], samples: list[int], bare: float) -> Row:
+    ratio = f"last epoch {per_epoch[-1] / bare:.2f}x the bare step"
+    if samples:  # none where nvidia-smi is missing
+        ratio += f", GPU busy median {median(samples):.0f}% (mean {np.mean(samples):.0f}%)"
+    return (f"real loop, {name}, img/s per epoch", " / ".join(f"{r:.0f}" for r in per_epoch), ratio)
 
 
 # ---- 4. EfficientNet-B7 --------------------------------------------------------------------
