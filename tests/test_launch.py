@@ -113,6 +113,8 @@ def test_the_generated_slurm_job_is_valid_shell_that_requeues_on_the_early_signa
     assert "#SBATCH --signal=B:USR1@" in job and "#SBATCH --requeue" in job
     assert "scontrol requeue" in job and "--num_processes $(( 4 * 8 ))" in job
     assert "-m train.launch" in job and "effnet_b7 epochs=460" in job
+    # The interpreter that wrote the job runs it (make's VENV, wherever it is), on every node.
+    assert f"\npython={sys.executable}\n" in job and "exec '\"$python\"' -m train.launch" in job
 
 
 SLOW_CHECKPOINT = """

@@ -36,6 +36,7 @@ TEMPLATE = Template(r"""#!/usr/bin/env bash
 set -uo pipefail
 cd "$$SLURM_SUBMIT_DIR"
 export PYTHONPATH="$$PWD"
+python=$python
 mkdir -p "$run"
 head_node=$$(scontrol show hostnames "$$SLURM_JOB_NODELIST" | head -n 1)
 
@@ -65,7 +66,7 @@ exit "$$status"
 
 # Several nodes: one launcher per node, each told its rank and the head node.
 MULTI_NODE = Template(r"""bash -c '
-  exec .venv/bin/python -m train.launch \
+  exec '"$$python"' -m train.launch \
     --config_file configs/accelerate/multinode.yaml --num_processes $$(( $nodes * $gpus )) \
     --accelerate-args "--num_machines $nodes --machine_rank $$SLURM_NODEID \
       --main_process_ip '"$$head_node"' --main_process_port 29500" \
@@ -73,11 +74,17 @@ MULTI_NODE = Template(r"""bash -c '
 '""")
 
 
+def job_python() -> str:
+    """The interpreter that writes a job runs it (`make slurm` runs VENV's python, wherever the
+    user made it): the nodes see the same path, as they see the submit directory."""
+    return shlex.quote(sys.executable)
+
+
 def launch_command(model: str, overrides: list[str], nodes: int, gpus: int) -> str:
     """The command srun starts on each node: `make train`'s launcher on one node."""
     if nodes == 1:
         args = ["--num_processes", str(gpus), model, *overrides]
-        return ".venv/bin/python -m train.launch " + shlex.join(args)
+        return '"$python" -m train.launch ' + shlex.join(args)
     return MULTI_NODE.substitute(nodes=nodes, gpus=gpus, model=model, overrides=" ".join(overrides))
 
 
@@ -100,6 +107,7 @@ def render(model: str, overrides: list[str], args: argparse.Namespace) -> str:
         run=run_dir(cfg),
         model=model,
         launch=launch_command(model, overrides, nodes, gpus),
+        python=job_python(),
         nodes=nodes,
         gpus=gpus,
         cpus=cpus,

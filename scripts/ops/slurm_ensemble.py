@@ -30,7 +30,7 @@ from common.fs import write_text_atomic
 from data_prep.layout import Layout
 from ensemble.blend import load_ensemble_config
 from train.config import load_config, logits_dir, run_dir
-from train.slurm import add_job_arguments, render
+from train.slurm import add_job_arguments, job_python, render
 
 LOGITS = Template(r"""#!/usr/bin/env bash
 #SBATCH --job-name=logits-$name
@@ -44,7 +44,7 @@ LOGITS = Template(r"""#!/usr/bin/env bash
 set -euo pipefail
 cd "$$SLURM_SUBMIT_DIR"
 export PYTHONPATH="$$PWD"
-.venv/bin/python -m ensemble.logits $args
+$python -m ensemble.logits $args
 """)
 
 ENSEMBLE = Template(r"""#!/usr/bin/env bash
@@ -58,9 +58,9 @@ ENSEMBLE = Template(r"""#!/usr/bin/env bash
 set -euo pipefail
 cd "$$SLURM_SUBMIT_DIR"
 export PYTHONPATH="$$PWD"
-.venv/bin/python -m ensemble.blend $blend
+$python -m ensemble.blend $blend
 if [ -f $labels ]; then
-  .venv/bin/python -m ensemble.evaluate $submission --labels $labels
+  $python -m ensemble.evaluate $submission --labels $labels
 else
   echo "no local test labels ($labels): the submission is validated, not scored"
 fi
@@ -102,6 +102,7 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[Job]]:
             time=args.logits_time,
             run=run_dir(cfg),
             args=shlex.join([model, *args.overrides]),
+            python=job_python(),
         )
         jobs += [Job("train", cfg["name"], train, run_dir(cfg))]
         jobs += [Job("logits", cfg["name"], logits, run_dir(cfg))]
@@ -120,6 +121,7 @@ def ensemble_script(args: argparse.Namespace, first: dict[str, Any], folder: Pat
         blend=shlex.join(blend),
         submission=shlex.quote(str(args.submissions / f"{args.config}.csv")),
         labels=shlex.quote(str(Layout(Path(first["data_dir"])).test_labels)),
+        python=job_python(),
     )
 
 
