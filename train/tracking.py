@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def trackers(cfg: dict[str, Any]) -> list[str]:
         if name != "all" and name not in installed:
             raise UserError(
                 f"log_with={name}: the {name} package is not installed; "
-                f"`.venv/bin/pip install {name}`, or use log_with=tensorboard"
+                f"`{sys.executable} -m pip install {name}`, or use log_with=tensorboard"
             )
     return names
 
