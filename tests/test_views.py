@@ -30,6 +30,7 @@ from train.views import (
     WorkerViews,
     build_train_transform,
     load_rgb,
+    to_device,
 )
 
 SMALL = {"img_size": 48, "test_size": 48}
@@ -467,3 +468,11 @@ def test_from_config_reads_the_recipe_keys():
         mix.smoothing,
         mix.num_classes,
     ) == (0.2, 0.0, 0.7, 0.1, 0.05, 10)
+
+
+def test_no_positives_stay_none_on_the_way_to_a_gpu():
+    """The strong baseline (cr_weight: 0) has no CR positives; the copy to a GPU, the one
+    branch the CPU tests do not run, must pass that on (it called None.pin_memory())."""
+    assert to_device(None, torch.device("cuda")) is None
+    labels = torch.arange(4)
+    assert to_device(labels, torch.device("cpu")) is labels

@@ -372,9 +372,10 @@ class SharedMixup:
         return mixed
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     """A host tensor on `device` without making the host wait: through pinned memory, copied
-    asynchronously in stream order (a pageable copy would wait for the queued work)."""
-    if device.type == "cpu":
+    asynchronously in stream order (a pageable copy would wait for the queued work). None (no
+    CR positives: `cr_weight: 0`, the strong baseline) stays None."""
+    if tensor is None or device.type == "cpu":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
