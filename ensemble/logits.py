@@ -5,7 +5,8 @@ and a checkpoint (best by default, the teacher by default), predicts every val a
 with TenCrop and per-crop Auxiliary Fusion (`train.inference`), and writes
 `logits/<name>/val.npz` (ids, probs float16, labels), `test.npz` (ids, probs) and `meta.json`,
 written last so that a folder with a meta.json is complete; it records the checkpoint's step
-and epoch, and a run stopped before its last epoch is named in a warning.
+and epoch, and a run stopped before its last epoch is named in a warning. `--float32` keeps the
+probabilities in float32, for comparisons finer than float16's steps.
 
 Nothing is chosen on images the model trained on. The fusion weight is the configured one, or
 it is chosen on the run's held-out images: val for a train-split run; for a train+val run the
@@ -79,6 +80,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="images per forward (TenCrop: 10 crops each); default: 64 on the CPU, "
         "2 * batch_size / crops on a GPU",
+    )
+    parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="keep the probabilities in float32, not float16 (whose steps are 2.4e-4 at "
+        "p = 0.25-0.5): for comparisons finer than that (make gpu-check's GPU/CPU agreement)",
     )
     return parser.parse_intermixed_args(argv)
 
@@ -167,14 +174,19 @@ def choose_fusion_weight(
     return round(weight, 4), "chosen on held-out images"
 
 
-def stored(probs: torch.Tensor) -> np.ndarray:
-    """Probabilities at the precision the files keep (float16 halves the ensemble's reading)."""
-    return probs.numpy().astype(np.float16)
+def kept_dtype(args: argparse.Namespace) -> type[np.floating]:
+    """The files' probabilities: float16 (half the ensemble's reading) unless `--float32`."""
+    return np.float32 if args.float32 else np.float16
 
 
-def stored_top1(probs: torch.Tensor, labels: torch.Tensor) -> float:
+def stored(probs: torch.Tensor, dtype: type[np.floating]) -> np.ndarray:
+    """Probabilities at the precision the files keep."""
+    return probs.numpy().astype(dtype)
+
+
+def stored_top1(probs: torch.Tensor, labels: torch.Tensor, dtype: type[np.floating]) -> float:
     """Top-1 of `probs` as stored: what `make ensemble` will measure from the file."""
-    return top1(torch.from_numpy(stored(probs).astype(np.float32)), labels)
+    return top1(torch.from_numpy(stored(probs, dtype).astype(np.float32)), labels)
 
 
 def _items(layout: Layout, split: str) -> list:
@@ -194,16 +206,22 @@ def _check_classes(cfg: dict[str, Any], layout: Layout) -> None:
 
 
 def split_scores(
-    probs: dict[str, torch.Tensor], labels: torch.Tensor, weight: float, view: str
+    probs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    weight: float,
+    view: str,
+    dtype: type[np.floating],
 ) -> dict[str, float | None]:
     """Top-1 of one labelled split as stored: fused, unfused, and TenCrop / centre crop."""
-    fused = stored_top1(fuse(probs["main"], probs.get("aux"), weight), labels)
+    fused = stored_top1(fuse(probs["main"], probs.get("aux"), weight), labels, dtype)
     center = fused
     if "center_main" in probs:
-        center = stored_top1(fuse(probs["center_main"], probs.get("center_aux"), weight), labels)
+        center = stored_top1(
+            fuse(probs["center_main"], probs.get("center_aux"), weight), labels, dtype
+        )
     return {
         "top1": fused,
-        "top1_unfused": stored_top1(probs["main"], labels),
+        "top1_unfused": stored_top1(probs["main"], labels, dtype),
         "top1_tencrop": fused if view == "tencrop" else None,
         "top1_center": center,
     }
@@ -228,7 +246,7 @@ def build_meta(
         split: {
             "images": len(labels[split]),
             "trained_on": split in cfg["train_splits"],
-            **split_scores(probs[split], labels[split], weight, view),
+            **split_scores(probs[split], labels[split], weight, view, kept_dtype(args)),
         }
         for split in labels
     }
@@ -239,6 +257,7 @@ def build_meta(
         "checkpoint": args.checkpoint,
         "role": args.role,
         "view": view,
+        "probs_dtype": np.dtype(kept_dtype(args)).name,
         "test_size": cfg["test_size"],
         "resize_size": resize_size(cfg),
         "fusion_weight": weight,
@@ -321,14 +340,17 @@ def write_outputs(folder: Path, arrays: dict[str, dict[str, np.ndarray]], meta: 
 
 
 def write_split_arrays(
-    items: dict[str, list], probs: dict[str, dict[str, torch.Tensor]], weight: float
+    items: dict[str, list],
+    probs: dict[str, dict[str, torch.Tensor]],
+    weight: float,
+    dtype: type[np.floating],
 ) -> dict[str, dict[str, np.ndarray]]:
     """Each split's ids and fused probabilities (and labels, for the labelled splits)."""
     arrays = {}
     for split, split_items in items.items():
         arrays[split] = {
             "ids": np.array([item[0] for item in split_items], dtype=str),
-            "probs": stored(fuse(probs[split]["main"], probs[split].get("aux"), weight)),
+            "probs": stored(fuse(probs[split]["main"], probs[split].get("aux"), weight), dtype),
         }
         if split != "test":
             arrays[split]["labels"] = np.array([item[2] for item in split_items], dtype=np.int64)
@@ -367,7 +389,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta["processes"] = accelerator.num_processes
     meta["provenance"] = logits_provenance(cfg, layout, step_dir, args.role, items)
     if accelerator.is_main_process:
-        write_outputs(logits_dir(cfg), write_split_arrays(items, probs, fusion[0]), meta)
+        write_outputs(
+            logits_dir(cfg), write_split_arrays(items, probs, fusion[0], kept_dtype(args)), meta
+        )
         print(f"{summary_line(cfg, meta)}; wrote {logits_dir(cfg)}/")
     accelerator.wait_for_everyone()
     return meta

@@ -131,6 +131,7 @@ def test_logits_writes_one_row_per_image_in_id_order(world, logits_0):
     np.testing.assert_allclose(test["probs"].astype(np.float64).sum(1), 1.0, atol=3e-3)
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["rows"] == {"val": 9, "test": 6} and meta["view"] == "tencrop"
+    assert meta["probs_dtype"] == "float16"
     assert meta["role"] == "teacher" and meta["checkpoint"] == "best"
     # trained on train+val with nothing held out: nothing to choose the weight on
     assert meta["resize_size"] == 20 and meta["heldout_split"] is None
@@ -150,6 +151,17 @@ def test_logits_writes_one_row_per_image_in_id_order(world, logits_0):
         "(trained on)" in proc.stdout
         and f"fusion weight {fallback} (fusion_fallback" in proc.stdout
     )
+
+
+def test_float32_keeps_the_probabilities_the_float16_files_round(world, logits_0):
+    """`--float32` (make gpu-check's agreement: float16 steps are 2.4e-4 at p = 0.25-0.5)."""
+    logits_command(world, "tiny_0", "--float32", logits="logits32")
+    folder = world["base"] / "logits32" / "tiny_0"
+    for split in ("val", "test"):
+        wide, narrow = load(folder / f"{split}.npz"), load(logits_0[0] / f"{split}.npz")
+        assert wide["probs"].dtype == np.float32
+        np.testing.assert_array_equal(wide["probs"].astype(np.float16), narrow["probs"])
+    assert json.loads((folder / "meta.json").read_text())["probs_dtype"] == "float32"
 
 
 def test_logits_rows_equal_an_explicit_tencrop_of_the_teacher(world, logits_0):
