@@ -40,7 +40,7 @@ GPUS ?= 8
 TFLOPS ?=
 
 
-.PHONY: help setup data train logits ensemble evaluate demo ablation sweep long-run frontier tsne bench bench-data chaos test test-fast lint clean slurm slurm-ensemble status tensorboard smoke plan gpu-check
+.PHONY: help setup data train logits ensemble evaluate demo ablation sweep long-run frontier tsne bench bench-data chaos test test-fast test-gpu lint clean slurm slurm-ensemble status tensorboard smoke plan gpu-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -119,6 +119,9 @@ test: setup ## the whole test suite (CI runs exactly this)
 
 test-fast: setup ## the tests not marked slow
 	$(TEST) -m "not slow"
+
+test-gpu: setup ## the GPU's own tests, on a CUDA machine (the suite above runs on the CPU, GPU hidden)
+	GPU_TESTS=1 $(PY) -m pytest -q tests/test_gpu.py
 
 lint: setup ## ruff check and ruff format --check (the tree is formatted by ruff format)
 	$(VENV)/bin/ruff check .

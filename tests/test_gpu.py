@@ -1,5 +1,6 @@
 """The GPU path on a GPU: skipped without CUDA (CI and this project's CPU machines), run by a
-session lent a GPU (`python -m pytest tests/test_gpu.py`) beside `make gpu-check`.
+session lent a GPU (`make test-gpu`: `GPU_TESTS=1 python -m pytest tests/test_gpu.py`; the rest of
+the suite hides the GPU, tests/conftest.py) beside `make gpu-check`.
 
 What differs from the CPU, by design: RandomErasing's noise comes from a CUDA generator (erased
 pixels differ; every other pixel equals the CPU's up to float rounding), and cuDNN's benchmark
@@ -20,7 +21,9 @@ from train.config import load_config
 from train.data import split_train_eval
 from train.views import DeviceAugment, MultiViewDataset, WorkerViews, build_train_transform
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU and GPU_TESTS=1 (make test-gpu)"
+)
 RUN = ["demo_resnet18", "epochs=1", "batch_size=8", "train_splits=[train]", "seed=3"]
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from common.errors import UserError
 from tests.conftest import NARROW, ROOT, run_command
 from train.launch import ACCELERATE_LAUNCH, gpu_count, launch_args
 
@@ -91,6 +92,12 @@ def test_gpus_are_all_used():
     args = launch_args(None, None, gpus=4)
     assert args[1].endswith("gpu.yaml") and option(args, "--num_processes") == "4"
     assert "--num_cpu_threads_per_process" not in args
+
+
+def test_more_processes_than_gpus_are_refused_in_one_line():
+    assert option(launch_args(None, 2, gpus=4), "--num_processes") == "2"
+    with pytest.raises(UserError, match="--num_processes 2 on 1 GPU"):
+        launch_args(None, 2, gpus=1)
 
 
 def test_the_gpus_counted_are_those_cuda_visible_devices_leaves_visible(tmp_path, monkeypatch):

@@ -59,6 +59,12 @@ def launch_args(config_file: str | None, num_processes: int | None, gpus: int) -
     """The `accelerate launch` options for this machine and request."""
     if config_file is None:
         if gpus > 0:
+            if num_processes and num_processes > gpus:
+                # Accelerate would put process k on cuda:k and fail on an invalid ordinal.
+                raise UserError(
+                    f"--num_processes {num_processes} on {gpus} GPU(s): one process per GPU; "
+                    f"pass at most {gpus}, or CUDA_VISIBLE_DEVICES= for CPU processes"
+                )
             name, procs = "gpu.yaml", num_processes or gpus
         else:
             procs = num_processes or 1
