@@ -76,6 +76,18 @@ def test_out_of_memory_after_the_first_step_is_raised(tiny_dir, tmp_path, monkey
     assert seen == [32, 32]  # the first step fitted; the second failed and was not retried
 
 
+def test_under_cuda_graphs_an_out_of_memory_first_step_is_refused_in_one_line(
+    tiny_dir, tmp_path, monkeypatch
+):
+    """Halving would need grad_accum, which compile=reduce-overhead refuses: say why here,
+    not in words about a grad_accum the user never set."""
+    simulate_oom(monkeypatch, above_rows=8)
+    overrides = [*ARGS, f"data_dir={tiny_dir}", f"out_dir={tmp_path}", "compile=reduce-overhead"]
+    cfg = load_config("demo_resnet18", overrides)
+    with pytest.raises(UserError, match="micro-batch 16 ran out of memory.*compile=true"):
+        run_module.train(cfg, auto_batch.train_auto_batch)
+
+
 def test_a_global_batch_that_does_not_split_into_even_micro_batches_is_refused():
     cfg = load_config("demo_resnet18", ["batch_size=auto", "lr_base_batch=20", "grad_accum=3"])
     with pytest.raises(UserError, match="does not split into 2 processes x grad_accum=3 even"):

@@ -86,6 +86,13 @@ def train_auto_batch(cfg: dict[str, Any]) -> int:
         except RuntimeError as err:
             if run.global_step > 0 or not should_reduce_batch_size(err):
                 raise
+        if cfg["compile"] == "reduce-overhead":
+            # Halving needs accumulation, which CUDA graphs refuse (train/distributed.py).
+            raise UserError(
+                f"batch_size=auto: micro-batch {micro} ran out of memory, and a smaller one needs "
+                "grad_accum, which compile=reduce-overhead refuses; use compile=true or a "
+                "smaller img_size"
+            )
         run.acc.print(f"batch_size=auto: out of memory at micro-batch {micro}; halving it")
         micro, accum = halved(micro, accum, pairs(cfg))
         run.acc.free_memory()
