@@ -65,6 +65,26 @@ def test_the_loader_rate_counts_the_images_after_the_first_batch(tmp_path):
     assert len(list(tmp_path.glob("*.JPEG"))) == 4 * 3
 
 
+@pytest.mark.parametrize("smi", ["echo 42", "exit 9", None])
+def test_the_utilisation_sampler_reads_nvidia_smi_and_survives_its_absence(
+    smi, tmp_path, monkeypatch
+):
+    """Samples while active; a failing nvidia-smi gives none, a missing one ends the thread
+    quietly (the loop's row then names no utilisation)."""
+    if smi is not None:
+        (tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\n{smi}\n")
+        (tmp_path / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    errors: list[BaseException] = []
+    monkeypatch.setattr("threading.excepthook", lambda args: errors.append(args.exc_value))
+    with gpu_check.Utilisation(every=0.02) as sampled:
+        time.sleep(0.3)
+    assert errors == []
+    assert set(sampled.samples) == ({42} if smi == "echo 42" else set())
+    assert smi != "echo 42" or len(sampled.samples) >= 2
+
+
 def test_agreement_is_the_largest_difference_and_the_share_of_equal_argmax():
     cpu = np.array([[0.6, 0.4], [0.2, 0.8], [0.5, 0.5 - 1e-9]])
     gpu = np.array([[0.6, 0.4], [0.3, 0.7], [0.5 - 2e-9, 0.5]])

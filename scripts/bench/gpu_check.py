@@ -118,9 +118,9 @@ def step_rates(model: str, overrides: list[str], repeat: int, out: Path) -> dict
     cfg = load_config(model, overrides)
     rates = {}
     for name, extra in (("baseline", BASELINE), ("attract_repulse", [])):
-        step, _ = bare_step(model, [*overrides, *extra], str(out / name))
+        step, run = bare_step(model, [*overrides, *extra], str(out / name))
         rates[name] = cfg["batch_size"] / median_seconds({name: (step, None)}, repeat)[name]
-        del step
+        del step, run  # the model and its optimiser's memory free for the next step
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     gflops, _ = plan.forward_gflops(cfg)
@@ -202,7 +202,14 @@ class Utilisation:
     def _sample(self) -> None:
         query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
         while not self._done.wait(self.every):
-            out = subprocess.run([*query, "-i", "0"], capture_output=True, text=True, timeout=10)
+            try:
+                out = subprocess.run(
+                    [*query, "-i", "0"], capture_output=True, text=True, timeout=10
+                )
+            except subprocess.TimeoutExpired:
+                continue
+            except OSError:  # no nvidia-smi: the row says that no samples were taken
+                return
             if out.returncode == 0 and out.stdout.strip().isdigit():
                 self.samples.append(int(out.stdout.strip()))
 
