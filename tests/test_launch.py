@@ -112,6 +112,18 @@ def test_the_gpus_counted_are_those_cuda_visible_devices_leaves_visible(tmp_path
         assert gpu_count() == count, visible
 
 
+def test_an_nvidia_smi_that_fails_leaves_the_count_to_cuda_and_a_missing_one_means_cpu(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 3)
+    assert gpu_count() == 0  # no nvidia-smi at all
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    fake.chmod(0o755)
+    assert gpu_count() == 3
+
+
 def test_the_generated_slurm_job_is_valid_shell_that_requeues_on_the_early_signal(tmp_path):
     job = run_command("-m", "train.slurm", "effnet_b7", "epochs=460", "--nodes", "4").stdout
     path = tmp_path / "job.sh"

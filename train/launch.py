@@ -45,9 +45,17 @@ def gpu_count() -> int:
     (where CUDA stops reading it), so that no process is started for a hidden GPU."""
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+    except OSError:  # no driver tools: a CPU machine
         return 0
-    present = out.stdout.count("GPU ") if out.returncode == 0 else 0
+    except subprocess.TimeoutExpired:
+        out = None
+    if out is None or out.returncode != 0:
+        # There but not answering: CUDA's own count (it reads CUDA_VISIBLE_DEVICES), rather than
+        # a GPU machine's run silently on its CPU. torch is imported only here (start-up time).
+        import torch
+
+        return torch.cuda.device_count()
+    present = out.stdout.count("GPU ")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return present
