@@ -97,6 +97,13 @@ def test_log_with_accepts_installed_trackers_and_refuses_others_in_one_line():
         with pytest.raises(UserError, match=r"comet_ml package is not installed") as err:
             trackers({"log_with": "tensorboard,comet_ml"})
         assert f"`{sys.executable} -m pip install comet_ml`" in str(err.value)  # this venv's pip
+        assert str(err.value).endswith("or use log_with=tensorboard")
+
+
+def test_without_tensorboard_the_error_offers_no_tracker_rather_than_itself(monkeypatch):
+    monkeypatch.setattr("accelerate.tracking.get_available_trackers", lambda: [])
+    with pytest.raises(UserError, match=r"tensorboard package is not installed.*log_with=none$"):
+        trackers({"log_with": "tensorboard"})
 
 
 def test_hyperparameters_are_flat_scalars_and_resume_options_name_the_step():

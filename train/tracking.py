@@ -53,7 +53,8 @@ def trackers(cfg: dict[str, Any]) -> list[str]:
         if name != "all" and name not in installed:
             raise UserError(
                 f"log_with={name}: the {name} package is not installed; "
-                f"`{sys.executable} -m pip install {name}`, or use log_with=tensorboard"
+                f"`{sys.executable} -m pip install {name}`, or use log_with="
+                + ("none" if name == "tensorboard" else "tensorboard")
             )
     return names
 
