@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def child_env() -> dict[str, str]:
-    """This process's environment with the repository on PYTHONPATH (for `python -m <stage>`)."""
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    """This process's environment with the repository first on PYTHONPATH (for `python -m
+    <stage>`), ahead of what was there (packages installed with --target, as on a machine
+    without the project's environment)."""
+    path = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def run_child(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from PIL import Image
 from common.processes import process_tree, running
 from scripts.bench import gpu_check
 from scripts.ops import plan
-from scripts.stages import run_child
+from scripts.stages import ROOT, child_env, run_child
 from tests.conftest import run_command
 from train.config import load_config
 
@@ -60,9 +61,28 @@ def test_the_generated_dataset_splits_each_class_into_train_val_and_test(tmp_pat
         assert min(image.size) >= 320  # ImageNet-size, as the real loop decodes
 
 
-def test_the_loader_rate_counts_the_images_after_the_first_batch(tmp_path):
-    assert gpu_check.loader_rate(gpu_check.B2, TOY, tmp_path, batches=2) > 0
-    assert len(list(tmp_path.glob("*.JPEG"))) == 4 * 3
+def test_the_loader_rate_times_a_second_pass_of_the_images_repeated_to_its_batches(
+    tiny_dir, tmp_path, monkeypatch
+):
+    sizes, passes = [], []
+    real = gpu_check.train_loader
+
+    class Passes(list):
+        def __iter__(self):
+            passes.append(len(self))
+            return super().__iter__()
+
+    def counted(cfg, items, rank, world):
+        loader, dataset, sampler = real(cfg, items, rank, world)
+        sizes.append(len(items))
+        return Passes(loader), dataset, sampler
+
+    monkeypatch.setattr(gpu_check, "train_loader", counted)
+    monkeypatch.setattr(time, "perf_counter", iter([10.0, 12.0]).__next__)
+    overrides = [*gpu_check.data_overrides(tiny_dir, tmp_path, 10), *TOY, "workers=0"]
+    # 200 batches of 4 from the tiny dataset's 80 training images: 800 images in 2 s.
+    assert gpu_check.loader_rate(gpu_check.B2, overrides, batches=200) == 400.0
+    assert sizes == [800] and passes == [200, 200]  # the first pass starts the workers
 
 
 @pytest.mark.parametrize("smi", ["echo 42", "exit 9", None])
@@ -78,11 +98,21 @@ def test_the_utilisation_sampler_reads_nvidia_smi_and_survives_its_absence(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     errors: list[BaseException] = []
     monkeypatch.setattr("threading.excepthook", lambda args: errors.append(args.exc_value))
-    with gpu_check.Utilisation(every=0.02) as sampled:
+    with gpu_check.Utilisation(tmp_path / "metrics.csv", every=0.02) as sampled:
         time.sleep(0.3)
     assert errors == []
-    assert set(sampled.samples) == ({42} if smi == "echo 42" else set())
+    assert {percent for percent, _ in sampled.samples} == ({42} if smi == "echo 42" else set())
     assert smi != "echo 42" or len(sampled.samples) >= 2
+
+
+def test_the_utilisation_kept_is_that_of_the_epochs_after_the_first(tmp_path):
+    """Start-up and cuDNN's search (before epoch 1 ends) and the end (after the last) are out."""
+    metrics = tmp_path / "metrics.csv"
+    sampled = gpu_check.Utilisation(metrics)
+    assert sampled.epochs() == 0
+    metrics.write_text("epoch,img_per_s\n1,90\n2,100\n3,100\n")
+    sampled.samples = [(0, 0), (5, 0), (80, 1), (90, 2), (70, 2), (3, 3)]
+    assert sampled.epochs() == 3 and sampled.steady() == [80, 90, 70]
 
 
 def test_agreement_is_the_largest_difference_and_the_share_of_equal_argmax():
@@ -178,6 +208,16 @@ def test_the_command_wires_each_section_to_its_function_and_names_what_to_rerun(
     assert last == f"gpu-check: to finish, run: {gpu_check.PROG} --sections bare loop"
 
 
+def test_a_stage_finds_the_repository_first_and_the_packages_already_on_pythonpath(
+    monkeypatch, tmp_path
+):
+    """The device machine's missing packages are installed with --target onto PYTHONPATH."""
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}/opt/more")
+    assert child_env()["PYTHONPATH"].split(os.pathsep) == [str(ROOT), str(tmp_path), "/opt/more"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert child_env()["PYTHONPATH"] == str(ROOT)
+
+
 def test_a_child_past_its_time_is_ended_with_the_processes_it_started(tmp_path):
     """As `train.launch` past the budget: its training processes must not hold the GPU on."""
     pid_file = tmp_path / "grandchild"
@@ -203,17 +243,22 @@ def test_the_compile_rows_give_each_mode_its_rate_and_a_failed_mode_its_last_lin
     def timing(model, overrides, repeat, timeout):  # the child process's result, or its failure
         if "compile=reduce-overhead" in overrides:
             raise SystemExit("bench_train: the step failed:\nTraceback\nRuntimeError: no graph")
-        return {"first": 40.0, "c": 0.5 if "num_views=1" in overrides else 1.0}
+        seconds = 0.5 if "num_views=1" in overrides else 1.0
+        return {"first": 40.0, "c": seconds, "graph_breaks": 0, "cudagraph_skips": 0}
 
     monkeypatch.setattr(gpu_check, "own_process_seconds", timing)
     eager = {"baseline": 64.0, "attract_repulse": 16.0}
     rows = list(gpu_check.compile_section(tiny_dir, tmp_path, 3, eager))
     assert rows == [
-        ("B2 baseline bare step, compile=true", "128 img/s", "2.00x eager; compile 40 s once"),
+        (
+            "B2 baseline bare step, compile=true",
+            "128 img/s",
+            "2.00x eager; compile 40 s once; 0 graph breaks",
+        ),
         (
             "B2 attract_repulse bare step, compile=true",
             "64 img/s",
-            "4.00x eager; compile 40 s once",
+            "4.00x eager; compile 40 s once; 0 graph breaks",
         ),
         (
             "B2 attract_repulse bare step, compile=reduce-overhead",
@@ -221,6 +266,13 @@ def test_the_compile_rows_give_each_mode_its_rate_and_a_failed_mode_its_last_lin
             "RuntimeError: no graph",
         ),
     ]
+
+
+def test_a_step_in_its_own_process_reports_its_times_and_compile_counters(tiny_dir, tmp_path):
+    overrides = [*gpu_check.data_overrides(tiny_dir, tmp_path, 10), *TOY]
+    timing = gpu_check.own_process_seconds(gpu_check.B2, overrides, 2, timeout=300)
+    assert timing["first"] > 0 and timing["c"] > 0
+    assert timing["graph_breaks"] == 0 == timing["cudagraph_skips"]  # eager: nothing compiled
 
 
 @pytest.mark.slow
@@ -255,11 +307,28 @@ def test_a_real_loop_cut_short_reports_its_finished_epochs_then_the_cut(monkeypa
         (
             "real loop, attract_repulse, img/s per epoch",
             "90 / 100",
-            "last epoch 1.00x the bare step, GPU busy median 50% (mean 50%)",
+            "last epoch 1.00x the bare step, GPU busy after epoch 1: median 50%, mean 50%",
         ),
         ("real loop, baseline, img/s per epoch", "300", "last epoch 0.75x the bare step"),
         ("loop", "cut short", "the time budget (--minutes) ran out"),
     ]
+
+
+def test_a_demo_cut_short_reports_the_stages_it_finished_then_the_cut(monkeypatch, tmp_path):
+    def demo_until_the_budget(*args, **kwargs):
+        timings = Path(args[args.index("--timings") + 1])
+        timings.write_text(json.dumps({"data": 0.0, "train demo_resnet18_w16": 33.0}))
+        raise subprocess.TimeoutExpired("scripts.ops.demo", 1.0)
+
+    monkeypatch.setattr(gpu_check, "run_module", demo_until_the_budget)
+    section = gpu_check.demo_section(tmp_path, gpu_check.UNBOUNDED)
+    rows, finished = gpu_check.measure("demo", lambda: section, gpu_check.UNBOUNDED)
+    assert not finished and [row[:2] for row in rows] == [
+        ("make demo on the GPU: data", "0 s"),
+        ("make demo on the GPU: train demo_resnet18_w16", "33 s"),
+        ("demo", "cut short"),
+    ]
+    assert rows[1][2] == "2-core CPU 99 s: 3.0x faster"
 
 
 def cmdline(pid: int) -> str:

@@ -13,7 +13,7 @@ the next one runs. In order, cheapest first:
    against what the A&R step consumes.
 3. loop: `python -m train.launch` (as `make train`) on those JPEGs (16 classes, ~2,000 images,
    3 epochs) for both steps: images/s per epoch, the ratio to the bare step, and the GPU's
-   utilisation sampled every half second while it trains.
+   utilisation sampled every half second in the epochs after the first.
 4. b7: EfficientNet-B7 at 448 px (effnet_b7): peak memory of a step against `make plan`'s
    estimate, and its images/s.
 5. demo: `make demo`'s pipeline on the GPU (both members, TenCrop logits, ensemble, evaluation)
@@ -37,6 +37,7 @@ The in-process measurements (bare, loader, b7) are a fixed number of steps each.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -53,6 +54,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common import provenance
 from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
 from ensemble.blend import load_ensemble_config
@@ -61,7 +63,7 @@ from scripts.bench.train import BASELINE, bare_step, median_seconds, own_process
 from scripts.ops import plan
 from scripts.stages import ROOT, run_module
 from train.config import load_config
-from train.data import loader_workers, train_loader
+from train.data import loader_workers, split_train_eval, train_loader
 
 GIB = 2**30
 B2 = "effnet_b2_ablation"  # the paper's ablation setting: EfficientNet-B2, 320 px, 64 per GPU
@@ -164,25 +166,29 @@ def bare_section(data: Path, out: Path, repeat: int, rates: dict[str, float]) ->
 
 
 # ---- 2. the loader -------------------------------------------------------------------------
-def loader_rate(model: str, overrides: list[str], folder: Path, batches: int) -> float:
-    """Images/s of the training loader over `batches` batches after the first (worker start)."""
+def loader_rate(model: str, overrides: list[str], batches: int) -> float:
+    """Images/s of the training loader over a pass of `batches` batches (the training images
+    repeated as needed), timed from its start on the second pass: the first starts the
+    persistent workers and fills the page cache. Many more batches than workers: a pass begins
+    one batch on every worker at once, and a short one would time that burst, not the rate."""
     cfg = load_config(model, overrides)
-    items = make_jpegs(folder, cfg["batch_size"] * (batches + 1))
+    images = itertools.cycle(split_train_eval(cfg)[0])
+    items = list(itertools.islice(images, cfg["batch_size"] * batches))
     loader, _, _ = train_loader(cfg, items, rank=0, world=1)
-    iterator = iter(loader)
-    next(iterator)
+    for _ in loader:
+        pass
     started = time.perf_counter()
-    count = sum(batch[1].shape[0] for batch in iterator)
+    count = sum(batch[1].shape[0] for batch in loader)
     return count / (time.perf_counter() - started)
 
 
-def loader_section(rates: dict[str, float], folder: Path, batches: int) -> Rows:
-    cfg = load_config(B2)
-    folder.mkdir(parents=True, exist_ok=True)
-    rate = loader_rate(B2, [], folder, batches)
+def loader_section(data: Path, out: Path, rates: dict[str, float], batches: int) -> Rows:
+    overrides = data_overrides(data, out, CLASSES)
+    workers = loader_workers(load_config(B2, overrides))
+    rate = loader_rate(B2, overrides, batches)
     return [
         (
-            f"loader, B2 320 px, workers auto = {loader_workers(cfg)}",
+            f"loader, B2 320 px, workers auto = {workers}, {batches} batches",
             f"{rate:.0f} img/s",
             f"the A&R bare step consumes {rates.get('attract_repulse', float('nan')):.0f} img/s",
         )
@@ -192,10 +198,12 @@ def loader_section(rates: dict[str, float], folder: Path, batches: int) -> Rows:
 # ---- 3. the real loop ----------------------------------------------------------------------
 class Utilisation:
     """Samples GPU 0's utilisation (%) every `every` s while active, from nvidia-smi (present
-    wherever the driver is; torch.cuda.utilization would need pynvml)."""
+    wherever the driver is; torch.cuda.utilization would need pynvml), each with the epochs
+    that `progress` (a run's metrics.csv) lists by then."""
 
-    def __init__(self, every: float = 0.5):
-        self.every, self.samples = every, []
+    def __init__(self, progress: Path, every: float = 0.5):
+        self.progress, self.every = progress, every
+        self.samples: list[tuple[int, int]] = []  # (percent, epochs finished)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -211,7 +219,20 @@ class Utilisation:
             except OSError:  # no nvidia-smi: the row says that no samples were taken
                 return
             if out.returncode == 0 and out.stdout.strip().isdigit():
-                self.samples.append(int(out.stdout.strip()))
+                self.samples.append((int(out.stdout.strip()), self.epochs()))
+
+    def epochs(self) -> int:
+        """The epochs finished: metrics.csv's rows (it is replaced whole, never half-written)."""
+        try:
+            return max(0, len(self.progress.read_text().splitlines()) - 1)
+        except FileNotFoundError:
+            return 0
+
+    def steady(self) -> list[int]:
+        """The samples of the epochs after the first: the launch's start-up, cuDNN's kernel
+        search and the run's end would count as idle time the training does not have."""
+        last = self.epochs()
+        return [percent for percent, done in self.samples if 1 <= done < last]
 
     def __enter__(self) -> Utilisation:
         if torch.cuda.is_available():
@@ -227,19 +248,20 @@ class Utilisation:
 def loop_rates(
     model: str, overrides: list[str], epochs: int, budget: Budget = UNBOUNDED
 ) -> tuple[list[float], list[int], subprocess.TimeoutExpired | None]:
-    """(img/s of each finished epoch from metrics.csv, GPU utilisation samples, the timeout if
+    """(img/s of each finished epoch from metrics.csv, GPU utilisation samples after the first
+    epoch, the timeout if
     the budget ended the run) of a real `train.launch` run: a run cut short keeps its epochs."""
     cfg = load_config(model, overrides)
     args = [*overrides, f"epochs={epochs}", "warmup_epochs=0", "ckpt_every_steps=0"]
+    metrics = Path(cfg["out_dir"]) / cfg["name"] / "metrics.csv"
     cut = None
-    with Utilisation() as utilisation:
+    with Utilisation(metrics) as utilisation:
         try:
             run_module("train.launch", model, *args, timeout=budget.left())
         except subprocess.TimeoutExpired as err:
             cut = err
-    metrics = Path(cfg["out_dir"]) / cfg["name"] / "metrics.csv"
     per_epoch = pd.read_csv(metrics)["img_per_s"].tolist() if metrics.exists() else []
-    return per_epoch, utilisation.samples, cut
+    return per_epoch, utilisation.steady(), cut
 
 
 def loop_section(
@@ -257,7 +279,9 @@ def loop_section(
 def loop_row(name: str, per_epoch: list[float], samples: list[int], bare: float) -> Row:
     ratio = f"last epoch {per_epoch[-1] / bare:.2f}x the bare step"
     if samples:  # none where nvidia-smi is missing
-        ratio += f", GPU busy median {median(samples):.0f}% (mean {np.mean(samples):.0f}%)"
+        ratio += (
+            f", GPU busy after epoch 1: median {median(samples):.0f}%, mean {np.mean(samples):.0f}%"
+        )
     return (f"real loop, {name}, img/s per epoch", " / ".join(f"{r:.0f}" for r in per_epoch), ratio)
 
 
@@ -290,7 +314,11 @@ def b7_section(repeat: int) -> Rows:
             f"{allocated:.1f} GiB",
             f"make plan: {estimate:.1f} GiB ({estimate / allocated - 1:+.0%})",
         ),
-        (f"{label}: one view's step", f"{images / seconds:.0f} img/s", "plan.training_step"),
+        (
+            f"{label}: make plan's step (both views, NCHW)",
+            f"{images / seconds:.0f} img/s",
+            "plan.training_step",
+        ),
     ]
 
 
@@ -325,14 +353,20 @@ CPU_DEMO_S = {
 
 def demo_section(out: Path, budget: Budget) -> Iterator[Row]:
     """`make demo`'s pipeline on the GPU, stage by stage against the 2-core CPU, then one
-    member's GPU/CPU agreement."""
+    member's GPU/CPU agreement. A demo cut short by the budget keeps its finished stages."""
     dirs = [f"out_dir={out / 'runs'}", f"logits_dir={out / 'logits'}"]
     timings = out / "timings.json"
     demo = ["scripts.ops.demo", *dirs, "--submissions", str(out / "submissions")]
-    run_module(*demo, "--timings", str(timings), timeout=budget.left())
-    seconds = json.loads(timings.read_text())
+    cut = None
+    try:
+        run_module(*demo, "--timings", str(timings), timeout=budget.left())
+    except subprocess.TimeoutExpired as err:
+        cut = err
+    seconds = json.loads(timings.read_text()) if timings.is_file() else {}
     for stage, value in seconds.items():
         yield demo_row(stage, value, CPU_DEMO_S.get(stage))
+    if cut:
+        raise cut
     yield demo_row("total (data kept)", sum(seconds.values()), sum(CPU_DEMO_S.values()))
     member = load_ensemble_config("demo")["models"][0]
     yield from agreement_rows(member, dirs, out, budget)
@@ -384,11 +418,11 @@ def compile_section(
             continue
         rate = load_config(B2, overrides)["batch_size"] / timing["c"]
         eager = rates.get(name, float("nan"))
-        yield (
-            check,
-            f"{rate:.0f} img/s",
-            f"{rate / eager:.2f}x eager; compile {timing['first']:.0f} s once",
-        )
+        against = f"{rate / eager:.2f}x eager; compile {timing['first']:.0f} s once; "
+        against += f"{timing['graph_breaks']} graph breaks"
+        if mode == "reduce-overhead":  # inductor falls back without graphs, and only logs it
+            against += f", CUDA graphs skipped {timing['cudagraph_skips']}x"
+        yield (check, f"{rate:.0f} img/s", against)
 
 
 # ---- the report ----------------------------------------------------------------------------
@@ -452,11 +486,23 @@ def run_sections(
     return again
 
 
+def environment() -> str:
+    """The libraries and the code the figures come from."""
+    found, code = provenance.versions(), provenance.code_state()
+    commit = (code["git_commit"] or "unknown")[:10] + (" (dirty)" if code["git_dirty"] else "")
+    return (
+        f"torch {found['torch']} (CUDA {torch.version.cuda}), timm {found['timm']}, "
+        f"accelerate {found['accelerate']}, Python {found['python']}, commit {commit}"
+    )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--repeat", type=int, default=10, help="timed steps per measurement")
-    parser.add_argument("--loader-batches", type=int, default=8)
+    parser.add_argument(
+        "--loader-batches", type=int, default=128, help="batches a timed pass of the loader takes"
+    )
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the real loop")
     parser.add_argument("--report", type=Path, default=REPORT)
     parser.add_argument(
@@ -472,8 +518,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     started, budget = time.perf_counter(), Budget(args.minutes)
     device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
     header = (
-        f"# make gpu-check, {time.strftime('%Y-%m-%d')}\n\n{device}, torch {torch.__version__}, "
-        f"CUDA {torch.version.cuda}; `{PROG} --sections {' '.join(args.sections)} "
+        f"# make gpu-check, {time.strftime('%Y-%m-%d')}\n\n{device}, {environment()}; "
+        f"`{PROG} --sections {' '.join(args.sections)} "
         f"--minutes {args.minutes:g}`"
     )
     print(header, flush=True)
@@ -484,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         data = make_dataset(folder, CLASSES, PER_CLASS, budget)
         sections: dict[str, Callable[[], Iterable[Row]]] = {
             "bare": lambda: bare_section(data, folder / "bare", args.repeat, rates),
-            "loader": lambda: loader_section(rates, folder / "loader", args.loader_batches),
+            "loader": lambda: loader_section(data, folder / "loader", rates, args.loader_batches),
             "loop": lambda: loop_section(data, folder, rates, args.epochs, budget),
             "b7": lambda: b7_section(args.repeat),
             "demo": lambda: demo_section(folder / "demo", budget),

@@ -83,14 +83,19 @@ def own_process_seconds(
     model: str, overrides: list[str], repeat: int, timeout: float | None = None
 ) -> dict[str, float]:
     """The first step (compilation, if any, included) and the median step under `overrides`,
-    measured in a fresh process (ended past `timeout` s: `subprocess.TimeoutExpired`):
+    with torch.compile's graph breaks and the times inductor skipped CUDA graphs (it only
+    logs them), measured in a fresh process (ended past `timeout` s: `subprocess.TimeoutExpired`):
     Accelerate fixes the precision and the dynamo backend for the process at its first
     Accelerator."""
     code = (
         "import json, tempfile, time; from scripts.bench.train import bare_step, median_seconds\n"
+        "from torch._dynamo.utils import counters\n"
         f"d = tempfile.mkdtemp(); step, _ = bare_step({model!r}, {overrides!r}, d)\n"
         "t = time.perf_counter(); step(); first = time.perf_counter() - t\n"
-        f"print(json.dumps({{'first': first, **median_seconds({{'c': (step, None)}}, {repeat})}}))"
+        f"c = median_seconds({{'c': (step, None)}}, {repeat})\n"
+        "breaks = sum(counters['graph_break'].values())\n"
+        "skips = counters['inductor']['cudagraph_skips']\n"
+        "print(json.dumps({'first': first, **c, 'graph_breaks': breaks, 'cudagraph_skips': skips}))"
     )
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     out = run_child([sys.executable, "-c", code], timeout, env=child_env(), **pipes)

@@ -28,21 +28,29 @@ ENSEMBLE = "demo"
 
 
 class Stages:
-    """Runs the demo's commands and remembers where the minutes went."""
+    """Runs the demo's commands and remembers where the minutes went; with `timings`, writes
+    them there as JSON after each stage, so that a demo cut short (make gpu-check's time
+    budget) still tells the stages it finished."""
 
-    def __init__(self) -> None:
+    def __init__(self, timings: Path | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.timings = timings
 
     def run(self, title: str, *args: str) -> None:
         print(f"\n==> {title}: python -m {' '.join(args)}", flush=True)
         started = time.time()
         run_module(*args, then="rerun make demo")
-        self.seconds[title] = time.time() - started
+        self.done(title, time.time() - started)
         print(f"    ({self.seconds[title]:.0f} s)", flush=True)
 
     def kept(self, title: str, why: str) -> None:
         print(f"\n==> {title}: {why}, kept")
-        self.seconds[title] = 0.0
+        self.done(title, 0.0)
+
+    def done(self, title: str, seconds: float) -> None:
+        self.seconds[title] = seconds
+        if self.timings is not None:
+            write_text_atomic(self.timings, json.dumps(self.seconds, indent=1))
 
     def table(self) -> str:
         total = sum(self.seconds.values())
@@ -83,12 +91,14 @@ def main(argv: list[str] | None = None) -> None:
         "--started", type=float, help="epoch seconds when `make demo` began (times its setup)"
     )
     parser.add_argument(
-        "--timings", type=Path, help="also write the stages' seconds here, as JSON (make gpu-check)"
+        "--timings",
+        type=Path,
+        help="also write the stages' seconds here, as JSON, after each (make gpu-check)",
     )
     args = parser.parse_args(argv)
-    stages = Stages()
+    stages = Stages(args.timings)
     if args.started is not None:
-        stages.seconds["setup (make setup)"] = time.time() - args.started
+        stages.done("setup (make setup)", time.time() - args.started)
     models = load_ensemble_config(ENSEMBLE)["models"]
     configs = [load_config(model, args.overrides) for model in models]
     data = Path(configs[0]["data_dir"])
@@ -123,8 +133,6 @@ def main(argv: list[str] | None = None) -> None:
     scores = {"val": report["val"]["top1"]["ensemble"], "test": 100.0 * correct / total}
     print("\n" + closing_table(configs, submission, scores, labels))
     print("\nWhere the minutes went:\n" + stages.table())
-    if args.timings is not None:
-        write_text_atomic(args.timings, json.dumps(stages.seconds, indent=1))
 
 
 if __name__ == "__main__":
