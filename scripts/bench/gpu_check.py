@@ -9,10 +9,10 @@ the next one runs. In order, cheapest first:
    batch, then Algorithm 1) of EfficientNet-B2 at 320 px (configs/models/effnet_b2_ablation.yaml,
    64 images, bf16), strong baseline and Attract-and-Repulse, images/s and model TFLOP/s;
    and the host syncs per optimiser step (`torch.cuda.set_sync_debug_mode("warn")`).
-2. loader: the training loader at `workers: auto` on generated ImageNet-size JPEGs, images/s,
-   against what the A&R step consumes.
-3. loop: `python -m train.launch` (as `make train`) on those JPEGs (16 classes, ~2,000 images,
-   3 epochs) for both steps: images/s per epoch, the ratio to the bare step, and the GPU's
+2. loader: the training loader at `workers: auto` on generated ImageNet-size JPEGs (16 classes,
+   ~2,000 images; a second pass of 128 batches, its workers started), images/s, against what the
+   A&R step consumes.
+3. loop: `python -m train.launch` (as `make train`) on those JPEGs, 3 epochs, for both steps: images/s per epoch, the ratio to the bare step, and the GPU's
    utilisation sampled every half second in the epochs after the first.
 4. b7: EfficientNet-B7 at 448 px (effnet_b7): peak memory of a step against `make plan`'s
    estimate, and its images/s.
