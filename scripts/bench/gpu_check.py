@@ -12,8 +12,9 @@ the next one runs. In order, cheapest first:
 2. loader: the training loader at `workers: auto` on generated ImageNet-size JPEGs (16 classes,
    ~2,000 images; a second pass of 128 batches, its workers started), images/s, against what the
    A&R step consumes.
-3. loop: `python -m train.launch` (as `make train`) on those JPEGs, 3 epochs, for both steps: images/s per epoch, the ratio to the bare step, and the GPU's
-   utilisation sampled every half second in the epochs after the first.
+3. loop: `python -m train.launch` (as `make train`) on those JPEGs, 3 epochs, for both steps:
+   images/s per epoch, the ratio to the bare step, and the GPU's utilisation sampled every half
+   second in the epochs after the first.
 4. b7: EfficientNet-B7 at 448 px (effnet_b7): peak memory of a step against `make plan`'s
    estimate, and its images/s.
 5. demo: `make demo`'s pipeline on the GPU (both members, TenCrop logits, ensemble, evaluation)
