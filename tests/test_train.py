@@ -276,6 +276,18 @@ def test_two_cpu_processes_validate_like_one_process(tiny_dir, tmp_path):
     assert top1(probs, labels) == pytest.approx(logged["heldout_student"], abs=1e-4)
 
 
+def test_an_evaluation_loader_starts_no_more_workers_than_it_has_batches(tiny_dir):
+    from data_prep.layout import Layout
+    from train.config import load_config
+    from train.data import eval_loader
+
+    items = Layout(tiny_dir).split_items("val")  # 30 images
+    cfg = load_config("demo_resnet18", [f"data_dir={tiny_dir}", "workers=2"])
+    assert eval_loader(cfg, items, 0, 1, 16).num_workers == 2  # ceil(30 / 16) batches
+    assert eval_loader(cfg, items, 0, 1, 30).num_workers == 1
+    assert eval_loader(cfg, items, 1, 2, 16).num_workers == 1  # this process's 15 images
+
+
 def test_checkpoints_follow_the_clock_not_every_epoch(tiny_dir, tmp_path):
     def saved_steps(minutes: str) -> list[int]:
         out = tmp_path / minutes

@@ -215,12 +215,18 @@ def eval_loader(
 ) -> DataLoader:
     """This process's shard of `items` (rank, rank + world, ...: every item on exactly one
     process) as batches of crop views: the centre (validation) or TenCrop (`make logits`)."""
-    dataset = EvalDataset(items, build_crop_transform(cfg, view))
+    dataset = Subset(
+        EvalDataset(items, build_crop_transform(cfg, view)), list(shard(len(items), rank, world))
+    )
     _register_exit_handler()
+    # No more workers than batches: every worker is started (and, not persistent, at every
+    # pass), and on a GPU machine `auto` is ~15 of them against the few batches of a small
+    # validation set, each evaluated twice (student, teacher) at every epoch.
+    batches = -(-len(dataset) // batch_size)
     return DataLoader(
-        Subset(dataset, list(shard(len(items), rank, world))),
+        dataset,
         batch_size=batch_size,
-        num_workers=loader_workers(cfg),
+        num_workers=min(loader_workers(cfg), batches),
         worker_init_fn=ignore_stop_signals,
         pin_memory=torch.cuda.is_available(),
     )
