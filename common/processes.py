@@ -14,18 +14,29 @@ def _stat_fields(stat: Path) -> list[str]:
     return stat.read_text().rsplit(")", 1)[1].split()
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants, parents before their children."""
-    children: dict[int, list[int]] = {}
+def _children_of() -> dict[int, list[int]]:
+    """Each running process's parent -> its children."""
+    found: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             ppid = int(_stat_fields(stat)[1])
         except (OSError, IndexError, ValueError):
             continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
+        found.setdefault(ppid, []).append(int(stat.parent.name))
+    return found
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (its direct children)."""
+    return _children_of().get(pid, [])
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, parents before their children."""
+    found = _children_of()
     tree, todo = [pid], [pid]
     while todo:
-        kids = children.get(todo.pop(), [])
+        kids = found.get(todo.pop(), [])
         tree += kids
         todo += kids
     return tree

@@ -21,6 +21,15 @@ def record_exit_status(code: int) -> None:
             fh.write(f"{code}\n")
 
 
+def status_for_agent(code: int) -> int:
+    """The status a training process exits with. Under torchrun's agent (train.launch's runs of
+    several processes), a stopped run exits 0, its 75 recorded for the launcher: the agent
+    reports any other status as a failure, with a traceback, and it must see the processes end
+    as it would a finished run, since it hosts the store their NCCL uses until then."""
+    launched = os.environ.get(EXIT_STATUS_ENV) and os.environ.get("TORCHELASTIC_RUN_ID")
+    return 0 if code == EXIT_PREEMPTED and launched else code
+
+
 def read_exit_status(path: str) -> int | None:
     """The status a training process recorded in `path`, or None."""
     try:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from common.errors import UserError
+from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, status_for_agent
 from tests.conftest import NARROW, ROOT, run_command
 from train.launch import ACCELERATE_LAUNCH, gpu_count, launch_args
 
@@ -73,7 +74,7 @@ def test_every_machines_options_parse_under_accelerates_own_launch_command(monke
 
     assert ACCELERATE_LAUNCH == [sys.executable, "-m", "accelerate.commands.launch"]
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    for procs, gpus in ((None, 0), (2, 0), (None, 4)):
+    for procs, gpus in ((None, 0), (2, 0), (None, 4), (None, 1), (1, 4)):
         options = launch_args(None, procs, gpus)
         parsed = launch_command_parser().parse_args([*options, "-m", "train", "effnet_b7"])
         assert parsed.config_file == options[1] and parsed.module
@@ -92,6 +93,30 @@ def test_gpus_are_all_used():
     args = launch_args(None, None, gpus=4)
     assert args[1].endswith("gpu.yaml") and option(args, "--num_processes") == "4"
     assert "--num_cpu_threads_per_process" not in args
+
+
+def test_a_stopped_process_under_torchruns_agent_exits_0_having_recorded_75(tmp_path, monkeypatch):
+    """So that the agent ends quietly, after its workers, and the launcher still reports 75."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv(EXIT_STATUS_ENV, str(tmp_path / "status"))
+    assert status_for_agent(EXIT_PREEMPTED) == EXIT_PREEMPTED  # the plain launcher: no agent
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert status_for_agent(EXIT_PREEMPTED) == 0
+    assert status_for_agent(2) == 2 and status_for_agent(0) == 0
+    monkeypatch.delenv(EXIT_STATUS_ENV)
+    assert status_for_agent(EXIT_PREEMPTED) == EXIT_PREEMPTED  # no launcher to tell
+
+
+def test_one_gpu_process_takes_accelerates_plain_launcher_not_torchrun():
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    for procs, gpus in ((None, 1), (1, 8)):
+        options = launch_args(None, procs, gpus)
+        assert options[1].endswith("gpu_1proc.yaml")
+        parsed = launch_command_parser().parse_args([*options, "-m", "train", "effnet_b7"])
+        validated = _validate_launch_command(parsed)[0]
+        assert not validated.multi_gpu and not validated.cpu and validated.num_processes == 1
+        assert validated.mixed_precision == "bf16"
 
 
 def test_more_processes_than_gpus_are_refused_in_one_line():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.processes import kill_tree, process_tree
+from common.processes import children, kill_tree, process_tree
 from scripts.ops import smoke
 from tests.conftest import run_command
 from train.config import load_config
@@ -53,18 +53,23 @@ def test_two_optimiser_steps_make_one_epoch(smoke_data, model):
     assert len(split_train_eval(cfg)[0]) == micro * accum * smoke.STEPS
 
 
-def test_the_process_tree_reaches_a_grandchild():
+def test_the_process_tree_reaches_a_grandchild_and_children_stop_at_the_child():
+    """The launcher relays a stop to its children (the training processes) alone."""
     sleeper = "import time; time.sleep(60)"
-    code = (
-        f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); {sleeper}"
-    )
-    parent = subprocess.Popen([sys.executable, "-c", code])
+
+    def spawning(code: str) -> str:
+        return (
+            f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {code!r}]); {sleeper}"
+        )
+
+    parent = subprocess.Popen([sys.executable, "-c", spawning(spawning(sleeper))])
     try:
         deadline = time.time() + 30
-        while len(process_tree(parent.pid)) < 2 and time.time() < deadline:
+        while len(process_tree(parent.pid)) < 3 and time.time() < deadline:
             time.sleep(0.1)
         tree = process_tree(parent.pid)
-        assert tree[0] == parent.pid and len(tree) == 2
+        assert tree[0] == parent.pid and len(tree) == 3
+        assert children(parent.pid) == [tree[1]]
     finally:
         kill_tree(parent.pid)
         parent.wait()

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from common.errors import cli_main
+from common.status import status_for_agent
 from train.config import available, load_config
 
 
@@ -28,4 +29,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(status_for_agent(main()))

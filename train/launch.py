@@ -5,11 +5,11 @@ machine, or one CPU process (`--num_processes N` for N CPU processes). CPU machi
 `accelerate launch --cpu --num_processes N` starts a single process, so N > 1 CPU processes are
 launched as `--multi_gpu` and train/distributed.py puts them on the CPU (gloo).
 
-The launcher relays SIGTERM/SIGUSR1 to every training process (accelerate's launcher does not),
-a SIGTERM as SIGUSR1 (PREEMPT_SIGNAL: torchrun's agent would kill a slow checkpoint), and, since
-accelerate reports any failure as status 1, turns a stop it relayed into EXIT_PREEMPTED, so a
-job script can requeue. Other failures exit with the status the training
-processes recorded (common/status.py): 2 for a user error, as `python -m train` does.
+The launcher relays SIGTERM/SIGUSR1 to the training processes alone (accelerate's launcher does
+not relay), as SIGUSR1 (PREEMPT_SIGNAL), and exits with EXIT_PREEMPTED when they stopped on it,
+so a job script can requeue: torchrun's agent, between them, is left alone to see them end
+(common/status.py `status_for_agent`). Other failures exit with the status the training
+processes recorded: 2 for a user error, as `python -m train` does.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from common.errors import UserError, cli_main
-from common.processes import process_tree, running
+from common.processes import children, process_tree, running
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, read_exit_status
 from train.config import CONFIG_DIR, load_config
 
@@ -73,7 +73,8 @@ def launch_args(config_file: str | None, num_processes: int | None, gpus: int) -
                     f"--num_processes {num_processes} on {gpus} GPU(s): one process per GPU; "
                     f"pass at most {gpus}, or CUDA_VISIBLE_DEVICES= for CPU processes"
                 )
-            name, procs = "gpu.yaml", num_processes or gpus
+            procs = num_processes or gpus
+            name = "gpu.yaml" if procs > 1 else "gpu_1proc.yaml"
         else:
             procs = num_processes or 1
             name = "cpu.yaml" if procs == 1 else "cpu_2proc.yaml"
@@ -111,16 +112,17 @@ def run(command: list[str]) -> int:
         status_file = str(Path(folder) / "exit_status")
         code = _run_relaying(command, {**os.environ, EXIT_STATUS_ENV: status_file})
         recorded = read_exit_status(status_file)
-    if code not in (0, EXIT_PREEMPTED) and recorded is not None:
-        return recorded
+    if recorded is not None and (code not in (0, EXIT_PREEMPTED) or recorded == EXIT_PREEMPTED):
+        return recorded  # a stopped run under torchrun's agent exits 0 with 75 recorded
     return code
 
 
-# What the group gets for a SIGTERM. torchrun's agent (accelerate's --multi_gpu launcher, every
-# multi-process run, on a GPU or on the CPU) answers SIGTERM with a 20-line traceback, then
-# SIGTERMs its workers and SIGKILLs them 30 s later, checkpoint written or not. SIGUSR1 it does
-# not handle: it ends at once and silently, while the workers, which stop on either signal,
-# write their checkpoint in their own time (bounded by stop_timeout_s) and exit 75.
+# What the training processes get for a SIGTERM or SIGUSR1: they stop on either, checkpoint in
+# their own time (bounded by stop_timeout_s) and exit. torchrun's agent (accelerate's --multi_gpu
+# launcher: every multi-process run, on GPUs or CPUs) is not signalled: on SIGTERM it prints a
+# 20-line traceback and SIGKILLs its workers 30 s later, checkpoint written or not; ended by
+# SIGUSR1, it takes down the store that the workers' NCCL polls, which then logs an error each
+# second of the checkpoint.
 PREEMPT_SIGNAL = signal.SIGUSR1
 
 
@@ -129,9 +131,11 @@ def _run_relaying(command: list[str], env: dict[str, str]) -> int:
     process = subprocess.Popen(command, start_new_session=True, env=env)
 
     def relay(signum, frame):
-        # The whole tree: torchrun starts each training process in a session of its own.
+        # A stop to the training processes, the launcher's children (torchrun starts each in a
+        # session of its own); Ctrl-C to the whole tree, as a terminal would.
         relayed.append(signum)
-        for pid in process_tree(process.pid):
+        whole = signum == signal.SIGINT
+        for pid in process_tree(process.pid) if whole else children(process.pid):
             signalled.add(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, PREEMPT_SIGNAL if signum == signal.SIGTERM else signum)
@@ -139,7 +143,7 @@ def _run_relaying(command: list[str], env: dict[str, str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, relay)
     code = process.wait()
-    while any(running(pid) for pid in signalled):  # the workers outlive the agent
+    while any(running(pid) for pid in signalled):  # after Ctrl-C, workers outlive the agent
         time.sleep(0.5)
     if relayed and code != 0 and signal.SIGINT not in relayed:
         return EXIT_PREEMPTED

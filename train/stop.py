@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 
-from common.status import EXIT_PREEMPTED, record_exit_status
+from common.status import EXIT_PREEMPTED, record_exit_status, status_for_agent
 from train.data import kill_loader_workers
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -87,4 +87,4 @@ class StopRequest:
         sys.stderr.flush()
         kill_loader_workers()
         record_exit_status(EXIT_PREEMPTED)
-        os._exit(EXIT_PREEMPTED)
+        os._exit(status_for_agent(EXIT_PREEMPTED))
