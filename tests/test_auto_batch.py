@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pandas as pd
 import pytest
 import torch
@@ -10,6 +13,7 @@ import yaml
 import train.auto_batch as auto_batch
 import train.run as run_module
 from common.errors import UserError
+from common.status import EXIT_PREEMPTED
 from train.config import load_config
 from train.engine import AttractRepulseStep
 
@@ -74,6 +78,23 @@ def test_out_of_memory_after_the_first_step_is_raised(tiny_dir, tmp_path, monkey
     with pytest.raises(torch.cuda.OutOfMemoryError):
         run_module.train(cfg, auto_batch.train_auto_batch)
     assert seen == [32, 32]  # the first step fitted; the second failed and was not retried
+
+
+def test_a_stop_during_a_first_step_that_ran_out_of_memory_ends_the_run_instead_of_a_retry(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    """The next attempt's stop request would start afresh: the launcher relays a signal once."""
+
+    def stop_then_oom(self, batch, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(AttractRepulseStep, "__call__", stop_then_oom)
+    cfg = load_config("demo_resnet18", [*ARGS, f"data_dir={tiny_dir}", f"out_dir={tmp_path}"])
+    assert run_module.train(cfg, auto_batch.train_auto_batch) == EXIT_PREEMPTED
+    out = capsys.readouterr().out
+    assert "stopped on request before a micro-batch fitted" in out
+    assert out.count("batch_size=auto: trying") == 1
 
 
 def test_under_cuda_graphs_an_out_of_memory_first_step_is_refused_in_one_line(

@@ -20,6 +20,7 @@ import yaml
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
 from common.errors import UserError
+from common.status import EXIT_PREEMPTED
 from train import checkpoint as ckpt
 from train.config import run_dir
 from train.run import Run, run_to_end
@@ -86,6 +87,9 @@ def train_auto_batch(cfg: dict[str, Any]) -> int:
         except RuntimeError as err:
             if run.global_step > 0 or not should_reduce_batch_size(err):
                 raise
+        if run.stop.requested:  # a stop came during the failed step: nothing trained to save
+            run.acc.print("batch_size=auto: stopped on request before a micro-batch fitted")
+            return EXIT_PREEMPTED
         if cfg["compile"] == "reduce-overhead":
             # Halving needs accumulation, which CUDA graphs refuse (train/distributed.py).
             raise UserError(
