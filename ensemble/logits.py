@@ -394,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         print(f"{summary_line(cfg, meta)}; wrote {logits_dir(cfg)}/")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # several processes: their group ends here, not at exit (a warning)
     return meta
 
 
