@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from common.errors import UserError
+from common.processes import children
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, status_for_agent
 from tests.conftest import NARROW, ROOT, run_command
 from train.launch import ACCELERATE_LAUNCH, gpu_count, launch_args
@@ -177,6 +178,22 @@ def save(self):  # the stop's checkpoint outlasts torchrun's 30 s grace period
 
 Run.save = save
 """
+
+
+def test_a_stop_before_the_training_process_starts_ends_the_launch_with_75(tiny_dir, tmp_path):
+    """The stop goes to the training processes; while there are none, to the launcher."""
+    args = ["demo_resnet18", NARROW, "epochs=1", f"data_dir={tiny_dir}", f"out_dir={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "train.launch", *args], cwd=ROOT, env=env)
+    deadline = time.monotonic() + 60
+    while not children(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # the relay is installed right after accelerate's launcher is started
+    if children(children(proc.pid)[0]):
+        pytest.skip("accelerate started the training process before the stop could be sent")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75
+    assert not (tmp_path / "demo_resnet18").exists()
 
 
 @pytest.mark.slow

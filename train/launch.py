@@ -132,10 +132,11 @@ def _run_relaying(command: list[str], env: dict[str, str]) -> int:
 
     def relay(signum, frame):
         # A stop to the training processes, the launcher's children (torchrun starts each in a
-        # session of its own); Ctrl-C to the whole tree, as a terminal would.
+        # session of its own), or to the launcher itself while it has none yet (nothing to
+        # save); Ctrl-C to the whole tree, as a terminal would.
         relayed.append(signum)
         whole = signum == signal.SIGINT
-        for pid in process_tree(process.pid) if whole else children(process.pid):
+        for pid in process_tree(process.pid) if whole else children(process.pid) or [process.pid]:
             signalled.add(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, PREEMPT_SIGNAL if signum == signal.SIGTERM else signum)
