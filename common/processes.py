@@ -42,6 +42,24 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def command_line(pid: int) -> list[str]:
+    """`pid`'s argv ([] once it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether `pid` has a handler of its own for `sig` (SigCgt in /proc/<pid>/status)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    masks = [line.split()[1] for line in lines if line.startswith("SigCgt:")]
+    return bool(masks) and bool(int(masks[0], 16) >> (sig - 1) & 1)
+
+
 def running(pid: int) -> bool:
     """True while `pid` exists and is not a zombie (an orphan nobody has reaped yet)."""
     try:

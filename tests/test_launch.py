@@ -16,7 +16,7 @@ from common.errors import UserError
 from common.processes import children
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, status_for_agent
 from tests.conftest import NARROW, ROOT, run_command
-from train.launch import ACCELERATE_LAUNCH, gpu_count, launch_args
+from train.launch import ACCELERATE_LAUNCH, gpu_count, launch_args, runs_module
 
 
 def option(args: list[str], name: str) -> str:
@@ -142,12 +142,16 @@ def test_an_nvidia_smi_that_fails_leaves_the_count_to_cuda_and_a_missing_one_mea
     tmp_path, monkeypatch
 ):
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # conftest hides the GPU
     monkeypatch.setattr("torch.cuda.device_count", lambda: 3)
     assert gpu_count() == 0  # no nvidia-smi at all
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
     fake.chmod(0o755)
     assert gpu_count() == 3
+    fake.write_text("#!/bin/sh\nsleep 60\n")  # a hung driver: not asked once every GPU is hidden
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_count() == 0
 
 
 def test_the_generated_slurm_job_is_valid_shell_that_requeues_on_the_early_signal(tmp_path):
@@ -180,20 +184,52 @@ Run.save = save
 """
 
 
-def test_a_stop_before_the_training_process_starts_ends_the_launch_with_75(tiny_dir, tmp_path):
-    """The stop goes to the training processes; while there are none, to the launcher."""
-    args = ["demo_resnet18", NARROW, "epochs=1", f"data_dir={tiny_dir}", f"out_dir={tmp_path}"]
+# A stand-in for accelerate: a probe child first (its nvidia-smi), then the training process,
+# which catches the stop only after a start-up; it stops as under torchrun's agent (75 recorded,
+# exit 0), and the launcher exits with the training process's status, as the agent does.
+MARK = "lambda *a: open(sys.argv[-1] + '/{name}', 'w').close()"
+PROBE = (
+    "import signal, sys, time\n"
+    f"signal.signal(signal.SIGUSR1, {MARK.format(name='probe')}); time.sleep(30)\n"
+)
+WORKER = (
+    "import os, signal, sys, time; time.sleep(0.5)\n"
+    "def stop(*args):\n"
+    "    open(sys.argv[-1] + '/worker', 'w').close()\n"
+    "    open(os.environ['PIPELINE_EXIT_STATUS_FILE'], 'w').write('75')\n"
+    "    sys.exit(0)\n"
+    "signal.signal(signal.SIGUSR1, stop); time.sleep(30)\n"
+)
+LAUNCHER = (
+    "import signal, subprocess, sys, time\n"
+    f"signal.signal(signal.SIGUSR1, {MARK.format(name='launcher')})\n"
+    "probe = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[-1]])\n"
+    "time.sleep(1.5); probe.kill(); probe.wait()\n"
+    "worker = subprocess.Popen([sys.executable, '-c', sys.argv[2], '-m', 'train', sys.argv[-1]])\n"
+    "sys.exit(worker.wait())\n"
+)
+
+
+def test_a_stop_reaches_the_training_process_alone_even_before_it_exists(tmp_path):
+    """SIGTERM while the launcher runs its probe: kept until the training process catches
+    it, and given to nobody else (not the probe, not the launcher: torchrun's agent)."""
+    launcher = [sys.executable, "-c", LAUNCHER, PROBE, WORKER, str(tmp_path)]
+    code = f"import sys; from train.launch import run; sys.exit(run({launcher!r}))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "train.launch", *args], cwd=ROOT, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
     deadline = time.monotonic() + 60
     while not children(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.05)  # the relay is installed right after accelerate's launcher is started
-    if children(children(proc.pid)[0]):
-        pytest.skip("accelerate started the training process before the stop could be sent")
+        time.sleep(0.01)  # the relay is in place before the launcher starts
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 75
-    assert not (tmp_path / "demo_resnet18").exists()
+    assert proc.wait(timeout=60) == EXIT_PREEMPTED
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["worker"]
+
+
+def test_the_relay_finds_training_processes_by_their_module():
+    assert runs_module(["python", "-u", "-m", "train", "effnet_b7"], "train")
+    assert runs_module(["python", "-c", "code", "-m", "train", "x"], "train")
+    assert not runs_module(["python", "-m", "train.launch", "m"], "train")
+    assert not runs_module(["nvidia-smi", "--query-gpu=count"], "train")
 
 
 @pytest.mark.slow

@@ -8,10 +8,12 @@ import sys
 from common.errors import cli_main
 from common.status import status_for_agent
 from train.config import available, load_config
+from train.stop import remember_stops
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
+    remember_stops()  # first: train.launch relays a stop once this process catches it
     parser = argparse.ArgumentParser(
         prog="python -m train",
         description="Train one backbone under the Attract-and-Repulse recipe; a rerun resumes.",

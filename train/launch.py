@@ -6,10 +6,11 @@ machine, or one CPU process (`--num_processes N` for N CPU processes). CPU machi
 launched as `--multi_gpu` and train/distributed.py puts them on the CPU (gloo).
 
 The launcher relays SIGTERM/SIGUSR1 to the training processes alone (accelerate's launcher does
-not relay), as SIGUSR1 (PREEMPT_SIGNAL), and exits with EXIT_PREEMPTED when they stopped on it,
-so a job script can requeue: torchrun's agent, between them, is left alone to see them end
-(common/status.py `status_for_agent`). Other failures exit with the status the training
-processes recorded: 2 for a user error, as `python -m train` does.
+not relay), as SIGUSR1 (PREEMPT_SIGNAL), each once it catches it (a stop that comes while they
+start waits for them), and exits with EXIT_PREEMPTED when they stopped on it, so a job script can
+requeue: torchrun's agent, between them, is left alone to see them end (common/status.py
+`status_for_agent`). Other failures exit with the status the training processes recorded: 2
+for a user error, as `python -m train` does.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from common.errors import UserError, cli_main
-from common.processes import children, process_tree, running
+from common.processes import catches, children, command_line, process_tree, running
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, read_exit_status
 from train.config import CONFIG_DIR, load_config
 
@@ -43,24 +44,30 @@ def gpu_count() -> int:
     """The GPUs this launch may use: those nvidia-smi lists (it ignores CUDA_VISIBLE_DEVICES),
     at most as many as CUDA_VISIBLE_DEVICES names before its first empty or negative entry
     (where CUDA stops reading it), so that no process is started for a hidden GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    named = None
+    if visible is not None:
+        entries = itertools.takewhile(lambda e: e and not e.startswith("-"), visible.split(","))
+        named = sum(1 for _ in entries)
+        if named == 0:
+            return 0  # every GPU hidden: nvidia-smi is not asked (it may be what hangs)
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
     except OSError:  # no driver tools: a CPU machine
         return 0
     except subprocess.TimeoutExpired:
-        out = None
-    if out is None or out.returncode != 0:
-        # There but not answering: CUDA's own count (it reads CUDA_VISIBLE_DEVICES), rather than
-        # a GPU machine's run silently on its CPU. torch is imported only here (start-up time).
+        raise UserError(
+            "nvidia-smi gave no answer in 30 s (a hung GPU driver?); fix the driver, or set "
+            "CUDA_VISIBLE_DEVICES= to train on the CPU"
+        ) from None
+    if out.returncode != 0:
+        # There but failing: CUDA's own count (it reads CUDA_VISIBLE_DEVICES), rather than a
+        # GPU machine's run silently on its CPU. torch is imported only here (start-up time).
         import torch
 
         return torch.cuda.device_count()
     present = out.stdout.count("GPU ")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return present
-    entries = itertools.takewhile(lambda e: e and not e.startswith("-"), visible.split(","))
-    return min(present, sum(1 for _ in entries))
+    return present if named is None else min(present, named)
 
 
 def launch_args(config_file: str | None, num_processes: int | None, gpus: int) -> list[str]:
@@ -106,49 +113,75 @@ def cpu_threads(gpus: int, procs: int) -> list[str]:
 
 
 def run(command: list[str]) -> int:
-    """Run the launcher in its own process group, relaying stop signals to all of it; exit
-    with the training processes' own status where accelerate reports only 1."""
+    """Run the launcher in a session of its own, relaying stop signals to the training processes;
+    exit with their own status where accelerate reports only 1 (or, under torchrun's agent, 0)."""
     with tempfile.TemporaryDirectory(prefix="train-launch-") as folder:
         status_file = str(Path(folder) / "exit_status")
-        code = _run_relaying(command, {**os.environ, EXIT_STATUS_ENV: status_file})
+        code, stopped = _run_relaying(command, {**os.environ, EXIT_STATUS_ENV: status_file})
         recorded = read_exit_status(status_file)
-    if recorded is not None and (code not in (0, EXIT_PREEMPTED) or recorded == EXIT_PREEMPTED):
+    if recorded is not None and (code != 0 or recorded == EXIT_PREEMPTED):
         return recorded  # a stopped run under torchrun's agent exits 0 with 75 recorded
-    return code
+    return EXIT_PREEMPTED if stopped and code != 0 else code
 
 
 # What the training processes get for a SIGTERM or SIGUSR1: they stop on either, checkpoint in
-# their own time (bounded by stop_timeout_s) and exit. torchrun's agent (accelerate's --multi_gpu
-# launcher: every multi-process run, on GPUs or CPUs) is not signalled: on SIGTERM it prints a
-# 20-line traceback and SIGKILLs its workers 30 s later, checkpoint written or not; ended by
+# their own time (bounded by stop_timeout_s) and exit. Nothing else is signalled: torchrun's agent
+# (accelerate's --multi_gpu launcher: every multi-process run, on GPUs or CPUs) prints a 20-line
+# traceback on SIGTERM and SIGKILLs its workers 30 s later, checkpoint written or not; ended by
 # SIGUSR1, it takes down the store that the workers' NCCL polls, which then logs an error each
-# second of the checkpoint.
+# second of the checkpoint; and accelerate's own probes (nvidia-smi) would take the stop instead.
 PREEMPT_SIGNAL = signal.SIGUSR1
+POLL_S = 0.2  # how soon a stop reaches a training process that has just begun to catch it
 
 
-def _run_relaying(command: list[str], env: dict[str, str]) -> int:
-    relayed, signalled = [], set()
-    process = subprocess.Popen(command, start_new_session=True, env=env)
+def training_processes(launcher: int) -> list[int]:
+    """The launcher's children that run `python [-u] -m train` (accelerate's plain launcher and
+    torchrun start them; not its probes)."""
+    return [pid for pid in children(launcher) if runs_module(command_line(pid), "train")]
 
-    def relay(signum, frame):
-        # A stop to the training processes, the launcher's children (torchrun starts each in a
-        # session of its own), or to the launcher itself while it has none yet (nothing to
-        # save); Ctrl-C to the whole tree, as a terminal would.
-        relayed.append(signum)
-        whole = signum == signal.SIGINT
-        for pid in process_tree(process.pid) if whole else children(process.pid) or [process.pid]:
-            signalled.add(pid)
+
+def runs_module(argv: list[str], module: str) -> bool:
+    return any(argv[k : k + 2] == ["-m", module] for k in range(len(argv) - 1))
+
+
+def _run_relaying(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
+    """(The launcher's status, whether a stop was relayed). A stop is kept until every training
+    process has it: each is told once it catches the signal (train/__main__.py installs that
+    first thing), so a stop that comes while accelerate starts them is neither lost nor fatal.
+    Ctrl-C goes to the whole tree at once, as a terminal would send it."""
+    stops: list[int] = []
+    told: set[int] = set()
+    interrupted: set[int] = set()
+    process: subprocess.Popen | None = None
+
+    def on_stop(signum, frame):
+        stops.append(signum)
+
+    def on_interrupt(signum, frame):
+        for pid in process_tree(process.pid) if process else []:
+            interrupted.add(pid)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, PREEMPT_SIGNAL if signum == signal.SIGTERM else signum)
+                os.kill(pid, signal.SIGINT)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, relay)
-    code = process.wait()
-    while any(running(pid) for pid in signalled):  # after Ctrl-C, workers outlive the agent
+    # Before the launcher starts: no signal can find this process without its handler.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, on_stop)
+    signal.signal(signal.SIGINT, on_interrupt)
+    process = subprocess.Popen(command, start_new_session=True, env=env)
+    while True:
+        try:
+            code = process.wait(timeout=POLL_S)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in training_processes(process.pid) if stops else []:
+            if pid not in told and catches(pid, PREEMPT_SIGNAL):
+                told.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, PREEMPT_SIGNAL)
+    while any(running(pid) for pid in interrupted):  # after Ctrl-C, workers outlive the agent
         time.sleep(0.5)
-    if relayed and code != 0 and signal.SIGINT not in relayed:
-        return EXIT_PREEMPTED
-    return code
+    return code, bool(stops) and not interrupted
 
 
 @cli_main

@@ -1,6 +1,7 @@
 """Stop requests: SIGTERM/SIGUSR1 end a run with a checkpoint, or in bounded time without one.
 
-The loop reads `requested` at every step boundary, checkpoints and exits with EXIT_PREEMPTED.
+The loop reads `requested` at every step boundary, checkpoints and exits with EXIT_PREEMPTED
+(under torchrun's agent: exits 0 with EXIT_PREEMPTED recorded, common/status.py).
 A run that cannot reach a boundary (a loader worker stuck on a hung network disk, a peer process
 that died inside a collective) must still end, or `timeout` and a cluster's time limit could not
 stop it: `timeout_s` after the first stop signal the process says so in one line, kills its
@@ -13,6 +14,11 @@ wake-up pipe (`signal.set_wakeup_fd`); a watchdog thread reads it and keeps the 
 A run started from Python (a notebook, a sweep driver, the tests) must leave the process as it
 found it: `close()` (or the end of a `with` block) puts back the previous handlers and wake-up
 fd and ends the watchdog, whose clock, if running, is cancelled.
+
+`python -m train` calls `remember_stops()` first thing, before torch is imported: a stop that
+comes before the run's StopRequest exists (train.launch relays one as soon as the process
+catches it) or after it is closed is remembered instead of killing the process, and the next
+StopRequest starts with it. This module imports torch only when the watchdog fires.
 """
 
 from __future__ import annotations
@@ -24,9 +30,17 @@ import sys
 import threading
 
 from common.status import EXIT_PREEMPTED, record_exit_status, status_for_agent
-from train.data import kill_loader_workers
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_remembered: list[int] = []  # stop signals that came while no StopRequest held them
+
+
+def remember_stops() -> None:
+    """A stop signal outside a run (before it, between `batch_size: auto` attempts, after it)
+    is remembered for the next StopRequest rather than fatal. For `python -m train` only: a
+    caller from Python keeps its own handlers."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: _remembered.append(signum))
 
 
 class StopRequest:
@@ -34,7 +48,7 @@ class StopRequest:
     Must be made and closed on the main thread (Python's signal API requires it)."""
 
     def __init__(self, timeout_s: float) -> None:
-        self.requested = False
+        self.requested = bool(_remembered)
         self.timeout_s = timeout_s
         self._closed = threading.Event()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
@@ -43,6 +57,8 @@ class StopRequest:
         self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
         self._watchdog = threading.Thread(target=self._watch, daemon=True, name="stop")
         self._watchdog.start()
+        if self.requested:  # a stop already came: its clock starts now
+            os.write(self._write_fd, bytes([STOP_SIGNALS[0]]))
 
     def __enter__(self) -> StopRequest:
         return self
@@ -85,6 +101,8 @@ class StopRequest:
             "a rerun resumes from the newest checkpoint\n"
         )
         sys.stderr.flush()
+        from train.data import kill_loader_workers  # torch: not before the run needs it
+
         kill_loader_workers()
         record_exit_status(EXIT_PREEMPTED)
         os._exit(status_for_agent(EXIT_PREEMPTED))
