@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 # `make test` is the CPU suite, on a GPU machine too: its bit-identical resumes and two-process
-# runs are the CPU's semantics (on one GPU the second process would ask for cuda:1). Hidden
+# runs are the CPU's semantics (on one GPU, two processes are refused by train.launch). Hidden
 # before anything asks CUDA, whose driver reads this once. GPU_TESTS=1 keeps the GPU, for
 # tests/test_gpu.py (`make test-gpu`).
 if os.environ.get("GPU_TESTS") != "1":

@@ -91,18 +91,25 @@ def test_the_utilisation_sampler_reads_nvidia_smi_and_survives_its_absence(
 ):
     """Samples while active; a failing nvidia-smi gives none, a missing one ends the thread
     quietly (the loop's row then names no utilisation)."""
+    calls = tmp_path / "calls"
     if smi is not None:
-        (tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\n{smi}\n")
+        (tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\necho >> {calls}\n{smi}\n")
         (tmp_path / "nvidia-smi").chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     errors: list[BaseException] = []
     monkeypatch.setattr("threading.excepthook", lambda args: errors.append(args.exc_value))
     with gpu_check.Utilisation(tmp_path / "metrics.csv", every=0.02) as sampled:
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # two calls answered, or the thread ended
+            answered = calls.is_file() and len(calls.read_text().splitlines()) >= 3
+            if answered or not sampled._thread.is_alive():
+                break
+            time.sleep(0.02)
     assert errors == []
     assert {percent for percent, _ in sampled.samples} == ({42} if smi == "echo 42" else set())
     assert smi != "echo 42" or len(sampled.samples) >= 2
+    assert smi is not None or not calls.exists()
 
 
 def test_the_utilisation_kept_is_that_of_the_epochs_after_the_first(tmp_path):

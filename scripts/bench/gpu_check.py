@@ -250,8 +250,8 @@ def loop_rates(
     model: str, overrides: list[str], epochs: int, budget: Budget = UNBOUNDED
 ) -> tuple[list[float], list[int], subprocess.TimeoutExpired | None]:
     """(img/s of each finished epoch from metrics.csv, GPU utilisation samples after the first
-    epoch, the timeout if
-    the budget ended the run) of a real `train.launch` run: a run cut short keeps its epochs."""
+    epoch, the timeout if the budget ended the run) of a real `train.launch` run: a run cut short
+    keeps its epochs."""
     cfg = load_config(model, overrides)
     args = [*overrides, f"epochs={epochs}", "warmup_epochs=0", "ckpt_every_steps=0"]
     metrics = Path(cfg["out_dir"]) / cfg["name"] / "metrics.csv"
@@ -279,7 +279,7 @@ def loop_section(
 
 def loop_row(name: str, per_epoch: list[float], samples: list[int], bare: float) -> Row:
     ratio = f"last epoch {per_epoch[-1] / bare:.2f}x the bare step"
-    if samples:  # none where nvidia-smi is missing
+    if samples:  # none without nvidia-smi, or before a second epoch
         ratio += (
             f", GPU busy after epoch 1: median {median(samples):.0f}%, mean {np.mean(samples):.0f}%"
         )
