@@ -378,22 +378,22 @@ def test_closing_a_stop_request_after_a_stop_signal_cancels_its_clock():
     assert not stop._watchdog.is_alive()
 
 
-def test_a_stop_before_the_run_is_remembered_and_starts_the_next_requests_clock():
-    """`python -m train` remembers a stop that comes while no StopRequest holds the signals
-    (train.launch relays one as soon as the process catches it): the next request starts with
-    it, and its clock runs, without torch imported until the watchdog fires."""
+def test_a_stop_before_the_run_marks_the_next_request_and_starts_its_clock():
+    """`python -m train` holds a request around the run: a stop that comes before the run's own
+    request exists (train.launch relays one as soon as the process catches it) is not lost; the
+    run's request starts stopped, with its clock running, and torch is not imported for it."""
     code = (
         "import os, signal, sys, time\n"
-        "from train import stop\n"
-        "stop.remember_stops()\n"
+        "from train.stop import StopRequest\n"
+        "outer = StopRequest(timeout_s=60)\n"
         "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.1)\n"
-        "request = stop.StopRequest(timeout_s=0.3)\n"
-        "print(request.requested, 'torch' in sys.modules, flush=True)\n"
-        "time.sleep(60)  # never closed: the watchdog ends the process\n"
+        "run = StopRequest(timeout_s=0.3)\n"
+        "print(outer.requested, run.requested, 'torch' in sys.modules, flush=True)\n"
+        "time.sleep(60)  # never closed: the run's watchdog ends the process\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
-    assert proc.stdout.split() == ["True", "False"]
+    assert proc.stdout.split() == ["True", "True", "False"]
     assert proc.returncode == 75 and "no checkpoint within stop_timeout_s=0.3 s" in proc.stderr

@@ -15,10 +15,11 @@ A run started from Python (a notebook, a sweep driver, the tests) must leave the
 found it: `close()` (or the end of a `with` block) puts back the previous handlers and wake-up
 fd and ends the watchdog, whose clock, if running, is cancelled.
 
-`python -m train` calls `remember_stops()` first thing, before torch is imported: a stop that
-comes before the run's StopRequest exists (train.launch relays one as soon as the process
-catches it) or after it is closed is remembered instead of killing the process, and the next
-StopRequest starts with it. This module imports torch only when the watchdog fires.
+`python -m train` holds a request of its own around the whole run, opened before torch is
+imported: a stop that comes before the run's request exists (train.launch relays one as soon as
+the process catches it), between `batch_size: auto` attempts or after the run, is neither fatal
+nor lost. A request opened inside another starts with the stops the open ones have seen, and a
+stop marks every open request. This module imports torch only when a watchdog fires.
 """
 
 from __future__ import annotations
@@ -32,15 +33,7 @@ import threading
 from common.status import EXIT_PREEMPTED, record_exit_status, status_for_agent
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_remembered: list[int] = []  # stop signals that came while no StopRequest held them
-
-
-def remember_stops() -> None:
-    """A stop signal outside a run (before it, between `batch_size: auto` attempts, after it)
-    is remembered for the next StopRequest rather than fatal. For `python -m train` only: a
-    caller from Python keeps its own handlers."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda signum, frame: _remembered.append(signum))
+_open: list[StopRequest] = []  # the requests now open, outermost first
 
 
 class StopRequest:
@@ -48,7 +41,7 @@ class StopRequest:
     Must be made and closed on the main thread (Python's signal API requires it)."""
 
     def __init__(self, timeout_s: float) -> None:
-        self.requested = bool(_remembered)
+        self.requested = any(request.requested for request in _open)
         self.timeout_s = timeout_s
         self._closed = threading.Event()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
@@ -57,6 +50,7 @@ class StopRequest:
         self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
         self._watchdog = threading.Thread(target=self._watch, daemon=True, name="stop")
         self._watchdog.start()
+        _open.append(self)
         if self.requested:  # a stop already came: its clock starts now
             os.write(self._write_fd, bytes([STOP_SIGNALS[0]]))
 
@@ -71,6 +65,7 @@ class StopRequest:
         if self._closed.is_set():
             return
         self._closed.set()
+        _open.remove(self)
         signal.set_wakeup_fd(self._previous_fd)
         for sig, handler in self._previous.items():
             # None: a handler installed from C, which Python cannot reinstall; the default is
@@ -85,7 +80,8 @@ class StopRequest:
         os.close(self._read_fd)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        for request in _open:  # the enclosing ones too: the next request opened starts stopped
+            request.requested = True
 
     def _watch(self) -> None:
         # Every signal with a Python handler writes its number here (SIGCHLD of the loader's
