@@ -239,6 +239,7 @@ def build_meta(
     chosen on, and per labelled split its top-1s, its size and whether the model trained on it."""
     view = "center" if args.center_crop else "tencrop"
     weight, source = fusion
+    dtype = kept_dtype(args)
     chosen_on = None
     if source == "chosen on held-out images":
         chosen_on = {"split": heldout_split, "images": len(labels[heldout_split])}
@@ -246,7 +247,7 @@ def build_meta(
         split: {
             "images": len(labels[split]),
             "trained_on": split in cfg["train_splits"],
-            **split_scores(probs[split], labels[split], weight, view, kept_dtype(args)),
+            **split_scores(probs[split], labels[split], weight, view, dtype),
         }
         for split in labels
     }
@@ -257,7 +258,7 @@ def build_meta(
         "checkpoint": args.checkpoint,
         "role": args.role,
         "view": view,
-        "probs_dtype": np.dtype(kept_dtype(args)).name,
+        "probs_dtype": np.dtype(dtype).name,
         "test_size": cfg["test_size"],
         "resize_size": resize_size(cfg),
         "fusion_weight": weight,

@@ -340,7 +340,9 @@ def test_a_train_val_run_without_held_out_images_uses_the_fixed_weight_and_its_l
 
 
 @pytest.mark.slow
-def test_the_ensemble_chooses_weights_only_on_images_every_member_held_out(world, held_runs):
+def test_the_ensemble_chooses_weights_only_on_images_every_member_held_out(
+    world, held_runs, logits_0
+):
     base = world["base"]
     args = [
         "--logits-dir",
