@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
+from common.processes import children
 from scripts.stages import ROOT, child_env
 from train.checkpoint import load_tensors
 
@@ -88,16 +89,6 @@ def writing(run: Path) -> bool:
     return any((run / "checkpoints").glob("step_*.tmp"))
 
 
-def children(pid: int) -> set[int]:
-    found = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found |= {int(c) for c in (task / "children").read_text().split()}
-        except OSError:
-            pass
-    return found
-
-
 def wait_until(proc: subprocess.Popen, ready) -> bool:
     """Poll `ready()` until it holds (True) or the run has ended (False)."""
     while proc.poll() is None:
@@ -147,8 +138,8 @@ def kill_once(proc: subprocess.Popen, run: Path, mode: str, after: int, gap: flo
         # The epoch's loader worker, then a new one: the evaluation's (workers=1).
         if not wait_until(proc, lambda: children(proc.pid)):
             return "missed: the run ended first"
-        trainer = children(proc.pid)
-        if not wait_until(proc, lambda: children(proc.pid) - trainer):
+        trainer = set(children(proc.pid))
+        if not wait_until(proc, lambda: set(children(proc.pid)) - trainer):
             return "missed: the run ended first"
         time.sleep(rng.uniform(0, 0.3))
     else:
