@@ -91,10 +91,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def resolve_config(model: str, overrides: list[str]) -> dict[str, Any]:
-    """The run's saved config when it exists (plus the overrides), else the model's config."""
+    """The run's saved config when it exists (plus the overrides), else the model's config.
+    `batch_size=auto` among the overrides means the micro-batch the run chose and saved."""
     cfg = load_config(model, list(overrides))
     saved = run_dir(cfg) / "config.yaml"
-    return load_config(str(saved), list(overrides)) if saved.is_file() else cfg
+    if not saved.is_file():
+        return cfg
+    resolved = load_config(str(saved), list(overrides))
+    if resolved["batch_size"] == "auto":  # a GPU's forward size is read from it
+        resolved["batch_size"] = load_config(str(saved))["batch_size"]
+    return resolved
 
 
 def load_model(

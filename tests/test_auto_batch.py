@@ -14,6 +14,7 @@ import train.auto_batch as auto_batch
 import train.run as run_module
 from common.errors import UserError
 from common.status import EXIT_PREEMPTED
+from ensemble.logits import images_per_forward, resolve_config
 from train.config import load_config
 from train.engine import AttractRepulseStep
 
@@ -63,6 +64,10 @@ def test_out_of_memory_in_the_first_step_halves_the_micro_batch_and_keeps_the_gl
     assert run_module.global_lr(saved, 1) == saved["lr"]  # the lr given for lr_base_batch
     metrics = pd.read_csv(tmp_path / "demo_resnet18" / "metrics.csv")
     assert metrics["step"].tolist() == [80 // 16]  # optimiser steps of the global batch
+    # `make logits` given the same ARGS predicts with the micro-batch chosen, not the word.
+    resolved = resolve_config("demo_resnet18", [*ARGS, f"out_dir={tmp_path}"])
+    assert resolved["batch_size"] == 4
+    assert images_per_forward(resolved, "center", torch.device("cuda")) == 8
 
     # A rerun resumes with the saved choice instead of trying the larger batches again.
     built = []
