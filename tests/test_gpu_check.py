@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import UserError
 from common.processes import command_line, process_tree, running
 from scripts.bench import gpu_check
 from scripts.ops import plan
@@ -203,7 +204,8 @@ def test_the_command_wires_each_section_to_its_function_and_names_what_to_rerun(
     stand_in("loop_section", [])
     stand_in("compile_section", [("compile_section", "2", "")])
     monkeypatch.setattr(gpu_check, "require_cuda", lambda: None)
-    monkeypatch.setattr(gpu_check, "make_dataset", lambda folder, *_: folder / "data")
+    built = []
+    monkeypatch.setattr(gpu_check, "make_dataset", lambda folder, *_: built.append(1) or folder)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "a GPU")
     report = tmp_path / "gpu_check.md"
     gpu_check.main(["--report", str(report), "--minutes", "5"])
@@ -213,6 +215,9 @@ def test_the_command_wires_each_section_to_its_function_and_names_what_to_rerun(
     assert "| compile_section | 2 |" in text  # the sections after a cut one still ran
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == f"gpu-check: to finish, run: {gpu_check.PROG} --sections bare loop"
+    assert built == [1]  # once, for the first section that trains on it
+    gpu_check.main(["--report", str(report), "--sections", "b7", "demo"])
+    assert built == [1] and called[-2:] == ["b7_section", "demo_section"]
 
 
 def test_a_stage_finds_the_repository_first_and_the_packages_already_on_pythonpath(
@@ -323,11 +328,17 @@ def test_a_real_loop_cut_short_reports_its_finished_epochs_then_the_cut(monkeypa
     ]
 
 
-def test_a_demo_cut_short_reports_the_stages_it_finished_then_the_cut(monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    ("stop", "row"),
+    [(subprocess.TimeoutExpired("scripts.ops.demo", 1.0), "cut short"), (UserError("x"), "failed")],
+)
+def test_a_demo_cut_short_or_failed_reports_the_stages_it_finished_then_why(
+    monkeypatch, tmp_path, stop, row
+):
     def demo_until_the_budget(*args, **kwargs):
         timings = Path(args[args.index("--timings") + 1])
         timings.write_text(json.dumps({"data": 0.0, "train demo_resnet18_w16": 33.0}))
-        raise subprocess.TimeoutExpired("scripts.ops.demo", 1.0)
+        raise stop
 
     monkeypatch.setattr(gpu_check, "run_module", demo_until_the_budget)
     section = gpu_check.demo_section(tmp_path, gpu_check.UNBOUNDED)
@@ -335,7 +346,7 @@ def test_a_demo_cut_short_reports_the_stages_it_finished_then_the_cut(monkeypatc
     assert not finished and [row[:2] for row in rows] == [
         ("make demo on the GPU: data", "0 s"),
         ("make demo on the GPU: train demo_resnet18_w16", "33 s"),
-        ("demo", "cut short"),
+        ("demo", row),
     ]
     assert rows[1][2] == "2-core CPU 99 s: 3.0x faster"
 

@@ -101,7 +101,12 @@ def own_process_seconds(
     out = run_child([sys.executable, "-c", code], timeout, env=child_env(), **pipes)
     if out.returncode != 0:
         raise SystemExit(f"bench_train: the step with {overrides} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    for line in reversed(out.stdout.splitlines()):  # the timing, whatever a library printed
+        if line.startswith("{"):
+            return json.loads(line)
+    raise SystemExit(
+        f"bench_train: the step with {overrides} printed no timing:\n{out.stdout[-2000:]}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
