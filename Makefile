@@ -3,6 +3,9 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# PY=<python> on the command line (a GPU machine's own torch, no network): that interpreter with
+# the packages it has, and no setup.
+SETUP = $(if $(filter $(VENV)/bin/python,$(PY)),VENV=$(VENV) bash scripts/ops/setup.sh,echo "setup: skipped: $(PY) runs with the packages it has")
 export PYTHONPATH := $(CURDIR)
 
 # make data: IMAGENET=<root> builds imagenet50 from the split lists shipped in data_prep/vipriors/
@@ -45,8 +48,8 @@ TFLOPS ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-setup: ## .venv with the pinned requirements, and Debian's Fashion-MNIST
-	@VENV=$(VENV) bash scripts/ops/setup.sh
+setup: ## .venv with the pinned requirements, and Debian's Fashion-MNIST (PY= skips it)
+	@$(SETUP)
 
 data: setup ## build a dataset (IMAGENET= [SPLITS=] | FOLDER= | the embedded fashion50)
 ifneq ($(IMAGENET),)
@@ -73,7 +76,7 @@ evaluate: setup ## validate SUBMISSION= and score it against LABELS=
 	$(PY) -m ensemble.evaluate $(SUBMISSION) $(if $(LABELS),--labels $(LABELS))
 
 demo: ## the whole pipeline on the embedded benchmark (CPU; ends with where the minutes went)
-	@started=$$(date +%s.%N); VENV=$(VENV) bash scripts/ops/setup.sh && $(PY) -m scripts.ops.demo --started $$started
+	@started=$$(date +%s.%N); $(SETUP) && $(PY) -m scripts.ops.demo --started $$started
 
 ablation: setup ## the paper's Tables 2 and 3 on the embedded benchmark (resumable; prints its estimate)
 	$(PY) -m scripts.studies.ablation $(ARGS)

@@ -363,3 +363,19 @@ def test_the_agreement_rows_predict_one_checkpoint_twice_and_compare(tiny_dir, t
         f"{member} TenCrop, GPU bf16 vs CPU fp32",
     ]
     assert rows[0][1] == "max |dp| 0.00e+00, argmax equal 100.00%"
+
+
+@pytest.mark.parametrize(
+    ("target", "module"), [("gpu-check", "scripts.bench.gpu_check"), ("test-gpu", "pytest")]
+)
+def test_make_on_a_gpu_machine_with_its_own_python_runs_it_without_setup(target, module):
+    """The device machine has its own torch and no network: `make <target> PY=python3` must not
+    build .venv (setup would fail to download the pinned wheels); without PY= it does."""
+
+    def dry_run(*variables: str) -> str:
+        argv = ["make", "-n", target, *variables]
+        return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    own = dry_run("PY=python3")
+    assert "setup.sh" not in own and f"python3 -m {module}" in own
+    assert "bash scripts/ops/setup.sh" in dry_run()
