@@ -8,6 +8,7 @@ import json
 import pytest
 
 from ensemble.blend import load_ensemble_config
+from scripts.bench.gpu_check import CPU_DEMO_S
 from tests.conftest import run_command
 
 pytestmark = pytest.mark.slow
@@ -46,5 +47,6 @@ def test_the_demo_runs_every_stage_and_prints_the_closing_table(tiny_dir, tmp_pa
     assert timing[-1].startswith("total") and timing[-1].endswith("min)")
     seconds = json.loads((tmp_path / "timings.json").read_text())  # the same stages, for gpu-check
     assert list(seconds) == [*stages, "ensemble", "evaluate"] and min(seconds.values()) >= 0
+    assert set(CPU_DEMO_S) <= set(seconds)  # the stages gpu-check's total compares
     again = run_command(*args).stdout  # a rerun reuses what is done
     assert again.count("up to date, kept") == len(models)
