@@ -3,7 +3,7 @@
 Without CUDA it refuses in one line. On a CUDA machine each section prints its table as soon as
 it is measured and rewrites results/gpu_check.md (the sections so far), so that a run cut short
 still reports what it measured; a section that fails is reported as failed, with its error, and
-the next one runs. In order, cheapest first:
+the next one runs. In order, cheapest first, the demo last (below):
 
 1. bare: the real step (`train.run.Run.train_step`: the device's augmentation of a real loader
    batch, then Algorithm 1) of EfficientNet-B2 at 320 px (configs/models/effnet_b2_ablation.yaml,
@@ -17,22 +17,24 @@ the next one runs. In order, cheapest first:
    second in the epochs after the first.
 4. b7: EfficientNet-B7 at 448 px (effnet_b7): peak memory of a step against `make plan`'s
    estimate, and its images/s.
-5. demo: `make demo`'s pipeline on the GPU (both members, TenCrop logits, ensemble, evaluation)
+5. compile: the bare steps again with `compile=true`, and A&R with `compile=reduce-overhead`
+   (CUDA graphs), each in a fresh process (Accelerate fixes the dynamo backend per process), the
+   compile time reported apart.
+6. demo: `make demo`'s pipeline on the GPU (both members, TenCrop logits, ensemble, evaluation)
    with its timing table, then one member's checkpoint predicted on the CPU and on the GPU: the
    fp32 probabilities within 1e-4, the bf16 argmax agreement (the dataset must be present:
    data/fashion50, built or copied first; nothing is downloaded).
-6. compile: the bare steps again with `compile=true`, and A&R with `compile=reduce-overhead`
-   (CUDA graphs), each in a fresh process (Accelerate fixes the dynamo backend per process), the
-   compile time reported apart.
 
 The run keeps to `--minutes` (8: a 15-minute device session holds the run, its start and a
-rerun): each child process (the real loop, the demo, a compiled step) is ended with everything it
-started when the minutes run out, the rows measured so far are kept (a real loop's finished
-epochs too), the section is reported as cut short and the later ones as not run, and the last
-line says which `--sections` to rerun.
+rerun; the whole may take longer, by estimate 9-12 minutes on an H200, so the section most
+likely cut is the last, the demo: rerun alone it takes a few minutes, where compile would need
+bare's rates measured again, about twice as long): each child process (the real loop, the demo,
+a compiled step) is ended with everything it started when the minutes run out, the rows measured
+so far are kept (a real loop's finished epochs too), the section is reported as cut short and
+the later ones as not run, and the last line says which `--sections` to rerun.
 The in-process measurements (bare, loader, b7) are a fixed number of steps each.
 
-    python -m scripts.bench.gpu_check [--sections bare loader loop b7 demo compile] [--minutes 8]
+    python -m scripts.bench.gpu_check [--sections bare loader loop b7 compile demo] [--minutes 8]
 """
 
 from __future__ import annotations
@@ -451,7 +453,7 @@ class Report:
 
 
 PROG = "python -m scripts.bench.gpu_check"
-SECTIONS = ("bare", "loader", "loop", "b7", "demo", "compile")
+SECTIONS = ("bare", "loader", "loop", "b7", "compile", "demo")
 COMPARED = ("loader", "loop", "compile")  # their ratios are to the bare steps
 
 
@@ -543,8 +545,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "loader": lambda: loader_section(data(), folder / "loader", rates, args.loader_batches),
             "loop": lambda: loop_section(data(), folder, rates, args.epochs, budget),
             "b7": lambda: b7_section(args.repeat),
-            "demo": lambda: demo_section(folder / "demo", budget),
             "compile": lambda: compile_section(data(), folder, args.repeat, rates, budget),
+            "demo": lambda: demo_section(folder / "demo", budget),
         }
         chosen = {name: sections[name] for name in args.sections}
         again = run_sections(chosen, report, budget)
