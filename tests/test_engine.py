@@ -90,6 +90,35 @@ def test_a_non_finite_loss_skips_the_update_and_is_left_out_of_the_sums():
     assert ok.sums[SUM_COLUMNS.index("loss")] > 0
 
 
+class Normed(nn.Module):
+    """A student with batch-norm statistics, which its forward updates before the loss exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.BatchNorm1d(3 * 4 * 4), nn.Linear(3 * 4 * 4, C)
+
+    def forward(self, x):
+        return self.fc(self.norm(x.flatten(1))), None
+
+
+def test_a_skipped_step_leaves_no_non_finite_statistics_to_reach_the_teacher():
+    torch.manual_seed(0)
+    step, _ = make_step(1, Normed())
+    views, labels, _ = batch(N, 3)
+    views[0, 0, 0, 0, 0] = float("inf")
+    assert step((views, labels, None), generator_for(0), 1.0, False, next_step=1).skipped
+    norm, teacher = step.student.norm, step.teacher.module.norm
+    assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()
+    # Where the batch left finite statistics they stay the student's; the poisoned feature's
+    # are the teacher's.
+    torch.testing.assert_close(norm.running_mean[0], teacher.running_mean[0], rtol=0, atol=0)
+    assert not torch.equal(norm.running_mean[1:], teacher.running_mean[1:])
+
+    assert not step(batch(N, 4), generator_for(0), 1.0, False, next_step=2).skipped
+    for buffer in step.teacher.module.buffers():
+        assert torch.isfinite(buffer).all()
+
+
 # Ops that make a GPU wait for the host: a read of a value (.item(), bool(), .tolist()), and
 # ops whose output size depends on values (nonzero, unique, masked_select, boolean indexing).
 SYNC_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select")

@@ -59,6 +59,18 @@ def _float(logits: torch.Tensor | None) -> torch.Tensor | None:
     return None if logits is None else logits.float()
 
 
+@torch.no_grad()
+def restore_finite_buffers(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """The teacher's values wherever the student's buffers are not finite. A skipped step's
+    forward has already moved the batch-norm statistics (they update before the loss is seen):
+    a NaN there would reach the teacher at the next update, make the MT term NaN at every step
+    after, and end the run at `max_nonfinite` however good its batches. The teacher's
+    statistics, an average of the student's, are the nearest finite values at hand."""
+    for mine, theirs in zip(student.buffers(), teacher.buffers(), strict=True):
+        if mine.is_floating_point():
+            mine.copy_(torch.where(torch.isfinite(mine), mine, theirs))
+
+
 class AttractRepulseStep:
     """Algorithm 1 on one micro-batch (see the module docstring); holds only the window's state."""
 
@@ -122,7 +134,9 @@ class AttractRepulseStep:
             code = int(((acc.reduce(flags, reduction="sum") > 0) * self.bits).sum())
             bad, stop_any, save_any = (bool(code & bit) for bit in (1, 2, 4))
             self.window_bad.zero_()
-            if not bad:
+            if bad:
+                restore_finite_buffers(plain_module(acc, self.student), self.teacher.module)
+            else:
                 if self.grad_clip > 0:
                     acc.clip_grad_norm_(self.student.parameters(), self.grad_clip)
                 self.optimizer.step()
