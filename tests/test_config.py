@@ -48,6 +48,14 @@ def test_lists_and_ints_for_floats_parse():
     assert cfg["train_splits"] == ["train"] and cfg["lr"] == 1.0
 
 
+def test_exponent_floats_without_a_dot_parse_on_the_command_line_and_in_a_file(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; the configs read it as Python and YAML 1.2 do.
+    model = tmp_path / "mine.yaml"
+    model.write_text("arch: resnet18\ndata: fashion50\nweight_decay: 5E-5\n")
+    cfg = load_config(str(model), ["lr=1e-3", "rrc_scale=[8e-2, 1]"])
+    assert (cfg["lr"], cfg["weight_decay"], cfg["rrc_scale"]) == (0.001, 5e-5, [0.08, 1])
+
+
 def test_unknown_key_is_refused_with_the_valid_keys():
     with pytest.raises(UserError, match=r"unknown config key learning_rate; valid keys: .*\blr\b"):
         load_config("effnet_b7", ["learning_rate=0.1"])

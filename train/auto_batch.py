@@ -16,11 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
 from common.errors import UserError
 from common.status import EXIT_PREEMPTED
+from common.yamlio import load_yaml
 from train import checkpoint as ckpt
 from train.config import run_dir
 from train.run import Run, run_to_end
@@ -61,7 +61,7 @@ def saved_choice(cfg: dict[str, Any]) -> dict[str, int] | None:
     saved = Path(folder) / "config.yaml"
     if ckpt.latest_valid(folder) is None or not saved.is_file():
         return None
-    resolved = yaml.safe_load(saved.read_text())
+    resolved = load_yaml(saved.read_text())
     return {key: resolved[key] for key in ("batch_size", "grad_accum")}
 
 

@@ -22,6 +22,7 @@ import yaml
 from common import provenance
 from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
+from common.yamlio import load_yaml
 from data_prep.layout import Layout
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -88,7 +89,7 @@ INTERVAL = re.compile(r"^([\[(])(\S+), (\S+)([\])])$")
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping; a syntax error is one line naming the file, line and column."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{_yaml_problem(path, err)}; fix the file") from None
     if not isinstance(data, dict):
@@ -230,7 +231,7 @@ def _coerce(key: str, text: str, default: Any) -> Any:
     if isinstance(default, str) and key not in AUTO_KEYS:
         return text
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 

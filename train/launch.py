@@ -27,11 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from common.errors import UserError, cli_main
 from common.processes import catches, children, command_line, process_tree, running
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, read_exit_status
+from common.yamlio import load_yaml
 from train.config import CONFIG_DIR, load_config
 
 # `accelerate launch` itself, through the module behind it: the same parser and launchers, without
@@ -90,7 +89,7 @@ def launch_args(config_file: str | None, num_processes: int | None, gpus: int) -
     path = Path(config_file)
     if not path.is_file():
         raise UserError(f"accelerate config {path} does not exist; pass an existing file")
-    settings = yaml.safe_load(path.read_text()) or {}
+    settings = load_yaml(path.read_text()) or {}
     procs = num_processes or int(settings.get("num_processes", 1))
     args = ["--config_file", str(path)] + (["--num_processes", str(procs)] if num_processes else [])
     if gpus == 0 and procs > 1 and settings.get("distributed_type") != "MULTI_GPU":

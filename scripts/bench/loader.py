@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
+from common.yamlio import load_yaml
 from scripts.stages import ROOT
 from train.views import MultiViewDataset, WorkerViews, build_train_transform, load_rgb
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # per core: one process, one thread, as one loader worker
 
-    cfg = yaml.safe_load((ROOT / "configs" / "base.yaml").read_text())
+    cfg = load_yaml((ROOT / "configs" / "base.yaml").read_text())
     cfg["img_size"] = args.img_size
     # What a loader worker does: the PIL half, to uint8 views and erasing draws (the device
     # finishes them, train/views.py).

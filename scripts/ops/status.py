@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from common.errors import UserError, cli_main
+from common.yamlio import load_yaml
 from ensemble.blend import load_ensemble_config
 from ensemble.members import check_provenance, open_members
 from train import heartbeat
@@ -95,7 +94,7 @@ def model_status(model: str, overrides: list[str], now: float) -> ModelStatus:
     cfg = load_config(model, overrides)
     run = run_dir(cfg)
     saved = run / "config.yaml"
-    trained = yaml.safe_load(saved.read_text()) if saved.is_file() else cfg
+    trained = load_yaml(saved.read_text()) if saved.is_file() else cfg
     rows = read_metrics(run)
     column = score_column(trained)
     scores = [float(r[column]) for r in rows if r.get(column)]

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from tqdm import tqdm
 
 from common.errors import UserError
 from common.fs import atomic_path, write_text_atomic
+from common.yamlio import load_yaml
 from data_prep.layout import Layout
 from ensemble.evaluate import logits_top1
 from scripts.stages import logits_current, run_module
@@ -73,7 +73,7 @@ ROW_KEYS = {"name", "table", "paper_row", "paper", "eval", "compare_to", "from",
 def load_spec() -> dict[str, Any]:
     """configs/ablation.yaml; a row with a key not in ROW_KEYS is refused (an unquoted comma in
     a flow mapping's value silently starts a new key)."""
-    spec = yaml.safe_load(SPEC.read_text())
+    spec = load_yaml(SPEC.read_text())
     for row in spec["rows"]:
         unknown = sorted(map(str, set(row) - ROW_KEYS))
         if unknown:
@@ -115,7 +115,7 @@ def row_jobs(spec: dict, rows: Iterable[dict], seeds: Iterable[int], extra: list
 def identity(cfg: dict[str, Any]) -> str:
     """Digest of what the run trains: its config where it differs from base.yaml, so that a key
     added to base.yaml with its old behaviour as default renames no run."""
-    base = yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())
+    base = load_yaml((CONFIG_DIR / "base.yaml").read_text())
     differs = {k: v for k, v in cfg.items() if k not in NOT_IDENTITY and base.get(k, k) != v}
     text = json.dumps(differs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
