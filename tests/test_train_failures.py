@@ -1,9 +1,9 @@
 """`make train` when things go wrong: it ends promptly, with one line, and never loses progress.
 
-A damaged image read by a loader worker, a worker killed by the kernel, a loader that hangs when
-SIGTERM comes, two trainers on one run, a disk that fills up during a checkpoint, keep_last
-set to keep nothing, a run stopped early and then turned into logits, a run started from another
-folder. Each through the real command on the tiny dataset.
+A damaged image read by a loader worker, a worker killed by the kernel, losses that stay
+non-finite, a loader that hangs when SIGTERM comes, two trainers on one run, a disk that fills up
+during a checkpoint, keep_last set to keep nothing, a run stopped early and then turned into
+logits, a run started from another folder. Each through the real command on the tiny dataset.
 """
 
 from __future__ import annotations
@@ -118,6 +118,22 @@ def test_a_truncated_image_in_a_loader_worker_ends_make_train_with_one_line_and_
         f"error: cannot read image {bad} (image file is truncated); replace or remove the file "
         "and rerun `make data`"
     ]
+
+
+def test_a_run_whose_losses_stay_non_finite_stops_after_max_nonfinite_with_one_line(
+    tiny_dir, tmp_path
+):
+    # lr=1e30: the first update blows the weights up, every forward after it overflows.
+    args = args_for(tiny_dir, tmp_path, "epochs=1", "lr=1e30", "max_nonfinite=3")
+    code, out, err = finish(start(args))
+    assert code == 2, out + err
+    message = (
+        r"error: 3 optimiser steps in a row skipped for a non-finite loss at epoch 1, step \d+; "
+        r"no checkpoint written after them\. Lower lr, enable grad_clip, or use mixed_precision=no"
+    )
+    assert len(errors(err)) == 1 and re.fullmatch(message, errors(err)[0]), err
+    # The progress bar was closed first: the error is a line of its own, the last.
+    assert [line for line in re.split(r"[\r\n]", err) if line.strip()][-1] == errors(err)[0]
 
 
 @pytest.mark.slow

@@ -249,30 +249,30 @@ class Run:
         self.sampler.set_position(self.epoch, self.micro)
         self.dataset.set_epoch(self.epoch)
         self.model.train()
-        bar = tqdm(
+        started, images = time.perf_counter(), 0
+        # Closed however the epoch ends: an error or a stop then prints on a line of its own.
+        with tqdm(
             total=self.sampler.steps,
             initial=self.micro,
             disable=not self.acc.is_main_process,
             desc=f"{cfg['name']} epoch {self.epoch + 1}/{cfg['epochs']}",
             leave=False,
-        )
-        started, images = time.perf_counter(), 0
-        for batch in self.prefetcher:
-            result = self.train_step(batch, self.stop.requested, self._minutes_due())
-            self.sums += result.sums
-            self.micro += 1
-            images += len(batch[1]) * self.world  # the labels: one per image
-            bar.update()
-            if result.boundary:
-                self._count_update(result.skipped)
-                self.save_due = result.save  # agreed by every process
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.tracking.interval(self.global_step, self.sums, lr, self.skipped)
-                if result.stop or self._checkpoint_due():
-                    self.save()
-                if result.stop:
-                    return True
-        bar.close()
+        ) as bar:
+            for batch in self.prefetcher:
+                result = self.train_step(batch, self.stop.requested, self._minutes_due())
+                self.sums += result.sums
+                self.micro += 1
+                images += len(batch[1]) * self.world  # the labels: one per image
+                bar.update()
+                if result.boundary:
+                    self._count_update(result.skipped)
+                    self.save_due = result.save  # agreed by every process
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.tracking.interval(self.global_step, self.sums, lr, self.skipped)
+                    if result.stop or self._checkpoint_due():
+                        self.save()
+                    if result.stop:
+                        return True
         self.end_epoch(images / max(time.perf_counter() - started, 1e-9))
         return False
 
