@@ -16,6 +16,7 @@ from common.errors import UserError
 from common.processes import children
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, status_for_agent
 from tests.conftest import NARROW, ROOT, run_command
+from train import launch
 from train.launch import ACCELERATE_LAUNCH, gpu_count, launch_args, runs_module
 
 
@@ -138,13 +139,17 @@ def test_the_gpus_counted_are_those_cuda_visible_devices_leaves_visible(tmp_path
         assert gpu_count() == count, visible
 
 
-def test_an_nvidia_smi_that_fails_leaves_the_count_to_cuda_and_a_missing_one_means_cpu(
+def test_an_nvidia_smi_that_fails_or_is_missing_beside_a_driver_leaves_the_count_to_cuda(
     tmp_path, monkeypatch
 ):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # conftest hides the GPU
     monkeypatch.setattr("torch.cuda.device_count", lambda: 3)
-    assert gpu_count() == 0  # no nvidia-smi at all
+    driver = tmp_path / "gpus"
+    monkeypatch.setattr(launch, "NVIDIA_DRIVER", driver)
+    assert gpu_count() == 0  # no nvidia-smi, no driver: a CPU machine
+    (driver / "0000:18:00.0").mkdir(parents=True)
+    assert gpu_count() == 3  # no nvidia-smi in a slim image on a GPU machine
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
     fake.chmod(0o755)

@@ -39,6 +39,18 @@ from train.config import CONFIG_DIR, load_config
 ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
+# One entry per GPU wherever the NVIDIA driver is loaded, nvidia-smi installed or not.
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/gpus")
+
+
+def cuda_count() -> int:
+    """CUDA's own count (it reads CUDA_VISIBLE_DEVICES), where nvidia-smi cannot answer: rather
+    than a GPU machine's run silently on its CPU. torch is imported only here (start-up time)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def gpu_count() -> int:
     """The GPUs this launch may use: those nvidia-smi lists (it ignores CUDA_VISIBLE_DEVICES),
     at most as many as CUDA_VISIBLE_DEVICES names before its first empty or negative entry
@@ -52,19 +64,15 @@ def gpu_count() -> int:
             return 0  # every GPU hidden: nvidia-smi is not asked (it may be what hangs)
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except OSError:  # no driver tools: a CPU machine
-        return 0
+    except OSError:  # no nvidia-smi: a CPU machine, unless the driver is loaded (a slim image)
+        return cuda_count() if any(NVIDIA_DRIVER.glob("*")) else 0
     except subprocess.TimeoutExpired:
         raise UserError(
             "nvidia-smi gave no answer in 30 s (a hung GPU driver?); fix the driver, or set "
             "CUDA_VISIBLE_DEVICES= to train on the CPU"
         ) from None
-    if out.returncode != 0:
-        # There but failing: CUDA's own count (it reads CUDA_VISIBLE_DEVICES), rather than a
-        # GPU machine's run silently on its CPU. torch is imported only here (start-up time).
-        import torch
-
-        return torch.cuda.device_count()
+    if out.returncode != 0:  # there but failing
+        return cuda_count()
     present = out.stdout.count("GPU ")
     return present if named is None else min(present, named)
 
