@@ -270,3 +270,28 @@ def test_workers_auto_takes_the_measured_cpu_value_on_a_cpu_and_the_cores_per_gp
     assert data.loader_workers(load_config("effnet_b7")) == 15
     with pytest.raises(UserError, match="workers=-1"):
         load_config("demo_resnet18", ["workers=-1"])
+
+
+@pytest.mark.parametrize(
+    ("files", "cpus"),
+    [
+        ({"cpu.max": "400000 100000\n"}, 4),  # docker --cpus 4 (cgroup v2)
+        ({"cpu.max": "150000 100000\n"}, 1),  # 1.5 CPUs: one whole
+        ({"cpu.max": "max 100000\n"}, 16),  # no quota: the affinity mask
+        ({"quota": "800000\n", "period": "100000\n"}, 8),  # cgroup v1
+        ({"quota": "-1\n", "period": "100000\n"}, 16),
+        ({}, 16),  # no cgroup files at all
+    ],
+)
+def test_the_cpus_per_gpu_process_keep_within_a_containers_cpu_quota(
+    tmp_path, monkeypatch, files, cpus
+):
+    import train.distributed as distributed
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    v2, v1 = (tmp_path / "cpu.max",), (tmp_path / "quota", tmp_path / "period")
+    monkeypatch.setattr(distributed, "CPU_QUOTA_FILES", (v2, v1))
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert distributed.cpus_per_process() == cpus
