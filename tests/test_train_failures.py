@@ -25,6 +25,7 @@ import yaml
 
 from common.lock import holder
 from tests.conftest import NARROW, ROOT, run_command
+from train.data import worker_death
 
 RUN = [
     "demo_resnet18",
@@ -155,6 +156,24 @@ def test_a_loader_worker_killed_by_the_kernel_ends_the_run_with_one_line_and_sta
         r"died, most often for lack of memory; lower workers= .*resumes from its newest checkpoint",
         line,
     ), line
+
+
+def test_a_loader_worker_dead_of_a_bus_error_is_named_a_lack_of_shared_memory():
+    # torch's text (torch/csrc/DataLoader.cpp) when the SIGCHLD handler sees the SIGBUS first;
+    # the loop's own check may instead say "exited unexpectedly" (the test above).
+    died = RuntimeError(
+        "DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that "
+        "dataloader's workers are out of shared memory. Please try to raise your shared memory "
+        "limit."
+    )
+    shm = shutil.disk_usage("/dev/shm").total / 2**20
+    assert str(worker_death(died)) == (
+        "DataLoader worker (pid 4242) is killed by signal: Bus error: a data loader process ran "
+        f"out of shared memory (/dev/shm holds {shm:.0f} MiB); give it more (a container: docker "
+        "run --shm-size=16g), or lower workers= or batch_size=, and rerun: the run resumes from "
+        "its newest checkpoint"
+    )
+    assert worker_death(RuntimeError("CUDA error: out of memory")) is None
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import shutil
 import signal
 from collections import defaultdict
 from collections.abc import Iterator
@@ -96,11 +97,19 @@ def _register_exit_handler() -> None:
 
 
 def worker_death(err: RuntimeError) -> UserError | None:
-    """A DataLoader worker killed by the kernel (out of memory, most often) as a UserError."""
+    """A DataLoader worker killed by the kernel (out of memory, most often; out of shared memory
+    where it died of a bus error) as a UserError."""
     text = str(err).strip()
     if not text.startswith("DataLoader worker (pid"):
         return None
     cause = text.split(". ", 1)[0].rstrip(".")
+    if cause.endswith("Bus error"):  # a write into a full /dev/shm, where workers hand batches
+        shm = shutil.disk_usage("/dev/shm").total / 2**20
+        return UserError(
+            f"{cause}: a data loader process ran out of shared memory (/dev/shm holds "
+            f"{shm:.0f} MiB); give it more (a container: docker run --shm-size=16g), or lower "
+            "workers= or batch_size=, and rerun: the run resumes from its newest checkpoint"
+        )
     return UserError(
         f"{cause}: a data loader process died, most often for lack of memory; lower workers= "
         "or batch_size= (or free memory) and rerun: the run resumes from its newest checkpoint"
