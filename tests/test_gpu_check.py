@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -145,11 +146,47 @@ def test_the_demo_rows_set_each_stage_beside_the_cpu_figure():
 
 
 def test_the_report_keeps_every_finished_section(tmp_path):
-    report = gpu_check.Report(tmp_path / "gpu_check.md", "# header")
+    report = gpu_check.Report(tmp_path / "gpu_check.md", "# header", key="a GPU, this code")
     report.add("bare", [("a", "1 img/s", "")], 1.0)
     report.add("loader", [("b", "2 img/s", "x")], 2.0)
     text = (tmp_path / "gpu_check.md").read_text()
-    assert text.startswith("# header\n\n## bare (1 s)") and "| b | 2 img/s | x |" in text
+    assert re.match(r"# header\n\n## bare \(1 s, \d\d:\d\d\)", text)
+    assert "| b | 2 img/s | x |" in text
+
+
+def test_a_rerun_finishes_the_earlier_report_of_the_same_gpu_and_code(tmp_path, monkeypatch):
+    path = tmp_path / "gpu_check.md"
+    first = gpu_check.Report(path, "# run 1", key="H100, commit a")
+    first.rates.update(baseline=500.0, attract_repulse=280.0)  # as the bare section fills them
+    first.add("bare", [("bare step", "500 img/s", "")], 40)
+    first.add("loop", [("real loop", "90 / 100", ""), ("loop", "cut short", "")], 300)
+    first.add("demo", [("demo", "not run", "")], 0)
+
+    rerun = gpu_check.Report(path, "# run 2", key="H100, commit a")
+    assert rerun.rates == {"baseline": 500.0, "attract_repulse": 280.0}
+    assert gpu_check.chosen_sections(["demo", "loop"], rerun.rates) == ["demo", "loop"]
+    rerun.add("demo", [("demo", "60 s", "")], 60)
+    rerun.add("loop", [("real loop", "250 / 260", "")], 90)
+    text = path.read_text()
+    assert text.startswith("# run 2\n\n## bare (40 s")  # kept, in the sections' order
+    assert text.index("bare step") < text.index("250 / 260") < text.index("| demo | 60 s |")
+    assert "cut short" not in text and "not run" not in text
+
+    # Another GPU or other code: nothing of the earlier run is kept, and the bare steps come
+    # first wherever a section compares with them.
+    other = gpu_check.Report(path, "# run 3", key="H200, commit a")
+    assert other.rates == {} and path.read_text() == "# run 3\n"
+    assert gpu_check.chosen_sections(["demo", "loop"], other.rates) == ["bare", "demo", "loop"]
+    assert gpu_check.chosen_sections(["b7", "demo"], other.rates) == ["b7", "demo"]
+
+    monkeypatch.setattr(gpu_check.sys, "executable", "/usr/bin/python3")  # the machine's own
+    assert gpu_check.rerun_command(["loop", "demo"], path) == (
+        f'make gpu-check PY=/usr/bin/python3 ARGS="--sections loop demo --report {path}"'
+    )
+    monkeypatch.setattr(gpu_check.sys, "executable", str(ROOT / ".venv" / "bin" / "python"))
+    assert gpu_check.rerun_command(["demo"], gpu_check.REPORT) == (
+        'make gpu-check ARGS="--sections demo"'
+    )
 
 
 def test_a_section_cut_short_or_failed_keeps_what_it_measured_and_is_named_for_the_rerun(
@@ -164,9 +201,9 @@ def test_a_section_cut_short_or_failed_keeps_what_it_measured_and_is_named_for_t
         raise RuntimeError("out of memory\n  at step 2")
 
     sections = {"b7": failed, "loop": cut, "demo": lambda: [("demo", "9 s", "")]}
-    report = gpu_check.Report(tmp_path / "gpu_check.md", "# header")
+    report = gpu_check.Report(tmp_path / "gpu_check.md", "# header", key="a GPU")
     again = gpu_check.run_sections(sections, report, gpu_check.UNBOUNDED)
-    assert again == ["bare", "b7", "loop"]  # the loop's ratios are to the bare steps
+    assert again == ["b7", "loop"]
     text = (tmp_path / "gpu_check.md").read_text()
     failed_row = "| b7 | failed | RuntimeError: out of memory at step 2 |"
     assert f"| B7 448 px | 30 GiB |  |\n{failed_row}" in text
@@ -175,7 +212,10 @@ def test_a_section_cut_short_or_failed_keeps_what_it_measured_and_is_named_for_t
 
     spent = gpu_check.Budget(0)
     assert gpu_check.run_sections({"demo": failed}, report, spent) == ["demo"]
-    assert "| demo | not run | the time budget (--minutes) was spent |" in report.parts[-1]
+    assert (
+        "| demo | not run | the time budget (--minutes) was spent |"
+        in report.state["sections"]["demo"]
+    )
 
 
 def test_the_command_wires_each_section_to_its_function_and_names_what_to_rerun(
@@ -214,10 +254,14 @@ def test_the_command_wires_each_section_to_its_function_and_names_what_to_rerun(
     assert "--minutes 5`" in text and "| loop | cut short |" in text
     assert "| compile_section | 2 |" in text  # the sections after a cut one still ran
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last == f"gpu-check: to finish, run: {gpu_check.PROG} --sections bare loop"
+    rerun = gpu_check.rerun_command(["loop"], report)
+    assert last == f"gpu-check: to finish, run: {rerun}" and "--sections loop" in rerun
     assert built == [1]  # once, for the first section that trains on it
     gpu_check.main(["--report", str(report), "--sections", "b7", "demo"])
     assert built == [1] and called[-2:] == ["b7_section", "demo_section"]
+    # The stand-in bare section measured no rates: a rerun of the loop measures them first.
+    gpu_check.main(["--report", str(report), "--sections", "loop"])
+    assert called[-2:] == ["bare_section", "loop_section"]
 
 
 def test_a_stage_finds_the_repository_first_and_the_packages_already_on_pythonpath(
@@ -263,14 +307,14 @@ def test_the_compile_rows_give_each_mode_its_rate_and_a_failed_mode_its_last_lin
     rows = list(gpu_check.compile_section(tiny_dir, tmp_path, 3, eager))
     assert rows == [
         (
-            "B2 baseline bare step, compile=true",
-            "128 img/s",
-            "2.00x eager; compile 40 s once; 0 graph breaks",
-        ),
-        (
             "B2 attract_repulse bare step, compile=true",
             "64 img/s",
             "4.00x eager; compile 40 s once; 0 graph breaks",
+        ),
+        (
+            "B2 baseline bare step, compile=true",
+            "128 img/s",
+            "2.00x eager; compile 40 s once; 0 graph breaks",
         ),
         (
             "B2 attract_repulse bare step, compile=reduce-overhead",
@@ -321,7 +365,8 @@ def test_a_real_loop_cut_short_reports_its_finished_epochs_then_the_cut(monkeypa
         (
             "real loop, attract_repulse, img/s per epoch",
             "90 / 100",
-            "last epoch 1.00x the bare step, GPU busy after epoch 1: median 50%, mean 50%",
+            "last epoch 1.00x the bare step, GPU busy after epoch 1 (evaluations and checkpoints "
+            "included): median 50%, mean 50%",
         ),
         ("real loop, baseline, img/s per epoch", "300", "last epoch 0.75x the bare step"),
         ("loop", "cut short", "the time budget (--minutes) ran out"),

@@ -17,21 +17,22 @@ the next one runs. In order, cheapest first, the demo last (below):
    second in the epochs after the first.
 4. b7: EfficientNet-B7 at 448 px (effnet_b7): peak memory of a step against `make plan`'s
    estimate, and its images/s.
-5. compile: the bare steps again with `compile=true`, and A&R with `compile=reduce-overhead`
-   (CUDA graphs), each in a fresh process (Accelerate fixes the dynamo backend per process), the
-   compile time reported apart.
+5. compile: the bare steps again with `compile=true` (A&R first), and A&R with
+   `compile=reduce-overhead` (CUDA graphs), each in a fresh process (Accelerate fixes the
+   dynamo backend per process), the compile time reported apart.
 6. demo: `make demo`'s pipeline on the GPU (both members, TenCrop logits, ensemble, evaluation)
    with its timing table, then one member's checkpoint predicted on the CPU and on the GPU: the
    fp32 probabilities within 1e-4, the bf16 argmax agreement (the dataset must be present:
    data/fashion50, built or copied first; nothing is downloaded).
 
 The run keeps to `--minutes` (8: a 15-minute device session holds the run, its start and a
-rerun; the whole may take longer, by estimate 9-12 minutes on an H200, so the section most
-likely cut is the last, the demo: rerun alone it takes a few minutes, where compile would need
-bare's rates measured again, about twice as long): each child process (the real loop, the demo,
-a compiled step) is ended with everything it started when the minutes run out, the rows measured
-so far are kept (a real loop's finished epochs too), the section is reported as cut short and
-the later ones as not run, and the last line says which `--sections` to rerun.
+rerun; the whole may take longer, by estimate 9-15 minutes, so the sections most likely cut
+are the last two): each child process (the real loop, the demo, a compiled step) is ended with
+everything it started when the minutes run out, the rows measured so far are kept (a real
+loop's finished epochs too), the section is reported as cut short and the later ones as not
+run, and the last line gives the command that finishes the report: a rerun of some sections
+(`--sections`, run in the order given) keeps the others of an earlier run of the same GPU and
+code, and compares with its bare rates (the report's state, results/gpu_check.json).
 The in-process measurements (bare, loader, b7) are a fixed number of steps each.
 
     python -m scripts.bench.gpu_check [--sections bare loader loop b7 compile demo] [--minutes 8]
@@ -40,12 +41,14 @@ The in-process measurements (bare, loader, b7) are a fixed number of steps each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import itertools
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -285,7 +288,8 @@ def loop_row(name: str, per_epoch: list[float], samples: list[int], bare: float)
     ratio = f"last epoch {per_epoch[-1] / bare:.2f}x the bare step"
     if samples:  # none without nvidia-smi, or before a second epoch
         ratio += (
-            f", GPU busy after epoch 1: median {median(samples):.0f}%, mean {np.mean(samples):.0f}%"
+            f", GPU busy after epoch 1 (evaluations and checkpoints included): "
+            f"median {median(samples):.0f}%, mean {np.mean(samples):.0f}%"
         )
     return (f"real loop, {name}, img/s per epoch", " / ".join(f"{r:.0f}" for r in per_epoch), ratio)
 
@@ -402,10 +406,11 @@ def agreement_rows(
 
 
 # ---- 6. torch.compile ----------------------------------------------------------------------
-# (step, its overrides, the `compile` value): inductor on both steps, then CUDA graphs on A&R.
+# (step, its overrides, the `compile` value): inductor on both steps (A&R, the goal's step,
+# first), then CUDA graphs on A&R.
 COMPILED = (
-    ("baseline", BASELINE, "true"),
     ("attract_repulse", [], "true"),
+    ("baseline", BASELINE, "true"),
     ("attract_repulse", [], "reduce-overhead"),
 )
 
@@ -439,17 +444,39 @@ def table(rows: Rows) -> str:
 
 
 class Report:
-    """Sections as they finish: printed, and results/gpu_check.md rewritten with all so far."""
+    """Sections as they finish: printed, and the report rewritten with every section so far.
+    Its state beside it (gpu_check.json: each section's table, the bare steps' rates) lets a
+    rerun of some sections finish an earlier report of the same GPU and code: the sections
+    not rerun are kept, and the rerun ones compare with the earlier bare rates."""
 
-    def __init__(self, path: Path, header: str):
-        self.path, self.parts = path, [header]
-        write_text_atomic(self.path, header + "\n")  # a run that dies still says what it was
+    def __init__(self, path: Path, header: str, key: str):
+        self.path, self.state_path, self.header = path, path.with_suffix(".json"), header
+        self.state = self._earlier(key) or {"key": key, "sections": {}, "rates": {}}
+        self._write()  # a run that dies still says what it was
 
-    def add(self, title: str, rows: Rows, seconds: float) -> None:
-        text = f"## {title} ({seconds:.0f} s)\n\n{table(rows)}"
+    def _earlier(self, key: str) -> dict | None:
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return state if isinstance(state, dict) and state.get("key") == key else None
+
+    @property
+    def rates(self) -> dict[str, float]:
+        """The bare steps' rates (the bare section fills them; the later ones read them)."""
+        return self.state["rates"]
+
+    def add(self, name: str, rows: Rows, seconds: float) -> None:
+        text = f"## {name} ({seconds:.0f} s, {time.strftime('%H:%M')})\n\n{table(rows)}"
         print(f"\n{text}", flush=True)
-        self.parts.append(text)
-        write_text_atomic(self.path, "\n\n".join(self.parts) + "\n")
+        self.state["sections"][name] = text
+        self._write()
+
+    def _write(self) -> None:
+        done = self.state["sections"]
+        parts = [self.header, *(done[name] for name in SECTIONS if name in done)]
+        write_text_atomic(self.state_path, json.dumps(self.state, indent=1) + "\n")
+        write_text_atomic(self.path, "\n\n".join(parts) + "\n")
 
 
 PROG = "python -m scripts.bench.gpu_check"
@@ -477,8 +504,7 @@ def measure(name: str, section: Callable[[], Iterable[Row]], budget: Budget) -> 
 def run_sections(
     sections: dict[str, Callable[[], Iterable[Row]]], report: Report, budget: Budget
 ) -> list[str]:
-    """Each section's rows into the report as it finishes; returns the sections to run again
-    (with bare where a section to rerun compares with it)."""
+    """Each section's rows into the report as it finishes; returns those to run again."""
     again = []
     for name, section in sections.items():
         begun = time.perf_counter()
@@ -489,11 +515,27 @@ def run_sections(
         report.add(name, rows, time.perf_counter() - begun)
         # What a section held is free for the next (B7's peak memory is read there): the
         # collector first, for the models Accelerate's wrappers keep in reference cycles.
+        # After a device-side error every CUDA call fails: the next sections report it.
         gc.collect()
-        torch.cuda.empty_cache()
-    if any(name in COMPARED for name in again) and "bare" not in again:
-        again.insert(0, "bare")
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.empty_cache()
     return again
+
+
+def chosen_sections(asked: Sequence[str], rates: dict[str, float]) -> list[str]:
+    """`asked` in its order (once each), with bare first where a section compares with the
+    bare steps and no earlier run of this GPU and code measured them."""
+    names = list(dict.fromkeys(asked))
+    if "bare" not in names and not rates and any(name in COMPARED for name in names):
+        names.insert(0, "bare")
+    return names
+
+
+def rerun_command(sections: list[str], report: Path) -> str:
+    """The make command that finishes this report: the same python, the same report file."""
+    args = ["--sections", *sections] + ([] if report == REPORT else ["--report", str(report)])
+    python = "" if Path(sys.executable) == ROOT / ".venv" / "bin" / "python" else sys.executable
+    return f'make gpu-check{f" PY={python}" if python else ""} ARGS="{" ".join(args)}"'
 
 
 def environment() -> str:
@@ -533,8 +575,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"--minutes {args.minutes:g}`"
     )
     print(header, flush=True)
-    report = Report(args.report, header)
-    rates: dict[str, float] = {}
+    report = Report(args.report, header, key=f"{device}, {environment()}")
+    rates = report.rates
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         folder = Path(tmp)
         # Built by the first section that needs it, inside it: a failed build is that
@@ -548,11 +590,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             "compile": lambda: compile_section(data(), folder, args.repeat, rates, budget),
             "demo": lambda: demo_section(folder / "demo", budget),
         }
-        chosen = {name: sections[name] for name in args.sections}
+        chosen = {name: sections[name] for name in chosen_sections(args.sections, rates)}
         again = run_sections(chosen, report, budget)
     print(f"\ngpu-check: {(time.perf_counter() - started) / 60:.1f} min; {args.report}")
     if again:
-        print(f"gpu-check: to finish, run: {PROG} --sections {' '.join(again)}")
+        print(f"gpu-check: to finish, run: {rerun_command(again, args.report)}")
 
 
 if __name__ == "__main__":
