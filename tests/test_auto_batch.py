@@ -114,6 +114,19 @@ def test_under_cuda_graphs_an_out_of_memory_first_step_is_refused_in_one_line(
         run_module.train(cfg, auto_batch.train_auto_batch)
 
 
+def test_a_compiled_run_out_of_memory_drops_dynamos_graphs_before_each_smaller_try(
+    tiny_dir, tmp_path, monkeypatch
+):
+    seen = simulate_oom(monkeypatch, above_rows=0)  # nothing fits: the step never compiles
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(len(seen)))
+    overrides = [*ARGS, f"data_dir={tiny_dir}", f"out_dir={tmp_path}", "compile=true"]
+    cfg = load_config("demo_resnet18", overrides)
+    with pytest.raises(UserError, match="a micro-batch of 2 does not fit"):
+        run_module.train(cfg, auto_batch.train_auto_batch)
+    assert seen == [32, 16, 8, 4] and resets == [1, 2, 3]  # after each failed try but the last
+
+
 def test_a_global_batch_that_does_not_split_into_even_micro_batches_is_refused():
     cfg = load_config("demo_resnet18", ["batch_size=auto", "lr_base_batch=20", "grad_accum=3"])
     with pytest.raises(UserError, match="does not split into 2 processes x grad_accum=3 even"):

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
 from common.errors import UserError
@@ -101,4 +102,6 @@ def train_auto_batch(cfg: dict[str, Any]) -> int:
         micro, accum = halved(micro, accum, pairs(cfg))
         run.acc.free_memory()
         del run
+        if cfg["compile"]:  # dynamo's graphs of the failed size would keep its memory held
+            torch.compiler.reset()
         clear_device_cache(garbage_collection=True)
