@@ -94,6 +94,16 @@ class Layout:
         """Class names in index order (sorted), read from the manifest."""
         return list(self.read_manifest()["classes"])
 
+    def require_classes(self, num_classes: int) -> None:
+        """Refuse a model head of `num_classes` outputs for this dataset's classes: more
+        would train a head whose extra outputs no image has, fewer fails mid-epoch."""
+        classes = self.classes()
+        if len(classes) != num_classes:
+            raise UserError(
+                f"{self.manifest} lists {len(classes)} classes but num_classes={num_classes}; "
+                "pass data=<the dataset config> or num_classes="
+            )
+
     def split_items(self, split: str) -> list[tuple[str, Path, int]]:
         """(id, path, label) of every image of `split` ("train" or "val"), sorted by id."""
         classes = self.classes()

@@ -202,15 +202,6 @@ def _items(layout: Layout, split: str) -> list:
     return items
 
 
-def _check_classes(cfg: dict[str, Any], layout: Layout) -> None:
-    classes = layout.classes()
-    if len(classes) != cfg["num_classes"]:
-        raise UserError(
-            f"{layout.manifest} lists {len(classes)} classes but num_classes={cfg['num_classes']}; "
-            "pass data=<the dataset config> or num_classes="
-        )
-
-
 def split_scores(
     probs: dict[str, torch.Tensor],
     labels: torch.Tensor,
@@ -370,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = resolve_config(args.model, args.overrides)
     view = "center" if args.center_crop else "tencrop"
     layout = Layout(Path(cfg["data_dir"]))
-    _check_classes(cfg, layout)
+    layout.require_classes(cfg["num_classes"])
     items = {split: _items(layout, split) for split in SPLITS}
     heldout_split, held = heldout_items(cfg)
     if heldout_split == HOLDOUT:

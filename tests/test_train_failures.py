@@ -354,6 +354,23 @@ def test_a_run_started_from_another_folder_says_where_it_looked(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no runs/ folder made in the wrong place
 
 
+@pytest.mark.parametrize(
+    ("module", "head"),  # a smaller head fails mid-epoch; a larger one trains outputs for nothing
+    [("train", 4), ("train", 12), ("ensemble.logits", 12)],
+)
+def test_a_head_of_another_size_than_the_datasets_classes_is_refused_before_any_work(
+    tiny_dir, tmp_path, module, head
+):
+    args = args_for(tiny_dir, tmp_path, f"num_classes={head}")
+    proc = run_command("-m", module, *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert errors(proc.stderr) == [
+        f"error: {tiny_dir}/manifest.json lists 10 classes but num_classes={head}; "
+        "pass data=<the dataset config> or num_classes="
+    ]
+    assert list(tmp_path.iterdir()) == []  # no run folder
+
+
 def test_seeding_fixes_every_generator_a_checkpoint_snapshots():
     """numpy's and Python's generators too: two identical runs write identical rng_rank*.pt."""
     import random

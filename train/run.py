@@ -420,7 +420,8 @@ def train(cfg: dict[str, Any], fit: Callable[[dict[str, Any]], int] = fixed_batc
     # Before the Accelerator: a refused second trainer touches nothing. The global rank is
     # the launcher's RANK (unset for a single process).
     main_process = os.environ.get("RANK", "0") == "0"
-    Layout(Path(cfg["data_dir"])).read_manifest()  # a wrong data_dir creates no run folder
+    # A wrong data_dir or head size creates no run folder.
+    Layout(Path(cfg["data_dir"])).require_classes(cfg["num_classes"])
     lock = FileLock(
         run_dir(cfg) / "train.lock",
         f"run {run_dir(cfg)}",
