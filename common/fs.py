@@ -14,6 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process's umask (os.umask reads it only by setting it: done once, at import)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# What open() would give a new file: mkstemp's 0600 kept every dataset, checkpoint and
+# submission from a group's other members on a shared cluster.
+FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds."""
@@ -24,6 +36,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, FILE_MODE)
         # fsync before rename: after a power loss the rename must not point at empty blocks.
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())

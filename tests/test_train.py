@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common import fs
 from common.errors import UserError
 from tests.conftest import NARROW, ROOT, run_command
 
@@ -114,7 +116,7 @@ def uninterrupted(tiny_dir, module_dir) -> Path:
     return module_dir / "demo_resnet18"
 
 
-def test_an_uninterrupted_run_writes_config_metrics_curves_and_checkpoints(uninterrupted):
+def test_an_uninterrupted_run_writes_config_metrics_curves_and_checkpoints(uninterrupted, tmp_path):
     metrics = pd.read_csv(uninterrupted / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2]
     for column in (
@@ -137,6 +139,12 @@ def test_an_uninterrupted_run_writes_config_metrics_curves_and_checkpoints(unint
     assert (uninterrupted / "curves.png").stat().st_size > 1000
     assert (uninterrupted / "config.yaml").is_file()
     assert (uninterrupted / "checkpoints" / "best" / "COMPLETE").is_file()
+    # Written atomically, yet with the mode open() gives a new file (the umask's), not
+    # mkstemp's 0600, which kept runs from a group's other members on a shared cluster.
+    (tmp_path / "plain").write_text("")
+    written = [p for p in uninterrupted.rglob("*") if p.is_file() and p.name != "train.lock"]
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "plain", *written]}
+    assert modes == {fs.FILE_MODE}
 
 
 def test_a_run_killed_at_a_random_step_resumes_bit_identical(uninterrupted, tiny_dir, tmp_path):
