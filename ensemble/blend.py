@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from common import provenance
+from common.cli import name_arg
 from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
 from common.metrics import top1
@@ -120,7 +121,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="choose weights on the images every member held out (equal if there are none)",
     )
     parser.add_argument("--min-gain", type=float, default=0.1, help="search: points per move")
-    parser.add_argument("--name", help="submission name (default: the config name, or ensemble)")
+    parser.add_argument(
+        "--name", type=name_arg, help="submission name (default: the config name, or ensemble)"
+    )
     parser.add_argument("--logits-dir", type=Path, default=Path("logits"))
     parser.add_argument("--out-dir", type=Path, default=Path("submissions"))
     args = parser.parse_args(argv)

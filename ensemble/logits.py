@@ -34,6 +34,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from common import provenance
+from common.cli import positive_int
 from common.errors import UserError, cli_main, warn
 from common.fs import write_text_atomic
 from common.metrics import top1
@@ -76,7 +77,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="images per forward (TenCrop: 10 crops each); default: 64 on the CPU, "
         "2 * batch_size / crops on a GPU",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import re
+
 import pytest
 import torch
 import yaml
@@ -159,6 +162,40 @@ def test_out_of_range_values_are_refused_naming_the_key_through_the_command(over
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: {message}")
     assert proc.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "sched=cosin",
+            "sched='cosin' must be one of cosine, tanh, step, multistep, plateau, poly",
+        ),
+        ("interpolation=cubic", "interpolation='cubic' must be one of bicubic, bilinear, nearest"),
+        ("remode=noise", "remode='noise' must be one of pixel, rand, const"),
+        ("mixed_precision=fp8", "mixed_precision='fp8' must be one of auto, no, bf16, fp16"),
+        ("name=..", "name='..' must be one folder name (no /, not . or ..): the run's folder"),
+        ("name=a/b", "name='a/b' must be one folder name"),
+    ],
+)
+def test_a_word_outside_its_keys_choices_or_a_name_leaving_out_dir_is_refused(override, message):
+    with pytest.raises(UserError, match=f"^command line: {re.escape(message)}"):
+        load_config("demo_resnet18", [override])
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "problem"),
+    [
+        ("ensemble.blend", ["--models", "a", "--name", "../up"], "argument --name: '../up' must"),
+        ("ensemble.blend", ["--models", "a", "--name", "/tmp/x"], "argument --name: '/tmp/x' must"),
+        ("ensemble.logits", ["demo_resnet18", "--batch-size", "0"], "argument --batch-size: '0'"),
+    ],
+)
+def test_command_line_names_and_counts_are_checked_by_the_parser(module, argv, problem, capsys):
+    parse_args = importlib.import_module(module).parse_args
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(argv)
+    assert stopped.value.code == 2 and problem in capsys.readouterr().err
 
 
 def test_a_value_from_a_model_file_is_blamed_on_that_file(tmp_path):

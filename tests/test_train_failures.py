@@ -371,6 +371,20 @@ def test_a_head_of_another_size_than_the_datasets_classes_is_refused_before_any_
     assert list(tmp_path.iterdir()) == []  # no run folder
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("opt=adamm", "opt='adamm': Optimizer adamm not found in registry; use one of timm's"),
+        ("auto_augment=orignal", "auto_augment='orignal' is not a policy timm knows"),
+    ],
+)
+def test_a_name_only_timm_knows_misspelt_is_one_line(tiny_dir, tmp_path, override, message):
+    proc = run_command("-m", "train", *args_for(tiny_dir, tmp_path, override), check=False)
+    assert proc.returncode == 2, proc.stderr
+    [line] = errors(proc.stderr)
+    assert line.startswith(f"error: {message}") and "Traceback" not in proc.stderr
+
+
 def test_seeding_fixes_every_generator_a_checkpoint_snapshots():
     """numpy's and Python's generators too: two identical runs write identical rng_rank*.pt."""
     import random

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from common import provenance
+from common.cli import NAME_RULE, is_one_name
 from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
 from common.yamlio import load_yaml
@@ -79,6 +80,14 @@ RANGES = {
     "keep_last": "[1, inf)",
     "max_nonfinite": "[1, inf)",
     "stop_timeout_s": "(0, inf)",
+}
+# Keys that take one of a few words: ours, and timm's names where timm reads the key (a
+# misspelling would otherwise be a traceback from inside timm, after the run folder exists).
+CHOICES = {
+    "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "interpolation": ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"),
+    "remode": ("pixel", "rand", "const"),
+    "sched": ("cosine", "tanh", "step", "multistep", "plateau", "poly"),
 }
 # Pairs (low, high) with 0 < low <= high, and per-channel statistics.
 PAIRS = ("rrc_scale", "rrc_ratio")
@@ -195,6 +204,10 @@ def _problem(key: str, value: Any, base_value: Any) -> str | None:
         if not _in_range(value, RANGES[key]):
             kind = "" if isinstance(value, (int, float)) else "a number "
             return f"must be {kind}{_range_text(RANGES[key])}"
+    if key in CHOICES and value not in CHOICES[key]:
+        return f"must be one of {', '.join(CHOICES[key])}"
+    if key == "name" and value is not None and not is_one_name(value):
+        return f"must be {NAME_RULE}: the run's folder in out_dir"
     if key in PAIRS and not (_numbers(value, 2, "(0, inf)") and value[0] <= value[1]):
         return "must be two numbers [low, high] with 0 < low <= high"
     if key in CHANNELS and not _numbers(value, 3, CHANNELS[key]):

@@ -122,9 +122,14 @@ class Run:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.teacher = build_teacher(model, ema_decay(cfg, self.total_steps), cfg["ema_warmup"])
-        optimizer = create_optimizer_v2(
-            model, opt=cfg["opt"], lr=global_lr(cfg, self.world), **optimizer_kwargs(cfg)
-        )
+        try:
+            optimizer = create_optimizer_v2(
+                model, opt=cfg["opt"], lr=global_lr(cfg, self.world), **optimizer_kwargs(cfg)
+            )
+        except ValueError as err:  # timm: "Optimizer <opt> not found in registry"
+            raise UserError(
+                f"opt={cfg['opt']!r}: {err}; use one of timm's optimisers (the recipe's: rmsproptf)"
+            ) from None
         self.scheduler, _ = create_scheduler_v2(
             optimizer,
             sched=cfg["sched"],

@@ -43,6 +43,20 @@ DEVICE_STEPS = (MaybeToTensor, ToTensor, Normalize, RandomErasing)
 
 def build_train_transform(cfg: dict[str, Any]) -> Transform:
     """The Strong Baseline: RRC, flip, AutoAugment, to tensor, normalise, RandomErasing."""
+    try:
+        return _create_train_transform(cfg)
+    except (AssertionError, KeyError, ValueError) as err:
+        if cfg["auto_augment"] is None:
+            raise
+        # timm asserts deep inside its policy parser; the one key it reads there is this one.
+        raise UserError(
+            f"auto_augment={cfg['auto_augment']!r} is not a policy timm knows "
+            f"({type(err).__name__}: {err}); use original (the recipe's), v0, "
+            "rand-m9-mstd0.5-inc1, augmix-m5 or null"
+        ) from None
+
+
+def _create_train_transform(cfg: dict[str, Any]) -> Transform:
     return create_transform(
         input_size=cfg["img_size"],
         is_training=True,

@@ -1,0 +1,31 @@
+"""Checks of what a user names on a command line, shared by the commands and the config."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME_RULE = "one folder name (no /, not . or ..)"
+
+
+def is_one_name(text: str) -> bool:
+    """`text` names one entry inside a folder: a run or submission name that cannot write
+    outside its out_dir (`..`, `a/b`, `/abs` would)."""
+    return text not in ("", ".", "..") and "/" not in text
+
+
+def name_arg(text: str) -> str:
+    """argparse type: a run or submission name."""
+    if not is_one_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} must be {NAME_RULE}")
+    return text
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
+    return value
