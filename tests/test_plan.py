@@ -160,6 +160,16 @@ def test_a_bad_gpu_count_is_one_line():
     assert proc.returncode == 2 and "GPUS" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args", [["--gpu-mem", "nan"], ["--gpu-mem", "inf"], ["--tflops", "nan"]])
+def test_a_gpu_size_or_speed_that_is_no_number_is_one_line(args, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        plan.main(args)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: GPU_MEM, GPUS and TFLOPS must be positive numbers (e.g. make plan GPU_MEM=80)\n"
+    )
+
+
 def test_the_default_models_are_the_ensemble_the_ablation_and_table_1():
     models = plan.plan_models()
     assert len(models) == 22 and models[16] == "effnet_b2_ablation"

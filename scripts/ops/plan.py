@@ -375,8 +375,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", help="default: vipriors16 and effnet_b2_ablation")
     parser.add_argument("overrides", nargs="*", help="key=value for every model (img_size=...)")
     args = parser.parse_intermixed_args(argv)
-    if args.gpu_mem <= 0 or args.gpus < 1 or (args.tflops is not None and args.tflops <= 0):
-        raise UserError("GPU_MEM, GPUS and TFLOPS must be positive (e.g. make plan GPU_MEM=80)")
+    sizes = [args.gpu_mem, args.gpus] + ([] if args.tflops is None else [args.tflops])
+    if args.gpus < 1 or not all(math.isfinite(size) and size > 0 for size in sizes):
+        raise UserError(
+            "GPU_MEM, GPUS and TFLOPS must be positive numbers (e.g. make plan GPU_MEM=80)"
+        )
     return args
 
 
