@@ -53,9 +53,9 @@ setup: ## .venv with the pinned requirements, and Debian's Fashion-MNIST (PY= sk
 
 data: setup ## build a dataset (IMAGENET= [SPLITS=] | FOLDER= | the embedded fashion50)
 ifneq ($(IMAGENET),)
-	$(PY) -m data_prep imagenet --imagenet $(IMAGENET)$(if $(SPLITS), --splits $(SPLITS)) $(DATA_ARGS)
+	$(PY) -m data_prep imagenet --imagenet "$(IMAGENET)"$(if $(SPLITS), --splits "$(SPLITS)") $(DATA_ARGS)
 else ifneq ($(FOLDER),)
-	$(PY) -m data_prep folder --root $(FOLDER) --per-class $(PER_CLASS) $(DATA_ARGS)
+	$(PY) -m data_prep folder --root "$(FOLDER)" --per-class "$(PER_CLASS)" $(DATA_ARGS)
 else
 	$(PY) -m data_prep fashion $(DATA_ARGS)
 endif
@@ -70,10 +70,10 @@ logits: setup ## TenCrop probabilities of MODEL= for val and test (NPROC= proces
 
 ensemble: setup ## average models into submissions/<name>.csv/.zip/.json
 	$(PY) -m ensemble.blend $(if $(MODELS),--models $(MODELS),--config $(ENSEMBLE)) \
-		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SEARCH),--search-weights) $(if $(NAME),--name $(NAME))
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SEARCH),--search-weights) $(if $(NAME),--name "$(NAME)")
 
 evaluate: setup ## validate SUBMISSION= and score it against LABELS=
-	$(PY) -m ensemble.evaluate $(SUBMISSION) $(if $(LABELS),--labels $(LABELS))
+	$(PY) -m ensemble.evaluate $(if $(SUBMISSION),"$(SUBMISSION)") $(if $(LABELS),--labels "$(LABELS)")
 
 demo: ## the whole pipeline on the embedded benchmark (CPU; ends with where the minutes went)
 	@started=$$(date +%s.%N); $(SETUP) && $(PY) -m scripts.ops.demo --started $$started

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -160,9 +161,27 @@ def test_make_data_passes_splits_only_when_given(variables, expected):
         text=True,
         check=True,
     )
-    commands = [line.split()[1:] for line in proc.stdout.splitlines() if "-m data_prep" in line]
+    commands = [shlex.split(line)[1:] for line in proc.stdout.splitlines() if "data_prep" in line]
     argv = ["-m", "data_prep", "imagenet", "--imagenet", "/imagenet", *expected, "--classes", "3"]
     assert commands == [argv]
+
+
+@pytest.mark.parametrize(
+    ("target", "variables", "expected"),
+    [
+        ("data", ["IMAGENET=/my data/imagenet"], ["--imagenet", "/my data/imagenet"]),
+        ("data", ["FOLDER=/my photos", "PER_CLASS=2, 1, 1"], ["--root", "/my photos"]),
+        ("evaluate", ["SUBMISSION=/my subs/a.csv", "LABELS=/l s.csv"], ["/my subs/a.csv"]),
+        ("ensemble", ["MODELS=a b", "NAME=my best"], ["--name", "my best"]),
+    ],
+)
+def test_make_passes_a_path_or_name_with_spaces_as_one_argument(target, variables, expected):
+    proc = subprocess.run(
+        ["make", "-n", target, *variables], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    lines = proc.stdout.replace("\\\n", " ").splitlines()  # a recipe's continued lines joined
+    [argv] = [shlex.split(line) for line in lines if " -m " in line]
+    assert any(argv[i : i + len(expected)] == expected for i in range(len(argv)))
 
 
 def test_the_toolkit_pickles_build_the_same_dataset(mini, linked, splits_dir, tmp_path):
