@@ -95,6 +95,8 @@ def logits_top1(folder: Path, labels: Path, split: str = "test") -> float:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> float:
     args = parse_args(argv)
+    if args.submission.is_dir():
+        raise UserError(f"{args.submission} is a folder; pass the CSV (submissions/<name>.csv)")
     if not args.submission.is_file():
         raise UserError(f"{args.submission} does not exist; run `make ensemble` first")
     report = _report(args.submission)

@@ -58,6 +58,10 @@ def _read_table(path: Path, header: tuple[str, str], column: str) -> tuple[list[
         warn(f"{path} starts with a UTF-8 byte-order mark (Excel's CSV UTF-8): the scorer skips it")
         text = text[len(BOM) :]
     rows = list(csv.reader(io.StringIO(text)))
+    if rows and not rows[-1]:  # an editor's blank lines at the end: the scorer skips them
+        while rows and not rows[-1]:
+            rows.pop()
+        warn(f"{path} ends with blank lines: the scorer skips them")
     if not rows or tuple(rows[0]) != header:
         found = ",".join(rows[0]) if rows else "an empty file"
         raise UserError(f"{path}: header is {found!r}; it must be exactly {','.join(header)!r}")

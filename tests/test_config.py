@@ -198,6 +198,14 @@ def test_command_line_names_and_counts_are_checked_by_the_parser(module, argv, p
     assert stopped.value.code == 2 and problem in capsys.readouterr().err
 
 
+def test_a_model_file_path_is_read_whatever_its_suffix_case_or_named_when_missing(tmp_path):
+    model = tmp_path / "Mine.YAML"
+    model.write_text("arch: resnet18\ndata: fashion50\n")
+    assert load_config(str(model))["name"] == "Mine"
+    with pytest.raises(UserError, match=f"^model config {tmp_path}/gone.yaml does not exist"):
+        load_config(str(tmp_path / "gone.yaml"))
+
+
 def test_a_value_from_a_model_file_is_blamed_on_that_file(tmp_path):
     model = tmp_path / "mine.yaml"
     model.write_text("arch: resnet18\ndata: fashion50\nbatch_size: 0\n")

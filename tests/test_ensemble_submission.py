@@ -186,6 +186,12 @@ def test_evaluate_command_refuses_a_submission_with_missing_rows(submission, lab
     assert proc.stderr.strip() == f"error: {bad}: 1 test ids missing (img_4.JPEG)"
 
 
+def test_evaluate_command_given_a_folder_asks_for_the_csv(tmp_path):
+    proc = run_command("-m", "ensemble.evaluate", str(tmp_path), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {tmp_path} is a folder; pass the CSV (submissions/<name>.csv)\n"
+
+
 def test_evaluate_command_without_labels_says_how_to_give_them(submission):
     proc = run_command("-m", "ensemble.evaluate", str(submission), check=False)
     assert proc.returncode == 2
@@ -200,14 +206,14 @@ def official_score(labels: Path, submission: Path) -> float:
     return sum(compared) / len(compared)
 
 
-@pytest.mark.parametrize("quirk", ["bom", "integral floats", "both"])
+@pytest.mark.parametrize("quirk", ["bom", "integral floats", "both", "blank lines at the end"])
 def test_what_the_official_scorer_reads_the_same_is_accepted_with_a_warning(
     submission, labels_file, tmp_path, quirk
 ):
     lines = submission.read_text().splitlines()
     if quirk in ("integral floats", "both"):
         lines[1:] = [f"{row}.0" if i % 2 else f"{row}." for i, row in enumerate(lines[1:])]
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + ("\n\n\n" if quirk == "blank lines at the end" else "\n")
     odd = tmp_path / "excel.csv"
     odd.write_bytes((b"\xef\xbb\xbf" if quirk in ("bom", "both") else b"") + text.encode())
     assert official_score(labels_file, odd) == official_score(labels_file, submission) == 8 / 12
@@ -218,10 +224,12 @@ def test_what_the_official_scorer_reads_the_same_is_accepted_with_a_warning(
     warnings = proc.stderr.strip().splitlines()
     assert len(warnings) == (2 if quirk == "both" else 1)
     assert all(line.startswith(f"warning: {odd}") for line in warnings)
-    if quirk != "integral floats":
+    if quirk in ("bom", "both"):
         assert "byte-order mark" in proc.stderr
-    if quirk != "bom":
+    if quirk in ("integral floats", "both"):
         assert "12 Predictions values are written as floats" in proc.stderr
+    if quirk == "blank lines at the end":
+        assert proc.stderr == f"warning: {odd} ends with blank lines: the scorer skips them\n"
 
 
 def test_a_fractional_class_is_refused_because_the_scorer_counts_it_wrong(

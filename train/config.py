@@ -257,7 +257,9 @@ def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None)
         raw = parse_overrides(overrides)
         overrides = {k: _coerce(k, v, base.get(k)) for k, v in raw.items()}
     model_path = Path(model)
-    if model_path.suffix in (".yaml", ".yml") and model_path.is_file():
+    if model_path.suffix.lower() in (".yaml", ".yml"):
+        if not model_path.is_file():
+            raise UserError(f"model config {model_path} does not exist; check the path")
         model_layer, model_name = read_yaml(model_path), model_path.stem
         model_layer.pop(provenance.KEY, None)  # a saved run config's record, not a setting
     else:
