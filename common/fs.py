@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from common.errors import UserError
+
 
 def _umask() -> int:
     """The process's umask (os.umask reads it only by setting it: done once, at import)."""
@@ -24,6 +26,21 @@ def _umask() -> int:
 # What open() would give a new file: mkstemp's 0600 kept every dataset, checkpoint and
 # submission from a group's other members on a shared cluster.
 FILE_MODE = 0o666 & ~_umask()
+
+
+def require_writable(path: str | os.PathLike, fix: str) -> None:
+    """Refuse now, before the work whose results go to the folder `path` (made later, if it
+    does not exist), a place where nothing can be written: found at the end, it loses the work
+    (make logits: hours of TenCrop)."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{path}: {existing} is a file, not a folder; {fix}")
+    try:  # tried, not os.access: root passes that check where the file system refuses
+        os.rmdir(tempfile.mkdtemp(prefix=".writable-", dir=existing))
+    except OSError as err:
+        raise UserError(f"{path}: cannot write in {existing} ({err.strerror}); {fix}") from None
 
 
 @contextlib.contextmanager

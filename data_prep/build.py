@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
-from common.fs import write_text_atomic
+from common.fs import require_writable, write_text_atomic
 from data_prep.layout import LABELS_HEADER, Layout, dataset_files, tree_checksum
 from data_prep.place import check_image, run_parallel
 
@@ -100,6 +100,7 @@ def claim(root: Path, plan: Plan) -> None:
     layout = Layout(root)
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} is a file; choose a folder")
+    require_writable(root, "choose another --out")
     if root.is_dir() and any(root.iterdir()):
         _check_identity(root, plan)
     expected = plan.expected()

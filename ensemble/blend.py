@@ -30,7 +30,7 @@ import numpy as np
 from common import provenance
 from common.cli import name_arg
 from common.errors import UserError, cli_main
-from common.fs import write_text_atomic
+from common.fs import require_writable, write_text_atomic
 from common.metrics import top1
 from data_prep.layout import test_index
 from ensemble.members import Member, SplitReader, check_provenance, open_members
@@ -243,6 +243,7 @@ def submission_provenance(members: list[Member], warnings: list[str]) -> dict[st
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    require_writable(args.out_dir, "pass --out-dir a folder you can write")
     name, models, weights, origin = resolve_models(args)
     members = open_members(args.logits_dir, models)
     warnings = check_provenance(members)

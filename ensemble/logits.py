@@ -36,7 +36,7 @@ from tqdm import tqdm
 from common import provenance
 from common.cli import positive_int
 from common.errors import UserError, cli_main, warn
-from common.fs import write_text_atomic
+from common.fs import require_writable, write_text_atomic
 from common.metrics import top1
 from data_prep.layout import Layout
 from ensemble.members import write_npz
@@ -363,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     view = "center" if args.center_crop else "tencrop"
     layout = Layout(Path(cfg["data_dir"]))
     layout.require_classes(cfg["num_classes"])
+    require_writable(logits_dir(cfg), "pass logits_dir= a folder you can write")
     items = {split: _items(layout, split) for split in SPLITS}
     heldout_split, held = heldout_items(cfg)
     if heldout_split == HOLDOUT:

@@ -385,6 +385,28 @@ def test_a_name_only_timm_knows_misspelt_is_one_line(tiny_dir, tmp_path, overrid
     assert line.startswith(f"error: {message}") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "place", "fix"),
+    [
+        (["train", "demo_resnet18", "out_dir={}"], "{}/demo_resnet18", "pass out_dir= a folder"),
+        (["ensemble.logits", "demo_resnet18", "logits_dir={}"], "{}/demo_resnet18", "logits_dir="),
+        (["ensemble.blend", "--models", "a", "--out-dir", "{}"], "{}", "pass --out-dir a folder"),
+        (["data_prep", "fashion", "--out", "{}"], "{}", "choose another --out"),
+    ],
+)
+def test_an_output_place_that_cannot_be_written_is_refused_before_any_work(
+    tiny_dir, tmp_path, argv, place, fix
+):
+    blocker = tmp_path / "a_file"  # a file where a folder must go: refused for root users too
+    blocker.write_text("")
+    out = blocker / "out"
+    args = [a.format(out) for a in argv] + (["data_dir=" + str(tiny_dir)] if "=" in argv[2] else [])
+    proc = run_command("-m", *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {place.format(out)}: {blocker} is a file, not a folder")
+    assert fix in proc.stderr and proc.stderr.count("\n") == 1
+
+
 def test_seeding_fixes_every_generator_a_checkpoint_snapshots():
     """numpy's and Python's generators too: two identical runs write identical rng_rank*.pt."""
     import random

@@ -24,6 +24,7 @@ from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
 from common.errors import UserError
+from common.fs import require_writable
 from common.lock import FileLock
 from common.metrics import top1
 from common.status import EXIT_PREEMPTED
@@ -425,8 +426,9 @@ def train(cfg: dict[str, Any], fit: Callable[[dict[str, Any]], int] = fixed_batc
     # Before the Accelerator: a refused second trainer touches nothing. The global rank is
     # the launcher's RANK (unset for a single process).
     main_process = os.environ.get("RANK", "0") == "0"
-    # A wrong data_dir or head size creates no run folder.
+    # A wrong data_dir, head size or out_dir creates no run folder.
     Layout(Path(cfg["data_dir"])).require_classes(cfg["num_classes"])
+    require_writable(run_dir(cfg), "pass out_dir= a folder you can write")
     lock = FileLock(
         run_dir(cfg) / "train.lock",
         f"run {run_dir(cfg)}",
