@@ -296,6 +296,17 @@ def test_an_evaluation_loader_starts_no_more_workers_than_it_has_batches(tiny_di
     assert eval_loader(cfg, items, 1, 2, 16).num_workers == 1  # this process's 15 images
 
 
+def test_a_holdout_that_would_take_every_image_of_a_class_names_the_key_and_the_class(tiny_dir):
+    from train.config import load_config
+    from train.data import split_train_eval
+
+    both = [f"data_dir={tiny_dir}", "train_splits=[train,val]"]  # 8 + 3 images per class
+    keep, held = split_train_eval(load_config("demo_resnet18", [*both, "holdout_per_class=10"]))
+    assert (len(keep), len(held)) == (10, 100)
+    with pytest.raises(UserError, match=r"^holdout_per_class=11 holds out all 11 train\+val "):
+        split_train_eval(load_config("demo_resnet18", [*both, "holdout_per_class=11"]))
+
+
 def test_checkpoints_follow_the_clock_not_every_epoch(tiny_dir, tmp_path):
     def saved_steps(minutes: str) -> list[int]:
         out = tmp_path / minutes

@@ -49,6 +49,13 @@ def split_train_eval(cfg: dict[str, Any]) -> tuple[list[Item], list[Item]]:
     by_class: dict[int, list[Item]] = defaultdict(list)
     for item in train:
         by_class[item[2]].append(item)
+    fewest = min(by_class.values(), key=len)
+    if len(fewest) <= holdout:  # a class the model would never see
+        name = layout.classes()[fewest[0][2]]
+        raise UserError(
+            f"holdout_per_class={holdout} holds out all {len(fewest)} train+val images of class "
+            f"{name!r} in {layout.root}; lower holdout_per_class below {len(fewest)}"
+        )
     keep, held = [], []
     for label in sorted(by_class):
         items = by_class[label]
