@@ -54,6 +54,20 @@ def test_ages_read_in_the_largest_whole_unit():
     assert [status.age(s) for s in (None, 5, 125, 7200, 3 * 86400)] == ["-", "5s", "2m", "2h", "3d"]
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("", "is empty; restore the run's config there"), ("epochs: [1\n", "invalid YAML")],
+)
+def test_a_broken_run_config_is_one_line_naming_it(tiny_dir, tmp_path, text, problem, capsys):
+    saved = tmp_path / "runs" / TRAINED / "config.yaml"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(text)
+    with pytest.raises(SystemExit):
+        status.main(["--config", "demo", *overrides(tiny_dir, tmp_path)])
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {saved}") and problem in line
+
+
 def overrides(data: Path, base: Path) -> list[str]:
     return [
         f"data_dir={data}",

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError, cli_main
-from common.yamlio import load_yaml
 from ensemble.blend import load_ensemble_config
 from ensemble.members import check_provenance, open_members
 from train import heartbeat
-from train.config import load_config, logits_dir, run_dir, score_column
+from train.config import load_config, logits_dir, read_yaml, run_dir, score_column
 
 # train/checkpoint.py's and train/metrics.py's files, named here so that reading them does not
 # import torch (tests/test_status.py checks them against a real run).
@@ -94,7 +93,9 @@ def model_status(model: str, overrides: list[str], now: float) -> ModelStatus:
     cfg = load_config(model, overrides)
     run = run_dir(cfg)
     saved = run / "config.yaml"
-    trained = load_yaml(saved.read_text()) if saved.is_file() else cfg
+    trained = read_yaml(saved) if saved.is_file() else cfg  # a broken file: one line naming it
+    if not trained:
+        raise UserError(f"{saved} is empty; restore the run's config there or delete the run")
     rows = read_metrics(run)
     column = score_column(trained)
     scores = [float(r[column]) for r in rows if r.get(column)]
