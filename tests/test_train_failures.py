@@ -466,6 +466,34 @@ def test_closing_a_stop_request_after_a_stop_signal_cancels_its_clock():
     assert not stop._watchdog.is_alive()
 
 
+def test_a_first_ctrl_c_is_a_stop_and_a_second_one_interrupts_at_once(capsys):
+    from train.stop import CTRL_C, StopRequest
+
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), StopRequest(timeout_s=60) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert stop.requested and capsys.readouterr().err == f"\n{CTRL_C}\n"
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises long before
+    assert signal.getsignal(signal.SIGINT) == previous
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["train", "train.launch"])
+def test_ctrl_c_in_a_terminal_checkpoints_and_exits_75_in_one_line(data, tmp_path, module):
+    from train.stop import CTRL_C
+
+    proc = start(args_for(data, tmp_path, "epochs=3", "workers=1"), module=module)
+    run = tmp_path / "demo_resnet18"
+    wait_for(lambda: any((run / "checkpoints").glob("step_*")), proc)  # in the loop
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the foreground process group
+    code, out, err = finish(proc)
+    assert code == 75, out + err
+    assert CTRL_C in err and "Traceback" not in err and errors(err) == []
+    assert re.search(r"stopped on request; checkpoint at step \d+", out)
+
+
 def test_a_stop_before_the_run_marks_the_next_request_and_starts_its_clock():
     """`python -m train` holds a request around the run: a stop that comes before the run's own
     request exists (train.launch relays one as soon as the process catches it) is not lost; the

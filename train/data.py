@@ -69,11 +69,11 @@ def split_train_eval(cfg: dict[str, Any]) -> tuple[list[Item], list[Item]]:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints:
+    """DataLoader workers leave SIGTERM/SIGUSR1/SIGINT to the training process, which checkpoints:
     a launcher or SLURM signals the whole process group, and a worker killed by it would
     crash the step instead. Such workers outlive a SIGTERM, so the training process kills them
     with SIGKILL when it exits (`_kill_workers_at_exit`)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # a terminal's Ctrl-C too
         signal.signal(sig, signal.SIG_IGN)
     # Fork copied the training process's wake-up pipe (train/stop.py): a worker's own signals
     # must not reach the training process's stop watchdog through it.

@@ -32,6 +32,7 @@ from common.processes import catches, children, command_line, process_tree, runn
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, read_exit_status
 from common.yamlio import load_yaml
 from train.config import CONFIG_DIR, load_config
+from train.stop import CTRL_C
 
 # `accelerate launch` itself, through the module behind it: the same parser and launchers, without
 # the CLI's other commands, whose imports (timm among them) are half of its 4 s of start-up on
@@ -155,7 +156,8 @@ def _run_relaying(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
     """(The launcher's status, whether a stop was relayed). A stop is kept until every training
     process has it: each is told once it catches the signal (train/__main__.py installs that
     first thing), so a stop that comes while accelerate starts them is neither lost nor fatal.
-    Ctrl-C goes to the whole tree at once, as a terminal would send it."""
+    A first Ctrl-C is such a stop; another (or one after a stop) goes to the whole tree at once,
+    as a terminal would send it, and the training processes quit without a checkpoint."""
     stops: list[int] = []
     told: set[int] = set()
     interrupted: set[int] = set()
@@ -165,6 +167,10 @@ def _run_relaying(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
         stops.append(signum)
 
     def on_interrupt(signum, frame):
+        if not stops:  # the first Ctrl-C: a stop, relayed as the others (with a checkpoint)
+            stops.append(signum)
+            print(f"\n{CTRL_C}", file=sys.stderr, flush=True)
+            return
         for pid in process_tree(process.pid) if process else []:
             interrupted.add(pid)
             with contextlib.suppress(ProcessLookupError):

@@ -1,4 +1,5 @@
-"""Stop requests: SIGTERM/SIGUSR1 end a run with a checkpoint, or in bounded time without one.
+"""Stop requests: SIGTERM/SIGUSR1/Ctrl-C end a run with a checkpoint, or in bounded time without
+one; a second Ctrl-C quits at once.
 
 The loop reads `requested` at every step boundary, checkpoints and exits with EXIT_PREEMPTED
 (under torchrun's agent: exits 0 with EXIT_PREEMPTED recorded, common/status.py).
@@ -32,12 +33,18 @@ import threading
 
 from common.status import EXIT_PREEMPTED, record_exit_status, status_for_agent
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Ctrl-C (SIGINT) stops like the others; a second one, or one after a stop signal, interrupts
+# at once (KeyboardInterrupt, no checkpoint).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+CTRL_C = (
+    "Ctrl-C: stopping at the next step, with a checkpoint (press it again to quit at once, "
+    "without one)"
+)
 _open: list[StopRequest] = []  # the requests now open, outermost first
 
 
 class StopRequest:
-    """Remembers SIGTERM/SIGUSR1; ends the process `timeout_s` later if the loop has not.
+    """Remembers SIGTERM/SIGUSR1/SIGINT; ends the process `timeout_s` later if the loop has not.
     Must be made and closed on the main thread (Python's signal API requires it)."""
 
     def __init__(self, timeout_s: float) -> None:
@@ -80,12 +87,16 @@ class StopRequest:
         os.close(self._read_fd)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print(f"\n{CTRL_C}", file=sys.stderr, flush=True)
         for request in _open:  # the enclosing ones too: the next request opened starts stopped
             request.requested = True
 
     def _watch(self) -> None:
         # Every signal with a Python handler writes its number here (SIGCHLD of the loader's
-        # workers, SIGINT too): wait for a stop signal among them, or for close().
+        # workers too): wait for a stop signal among them, or for close().
         while not any(byte in STOP_SIGNALS for byte in os.read(self._read_fd, 64)):
             if self._closed.is_set():
                 return  # closed before any stop signal
