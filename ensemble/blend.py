@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from common import provenance
-from common.cli import name_arg
+from common.cli import name_arg, non_negative_float
 from common.errors import UserError, cli_main
 from common.fs import require_writable, write_text_atomic
 from common.metrics import top1
@@ -120,7 +120,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="choose weights on the images every member held out (equal if there are none)",
     )
-    parser.add_argument("--min-gain", type=float, default=0.1, help="search: points per move")
+    parser.add_argument(
+        "--min-gain", type=non_negative_float, default=0.1, help="search: points per move"
+    )
     parser.add_argument(
         "--name", type=name_arg, help="submission name (default: the config name, or ensemble)"
     )

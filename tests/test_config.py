@@ -189,6 +189,7 @@ def test_a_word_outside_its_keys_choices_or_a_name_leaving_out_dir_is_refused(ov
         ("ensemble.blend", ["--models", "a", "--name", "../up"], "argument --name: '../up' must"),
         ("ensemble.blend", ["--models", "a", "--name", "/tmp/x"], "argument --name: '/tmp/x' must"),
         ("ensemble.logits", ["demo_resnet18", "--batch-size", "0"], "argument --batch-size: '0'"),
+        ("ensemble.blend", ["--models", "a", "--min-gain", "-5"], "argument --min-gain: '-5' must"),
     ],
 )
 def test_command_line_names_and_counts_are_checked_by_the_parser(module, argv, problem, capsys):
