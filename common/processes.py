@@ -1,5 +1,6 @@
 """Process trees from /proc: torchrun starts each training process in a session of its own, so a
-signal to a process group does not reach it; the launcher and the smoke run walk the tree."""
+signal to a process group does not reach it; the launcher and the smoke run walk the tree. And
+the CPUs a process may use, which its launcher and its loader share out."""
 
 from __future__ import annotations
 
@@ -74,3 +75,33 @@ def kill_tree(pid: int) -> None:
     for member in process_tree(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(member, signal.SIGKILL)
+
+
+# cgroup v2's limit as a container sees it (under its cgroup namespace), then cgroup v1's.
+CPU_QUOTA_FILES = (
+    (Path("/sys/fs/cgroup/cpu.max"),),
+    (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")),
+)
+
+
+def cpu_quota() -> int | None:
+    """The CPUs a cgroup's CFS quota grants (`docker --cpus`, a Kubernetes CPU limit), rounded
+    down; None without one. The affinity mask still lists every core of the host there: a
+    16-CPU container on a 128-core node would otherwise start 127 loader workers per GPU."""
+    for files in CPU_QUOTA_FILES:
+        try:
+            words = " ".join(path.read_text() for path in files).split()
+        except OSError:
+            continue
+        if len(words) == 2 and words[0].isdigit() and words[1].isdigit() and int(words[1]):
+            return max(1, int(words[0]) // int(words[1]))
+        return None  # "max" (v2) or -1 (v1): no quota
+    return None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity mask (taskset, SLURM), within its cgroup's
+    CPU quota."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = cpu_quota()
+    return cpus if quota is None else min(cpus, quota)

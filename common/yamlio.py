@@ -17,13 +17,23 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader plus YAML 1.2's exponent floats (its resolvers copied, the global one kept)."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes a string the loader would read as a float (a run named `1e5`)."""
+
+
+for _kind in (_Loader, _Dumper):
+    _kind.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
 
 
 def load_yaml(text: str) -> Any:
     """`text` parsed as YAML (safe: plain data only), `1e-3` and `5E4` as floats."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def dump_yaml(data: Any) -> str:
+    """`data` as YAML text that `load_yaml` reads back the same (keys in their order)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)

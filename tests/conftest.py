@@ -28,6 +28,10 @@ from data_prep.fashion import IDX_DIR
 from data_prep.layout import Layout
 from train.config import load_config
 
+# The usual umask, whatever the shell's, for the commands too: the modes the pipeline's files
+# get are then known (tests/test_train.py).
+os.umask(0o022)
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_SPLITS = ROOT / "data_prep" / "vipriors"
 SPLIT_NAMES = ("train", "val", "test")

@@ -59,6 +59,14 @@ def test_exponent_floats_without_a_dot_parse_on_the_command_line_and_in_a_file(t
     assert (cfg["lr"], cfg["weight_decay"], cfg["rrc_scale"]) == (0.001, 5e-5, [0.08, 1])
 
 
+def test_a_name_stays_text_and_a_saved_config_reads_back_the_same(tmp_path):
+    from common.yamlio import dump_yaml, load_yaml
+
+    cfg = load_config("demo_resnet18", ["name=1e5", "lr=1e-3"])
+    assert (cfg["name"], load_config("demo_resnet18", ["name=2024"])["name"]) == ("1e5", "2024")
+    assert load_yaml(dump_yaml(cfg)) == cfg  # '1e5' quoted, not read back as 100000.0
+
+
 def test_unknown_key_is_refused_with_the_valid_keys():
     with pytest.raises(UserError, match=r"unknown config key learning_rate; valid keys: .*\blr\b"):
         load_config("effnet_b7", ["learning_rate=0.1"])
@@ -169,7 +177,7 @@ def test_out_of_range_values_are_refused_naming_the_key_through_the_command(over
     [
         (
             "sched=cosin",
-            "sched='cosin' must be one of cosine, tanh, step, multistep, plateau, poly",
+            "sched='cosin' must be one of cosine, tanh, step, multistep, poly, constant, rsqrt",
         ),
         ("interpolation=cubic", "interpolation='cubic' must be one of bicubic, bilinear, nearest"),
         ("remode=noise", "remode='noise' must be one of pixel, rand, const"),
@@ -309,7 +317,7 @@ def test_workers_auto_takes_the_measured_cpu_value_on_a_cpu_and_the_cores_per_gp
     assert data.loader_workers(load_config("demo_resnet18_w16")) == 0  # the demo's members
     assert data.loader_workers(load_config("demo_resnet18", ["workers=3"])) == 3
     monkeypatch.setattr(data.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(distributed, "available_cpus", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two GPU processes share the 16 cores
     assert data.loader_workers(load_config("effnet_b7")) == 7  # 8 each, one for the process
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
@@ -332,12 +340,13 @@ def test_workers_auto_takes_the_measured_cpu_value_on_a_cpu_and_the_cores_per_gp
 def test_the_cpus_per_gpu_process_keep_within_a_containers_cpu_quota(
     tmp_path, monkeypatch, files, cpus
 ):
+    import common.processes as processes
     import train.distributed as distributed
 
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     v2, v1 = (tmp_path / "cpu.max",), (tmp_path / "quota", tmp_path / "period")
-    monkeypatch.setattr(distributed, "CPU_QUOTA_FILES", (v2, v1))
-    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(processes, "CPU_QUOTA_FILES", (v2, v1))
+    monkeypatch.setattr(processes.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert distributed.cpus_per_process() == cpus

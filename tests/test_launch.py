@@ -25,7 +25,7 @@ def option(args: list[str], name: str) -> str:
 
 
 def test_a_cpu_machine_gets_one_process_with_every_core_by_default(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr(launch, "available_cpus", lambda: 8)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     args = launch_args(None, None, gpus=0)
     assert option(args, "--num_processes") == "1" and args[1].endswith("cpu.yaml")
@@ -33,7 +33,7 @@ def test_a_cpu_machine_gets_one_process_with_every_core_by_default(monkeypatch):
 
 
 def test_threads_set_by_the_caller_are_kept_and_nonsense_is_ignored(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr(launch, "available_cpus", lambda: 8)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert option(launch_args(None, 2, gpus=0), "--num_cpu_threads_per_process") == "1"
     for nonsense in ("", "0", "two"):
@@ -42,7 +42,7 @@ def test_threads_set_by_the_caller_are_kept_and_nonsense_is_ignored(monkeypatch)
 
 
 def test_several_cpu_processes_are_launched_as_multi_gpu_so_that_they_really_start(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr(launch, "available_cpus", lambda: 8)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     args = launch_args(None, 2, gpus=0)
     config = yaml.safe_load(open(args[1]))
@@ -75,7 +75,7 @@ def test_every_machines_options_parse_under_accelerates_own_launch_command(monke
     from accelerate.commands.launch import launch_command_parser
 
     assert ACCELERATE_LAUNCH == [sys.executable, "-m", "accelerate.commands.launch"]
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr(launch, "available_cpus", lambda: 8)
     for procs, gpus in ((None, 0), (2, 0), (None, 4), (None, 1), (1, 4)):
         options = launch_args(None, procs, gpus)
         parsed = launch_command_parser().parse_args([*options, "-m", "train", "effnet_b7"])

@@ -466,17 +466,38 @@ def test_closing_a_stop_request_after_a_stop_signal_cancels_its_clock():
     assert not stop._watchdog.is_alive()
 
 
-def test_a_first_ctrl_c_is_a_stop_and_a_second_one_interrupts_at_once(capsys):
+def test_a_first_ctrl_c_is_a_stop_and_a_second_one_interrupts_at_once(capfd):
     from train.stop import CTRL_C, StopRequest
 
     previous = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt), StopRequest(timeout_s=60) as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)
-        assert stop.requested and capsys.readouterr().err == f"\n{CTRL_C}\n"
+        assert stop.requested and capfd.readouterr().err == f"\n{CTRL_C}\n"
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the handler raises long before
     assert signal.getsignal(signal.SIGINT) == previous
+
+
+def test_a_second_ctrl_c_ends_a_process_whose_main_thread_cannot_take_it():
+    """The main thread blocked in C (a hung collective): the watchdog reads the second Ctrl-C
+    from the wake-up pipe, where the C-level handler writes it, and ends the process."""
+    code = (
+        "import os, signal, time\n"
+        "from train.stop import StopRequest\n"
+        "stop = StopRequest(timeout_s=60)\n"
+        "for _ in range(2):  # what the C-level handler writes; no Python handler ever runs\n"
+        "    os.write(stop._write_fd, bytes([signal.SIGINT])); time.sleep(0.3)\n"
+        "time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "Ctrl-C again: quitting without a checkpoint\n"
+    assert time.monotonic() - started < 30
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from common import provenance
 from common.cli import NAME_RULE, is_one_name
 from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
-from common.yamlio import load_yaml
+from common.yamlio import dump_yaml, load_yaml
 from data_prep.layout import Layout
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -87,7 +87,8 @@ CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "interpolation": ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"),
     "remode": ("pixel", "rand", "const"),
-    "sched": ("cosine", "tanh", "step", "multistep", "plateau", "poly"),
+    # timm's, less plateau, which steps on epochs where the loop steps on updates
+    "sched": ("cosine", "tanh", "step", "multistep", "poly", "constant", "rsqrt"),
 }
 # Pairs (low, high) with 0 < low <= high, and per-channel statistics.
 PAIRS = ("rrc_scale", "rrc_ratio")
@@ -206,7 +207,7 @@ def _problem(key: str, value: Any, base_value: Any) -> str | None:
             return f"must be {kind}{_range_text(RANGES[key])}"
     if key in CHOICES and value not in CHOICES[key]:
         return f"must be one of {', '.join(CHOICES[key])}"
-    if key == "name" and value is not None and not is_one_name(value):
+    if key == "name" and value is not None and not (isinstance(value, str) and is_one_name(value)):
         return f"must be {NAME_RULE}: the run's folder in out_dir"
     if key in PAIRS and not (_numbers(value, 2, "(0, inf)") and value[0] <= value[1]):
         return "must be two numbers [low, high] with 0 < low <= high"
@@ -241,8 +242,8 @@ def _coerce(key: str, text: str, default: Any) -> Any:
     string-typed key keeps its text: YAML 1.1 would read `mixed_precision=no` as false."""
     if text in ("", "null", "~"):
         return None
-    if isinstance(default, str) and key not in AUTO_KEYS:
-        return text
+    if (isinstance(default, str) and key not in AUTO_KEYS) or key == "name":
+        return text  # a name is text, even 2024 or 1e5
     try:
         return load_yaml(text)
     except yaml.YAMLError:
@@ -295,7 +296,7 @@ def save_config(cfg: dict[str, Any], path: Path, resumed_step: int | None = None
         manifest = Layout(Path(cfg["data_dir"])).manifest
         record = {**provenance.record(cfg, manifest), "time": provenance.now()}
     saved = {**cfg, provenance.KEY: record}
-    write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
+    write_text_atomic(path, dump_yaml(saved))
     return saved[provenance.KEY]
 
 
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("overrides", nargs="*", help="key=value settings (see configs/base.yaml)")
     args = parser.parse_args(argv)
     cfg = load_config(args.model, args.overrides)
-    print(yaml.safe_dump(cfg, sort_keys=False), end="")
+    print(dump_yaml(cfg), end="")
     return cfg
 
 

@@ -111,11 +111,14 @@ def worker_death(err: RuntimeError) -> UserError | None:
         return None
     cause = text.split(". ", 1)[0].rstrip(".")
     if cause.endswith("Bus error"):  # a write into a full /dev/shm, where workers hand batches
-        shm = shutil.disk_usage("/dev/shm").total / 2**20
+        try:
+            held = f" (/dev/shm holds {shutil.disk_usage('/dev/shm').total / 2**20:.0f} MiB)"
+        except OSError:
+            held = ""
         return UserError(
-            f"{cause}: a data loader process ran out of shared memory (/dev/shm holds "
-            f"{shm:.0f} MiB); give it more (a container: docker run --shm-size=16g), or lower "
-            "workers= or batch_size=, and rerun: the run resumes from its newest checkpoint"
+            f"{cause}: a data loader process ran out of shared memory{held}; give it more (a "
+            "container: docker run --shm-size=16g), or lower workers= or batch_size=, and "
+            "rerun: the run resumes from its newest checkpoint"
         )
     return UserError(
         f"{cause}: a data loader process died, most often for lack of memory; lower workers= "

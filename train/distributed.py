@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin
 
 from common.errors import UserError
+from common.processes import available_cpus
 
 
 def resolve_precision(mixed_precision: str) -> str:
@@ -51,35 +52,11 @@ def cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-# cgroup v2's limit as a container sees it (under its cgroup namespace), then cgroup v1's.
-CPU_QUOTA_FILES = (
-    (Path("/sys/fs/cgroup/cpu.max"),),
-    (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")),
-)
-
-
-def cpu_quota() -> int | None:
-    """The CPUs a cgroup's CFS quota grants (`docker --cpus`, a Kubernetes CPU limit), rounded
-    down; None without one. The affinity mask still lists every core of the host there: a
-    16-CPU container on a 128-core node would otherwise start 127 loader workers per GPU."""
-    for files in CPU_QUOTA_FILES:
-        try:
-            words = " ".join(path.read_text() for path in files).split()
-        except OSError:
-            continue
-        if len(words) == 2 and words[0].isdigit() and words[1].isdigit() and int(words[1]):
-            return max(1, int(words[0]) // int(words[1]))
-        return None  # "max" (v2) or -1 (v1): no quota
-    return None
-
-
 def cpus_per_process() -> int:
     """The CPUs this process may use (its affinity mask, within its cgroup's quota), shared
     with the node's other training processes."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cpus = len(os.sched_getaffinity(0))
-    quota = cpu_quota()
-    return max(1, (cpus if quota is None else min(cpus, quota)) // local)
+    return max(1, available_cpus() // local)
 
 
 def tune_for_gpu(workers: int) -> None:

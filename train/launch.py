@@ -28,7 +28,14 @@ import time
 from pathlib import Path
 
 from common.errors import UserError, cli_main
-from common.processes import catches, children, command_line, process_tree, running
+from common.processes import (
+    available_cpus,
+    catches,
+    children,
+    command_line,
+    process_tree,
+    running,
+)
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, read_exit_status
 from common.yamlio import load_yaml
 from train.config import CONFIG_DIR, load_config
@@ -116,7 +123,7 @@ def cpu_threads(gpus: int, procs: int) -> list[str]:
         return []
     threads = os.environ.get("OMP_NUM_THREADS", "").strip()
     if not threads.isdigit() or int(threads) < 1:
-        threads = str(max(1, (os.cpu_count() or 1) // procs))
+        threads = str(max(1, available_cpus() // procs))
     return ["--num_cpu_threads_per_process", threads]
 
 
@@ -169,7 +176,7 @@ def _run_relaying(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
     def on_interrupt(signum, frame):
         if not stops:  # the first Ctrl-C: a stop, relayed as the others (with a checkpoint)
             stops.append(signum)
-            print(f"\n{CTRL_C}", file=sys.stderr, flush=True)
+            os.write(sys.stderr.fileno(), f"\n{CTRL_C}\n".encode())  # no print in a handler
             return
         for pid in process_tree(process.pid) if process else []:
             interrupted.add(pid)

@@ -127,7 +127,9 @@ class Run:
             optimizer = create_optimizer_v2(
                 model, opt=cfg["opt"], lr=global_lr(cfg, self.world), **optimizer_kwargs(cfg)
             )
-        except ValueError as err:  # timm: "Optimizer <opt> not found in registry"
+        except ValueError as err:
+            if "not found in registry" not in str(err):  # timm's words for an unknown opt
+                raise
             raise UserError(
                 f"opt={cfg['opt']!r}: {err}; use one of timm's optimisers (the recipe's: rmsproptf)"
             ) from None

@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
+import time
 
 from common.status import EXIT_PREEMPTED, record_exit_status, status_for_agent
 
 # Ctrl-C (SIGINT) stops like the others; a second one, or one after a stop signal, interrupts
 # at once (KeyboardInterrupt, no checkpoint).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # a shell's status for a process ended by Ctrl-C
+GRACE_S = 2.0  # how long a second Ctrl-C waits for the main thread to raise KeyboardInterrupt
 CTRL_C = (
     "Ctrl-C: stopping at the next step, with a checkpoint (press it again to quit at once, "
     "without one)"
@@ -89,8 +93,8 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
             if self.requested:
-                raise KeyboardInterrupt
-            print(f"\n{CTRL_C}", file=sys.stderr, flush=True)
+                raise KeyboardInterrupt  # the watchdog exits if the main thread cannot take it
+            _say(f"\n{CTRL_C}\n")
         for request in _open:  # the enclosing ones too: the next request opened starts stopped
             request.requested = True
 
@@ -100,16 +104,35 @@ class StopRequest:
         while not any(byte in STOP_SIGNALS for byte in os.read(self._read_fd, 64)):
             if self._closed.is_set():
                 return  # closed before any stop signal
-        if self._closed.wait(self.timeout_s):
-            return  # the run ended in time (with its checkpoint) and closed the request
-        sys.stderr.write(
-            f"error: no checkpoint within stop_timeout_s={self.timeout_s:g} s of the stop "
-            "signal (a data loader worker or another process hangs); exiting without one: "
-            "a rerun resumes from the newest checkpoint\n"
-        )
-        sys.stderr.flush()
-        from train.data import kill_loader_workers  # torch: not before the run needs it
+        deadline = time.monotonic() + self.timeout_s
+        while not self._closed.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                _exit(
+                    f"error: no checkpoint within stop_timeout_s={self.timeout_s:g} s of the "
+                    "stop signal (a data loader worker or another process hangs); exiting "
+                    "without one: a rerun resumes from the newest checkpoint\n",
+                    EXIT_PREEMPTED,
+                )
+            if not select.select([self._read_fd], [], [], left)[0]:
+                continue
+            if signal.SIGINT in os.read(self._read_fd, 64) and not self._closed.wait(GRACE_S):
+                # A second Ctrl-C the main thread did not act on: it is blocked in C (a hung
+                # collective, a loader), where KeyboardInterrupt cannot reach it.
+                _exit("Ctrl-C again: quitting without a checkpoint\n", EXIT_INTERRUPTED)
 
-        kill_loader_workers()
-        record_exit_status(EXIT_PREEMPTED)
-        os._exit(status_for_agent(EXIT_PREEMPTED))
+
+def _say(text: str) -> None:
+    """One write to stderr: a signal handler must not re-enter a stream's buffer (a print
+    interrupted by a signal whose handler prints raises "reentrant call")."""
+    os.write(sys.stderr.fileno(), text.encode())
+
+
+def _exit(message: str, code: int) -> None:
+    """End the process now, its loader workers first: the main thread cannot be unwound."""
+    _say(message)
+    from train.data import kill_loader_workers  # torch: not before the run needs it
+
+    kill_loader_workers()
+    record_exit_status(code)
+    os._exit(status_for_agent(code))

@@ -46,9 +46,11 @@ def build_train_transform(cfg: dict[str, Any]) -> Transform:
     try:
         return _create_train_transform(cfg)
     except (AssertionError, KeyError, ValueError) as err:
+        # timm asserts deep inside its policy parser: the policy is to blame where the same
+        # transform builds without it.
         if cfg["auto_augment"] is None:
             raise
-        # timm asserts deep inside its policy parser; the one key it reads there is this one.
+        _create_train_transform({**cfg, "auto_augment": None})
         raise UserError(
             f"auto_augment={cfg['auto_augment']!r} is not a policy timm knows "
             f"({type(err).__name__}: {err}); use original (the recipe's), v0, "

@@ -31,8 +31,8 @@ are the last two): each child process (the real loop, the demo, a compiled step)
 everything it started when the minutes run out, the rows measured so far are kept (a real
 loop's finished epochs too), the section is reported as cut short and the later ones as not
 run, and the last line gives the command that finishes the report: a rerun of some sections
-(`--sections`, run in the order given) keeps the others of an earlier run of the same GPU and
-code, and compares with its bare rates (the report's state, results/gpu_check.json).
+(`--sections`, run in the order given) keeps the others of an earlier run of the same GPU,
+libraries and commit, and compares with its bare rates (the report's state, gpu_check.json).
 The in-process measurements (bare, loader, b7) are a fixed number of steps each.
 
     python -m scripts.bench.gpu_check [--sections bare loader loop b7 compile demo] [--minutes 8]
@@ -575,7 +575,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"--minutes {args.minutes:g}`"
     )
     print(header, flush=True)
-    report = Report(args.report, header, key=f"{device}, {environment()}")
+    # The same GPU, libraries and commit; not the dirty flag: a first run's own report files
+    # make the tree dirty, and its rerun would not find it.
+    report = Report(args.report, header, key=f"{device}, {environment().removesuffix(' (dirty)')}")
     rates = report.rates
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         folder = Path(tmp)
