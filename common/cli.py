@@ -22,21 +22,19 @@ def name_arg(text: str) -> str:
 
 def positive_int(text: str) -> int:
     """argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
-    return value
+    return _at_least(text, int, 1, "a whole number of at least 1")
 
 
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number of at least 0."""
+    return _at_least(text, float, 0, "a number of at least 0")
+
+
+def _at_least(text: str, kind: type, low: float, rule: str):
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number of at least 0")
+        value = None
+    if value is None or not low <= value < float("inf"):  # nan fails both comparisons
+        raise argparse.ArgumentTypeError(f"{text!r} must be {rule}")
     return value
