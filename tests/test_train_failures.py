@@ -484,8 +484,9 @@ def test_a_second_ctrl_c_ends_a_process_whose_main_thread_cannot_take_it():
     from the wake-up pipe, where the C-level handler writes it, and ends the process."""
     code = (
         "import os, signal, time\n"
-        "from train.stop import StopRequest\n"
-        "stop = StopRequest(timeout_s=60)\n"
+        "from train import stop as module\n"
+        "module.GRACE_S = 0.5  # (10 s by default)\n"
+        "stop = module.StopRequest(timeout_s=60)\n"
         "for _ in range(2):  # what the C-level handler writes; no Python handler ever runs\n"
         "    os.write(stop._write_fd, bytes([signal.SIGINT])); time.sleep(0.3)\n"
         "time.sleep(60)\n"

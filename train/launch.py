@@ -39,7 +39,7 @@ from common.processes import (
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, read_exit_status
 from common.yamlio import load_yaml
 from train.config import CONFIG_DIR, load_config
-from train.stop import CTRL_C
+from train.stop import CTRL_C, write_stderr
 
 # `accelerate launch` itself, through the module behind it: the same parser and launchers, without
 # the CLI's other commands, whose imports (timm among them) are half of its 4 s of start-up on
@@ -176,7 +176,7 @@ def _run_relaying(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
     def on_interrupt(signum, frame):
         if not stops:  # the first Ctrl-C: a stop, relayed as the others (with a checkpoint)
             stops.append(signum)
-            os.write(sys.stderr.fileno(), f"\n{CTRL_C}\n".encode())  # no print in a handler
+            write_stderr(f"\n{CTRL_C}\n")
             return
         for pid in process_tree(process.pid) if process else []:
             interrupted.add(pid)

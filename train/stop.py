@@ -39,7 +39,10 @@ from common.status import EXIT_PREEMPTED, record_exit_status, status_for_agent
 # at once (KeyboardInterrupt, no checkpoint).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # a shell's status for a process ended by Ctrl-C
-GRACE_S = 2.0  # how long a second Ctrl-C waits for the main thread to raise KeyboardInterrupt
+# How long a second Ctrl-C waits for the main thread to take its KeyboardInterrupt and close
+# the request: a run inside a notebook unwinds (its loader workers joined) rather than the
+# kernel ending; a main thread blocked in C never does.
+GRACE_S = 10.0
 CTRL_C = (
     "Ctrl-C: stopping at the next step, with a checkpoint (press it again to quit at once, "
     "without one)"
@@ -94,7 +97,7 @@ class StopRequest:
         if signum == signal.SIGINT:
             if self.requested:
                 raise KeyboardInterrupt  # the watchdog exits if the main thread cannot take it
-            _say(f"\n{CTRL_C}\n")
+            write_stderr(f"\n{CTRL_C}\n")
         for request in _open:  # the enclosing ones too: the next request opened starts stopped
             request.requested = True
 
@@ -122,7 +125,7 @@ class StopRequest:
                 _exit("Ctrl-C again: quitting without a checkpoint\n", EXIT_INTERRUPTED)
 
 
-def _say(text: str) -> None:
+def write_stderr(text: str) -> None:
     """One write to stderr: a signal handler must not re-enter a stream's buffer (a print
     interrupted by a signal whose handler prints raises "reentrant call")."""
     os.write(sys.stderr.fileno(), text.encode())
@@ -130,7 +133,7 @@ def _say(text: str) -> None:
 
 def _exit(message: str, code: int) -> None:
     """End the process now, its loader workers first: the main thread cannot be unwound."""
-    _say(message)
+    write_stderr(message)
     from train.data import kill_loader_workers  # torch: not before the run needs it
 
     kill_loader_workers()
