@@ -407,6 +407,23 @@ def test_an_output_place_that_cannot_be_written_is_refused_before_any_work(
     assert fix in proc.stderr and proc.stderr.count("\n") == 1
 
 
+def test_a_resume_on_another_dataset_is_refused_and_on_the_same_one_moved_is_not(
+    tiny_dir, tmp_path
+):
+    other = tmp_path / "other"  # the same classes, another draw of their images
+    prep = ["-m", "data_prep", "folder", "--root", str(tiny_dir / "train"), "--per-class", "5,2,1"]
+    run_command(*prep, "--out", str(other))
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_dir, moved)
+    out = tmp_path / "runs"
+    run_command("-m", "train", *args_for(tiny_dir, out, "epochs=1"))
+    refused = run_command("-m", "train", *args_for(other, out, "epochs=1"), check=False)
+    assert refused.returncode == 2, refused.stderr
+    [line] = errors(refused.stderr)
+    assert line.startswith(f"error: {other} is not the dataset run {out}/demo_resnet18 started on")
+    run_command("-m", "train", *args_for(moved, out, "epochs=1"))  # the same images, moved
+
+
 def test_seeding_fixes_every_generator_a_checkpoint_snapshots():
     """numpy's and Python's generators too: two identical runs write identical rng_rank*.pt."""
     import random

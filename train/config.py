@@ -284,11 +284,13 @@ def save_config(cfg: dict[str, Any], path: Path, resumed_step: int | None = None
     path = Path(path)
     if resumed_step is not None and path.is_file():
         record = read_yaml(path).get(provenance.KEY) or {}
+        manifest = Layout(Path(cfg["data_dir"])).manifest
         record.setdefault("resumed", []).append(
             {
                 "step": resumed_step,
                 **provenance.code_state(),
                 "config_sha256": provenance.config_hash(cfg),
+                "dataset_checksum": provenance.dataset_checksum(manifest),
                 "time": provenance.now(),
             }
         )
