@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -169,6 +170,35 @@ def test_the_generated_slurm_job_is_valid_shell_that_requeues_on_the_early_signa
     assert "-m train.launch" in job and "effnet_b7 epochs=460" in job
     # The interpreter that wrote the job runs it (make's VENV, wherever it is), on every node.
     assert f"\npython={sys.executable}\n" in job and "exec '\"$python\"' -m train.launch" in job
+
+
+def test_a_multi_node_job_passes_each_override_as_one_word_spaces_and_quotes_kept(tmp_path):
+    out = tmp_path / "my runs"
+    overrides = [f"out_dir={out}", "name=it's"]
+    job = run_command("-m", "train.slurm", "demo_resnet18", *overrides, "--nodes", "2").stdout
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_ins = {  # srun runs its command here; the python prints what it was given
+        "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+        "scontrol": "#!/bin/bash\necho node0\n",
+        "python": f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n",
+    }
+    for name, text in stand_ins.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    job = job.replace(f"\npython={sys.executable}\n", f"\npython={bin_dir / 'python'}\n")
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_JOB_NODELIST": "node0",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_ID": "1",
+    }
+    proc = subprocess.run(["bash", "-c", job], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    argv = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert argv[-3:] == ["demo_resnet18", *overrides]
 
 
 SLOW_CHECKPOINT = """

@@ -17,6 +17,7 @@ import shlex
 import sys
 from string import Template
 
+from common.cli import positive_int
 from common.errors import cli_main
 from common.status import EXIT_PREEMPTED, EXIT_USER_ERROR
 from train.config import load_config, run_dir
@@ -70,7 +71,7 @@ MULTI_NODE = Template(r"""bash -c '
     --config_file configs/accelerate/multinode.yaml --num_processes $$(( $nodes * $gpus )) \
     --accelerate-args "--num_machines $nodes --machine_rank $$SLURM_NODEID \
       --main_process_ip '"$$head_node"' --main_process_port 29500" \
-    $model $overrides
+    $args
 '""")
 
 
@@ -85,16 +86,20 @@ def launch_command(model: str, overrides: list[str], nodes: int, gpus: int) -> s
     if nodes == 1:
         args = ["--num_processes", str(gpus), model, *overrides]
         return '"$python" -m train.launch ' + shlex.join(args)
-    return MULTI_NODE.substitute(nodes=nodes, gpus=gpus, model=model, overrides=" ".join(overrides))
+    # Shell words, as one node's command has them, inside the single quotes of `bash -c '...'`.
+    words = shlex.join([model, *overrides]).replace("'", "'\\''")
+    return MULTI_NODE.substitute(nodes=nodes, gpus=gpus, args=words)
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, nodes: int) -> None:
     """A training job's SLURM options, for `make slurm` and `make slurm-ensemble` alike."""
-    parser.add_argument("--nodes", type=int, default=nodes, help="nodes per training job")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--cpus-per-task", type=int, default=64)
+    parser.add_argument("--nodes", type=positive_int, default=nodes, help="nodes per training job")
+    parser.add_argument("--gpus-per-node", type=positive_int, default=8)
+    parser.add_argument("--cpus-per-task", type=positive_int, default=64)
     parser.add_argument("--time", default="48:00:00", help="training job's time limit")
-    parser.add_argument("--warning-s", type=int, default=300, help="signal this early (seconds)")
+    parser.add_argument(
+        "--warning-s", type=positive_int, default=300, help="signal this early (seconds)"
+    )
 
 
 def render(model: str, overrides: list[str], args: argparse.Namespace) -> str:
