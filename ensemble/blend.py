@@ -98,12 +98,21 @@ def load_ensemble_config(name: str) -> dict[str, Any]:
     return data
 
 
+WEIGHT_RANGE = (1e-30, 1e30)  # within float32's normal numbers, with room for 16 members' sum
+
+
 def check_weights(weights: Sequence[float], models: Sequence[str], origin: str) -> list[float]:
     weights = [float(w) for w in weights]
     if len(weights) != len(models):
         raise UserError(f"{origin}: {len(weights)} weights for {len(models)} models; give one each")
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise UserError(f"{origin}: weights {weights} must be finite, >= 0, and not all 0")
+    if any(w > 0 and not WEIGHT_RANGE[0] <= w <= WEIGHT_RANGE[1] for w in weights):
+        # The blend sums in float32: 1e308 overflows it and 1e-320 is 0 there (all class 0).
+        raise UserError(
+            f"{origin}: weights {weights} must be 0 or in [{WEIGHT_RANGE[0]:g}, "
+            f"{WEIGHT_RANGE[1]:g}]; scale them (only their ratios count)"
+        )
     return weights
 
 

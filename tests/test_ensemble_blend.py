@@ -359,6 +359,8 @@ def test_blend_command_reads_models_and_weights_from_an_ensemble_config(tmp_path
         (["--models", "a", "b", "--weights", "1"], "1 weights for 2 models"),
         (["--models", "a", "b", "--weights", "1", "-1"], "must be finite, >= 0, and not all 0"),
         (["--models", "a", "b", "--weights", "0", "0"], "must be finite, >= 0, and not all 0"),
+        (["--models", "a", "b", "--weights", "1e308", "1e308"], "must be 0 or in [1e-30, 1e+30]"),
+        (["--models", "a", "b", "--weights", "1e-320", "1"], "scale them (only their ratios"),
         (["--models", "a", "a"], "models listed twice: a"),
         (["--models", "a", "nope"], "run `make logits MODEL=nope` first"),
         (["--config", "no_such_ensemble"], "unknown ensemble 'no_such_ensemble'"),
