@@ -1,13 +1,14 @@
 """A fake SLURM for tests: `sbatch` records jobs, `Scheduler` runs them as SLURM would.
 
-`install(bin_dir, state_dir)` puts `sbatch`, `squeue`, `scontrol` and `srun` on a PATH; each is
-this file. Jobs are JSON files in the state folder. `Scheduler.run()` starts, one at a time,
-each pending job whose `afterok` dependencies have completed, the way a batch host does: the
-script under bash in its submit folder, with SLURM_JOB_ID, SLURM_SUBMIT_DIR, SLURM_JOB_NODELIST,
-SLURM_NODEID and SLURM_RESTART_COUNT set and its output appended to its `--output` file. A job
-that ran `scontrol requeue` goes back to pending when its script exits; a job whose dependency
-failed is cancelled (`--kill-on-invalid-dep=yes`). A `preempt` hook may send the batch shell
-SIGUSR1, as `--signal=B:USR1@<s>` does.
+`install(bin_dir, state_dir)` puts `sbatch`, `squeue`, `scontrol`, `srun` and `scancel` on a
+PATH; each is this file (FAKE_SBATCH_REFUSES=<n>: the n-th submission is refused). Jobs are JSON
+files in the state folder. `Scheduler.run()` starts, one at a time, each pending job whose
+`afterok` dependencies have completed, the way a batch host does: the script under bash in its
+submit folder, with SLURM_JOB_ID, SLURM_SUBMIT_DIR, SLURM_JOB_NODELIST, SLURM_NODEID and
+SLURM_RESTART_COUNT set and its output appended to its `--output` file. A job that ran
+`scontrol requeue` goes back to pending when its script exits; a job whose dependency failed is
+cancelled (`--kill-on-invalid-dep=yes`). A `preempt` hook may send the batch shell SIGUSR1, as
+`--signal=B:USR1@<s>` does.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-COMMANDS = ("sbatch", "squeue", "scontrol", "srun")
+COMMANDS = ("sbatch", "squeue", "scontrol", "srun", "scancel")
 
 
 def install(bin_dir: Path, state_dir: Path) -> dict[str, str]:
@@ -52,6 +53,9 @@ def sbatch(args: list[str]) -> int:
     options = dict(a[2:].partition("=")[::2] for a in args if a.startswith("--"))
     script = Path([a for a in args if not a.startswith("--")][0]).resolve()
     job_id = str(len(list(_jobs_dir().glob("*.json"))) + 1)
+    if job_id == os.environ.get("FAKE_SBATCH_REFUSES"):  # a cluster that refuses this one
+        print("sbatch: error: QOSMaxSubmitJobPerUserLimit", file=sys.stderr)
+        return 1
     dependency = options.get("dependency", "")
     directives = _directives(script)
     job = {
@@ -94,6 +98,13 @@ def srun(args: list[str]) -> int:
     while args[0].startswith("--"):  # srun's own options (--kill-on-bad-exit=1)
         args = args[1:]
     os.execvp(args[0], args)  # keeps the pid: the batch shell signals srun's pid
+
+
+def scancel(args: list[str]) -> int:
+    for job_id in args:
+        path = _jobs_dir() / f"{job_id}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "state": "CANCELLED"}))
+    return 0
 
 
 def load_jobs(state_dir: str | None = None) -> dict[str, dict]:

@@ -40,6 +40,28 @@ def submit(data: Path, base: Path) -> dict[str, str]:
     return env
 
 
+def test_a_chain_refused_half_way_cancels_what_it_submitted(tiny_dir, tmp_path):
+    env = {**install(tmp_path / "bin", tmp_path / "slurm"), "FAKE_SBATCH_REFUSES": "3"}
+    args = [
+        "--config",
+        "demo",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "1",
+        *overrides(tiny_dir, tmp_path),
+    ]
+    proc = run_command("-m", "scripts.ops.slurm_ensemble", *args, env=env, check=False)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: sbatch refused ") and "QOSMaxSubmitJobPerUserLimit" in line
+    assert line.endswith(
+        "; cancelled the 2 jobs submitted before it (1, 2): rerun once the cause is fixed"
+    )
+    jobs = load_jobs(env["FAKE_SLURM_DIR"])
+    assert [job["state"] for job in jobs.values()] == ["CANCELLED", "CANCELLED"]
+
+
 def newest_step(run: Path) -> int:
     done = [p for p in (run / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()]
     return max((int(p.name[5:14]) for p in done), default=-1)

@@ -149,8 +149,22 @@ def submit(folder: Path, jobs: list[Job]) -> dict[str, dict[str, str]]:
     if shutil.which("sbatch") is None:
         raise UserError("sbatch is not on PATH: run on a SLURM login node, or pass --dry-run")
     ids: dict[str, dict[str, str]] = {"train": {}, "logits": {}, "ensemble": {}}
-    for job in jobs:
-        ids[job.kind][job.name] = sbatch(folder / f"{job.kind}-{job.name}.sh", waits_for(job, ids))
+    submitted: list[str] = []
+    try:
+        for job in jobs:
+            script = folder / f"{job.kind}-{job.name}.sh"
+            ids[job.kind][job.name] = sbatch(script, waits_for(job, ids))
+            submitted.append(ids[job.kind][job.name])
+    except UserError as err:
+        if not submitted:
+            raise
+        # Half a chain would train models whose logits never come, and a rerun would queue
+        # their training twice: none of it stays.
+        subprocess.run(["scancel", *submitted], capture_output=True)
+        raise UserError(
+            f"{err}; cancelled the {len(submitted)} jobs submitted before it "
+            f"({', '.join(submitted)}): rerun once the cause is fixed"
+        ) from None
     return ids
 
 
