@@ -43,6 +43,7 @@ from ensemble.members import write_npz
 from train.checkpoint import (
     checkpoint_info,
     file_digest,
+    load_into,
     load_weights,
     resolve_checkpoint,
     run_progress,
@@ -108,7 +109,7 @@ def load_model(
     cfg: dict[str, Any], checkpoint: str | Path, role: str, device: torch.device
 ) -> torch.nn.Module:
     model = build_model(cfg)
-    model.load_state_dict(load_weights(run_dir(cfg), checkpoint, role))
+    load_into(model, load_weights(run_dir(cfg), checkpoint, role), run_dir(cfg))
     memory_format = (
         torch.channels_last if use_channels_last(cfg, device) else torch.contiguous_format
     )

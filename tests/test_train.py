@@ -227,6 +227,24 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_continues(uninterrupted, tin
     assert_bit_identical(final_state(uninterrupted), final_state(run))
 
 
+@pytest.mark.parametrize("module", ["ensemble.logits", "train"])
+def test_weights_of_another_shape_are_one_line_naming_the_checkpoint(
+    uninterrupted, tiny_dir, tmp_path, module
+):
+    out = tmp_path / "copy"  # the shared run stays as it is
+    shutil.copytree(uninterrupted, out / uninterrupted.name)
+    changed = [*train_args(tiny_dir, out), "arch=resnet34"]
+    if module == "train":  # a resume, the change allowed: the weights cannot follow it
+        changed.append("allow_config_change=true")
+    else:
+        changed.append(f"logits_dir={tmp_path / 'logits'}")
+    proc = run_command("-m", module, *changed, check=False)
+    assert proc.returncode == 2, proc.stderr
+    [line] = [text for text in proc.stderr.splitlines() if text.startswith("error:")]
+    assert f"{out / uninterrupted.name}" in line and "holds a model of another shape" in line
+    assert line.endswith("pass the arch= and num_classes= it was trained with")
+
+
 def test_a_checkpoint_of_another_config_is_refused(uninterrupted, tiny_dir, tmp_path):
     out = uninterrupted.parent
     proc = run_command("-m", "train", *train_args(tiny_dir, out, "cr_weight=0.5"), check=False)

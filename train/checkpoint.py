@@ -261,3 +261,18 @@ def load_weights(run_dir: Path, which: str | Path = "best", role: str = "teacher
     (a Path: already resolved and verified by `resolve_checkpoint`)."""
     step_dir = which if isinstance(which, Path) else resolve_checkpoint(run_dir, which)
     return load_file(str(step_dir / weights_name(role)))
+
+
+def load_into(module: torch.nn.Module, weights: dict, source: str | Path) -> None:
+    """`weights` into `module`, or one line naming `source`: weights of another architecture or
+    class count (arch= or num_classes= changed since training) fail in torch with a page of
+    key names, and a SLURM job would requeue on that failure forever."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:160]
+        raise UserError(
+            f"{source} holds a model of another shape than this config's ({detail} ...); pass "
+            "the arch= and num_classes= it was trained with"
+        ) from None

@@ -217,8 +217,8 @@ class Run:
                 "rerun with the same settings, pass allow_config_change=true, or use another name="
             )
         self._check_dataset()
-        plain_module(self.acc, self.model).load_state_dict(weights["student"])
-        self.teacher.module.load_state_dict(weights["teacher"])
+        ckpt.load_into(plain_module(self.acc, self.model), weights["student"], step_dir)
+        ckpt.load_into(self.teacher.module, weights["teacher"], step_dir)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.acc.scaler is not None and state["scaler"]:
