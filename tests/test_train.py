@@ -320,6 +320,9 @@ def test_a_holdout_that_would_take_every_image_of_a_class_names_the_key_and_the_
     assert (len(keep), len(held)) == (10, 100)
     with pytest.raises(UserError, match=r"^holdout_per_class=11 holds out all 11 train\+val "):
         split_train_eval(load_config("demo_resnet18", [*both, "holdout_per_class=11"]))
+    twice = [f"data_dir={tiny_dir}", "train_splits=[train,train]"]
+    with pytest.raises(UserError, match=r"use \[train\] or \[train, val\]"):
+        split_train_eval(load_config("demo_resnet18", twice))
 
 
 def test_checkpoints_follow_the_clock_not_every_epoch(tiny_dir, tmp_path):

@@ -39,10 +39,11 @@ def split_train_eval(cfg: dict[str, Any]) -> tuple[list[Item], list[Item]]:
     with `holdout_seed` (not the model's seed): every ensemble member holds out the same images.
     """
     layout = Layout(Path(cfg["data_dir"]))
-    unknown = set(cfg["train_splits"]) - {"train", "val"}
-    if unknown or not cfg["train_splits"]:
-        raise UserError(f"train_splits={cfg['train_splits']}: use [train] or [train, val]")
-    train = [item for split in cfg["train_splits"] for item in layout.split_items(split)]
+    splits = cfg["train_splits"]
+    unknown = set(splits) - {"train", "val"}
+    if unknown or not splits or len(set(splits)) != len(splits):  # [train, train]: twice the data
+        raise UserError(f"train_splits={splits}: use [train] or [train, val]")
+    train = [item for split in splits for item in layout.split_items(split)]
     if "val" not in cfg["train_splits"]:
         return train, layout.split_items("val")
     holdout = cfg["holdout_per_class"]
