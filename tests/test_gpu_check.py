@@ -248,7 +248,8 @@ def test_the_command_wires_each_section_to_its_function_and_names_what_to_rerun(
     monkeypatch.setattr(gpu_check, "make_dataset", lambda folder, *_: built.append(1) or folder)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "a GPU")
     report = tmp_path / "gpu_check.md"
-    monkeypatch.setattr(gpu_check, "environment", lambda: "torch x, commit abc")  # a clean tree
+    code = {"git_commit": "abc", "git_dirty": False}  # a clean tree
+    monkeypatch.setattr(gpu_check.provenance, "code_state", lambda: code)
     gpu_check.main(["--report", str(report), "--minutes", "5"])
     assert called == [f"{name}_section" for name in gpu_check.SECTIONS]
     text = report.read_text()
@@ -259,7 +260,7 @@ def test_the_command_wires_each_section_to_its_function_and_names_what_to_rerun(
     assert last == f"gpu-check: to finish, run: {rerun}" and "--sections loop" in rerun
     assert built == [1]  # once, for the first section that trains on it
     # The rerun finds the first run's report although those files made the tree dirty.
-    monkeypatch.setattr(gpu_check, "environment", lambda: "torch x, commit abc (dirty)")
+    code["git_dirty"] = True
     gpu_check.main(["--report", str(report), "--sections", "b7", "demo"])
     assert built == [1] and called[-2:] == ["b7_section", "demo_section"]
     assert "| compile_section | 2 |" in report.read_text()  # kept from the first run

@@ -538,10 +538,12 @@ def rerun_command(sections: list[str], report: Path) -> str:
     return f'make gpu-check{f" PY={python}" if python else ""} ARGS="{" ".join(args)}"'
 
 
-def environment() -> str:
-    """The libraries and the code the figures come from."""
+def environment(dirty_flag: bool = True) -> str:
+    """The libraries and the code the figures come from; without `dirty_flag`, what a rerun
+    must match (a first run's own report files make the tree dirty)."""
     found, code = provenance.versions(), provenance.code_state()
-    commit = (code["git_commit"] or "unknown")[:10] + (" (dirty)" if code["git_dirty"] else "")
+    dirty = " (dirty)" if dirty_flag and code["git_dirty"] else ""
+    commit = (code["git_commit"] or "unknown")[:10] + dirty
     return (
         f"torch {found['torch']} (CUDA {torch.version.cuda}), timm {found['timm']}, "
         f"accelerate {found['accelerate']}, Python {found['python']}, commit {commit}"
@@ -575,9 +577,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"--minutes {args.minutes:g}`"
     )
     print(header, flush=True)
-    # The same GPU, libraries and commit; not the dirty flag: a first run's own report files
-    # make the tree dirty, and its rerun would not find it.
-    report = Report(args.report, header, key=f"{device}, {environment().removesuffix(' (dirty)')}")
+    report = Report(args.report, header, key=f"{device}, {environment(dirty_flag=False)}")
     rates = report.rates
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         folder = Path(tmp)
