@@ -42,7 +42,14 @@ from ensemble.search import (
     weighted_sum,
 )
 from ensemble.submission import write_submission
-from train.config import CONFIG_DIR, available, read_yaml
+from train.config import (
+    CONFIG_DIR,
+    available,
+    load_config,
+    logits_dir,
+    parse_overrides,
+    read_yaml,
+)
 
 ENSEMBLE_KEYS = ("models", "weights", "description")
 
@@ -135,8 +142,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--name", type=name_arg, help="submission name (default: the config name, or ensemble)"
     )
-    parser.add_argument("--logits-dir", type=Path, default=Path("logits"))
+    parser.add_argument(
+        "--logits-dir",
+        type=Path,
+        help="where `make logits` wrote (default: logits_dir of the first model's config)",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("submissions"))
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value as given to `make logits` (logits_dir=..., data=...): where the logits are",
+    )
     args = parser.parse_args(argv)
     if args.weights and args.search_weights:
         parser.error("--weights and --search-weights exclude each other")
@@ -151,11 +167,29 @@ def resolve_models(args: argparse.Namespace) -> tuple[str, list[str], list[float
         weights, origin = config.get("weights"), f"configs/ensembles/{args.config}.yaml"
     else:
         name, models, weights, origin = args.name or "ensemble", args.models, None, "equal"
+        overrides = [m for m in models if "=" in m]
+        if overrides:
+            raise UserError(
+                f"--models took {' '.join(overrides)} as model names: give key=value overrides "
+                "before --models"
+            )
     if args.weights:
         weights, origin = args.weights, "--weights"
     if weights is None:
         return name, models, None, "equal"
     return name, models, check_weights(weights, models, origin), origin
+
+
+def logits_root(args: argparse.Namespace, models: list[str]) -> Path:
+    """--logits-dir, else the folder that `make logits` wrote with the same overrides: the first
+    model's logits_dir (base.yaml's and the overrides' when the model is a run name, not a
+    config)."""
+    if args.logits_dir is not None:
+        return args.logits_dir
+    if models[0] in available("models"):
+        return logits_dir(load_config(models[0], args.overrides)).parent
+    given = parse_overrides(args.overrides).get("logits_dir")
+    return Path(given or read_yaml(CONFIG_DIR / "base.yaml")["logits_dir"])
 
 
 def val_trained_on(member: Member) -> bool:
@@ -256,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     require_writable(args.out_dir, "pass --out-dir a folder you can write")
     name, models, weights, origin = resolve_models(args)
-    members = open_members(args.logits_dir, models)
+    members = open_members(logits_root(args, models), models)
     warnings = check_provenance(members)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)

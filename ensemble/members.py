@@ -8,7 +8,8 @@ other labels, a non-finite probability or a row that is not a probability distri
 negative value, a sum away from 1: logits, or probabilities scaled by hand, would outvote every
 other member) are refused with a message naming the file and the row (DESIGN.md: stages align
 rows by id, never by position). Before any array is read, the provenance in each meta.json
-must agree on the dataset and the test ids (`check_provenance`).
+must agree on the dataset and the test ids (`check_provenance`), and a member whose run has a
+newer best checkpoint than the one its logits come from (retrained since) is named in a warning.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from common.errors import UserError
 from common.fs import atomic_path
 
 SHOWN = 3  # ids named in a mismatch message
+# train/checkpoint.py's folder and marker names, repeated so that reading a marker imports no
+# torch (`make status` reads them; tests/test_status.py checks them against a real run).
+CHECKPOINTS, MARKER = "checkpoints", "COMPLETE"
 # float16 keeps 11 significant bits: each stored p is within p * 2^-11 of the softmax output
 # (subnormals within 2^-25), so a stored row sums to 1 within 2^-11 + K * 2^-25. 2^-10 allows
 # that for up to 2^14 classes and refuses any real departure from a distribution.
@@ -57,8 +61,21 @@ def open_members(root: Path, names: list[str]) -> list[Member]:
                 f"{meta_path} is missing: {name} has no complete logits; "
                 f"run `make logits MODEL={name}` first"
             )
-        members.append(Member(name, folder, json.loads(meta_path.read_text())))
+        members.append(Member(name, folder, read_meta(meta_path)))
     return members
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A meta.json as a dict; a damaged one (cut short, edited by hand) is named in one line."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        meta = err
+    if not isinstance(meta, dict):
+        raise UserError(
+            f"{path} cannot be read ({meta}); rerun `make logits MODEL={Path(path).parent.name}`"
+        )
+    return meta
 
 
 def write_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -203,9 +220,48 @@ MUST_MATCH = {
 }
 
 
+def marker_files(step_dir: Path) -> dict[str, str] | None:
+    """The sha256 of each file of a complete checkpoint, from its marker (None: incomplete)."""
+    try:
+        return json.loads((step_dir / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def logits_state(meta_path: Path, run: Path) -> str:
+    """none, fresh (made from the run's best checkpoint as it is now, or the run has no best to
+    compare with) or stale (made from another checkpoint, or older than the best)."""
+    if not meta_path.is_file():
+        return "none"
+    best = Path(run) / CHECKPOINTS / "best"
+    best_files = marker_files(best)
+    if best_files is None:
+        return "fresh"
+    meta = read_meta(meta_path)
+    digest = (meta.get("provenance") or {}).get("checkpoint_sha256")
+    if digest is not None:
+        role = meta.get("role", "teacher")
+        return "fresh" if digest == best_files.get(f"{role}.safetensors") else "stale"
+    # Logits made before meta.json recorded the digest: compare times.
+    newer = meta_path.stat().st_mtime > (best / MARKER).stat().st_mtime
+    return "fresh" if newer else "stale"
+
+
+def stale_members(members: list[Member]) -> list[str]:
+    """Members whose logits are not from their run's best checkpoint as it is now: the run was
+    trained on (or resumed) after `make logits`, and blending them would use the older model."""
+    return [
+        m.name
+        for m in members
+        if "run_dir" in m.meta
+        and logits_state(m.folder / "meta.json", m.meta["run_dir"]) == "stale"
+    ]
+
+
 def check_provenance(members: list[Member]) -> list[str]:
     """Refuse members whose logits come from different datasets (manifest checksum) or test
-    ids; return warnings to print: members trained on different commits, or without a record."""
+    ids; return warnings to print: members trained on different commits, without a record, or
+    with logits older than their run's best checkpoint."""
     records = {m.name: m.meta.get("provenance") or {} for m in members}
     for what, field in MUST_MATCH.items():
         values = {name: field(r) for name, r in records.items()}
@@ -224,5 +280,13 @@ def check_provenance(members: list[Member]) -> list[str]:
         warnings.append(
             f"no provenance in the meta.json of {', '.join(missing)} (made before it was "
             "recorded); rerun `make logits` for them to check their dataset and commit"
+        )
+    stale = stale_members(members)
+    if stale:
+        warnings.append(
+            f"the logits of {', '.join(stale)} are not from their run's best checkpoint as it is "
+            "now (trained on since `make logits`?): "
+            + "; ".join(f"`make logits MODEL={name}`" for name in stale)
+            + " brings them up to date"
         )
     return warnings

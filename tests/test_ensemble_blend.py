@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 import zipfile
 
 import numpy as np
@@ -14,7 +16,7 @@ from common.errors import UserError
 from ensemble.blend import blend_split, load_ensemble_config
 from ensemble.members import SUM_TOLERANCE, open_members, write_npz
 from ensemble.search import common_heldout, coordinate_ascent, search_weights
-from tests.conftest import run_command
+from tests.conftest import ROOT, run_command
 from train.config import CONFIG_DIR
 
 K = 4
@@ -181,6 +183,19 @@ def test_a_folder_without_meta_or_with_pickled_arrays_is_refused(tmp_path):
     )
     with pytest.raises(UserError, match="cannot be read"):
         blend_split(open_members(tmp_path, ["pickled"]), [1], "test")
+
+
+@pytest.mark.parametrize("text", ['{"heldout_split": "val", "sco', "[1, 2]"])
+def test_a_damaged_meta_json_is_named_in_one_line(tmp_path, text):
+    rng = np.random.default_rng(5)
+    folder = make_member(tmp_path, "cut", random_probs(rng, 24), random_probs(rng, 10))
+    (folder / "meta.json").write_text(text)
+    out = ["--logits-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")]
+    proc = blend_command("--models", "cut", *out, check=False)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"{folder / 'meta.json'} cannot be read (" in line
+    assert line.endswith("rerun `make logits MODEL=cut`")
 
 
 def test_coordinate_ascent_drops_a_confidently_wrong_model():
@@ -364,6 +379,7 @@ def test_blend_command_reads_models_and_weights_from_an_ensemble_config(tmp_path
         (["--models", "a", "a"], "models listed twice: a"),
         (["--models", "a", "nope"], "run `make logits MODEL=nope` first"),
         (["--config", "no_such_ensemble"], "unknown ensemble 'no_such_ensemble'"),
+        (["--models", "a", "logits_dir=x"], "took logits_dir=x as model names: give key=value"),
     ],
 )
 def test_blend_command_refuses_bad_requests_in_one_line(three, args, message):
@@ -372,6 +388,23 @@ def test_blend_command_refuses_bad_requests_in_one_line(three, args, message):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_make_ensemble_reads_the_logits_where_make_logits_wrote_them_under_the_same_args(
+    three, tmp_path
+):
+    root, _ = three
+    dry = subprocess.run(
+        ["make", "-n", "ensemble", "MODELS=a b c", f"ARGS=logits_dir={root}", "PY=python"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = dry.stdout.replace("\\\n", " ").splitlines()
+    [argv] = [shlex.split(line) for line in lines if "-m ensemble.blend" in line]
+    proc = run_command(*argv[1:], "--out-dir", str(tmp_path / "subs"))
+    assert "ensemble" in proc.stdout and (tmp_path / "subs" / "ensemble.csv").is_file()
 
 
 def test_ensemble_config_keys_are_checked(tmp_path, monkeypatch):

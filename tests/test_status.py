@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -82,11 +83,17 @@ def overrides(data: Path, base: Path) -> list[str]:
     ]
 
 
+def blend_args(base: Path) -> list[str]:
+    return ["--logits-dir", str(base / "logits"), "--out-dir", str(base / "submissions")]
+
+
 def table(args: list[str]) -> dict[str, list[str]]:
     """The rows of `python -m scripts.ops.status`, split into cells, by model; and the outlook."""
     out = run_command("-m", "scripts.ops.status", "--config", "demo", *args).stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1 : 1 + len(MODELS)]}
-    rows["outlook"] = [out.strip().splitlines()[-1]]
+    *_, outlook, footnote = out.strip().splitlines()
+    rows["outlook"] = [outlook]
+    assert footnote == f"(each command above with ARGS={shlex.quote(shlex.join(args))})"
     return rows
 
 
@@ -134,8 +141,13 @@ def test_status_follows_a_tiny_run_from_training_to_fresh_logits(tiny_dir, tmp_p
     older = run / "checkpoints" / "step_000000003"
     run_command("-m", "ensemble.logits", TRAINED, *args, "--checkpoint", str(older))
     assert table(args)[TRAINED][5:] == ["stale", "make", "logits", f"MODEL={TRAINED}"]
+    blended = run_command("-m", "ensemble.blend", "--models", TRAINED, *blend_args(tmp_path))
+    assert f"the logits of {TRAINED} are not from their run's best checkpoint" in blended.stderr
+    assert f"`make logits MODEL={TRAINED}` brings them up to date" in blended.stderr
     run_command("-m", "ensemble.logits", TRAINED, *args)
     assert table(args)[TRAINED][5:] == ["fresh", "-"]
+    blended = run_command("-m", "ensemble.blend", "--models", TRAINED, *blend_args(tmp_path))
+    assert "best checkpoint" not in blended.stderr
 
     # Sixteen runs (hard-linked copies of this one, named as vipriors16's models): one read.
     sixteen = tmp_path / "sixteen"

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from common.errors import UserError, cli_main
 from ensemble.blend import load_ensemble_config
-from ensemble.members import check_provenance, open_members
+from ensemble.members import CHECKPOINTS, MARKER, check_provenance, logits_state, open_members
 from train import heartbeat
 from train.config import load_config, logits_dir, read_yaml, run_dir, score_column
 
-# train/checkpoint.py's and train/metrics.py's files, named here so that reading them does not
-# import torch (tests/test_status.py checks them against a real run).
-CHECKPOINTS, MARKER, METRICS = "checkpoints", "COMPLETE", "metrics.csv"
+# train/metrics.py's file, named here so that reading it does not import torch
+# (tests/test_status.py checks it against a real run).
+METRICS = "metrics.csv"
 
 
 @dataclass
@@ -48,35 +47,10 @@ def read_metrics(run: Path) -> list[dict[str, str]]:
         return []
 
 
-def marker_files(step_dir: Path) -> dict[str, str] | None:
-    """The sha256 of each file of a complete checkpoint, from its marker (None: incomplete)."""
-    try:
-        return json.loads((step_dir / MARKER).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def newest_checkpoint_age(run: Path, now: float) -> float | None:
     markers = [p / MARKER for p in (run / CHECKPOINTS).glob("step_*") if not p.name.endswith("tmp")]
     times = [m.stat().st_mtime for m in markers if m.is_file()]
     return now - max(times) if times else None
-
-
-def logits_state(cfg: dict[str, Any], best: Path) -> str:
-    """none, fresh (made from the best checkpoint) or stale (from another, or older than it)."""
-    meta_path = logits_dir(cfg) / "meta.json"
-    if not meta_path.is_file():
-        return "none"
-    best_files = marker_files(best)
-    if best_files is None:
-        return "fresh"  # nothing better to compare with: the run has no best checkpoint now
-    meta = json.loads(meta_path.read_text())
-    digest = (meta.get("provenance") or {}).get("checkpoint_sha256")
-    if digest is not None:
-        return "fresh" if digest == best_files.get(f"{meta['role']}.safetensors") else "stale"
-    # Logits made before meta.json recorded the digest: compare times.
-    newer = meta_path.stat().st_mtime > (best / MARKER).stat().st_mtime
-    return "fresh" if newer else "stale"
 
 
 def next_step(model: str, done: int, total: int, activity: str, logits: str) -> str:
@@ -100,7 +74,7 @@ def model_status(model: str, overrides: list[str], now: float) -> ModelStatus:
     column = score_column(trained)
     scores = [float(r[column]) for r in rows if r.get(column)]
     activity = heartbeat.activity(run, now)
-    logits = logits_state(cfg, run / CHECKPOINTS / "best")
+    logits = logits_state(logits_dir(cfg) / "meta.json", run)
     total = trained["epochs"]
     return ModelStatus(
         name=cfg["name"],
@@ -153,9 +127,6 @@ def ensemble_outlook(name: str, rows: list[ModelStatus], root: Path) -> str:
     except UserError as err:
         return f"make ensemble ENSEMBLE={name}: would refuse: {err}"
     lines = [f"make ensemble ENSEMBLE={name}: would blend all {len(rows)} models"]
-    stale = [r.name for r in rows if r.logits == "stale"]
-    if stale:
-        lines.append(f"  with logits not from the best checkpoint of: {', '.join(stale)}")
     lines += [f"  warning: {w}" for w in warnings]
     return "\n".join(lines)
 
@@ -171,6 +142,9 @@ def main(argv: list[str] | None = None) -> str:
     rows = [model_status(m, args.overrides, now) for m in models]
     root = logits_dir(load_config(models[0], args.overrides)).parent
     text = format_table(rows) + "\n\n" + ensemble_outlook(args.config, rows, root)
+    if args.overrides:
+        # The commands above find these runs and logits only with the same overrides.
+        text += f"\n(each command above with ARGS={shlex.quote(shlex.join(args.overrides))})"
     print(text)
     return text
 
