@@ -383,6 +383,7 @@ def test_a_name_only_timm_knows_misspelt_is_one_line(tiny_dir, tmp_path, overrid
     assert proc.returncode == 2, proc.stderr
     [line] = errors(proc.stderr)
     assert line.startswith(f"error: {message}") and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no run folder holding only its lock
 
 
 @pytest.mark.parametrize(

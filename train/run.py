@@ -451,6 +451,7 @@ def train(cfg: dict[str, Any], fit: Callable[[dict[str, Any]], int] = fixed_batc
         f"run {run_dir(cfg)}",
         "wait for it to end, stop it, or train under another name=",
     )
+    new_run = not run_dir(cfg).exists()
     with lock if main_process else contextlib.nullcontext():
         try:
             return fit(cfg)
@@ -459,3 +460,15 @@ def train(cfg: dict[str, Any], fit: Callable[[dict[str, Any]], int] = fixed_batc
             if death is None:
                 raise
             raise death from None
+        finally:
+            if main_process and new_run:
+                remove_if_only_lock(run_dir(cfg), lock.path)
+
+
+def remove_if_only_lock(folder: Path, lock_file: Path) -> None:
+    """A run refused before it wrote anything (a timm optimiser name it lacks, an augmentation
+    policy it cannot parse) leaves no folder that looks like a run; the lock's file may go
+    while it is held, since the holder closes it by descriptor."""
+    if folder.is_dir() and [p.name for p in folder.iterdir()] == [lock_file.name]:
+        lock_file.unlink()
+        folder.rmdir()
