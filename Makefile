@@ -16,7 +16,8 @@ SPLITS ?=
 FOLDER ?=
 PER_CLASS ?= 50,50,0.5
 DATA_ARGS ?=
-# make train / logits: MODEL=<configs/models name>, DATA=<configs/data name>, ARGS="key=value ..."
+# make train / logits: MODEL=<configs/models name or .yaml>, DATA=<configs/data name or .yaml>,
+# ARGS="key=value ..."
 MODEL ?= effnet_b7
 DATA ?=
 ARGS ?=

@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import re
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,6 +58,17 @@ def run(args: argparse.Namespace) -> None:
     plan = replace(plan, inputs={"root": str(root), "mode": args.mode})
     out = args.out if args.out is not None else Path("data") / root.name
     build(out, plan, file_writer(args.mode, None), args.workers, args.verify)
+    print(train_hint(out, len(plan.classes)))
+
+
+def train_hint(out: Path, num_classes: int) -> str:
+    """How to train on the new dataset: a data config names a dataset's own choices, and these
+    two overrides are all the paper's recipe needs."""
+    overrides = shlex.join([f"data_dir={out}", f"num_classes={num_classes}"])
+    return (
+        f'train on it: make train MODEL=effnet_b7 ARGS="{overrides}", or DATA=<a .yaml file: '
+        "configs/data/imagenet50.yaml with these two keys and your images' mean and std>"
+    )
 
 
 def parse_per_class(text: str) -> list[int | float]:

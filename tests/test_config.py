@@ -215,6 +215,15 @@ def test_a_model_file_path_is_read_whatever_its_suffix_case_or_named_when_missin
         load_config(str(tmp_path / "gone.yaml"))
 
 
+def test_a_dataset_config_may_be_a_path_and_its_values_are_blamed_on_it(tmp_path):
+    data = tmp_path / "flowers.yml"
+    data.write_text("data_dir: data/flowers\nnum_classes: 0\n")
+    with pytest.raises(UserError, match=rf"^{data}: num_classes=0 must be at least"):
+        load_config("effnet_b7", [f"data={data}"])
+    with pytest.raises(UserError, match=f"^dataset config {tmp_path}/gone.yaml does not exist"):
+        load_config("effnet_b7", [f"data={tmp_path / 'gone.yaml'}"])
+
+
 def test_a_value_from_a_model_file_is_blamed_on_that_file(tmp_path):
     model = tmp_path / "mine.yaml"
     model.write_text("arch: resnet18\ndata: fashion50\nbatch_size: 0\n")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from data_prep.layout import Layout
 from tests.conftest import run_command
+from train.config import load_config
 
 # Class -> [(relative path in the class folder, format)]; bird 12, cat 20 (5 nested), dog 15.
 TREE = {
@@ -84,6 +87,21 @@ def test_a_stratified_split_of_hard_links_to_the_right_classes(photos, tmp_path)
     assert names == sorted(f"img_{i}{src.suffix}" for i, (_, src) in enumerate(splits["test"]))
     nested = [p for p in (out / "train" / "cat").iterdir() if p.name.startswith("indoor__")]
     assert all(os.path.samefile(p, photos / "cat/indoor" / p.name[8:]) for p in nested)
+
+
+def test_the_printed_training_command_loads_a_config_that_fits_the_dataset(photos, tmp_path):
+    out = tmp_path / "my photos"
+    hint = build_folder(photos, out).stdout.strip().splitlines()[-1]
+    model = hint.split("MODEL=", 1)[1].split()[0]
+    args = shlex.split(hint.split('ARGS="', 1)[1].split('"', 1)[0])
+    cfg = load_config(model, args)
+    Layout(Path(cfg["data_dir"])).require_classes(cfg["num_classes"])  # raises if they differ
+    assert Path(cfg["data_dir"]) == out and cfg["num_classes"] == len(TREE)
+    data = tmp_path / "photos.yaml"  # the other way the line offers: a data config as a path
+    data.write_text(f"data_dir: {out}\nnum_classes: {len(TREE)}\nmean: [0.4, 0.5, 0.6]\n")
+    cfg = load_config(model, [f"data={data}"])
+    assert (cfg["data_dir"], cfg["num_classes"]) == (str(out), len(TREE))
+    assert cfg["mean"] == [0.4, 0.5, 0.6]
 
 
 def test_the_draw_is_seeded(photos, tmp_path):

@@ -129,6 +129,23 @@ def _named(kind: str, name: str) -> dict[str, Any]:
     return read_yaml(path)
 
 
+def _is_yaml_path(value: str) -> bool:
+    return Path(value).suffix.lower() in (".yaml", ".yml")
+
+
+def _layer(kind: str, value: str) -> tuple[dict[str, Any], str]:
+    """A config layer and where it comes from: `value` names configs/<kind>/<value>.yaml, or is
+    the path of a YAML file (a run's saved config.yaml, a dataset config kept beside the data)."""
+    path = Path(value)
+    if not _is_yaml_path(value):
+        return _named(kind, value), f"configs/{kind}/{value}.yaml"
+    if not path.is_file():
+        raise UserError(f"{KINDS[kind]} config {path} does not exist; check the path")
+    layer = read_yaml(path)
+    layer.pop(provenance.KEY, None)  # a saved run config's record, not a setting
+    return layer, str(path)
+
+
 # Keys that may also say "auto", resolved when the run starts (batch_size: train/auto_batch.py;
 # workers: train/data.py loader_workers).
 AUTO_KEYS = {"batch_size", "workers"}
@@ -251,28 +268,23 @@ def _coerce(key: str, text: str, default: Any) -> Any:
 
 
 def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
-    """Resolve the config of `model` (a name in configs/models/ or a path to a YAML file)."""
+    """Resolve the config of `model` (a name in configs/models/ or a path to a YAML file); the
+    `data` key, too, names configs/data/<name>.yaml or is a path."""
     base = read_yaml(CONFIG_DIR / "base.yaml")
     overrides = overrides or {}
     if isinstance(overrides, list):
         raw = parse_overrides(overrides)
         overrides = {k: _coerce(k, v, base.get(k)) for k, v in raw.items()}
-    model_path = Path(model)
-    if model_path.suffix.lower() in (".yaml", ".yml"):
-        if not model_path.is_file():
-            raise UserError(f"model config {model_path} does not exist; check the path")
-        model_layer, model_name = read_yaml(model_path), model_path.stem
-        model_layer.pop(provenance.KEY, None)  # a saved run config's record, not a setting
-    else:
-        model_layer, model_name = _named("models", model), model
+    model_layer, _ = _layer("models", model)
     cfg, origins = dict(base), {}
     data = overrides.get("data", model_layer.get("data", base["data"]))
-    _merge(cfg, {"data": data, **_named("data", data)}, f"configs/data/{data}.yaml", origins)
+    data_layer, data_origin = _layer("data", data)
+    _merge(cfg, {"data": data, **data_layer}, data_origin, origins)
     _merge(cfg, model_layer, f"model config {model}", origins)
     _merge(cfg, dict(overrides), "command line", origins)
     validate(cfg, base, origins)
     if cfg["name"] is None:
-        cfg["name"] = model_name
+        cfg["name"] = Path(model).stem if _is_yaml_path(model) else model
     return cfg
 
 
