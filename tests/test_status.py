@@ -69,6 +69,23 @@ def test_a_broken_run_config_is_one_line_naming_it(tiny_dir, tmp_path, text, pro
     assert line.startswith(f"error: {saved}") and problem in line
 
 
+def test_a_damaged_heartbeat_reads_as_none_and_a_damaged_metric_is_one_line(
+    tiny_dir, tmp_path, capsys
+):
+    run = tmp_path / "runs" / TRAINED
+    run.mkdir(parents=True)
+    heartbeat.write(run, "running", 3, time.time())
+    beat = json.loads((run / heartbeat.FILE).read_text())
+    for damaged in ({k: v for k, v in beat.items() if k != "host"}, {**beat, "pid": "12"}, [1]):
+        (run / heartbeat.FILE).write_text(json.dumps(damaged))
+        assert heartbeat.activity(run) == "-"
+    (run / status.METRICS).write_text("epoch,heldout_teacher\n1,12.5\n2,n/a\n")
+    with pytest.raises(SystemExit):
+        status.main(["--config", "demo", *overrides(tiny_dir, tmp_path)])
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {run / status.METRICS}: heldout_teacher holds 'n/a', not a")
+
+
 def overrides(data: Path, base: Path) -> list[str]:
     return [
         f"data_dir={data}",

@@ -36,11 +36,21 @@ def write(run_dir: Path, state: str, step: int, started: float) -> None:
     write_text_atomic(Path(run_dir) / FILE, json.dumps(beat) + "\n")
 
 
+# What `write` puts in a beat; a file without them (cut short, edited, another version's) is
+# read as no beat rather than failing `make status`.
+TIME = (int, float)
+FIELDS = {"state": str, "step": int, "host": str, "pid": int, "started": TIME, "updated": TIME}
+
+
 def read(run_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((Path(run_dir) / FILE).read_text())
+        beat = json.loads((Path(run_dir) / FILE).read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(beat, dict):
+        return None
+    fits = all(isinstance(beat.get(key), kind) for key, kind in FIELDS.items())
+    return beat if fits else None
 
 
 def _alive(pid: int) -> bool:

@@ -47,6 +47,16 @@ def read_metrics(run: Path) -> list[dict[str, str]]:
         return []
 
 
+def number(path: Path, column: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(
+            f"{path}: {column} holds {text!r}, not a number; restore the file from the run's "
+            "tracker logs or delete the row"
+        ) from None
+
+
 def newest_checkpoint_age(run: Path, now: float) -> float | None:
     markers = [p / MARKER for p in (run / CHECKPOINTS).glob("step_*") if not p.name.endswith("tmp")]
     times = [m.stat().st_mtime for m in markers if m.is_file()]
@@ -72,7 +82,7 @@ def model_status(model: str, overrides: list[str], now: float) -> ModelStatus:
         raise UserError(f"{saved} is empty; restore the run's config there or delete the run")
     rows = read_metrics(run)
     column = score_column(trained)
-    scores = [float(r[column]) for r in rows if r.get(column)]
+    scores = [number(run / METRICS, column, r[column]) for r in rows if r.get(column)]
     activity = heartbeat.activity(run, now)
     logits = logits_state(logits_dir(cfg) / "meta.json", run)
     total = trained["epochs"]
