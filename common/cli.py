@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 NAME_RULE = "one folder name (no /, not . or ..)"
 
@@ -11,6 +12,13 @@ def is_one_name(text: str) -> bool:
     """`text` names one entry inside a folder: a run or submission name that cannot write
     outside its out_dir (`..`, `a/b`, `/abs` would)."""
     return text not in ("", ".", "..") and "/" not in text
+
+
+def make_command(target: str, model: str, overrides: list[str]) -> str:
+    """The `make` line that acts on the same run as this command: its model and overrides (a
+    `name=` override names the run, not a config)."""
+    args = f" ARGS={shlex.quote(shlex.join(overrides))}" if overrides else ""
+    return f"make {target} MODEL={shlex.quote(model)}{args}"
 
 
 def name_arg(text: str) -> str:

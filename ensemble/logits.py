@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from common import provenance
-from common.cli import positive_int
+from common.cli import make_command, positive_int
 from common.errors import UserError, cli_main, warn
 from common.fs import require_writable, write_text_atomic
 from common.metrics import top1
@@ -272,9 +272,10 @@ def build_meta(
     }
 
 
-def checkpoint_meta(cfg: dict[str, Any], step_dir: Path, announce: bool) -> dict[str, Any]:
-    """The checkpoint's folder, step and epoch for meta.json; with `announce`, a warning when
-    the run stopped before its last epoch (its best so far is not the finished model's)."""
+def checkpoint_meta(cfg: dict[str, Any], step_dir: Path, announce: str) -> dict[str, Any]:
+    """The checkpoint's folder, step and epoch for meta.json; with `announce` (the command that
+    trains the run), a warning when the run stopped before its last epoch (its best so far is
+    not the finished model's)."""
     info = checkpoint_info(step_dir)
     progress = run_progress(run_dir(cfg)) or info
     epochs = progress["epochs"] or cfg["epochs"]
@@ -283,7 +284,7 @@ def checkpoint_meta(cfg: dict[str, Any], step_dir: Path, announce: bool) -> dict
         warn(
             f"run {cfg['name']} stopped early, after {progress['epoch']} of {epochs} epochs "
             f"(newest checkpoint: step {progress['step']}); these logits come from {step_dir} "
-            f"(step {info['step']}) of an unfinished model: `make train MODEL={cfg['name']}` "
+            f"(step {info['step']}) of an unfinished model: `{announce}` "
             "finishes it"
         )
     return {
@@ -370,8 +371,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if heldout_split == HOLDOUT:
         items[HOLDOUT] = held
     accelerator = make_accelerator(cfg["mixed_precision"])
-    step_dir = resolve_checkpoint(run_dir(cfg), args.checkpoint)
-    source_meta = checkpoint_meta(cfg, step_dir, accelerator.is_main_process)
+    train = make_command("train", args.model, args.overrides)
+    step_dir = resolve_checkpoint(run_dir(cfg), args.checkpoint, train)
+    source_meta = checkpoint_meta(cfg, step_dir, train if accelerator.is_main_process else "")
     model = load_model(cfg, step_dir, args.role, accelerator.device)
     batch_size = args.batch_size or images_per_forward(cfg, view, accelerator.device)
     probs = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ import yaml
 
 from common.lock import holder
 from tests.conftest import NARROW, ROOT, run_command
+from train.config import load_config, run_dir
 from train.data import worker_death
 
 RUN = [
@@ -330,16 +332,24 @@ def test_a_run_stopped_early_is_named_by_make_logits_which_records_its_step_and_
     assert (meta["checkpoint_epoch"], meta["epochs"], meta["run_finished"]) == (1, 8, False)
 
 
-def test_make_logits_without_a_best_checkpoint_names_the_folder_it_looked_in(tiny_dir, tmp_path):
-    proc = run_command(
-        "-m", "ensemble.logits", *args_for(tiny_dir, tmp_path), "workers=0", check=False
-    )
-    best = tmp_path / "demo_resnet18" / "checkpoints" / "best"
+def test_make_logits_without_a_best_checkpoint_names_the_folder_and_the_training_command(
+    tiny_dir, tmp_path
+):
+    model, *overrides = args_for(tiny_dir, tmp_path, "workers=0", "name=mine")
+    proc = run_command("-m", "ensemble.logits", model, *overrides, check=False)
+    best = tmp_path / "mine" / "checkpoints" / "best"
     assert proc.returncode == 2
-    assert errors(proc.stderr) == [
+    [line] = errors(proc.stderr)
+    command = line.split("train it first (", 1)[1].rsplit(") or pass", 1)[0]
+    assert line == (
         f"error: no complete 'best' checkpoint (looked in {best}): train it first "
-        "(make train MODEL=demo_resnet18) or pass --checkpoint last|PATH"
-    ]
+        f"({command}) or pass --checkpoint last|PATH"
+    )
+    # The command trains this run: MODEL= is the config, the run's name= is among the ARGS.
+    words = shlex.split(command)
+    assert words[:3] == ["make", "train", f"MODEL={model}"]
+    named = load_config(model, shlex.split(words[3].removeprefix("ARGS=")))
+    assert run_dir(named) == best.parent.parent
 
 
 def test_a_run_started_from_another_folder_says_where_it_looked(tmp_path):

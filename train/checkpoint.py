@@ -219,8 +219,9 @@ def file_digest(step_dir: Path, name: str) -> str | None:
         return None
 
 
-def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
-    """The verified folder of a run's `best`, `last` (newest valid) or a checkpoint folder."""
+def resolve_checkpoint(run_dir: Path, which: str = "best", train: str | None = None) -> Path:
+    """The verified folder of a run's `best`, `last` (newest valid) or a checkpoint folder;
+    `train`: the command that trains the run, for the message when there is none."""
     root = checkpoint_root(run_dir)
     if which == "last":
         step_dir, looked = latest_valid(run_dir), f"{root}/step_*"
@@ -230,7 +231,7 @@ def resolve_checkpoint(run_dir: Path, which: str = "best") -> Path:
     if step_dir is None or not verify(step_dir):
         raise UserError(
             f"no complete {which!r} checkpoint (looked in {looked}): train it first "
-            f"(make train MODEL={Path(run_dir).name}) or pass --checkpoint last|PATH"
+            f"({train or f'make train MODEL={Path(run_dir).name}'}) or pass --checkpoint last|PATH"
         )
     return step_dir
 
