@@ -1,6 +1,6 @@
 """`python -m data_prep fashion`: the embedded benchmark, Fashion-MNIST under the VIPriors protocol.
 
-The VIPriors protocol (RECIPE.md section 1) at desk size: 50 train and 50 val images per class,
+The VIPriors protocol (docs/recipe.md section 1) at desk size: 50 train and 50 val images per class,
 drawn without overlap from Fashion-MNIST's training set with a seeded generator, and the whole
 10,000-image test set as `test/imgs/img_<i>.png` in a seeded shuffled order. Images are
 grayscale PNGs (the loaders convert to RGB). Train/val files are named `fmnist_<index>.png`

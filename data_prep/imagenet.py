@@ -1,6 +1,6 @@
 """`python -m data_prep imagenet`: the VIPriors ImageNet subset from an ImageNet-1k copy.
 
-Follows the challenge toolkit and RECIPE.md section 1: the official split lists ship in
+Follows the challenge toolkit and docs/recipe.md section 1: the official split lists ship in
 `data_prep/vipriors/` (`--splits DIR` reads the toolkit's pickles instead and checks that they
 equal the shipped lists). Train and val images come from `ROOT/train/<wnid>/<file>` as the lists
 name them; test entry `i` (`wnid/ILSVRC2012_val_*.JPEG`) is ImageNet val image

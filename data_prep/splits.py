@@ -1,6 +1,6 @@
 """The official VIPriors split lists: the shipped copies, the toolkit's pickles, verification.
 
-Follows the challenge toolkit (`image-classification/{train,val,test}.pickle`) and RECIPE.md
+Follows the challenge toolkit (`image-classification/{train,val,test}.pickle`) and docs/recipe.md
 section 1. The lists ship with this repository in `data_prep/vipriors/` as gzipped CSV, converted
 once by `python -m data_prep.convert_splits` (README there: license, checksums); that is what a
 build reads by default, and no pickle is loaded then. The toolkit's pickles (`--splits DIR`) are

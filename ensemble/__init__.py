@@ -2,5 +2,5 @@
 
 `ensemble.logits` (`make logits`), `ensemble.blend`
 (`make ensemble`), `ensemble.submission` (the CSV the challenge server reads, and its validator),
-`ensemble.evaluate` (`make evaluate`). RECIPE.md section 5 fixes the defaults.
+`ensemble.evaluate` (`make evaluate`). docs/recipe.md section 5 fixes the defaults.
 """

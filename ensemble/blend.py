@@ -1,6 +1,7 @@
 """`make ensemble`: the weighted mean of several models' probabilities, and the submission.
 
-RECIPE.md 5: the paper averages the TenCrop probabilities of its 16 models and takes the argmax.
+docs/recipe.md 5: the paper averages the TenCrop probabilities of its 16 models and takes the
+argmax.
 Models come from an ensemble config (`configs/ensembles/<name>.yaml`: `models`, optional
 `weights`) or from `--models`; weights are equal by default (the paper's), or given (`--weights`
 or the config), or searched on the images every member held out (`--search-weights`, ours: see

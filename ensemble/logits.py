@@ -1,4 +1,4 @@
-"""`make logits MODEL=...`: one model's TenCrop probabilities for val and test (RECIPE.md 5).
+"""`make logits MODEL=...`: one model's TenCrop probabilities for val and test (docs/recipe.md 5).
 
 Loads the run's saved config (`runs/<name>/config.yaml`, the resolved config it trained with)
 and a checkpoint (best by default, the teacher by default), predicts every val and test image

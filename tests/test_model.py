@@ -16,7 +16,7 @@ from common.errors import UserError
 from tests.conftest import ROOT
 from train.model import build_model, build_teacher, ema_decay
 
-# Every backbone that the model configs name (RECIPE.md sections 5 and 7).
+# Every backbone that the model configs name (docs/recipe.md sections 5 and 7).
 ARCHS = [
     "efficientnet_b0",
     "efficientnet_b2",

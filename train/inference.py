@@ -1,5 +1,5 @@
 """Inference over crop views: the centre view (validation during training) and TenCrop with
-Auxiliary Fusion per crop (RECIPE.md 5, the paper's "TenCrop inference"), one prediction loop.
+Auxiliary Fusion per crop (docs/recipe.md 5, the paper's "TenCrop inference"), one prediction loop.
 
 An image is decoded once, its short side resized to floor(test_size / test_resize_ratio) (448 ->
 512, as timm's eval transform computes it), normalised, and cut by torchvision's `ten_crop` into

@@ -1,6 +1,6 @@
 """The recipe's losses: L = CE + alpha RCE + beta CR + gamma MT (+ the auxiliary head's SCE).
 
-Each term is a small function with its formula (RECIPE.md section 3, the paper's Eq. 1):
+Each term is a small function with its formula (docs/recipe.md section 3, the paper's Eq. 1):
 - Symmetric Cross Entropy: Wang et al. 2019, "Symmetric Cross Entropy for Robust Learning with
   Noisy Labels" (CE plus the reverse CE, log 0 clamped at A).
 - Contrastive Regularization: Supervised Contrastive Learning (Khosla et al. 2020) applied to the

@@ -1,6 +1,6 @@
 """The network: a timm backbone from scratch, the auxiliary classifier, DSK-ResNeXt101, the teacher.
 
-RECIPE.md sections 2, 3 and 5. The auxiliary classifier (global average pool, dropout, linear)
+docs/recipe.md sections 2, 3 and 5. The auxiliary classifier (global average pool, dropout, linear)
 reads an intermediate stage chosen through timm's feature API (`feature_info`, and
 `forward_intermediates(..., intermediates_only=False)`, which returns the final features and the
 intermediate of ONE pass), so the same code serves EfficientNet, ResNet, SE-ResNet and the

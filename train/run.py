@@ -80,7 +80,7 @@ def optimizer_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def global_lr(cfg: dict[str, Any], world: int) -> float:
-    """lr scaled linearly with the global batch (RECIPE 4: 0.005 at 512)."""
+    """lr scaled linearly with the global batch (docs/recipe.md 4: 0.005 at 512)."""
     return cfg["lr"] * cfg["batch_size"] * world * cfg["grad_accum"] / cfg["lr_base_batch"]
 
 

@@ -1,4 +1,4 @@
-"""Two augmented views per image and the Mixup/CutMix that both views share (RECIPE.md section 2).
+"""Two augmented views per image and the Mixup/CutMix that both views share (docs/recipe.md 2).
 
 The Strong Baseline's transform is timm's ImageNet training pipeline (RandomResizedCrop, flip,
 AutoAugment, normalisation, RandomErasing), every knob from the config. `MultiViewDataset`
