@@ -136,7 +136,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         if self.steps == 0:
             raise UserError(
                 f"{n} training images cannot fill one global batch of {batch_size} x {world} "
-                "processes; lower batch_size"
+                "processes; lower batch_size (batch_size=auto fills lr_base_batch: give a number)"
             )
         self.epoch, self.start_step = 0, 0
 
