@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -40,12 +41,14 @@ def _jobs_dir(state_dir: str | None = None) -> Path:
     return Path(state_dir or os.environ["FAKE_SLURM_DIR"]) / "jobs"
 
 
-def _directives(script: Path) -> dict[str, str]:
+def directives(script: str) -> dict[str, str]:
+    """A batch script's #SBATCH options, by name."""
     found = {}
-    for line in script.read_text().splitlines():
-        if line.startswith("#SBATCH --"):
-            key, _, value = line[len("#SBATCH --") :].partition("=")
-            found[key] = value
+    for line in script.splitlines():
+        if line.startswith("#SBATCH --"):  # words as sbatch reads them: the shell's quotes
+            for word in shlex.split(line[len("#SBATCH") :]):
+                key, _, value = word[2:].partition("=")
+                found[key] = value
     return found
 
 
@@ -57,12 +60,12 @@ def sbatch(args: list[str]) -> int:
         print("sbatch: error: QOSMaxSubmitJobPerUserLimit", file=sys.stderr)
         return 1
     dependency = options.get("dependency", "")
-    directives = _directives(script)
+    options_in_script = directives(script.read_text())
     job = {
         "id": job_id,
-        "name": directives.get("job-name", script.name),
+        "name": options_in_script.get("job-name", script.name),
         "script": str(script),
-        "output": directives.get("output", f"slurm-{job_id}.out").replace("%j", job_id),
+        "output": options_in_script.get("output", f"slurm-{job_id}.out").replace("%j", job_id),
         "after": dependency.removeprefix("afterok:").split(":") if dependency else [],
         "kill_on_invalid_dep": options.get("kill-on-invalid-dep") == "yes",
         "submit_dir": os.getcwd(),

@@ -16,6 +16,7 @@ import yaml
 from common.errors import UserError
 from common.processes import children
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, status_for_agent
+from tests import fake_slurm
 from tests.conftest import NARROW, ROOT, run_command
 from train import launch
 from train.launch import ACCELERATE_LAUNCH, gpu_count, launch_args, runs_module
@@ -199,6 +200,9 @@ def test_a_multi_node_job_passes_each_override_as_one_word_spaces_and_quotes_kep
     assert proc.returncode == 0, proc.stderr
     argv = json.loads(proc.stdout.strip().splitlines()[-1])
     assert argv[-3:] == ["demo_resnet18", *overrides]
+    directives = fake_slurm.directives(job)  # as sbatch reads them: the shell's quotes
+    assert directives["job-name"] == "it's"
+    assert directives["output"] == f"{out}/it's/slurm-%j.out"
 
 
 SLOW_CHECKPOINT = """

@@ -68,23 +68,22 @@ def newest_step(run: Path) -> int:
 
 
 def test_each_logits_job_waits_for_its_training_and_the_ensemble_for_all_logits(tiny_dir, tmp_path):
-    env = submit(tiny_dir, tmp_path)
+    base = tmp_path / "it's a cluster"  # sbatch and bash both see the quotes
+    env = submit(tiny_dir, base)
     jobs = {job["name"]: job for job in load_jobs(env["FAKE_SLURM_DIR"]).values()}
     assert len(jobs) == 2 * len(MODELS) + 1  # training and logits per model, one ensemble
     for name in MODELS:
         assert jobs[name]["after"] == []
         assert jobs[f"logits-{name}"]["after"] == [jobs[name]["id"]]
         assert jobs[f"logits-{name}"]["kill_on_invalid_dep"]
-        assert jobs[name]["output"] == str(
-            tmp_path / "runs" / name / f"slurm-{jobs[name]['id']}.out"
-        )
+        assert jobs[name]["output"] == str(base / "runs" / name / f"slurm-{jobs[name]['id']}.out")
     logits_ids = sorted(jobs[f"logits-{name}"]["id"] for name in MODELS)
     assert sorted(jobs["ensemble-demo"]["after"]) == logits_ids
-    recorded = json.loads((tmp_path / "runs" / ".slurm" / "demo" / "jobs.json").read_text())
+    recorded = json.loads((base / "runs" / ".slurm" / "demo" / "jobs.json").read_text())
     assert recorded["ensemble"] == {"demo": jobs["ensemble-demo"]["id"]}
     queue = subprocess.run(["squeue"], env={**env}, capture_output=True, text=True).stdout
     assert queue.count("PENDING") == len(jobs) and "afterok:" in queue
-    for script in (tmp_path / "runs" / ".slurm" / "demo").glob("*.sh"):
+    for script in (base / "runs" / ".slurm" / "demo").glob("*.sh"):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
 
 
@@ -92,9 +91,10 @@ def test_each_logits_job_waits_for_its_training_and_the_ensemble_for_all_logits(
 def test_the_chain_runs_in_order_and_a_preempted_training_job_requeues_and_resumes(
     tiny_dir, tmp_path
 ):
-    env = submit(tiny_dir, tmp_path)
+    base = tmp_path / "it's a cluster"  # sbatch and bash both see the quotes
+    env = submit(tiny_dir, base)
     preempted = MODELS[0]
-    run = tmp_path / "runs" / preempted
+    run = base / "runs" / preempted
 
     def preempt(job: dict) -> bool:  # SLURM's early warning, once a checkpoint exists
         return job["name"] == preempted and job["restarts"] == 0 and newest_step(run) >= 3
@@ -113,7 +113,7 @@ def test_the_chain_runs_in_order_and_a_preempted_training_job_requeues_and_resum
     log = "".join(p.read_text() for p in run.glob("slurm-[0-9]*.out"))
     assert "USR1: checkpointing" in log and "requeueing" in log and "resumed from" in log
     assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1]
-    ensemble_log = next((tmp_path / "runs" / ".slurm" / "demo").glob("ensemble-*.out")).read_text()
+    ensemble_log = next((base / "runs" / ".slurm" / "demo").glob("ensemble-*.out")).read_text()
     assert "demo.csv: valid; top-1" in ensemble_log
-    report = json.loads((tmp_path / "subs" / "demo.json").read_text())
+    report = json.loads((base / "subs" / "demo.json").read_text())
     assert sorted(report["provenance"]["members"]) == sorted(MODELS)
