@@ -7,10 +7,12 @@ loss included) releases it: on a local disk a lock is never stale, and the text 
 by a dead holder means nothing. `holder(path)` tells whether the lock is held, and by whom,
 without taking it (for a status board).
 
-The file is written in place, never replaced by rename: a rename would put a new, unlocked
-file under the name while the holder keeps its lock on the old one. A forked child (a DataLoader
-worker) closes its copy of the descriptor at once: the lock belongs to the open file, and a
-worker that outlives a killed holder by a few seconds would otherwise keep it held.
+The file is written in place, never replaced by rename: a rename would put a new, unlocked file
+under the name while the holder keeps its lock on the old one (a holder that removes the file on
+purpose, `remove_folder_if_only_lock`, is why a taker checks after locking that the path still names
+its file, and locks again if not). A forked child (a DataLoader worker) closes its copy of the
+descriptor at once: the lock belongs to the open file, and a worker that outlives a killed holder by
+a few seconds would otherwise keep it held.
 
 Network file systems: on Linux, flock on NFS (v3 with lockd, v4) is a lock held by the server,
 so it excludes processes on every client; when a client dies, the server frees its locks after
@@ -83,15 +85,24 @@ class FileLock:
         self.fd: int | None = None
 
     def __enter__(self) -> FileLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if not self._lock(fd):
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was removed between mkdir and open
+                continue
+            try:
+                if not self._lock(fd):
+                    os.close(fd)
+                    return self
+            except BaseException:
                 os.close(fd)
-                return self
-        except BaseException:
+                raise
+            if self._still_named(fd):
+                break
+            # Locked a file that its holder removed meanwhile (`remove_folder_if_only_lock`): it
+            # excludes no one now; lock the file that the path names.
             os.close(fd)
-            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
         os.fsync(fd)
@@ -121,6 +132,30 @@ class FileLock:
                     f"locks; make sure that no other process uses {self.what}"
                 )
                 return False
+
+    def _still_named(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def remove_folder_if_only_lock(self) -> None:
+        """While held: remove the lock file and its folder when the folder holds nothing else
+        (a run refused before it wrote anything). A taker waiting on the removed file, or one
+        that makes the folder again meanwhile, locks the file the path names afterwards."""
+        folder = self.path.parent
+        try:
+            alone = [p.name for p in folder.iterdir()] == [self.path.name]
+        except FileNotFoundError:
+            return
+        if self.fd is None or not alone:
+            return
+        self.path.unlink()
+        try:
+            folder.rmdir()
+        except OSError as err:  # a new taker's lock file is there already: it keeps the folder
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                raise
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -118,3 +119,30 @@ def test_the_holders_text_is_cleared_on_release(tmp_path):
     with FileLock(path, "run x", "wait"):
         assert f'"pid": {os.getpid()}' in path.read_text()
     assert path.read_text() == "" and holder(path) is None
+
+
+def test_a_taker_waiting_while_the_holder_removes_the_folder_locks_the_file_the_path_names(
+    tmp_path,
+):
+    """A run refused before writing anything removes its folder while a second trainer of the
+    same name waits: that trainer must end up holding the lock that a third one sees."""
+    path = tmp_path / "run" / "train.lock"
+    first = FileLock(path, "run x", "wait").__enter__()
+    seen = {}
+
+    def second_taker():
+        with FileLock(path, "run x", "wait") as second:
+            seen["named"] = os.stat(path).st_ino == os.fstat(second.fd).st_ino
+            try:
+                with FileLock(path, "run x", "wait"):
+                    seen["third"] = "got the lock too"
+            except UserError:
+                seen["third"] = "refused"
+
+    waiter = threading.Thread(target=second_taker)
+    waiter.start()
+    time.sleep(lock_module.RETRY_S / 5)  # the waiter retries on the file about to go
+    first.remove_folder_if_only_lock()
+    first.__exit__(None, None, None)
+    waiter.join()
+    assert seen == {"named": True, "third": "refused"}

@@ -462,13 +462,6 @@ def train(cfg: dict[str, Any], fit: Callable[[dict[str, Any]], int] = fixed_batc
             raise death from None
         finally:
             if main_process and new_run:
-                remove_if_only_lock(run_dir(cfg), lock.path)
-
-
-def remove_if_only_lock(folder: Path, lock_file: Path) -> None:
-    """A run refused before it wrote anything (a timm optimiser name it lacks, an augmentation
-    policy it cannot parse) leaves no folder that looks like a run; the lock's file may go
-    while it is held, since the holder closes it by descriptor."""
-    if folder.is_dir() and [p.name for p in folder.iterdir()] == [lock_file.name]:
-        lock_file.unlink()
-        folder.rmdir()
+                # Refused before it wrote anything (a timm optimiser name it lacks, too few
+                # images for one batch): no folder is left looking like a started run.
+                lock.remove_folder_if_only_lock()
