@@ -69,7 +69,7 @@ logits: setup ## TenCrop probabilities of MODEL= for val and test (NPROC= proces
 	$(if $(filter-out 1,$(or $(NPROC),1)),$(PY) -m accelerate.commands.launch --multi_gpu --num_processes $(NPROC),$(PY)) \
 		-m ensemble.logits $(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS)
 
-ensemble: setup ## average models into submissions/<name>.csv/.zip/.json (ARGS= as for logits)
+ensemble: setup ## average models into submissions/<name>.csv/.zip/.json (ARGS=key=value as for logits)
 	$(PY) -m ensemble.blend $(if $(DATA),data=$(DATA)) $(ARGS) \
 		$(if $(MODELS),--models $(MODELS),--config $(ENSEMBLE)) \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SEARCH),--search-weights) $(if $(NAME),--name "$(NAME)")

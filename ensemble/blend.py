@@ -43,14 +43,7 @@ from ensemble.search import (
     weighted_sum,
 )
 from ensemble.submission import write_submission
-from train.config import (
-    CONFIG_DIR,
-    available,
-    load_config,
-    logits_dir,
-    parse_overrides,
-    read_yaml,
-)
+from train.config import CONFIG_DIR, available, load_config, read_yaml
 
 ENSEMBLE_KEYS = ("models", "weights", "description")
 
@@ -154,7 +147,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="*",
         help="key=value as given to `make logits` (logits_dir=..., data=...): where the logits are",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # ARGS may mix flags and key=value
     if args.weights and args.search_weights:
         parser.error("--weights and --search-weights exclude each other")
     return args
@@ -181,16 +174,14 @@ def resolve_models(args: argparse.Namespace) -> tuple[str, list[str], list[float
     return name, models, check_weights(weights, models, origin), origin
 
 
-def logits_root(args: argparse.Namespace, models: list[str]) -> Path:
-    """--logits-dir, else the folder that `make logits` wrote with the same overrides: the first
-    model's logits_dir (base.yaml's and the overrides' when the model is a run name, not a
-    config)."""
-    if args.logits_dir is not None:
-        return args.logits_dir
-    if models[0] in available("models"):
-        return logits_dir(load_config(models[0], args.overrides)).parent
-    given = parse_overrides(args.overrides).get("logits_dir")
-    return Path(given or read_yaml(CONFIG_DIR / "base.yaml")["logits_dir"])
+def logits_root(models: list[str], overrides: list[str], given: Path | None = None) -> Path:
+    """`given` (--logits-dir), else the folder that `make logits` wrote with the same overrides:
+    the first model's logits_dir (base.yaml's when the model is a run name, not a config); the
+    overrides are checked as `make logits` checks them."""
+    if given is not None:
+        return given
+    first = models[0] if models[0] in available("models") else str(CONFIG_DIR / "base.yaml")
+    return Path(load_config(first, overrides)["logits_dir"])
 
 
 def val_trained_on(member: Member) -> bool:
@@ -291,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     require_writable(args.out_dir, "pass --out-dir a folder you can write")
     name, models, weights, origin = resolve_models(args)
-    members = open_members(logits_root(args, models), models)
+    root = logits_root(models, args.overrides, args.logits_dir)
+    members = open_members(root, models, args.overrides)
     warnings = check_provenance(members)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)

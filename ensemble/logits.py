@@ -253,7 +253,8 @@ def build_meta(
     return {
         "model": cfg["name"],
         "arch": cfg["arch"],
-        "run_dir": str(run_dir(cfg)),
+        "run_dir": str(run_dir(cfg).resolve()),  # checked by `make ensemble` from any folder
+        "make_logits": make_command("logits", args.model, args.overrides),
         "checkpoint": args.checkpoint,
         "role": args.role,
         "view": view,

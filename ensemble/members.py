@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.cli import make_command
 from common.errors import UserError
 from common.fs import atomic_path
 
@@ -37,18 +39,20 @@ SUM_TOLERANCE = 2.0**-10
 
 @dataclass(frozen=True)
 class Member:
-    """One model's logits folder and its meta.json."""
+    """One model's logits folder, its meta.json, and the command that makes them again."""
 
     name: str
     folder: Path
     meta: dict[str, Any]
+    remake: str
 
     def path(self, split: str) -> Path:
         return self.folder / f"{split}.npz"
 
 
-def open_members(root: Path, names: list[str]) -> list[Member]:
-    """Members `root/<name>` in the order given; each must hold a meta.json."""
+def open_members(root: Path, names: list[str], overrides: Sequence[str] = ()) -> list[Member]:
+    """Members `root/<name>` in the order given; each must hold a meta.json. `overrides`: the
+    key=value words `make logits` was given, for the commands that messages name."""
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise UserError(f"models listed twice: {', '.join(repeated)}; give weights instead")
@@ -56,25 +60,24 @@ def open_members(root: Path, names: list[str]) -> list[Member]:
     for name in names:
         folder = Path(root) / name
         meta_path = folder / "meta.json"
+        remake = make_command("logits", name, list(overrides))
         if not meta_path.is_file():
             raise UserError(
-                f"{meta_path} is missing: {name} has no complete logits; "
-                f"run `make logits MODEL={name}` first"
+                f"{meta_path} is missing: {name} has no complete logits; run `{remake}` first"
             )
-        members.append(Member(name, folder, read_meta(meta_path)))
+        meta = read_meta(meta_path, remake)
+        members.append(Member(name, folder, meta, meta.get("make_logits", remake)))
     return members
 
 
-def read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path, remake: str) -> dict[str, Any]:
     """A meta.json as a dict; a damaged one (cut short, edited by hand) is named in one line."""
     try:
         meta = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         meta = err
     if not isinstance(meta, dict):
-        raise UserError(
-            f"{path} cannot be read ({meta}); rerun `make logits MODEL={Path(path).parent.name}`"
-        )
+        raise UserError(f"{path} cannot be read ({meta}); rerun `{remake}`")
     return meta
 
 
@@ -228,7 +231,7 @@ def marker_files(step_dir: Path) -> dict[str, str] | None:
         return None
 
 
-def logits_state(meta_path: Path, run: Path) -> str:
+def logits_state(meta_path: Path, run: Path, remake: str) -> str:
     """none, fresh (made from the run's best checkpoint as it is now, or the run has no best to
     compare with) or stale (made from another checkpoint, or older than the best)."""
     if not meta_path.is_file():
@@ -237,7 +240,7 @@ def logits_state(meta_path: Path, run: Path) -> str:
     best_files = marker_files(best)
     if best_files is None:
         return "fresh"
-    meta = read_meta(meta_path)
+    meta = read_meta(meta_path, remake)
     digest = (meta.get("provenance") or {}).get("checkpoint_sha256")
     if digest is not None:
         role = meta.get("role", "teacher")
@@ -247,14 +250,16 @@ def logits_state(meta_path: Path, run: Path) -> str:
     return "fresh" if newer else "stale"
 
 
-def stale_members(members: list[Member]) -> list[str]:
-    """Members whose logits are not from their run's best checkpoint as it is now: the run was
-    trained on (or resumed) after `make logits`, and blending them would use the older model."""
+def stale_members(members: list[Member]) -> list[Member]:
+    """Members whose logits come from an older best checkpoint than their run's now: the run
+    trained on after `make logits`, and blending them would use the older model. Logits made
+    from another checkpoint on purpose (`--checkpoint last|PATH`) are the user's choice."""
     return [
-        m.name
+        m
         for m in members
-        if "run_dir" in m.meta
-        and logits_state(m.folder / "meta.json", m.meta["run_dir"]) == "stale"
+        if m.meta.get("checkpoint", "best") == "best"
+        and "run_dir" in m.meta
+        and logits_state(m.folder / "meta.json", m.meta["run_dir"], m.remake) == "stale"
     ]
 
 
@@ -284,9 +289,9 @@ def check_provenance(members: list[Member]) -> list[str]:
     stale = stale_members(members)
     if stale:
         warnings.append(
-            f"the logits of {', '.join(stale)} are not from their run's best checkpoint as it is "
-            "now (trained on since `make logits`?): "
-            + "; ".join(f"`make logits MODEL={name}`" for name in stale)
+            f"the logits of {', '.join(m.name for m in stale)} come from an older best "
+            "checkpoint than their run's now (it trained on after `make logits`): "
+            + "; ".join(f"`{m.remake}`" for m in stale)
             + " brings them up to date"
         )
     return warnings

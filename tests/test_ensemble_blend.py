@@ -395,7 +395,15 @@ def test_make_ensemble_reads_the_logits_where_make_logits_wrote_them_under_the_s
 ):
     root, _ = three
     dry = subprocess.run(
-        ["make", "-n", "ensemble", "MODELS=a b c", f"ARGS=logits_dir={root}", "PY=python"],
+        [
+            "make",
+            "-n",
+            "ensemble",
+            "MODELS=a b c",
+            "DATA=fashion50",
+            f"ARGS=--search-weights logits_dir={root}",  # flags and key=value, mixed
+            "PY=python",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -404,7 +412,9 @@ def test_make_ensemble_reads_the_logits_where_make_logits_wrote_them_under_the_s
     lines = dry.stdout.replace("\\\n", " ").splitlines()
     [argv] = [shlex.split(line) for line in lines if "-m ensemble.blend" in line]
     proc = run_command(*argv[1:], "--out-dir", str(tmp_path / "subs"))
-    assert "ensemble" in proc.stdout and (tmp_path / "subs" / "ensemble.csv").is_file()
+    assert (tmp_path / "subs" / "ensemble.csv").is_file()
+    report = json.loads((tmp_path / "subs" / "ensemble.json").read_text())
+    assert report["search"] is not None  # the flag reached the blend
 
 
 def test_ensemble_config_keys_are_checked(tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def member(name: str, dataset: str = "d" * 64, test: str = "t" * 64, commit: str
         "ids_sha256": {"val": "v", "test": test},
         "training": {"git_commit": commit, "git_dirty": False},
     }
-    return Member(name, Path(name), {"provenance": record})
+    return Member(name, Path(name), {"provenance": record}, f"make logits MODEL={name}")
 
 
 def test_members_from_other_datasets_or_test_ids_are_refused_naming_them():
@@ -85,5 +85,5 @@ def test_members_trained_on_other_commits_are_listed_in_a_warning():
         "aaaaaaaaaaaa, bbbbbbbbbbbb (c)"
     ]
     assert check_provenance([member("a"), member("b")]) == []
-    old = Member("old", Path("old"), {})
+    old = Member("old", Path("old"), {}, "make logits MODEL=old")
     assert "no provenance in the meta.json of old" in check_provenance([member("a"), old])[0]

@@ -100,8 +100,10 @@ def overrides(data: Path, base: Path) -> list[str]:
     ]
 
 
-def blend_args(base: Path) -> list[str]:
-    return ["--logits-dir", str(base / "logits"), "--out-dir", str(base / "submissions")]
+def blend(args: list[str], base: Path) -> str:
+    """`make ensemble` of the trained member alone, given the same overrides; its stderr."""
+    out = ["--models", TRAINED, "--out-dir", str(base / "submissions")]
+    return run_command("-m", "ensemble.blend", *args, *out).stderr
 
 
 def table(args: list[str]) -> dict[str, list[str]]:
@@ -158,13 +160,19 @@ def test_status_follows_a_tiny_run_from_training_to_fresh_logits(tiny_dir, tmp_p
     older = run / "checkpoints" / "step_000000003"
     run_command("-m", "ensemble.logits", TRAINED, *args, "--checkpoint", str(older))
     assert table(args)[TRAINED][5:] == ["stale", "make", "logits", f"MODEL={TRAINED}"]
-    blended = run_command("-m", "ensemble.blend", "--models", TRAINED, *blend_args(tmp_path))
-    assert f"the logits of {TRAINED} are not from their run's best checkpoint" in blended.stderr
-    assert f"`make logits MODEL={TRAINED}` brings them up to date" in blended.stderr
+    assert "best checkpoint" not in blend(args, tmp_path)  # another checkpoint, chosen: no warning
     run_command("-m", "ensemble.logits", TRAINED, *args)
     assert table(args)[TRAINED][5:] == ["fresh", "-"]
-    blended = run_command("-m", "ensemble.blend", "--models", TRAINED, *blend_args(tmp_path))
-    assert "best checkpoint" not in blended.stderr
+    assert "best checkpoint" not in blend(args, tmp_path)
+    # The run's best moves after `make logits`, as training on would move it: stale, and
+    # `make ensemble` says so with the command that made them, overrides included.
+    checkpoint.mark_best(run, older)
+    assert table(args)[TRAINED][5:] == ["stale", "make", "logits", f"MODEL={TRAINED}"]
+    remake = f"make logits MODEL={TRAINED} ARGS={shlex.quote(shlex.join(args))}"
+    assert (
+        f"the logits of {TRAINED} come from an older best checkpoint than their run's now (it "
+        f"trained on after `make logits`): `{remake}` brings them up to date"
+    ) in blend(args, tmp_path)
 
     # Sixteen runs (hard-linked copies of this one, named as vipriors16's models): one read.
     sixteen = tmp_path / "sixteen"

@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import make_command
 from common.errors import UserError, cli_main
-from ensemble.blend import load_ensemble_config
+from ensemble.blend import load_ensemble_config, logits_root
 from ensemble.members import CHECKPOINTS, MARKER, check_provenance, logits_state, open_members
 from train import heartbeat
 from train.config import load_config, logits_dir, read_yaml, run_dir, score_column
@@ -84,7 +85,8 @@ def model_status(model: str, overrides: list[str], now: float) -> ModelStatus:
     column = score_column(trained)
     scores = [number(run / METRICS, column, r[column]) for r in rows if r.get(column)]
     activity = heartbeat.activity(run, now)
-    logits = logits_state(logits_dir(cfg) / "meta.json", run)
+    remake = make_command("logits", model, overrides)
+    logits = logits_state(logits_dir(cfg) / "meta.json", run, remake)
     total = trained["epochs"]
     return ModelStatus(
         name=cfg["name"],
@@ -127,13 +129,13 @@ def format_table(rows: list[ModelStatus]) -> str:
     )
 
 
-def ensemble_outlook(name: str, rows: list[ModelStatus], root: Path) -> str:
+def ensemble_outlook(name: str, rows: list[ModelStatus], root: Path, overrides: list[str]) -> str:
     """What `make ensemble ENSEMBLE=<name>` would do with the logits on disk now."""
     missing = [r.name for r in rows if r.logits == "none"]
     if missing:
         return f"make ensemble ENSEMBLE={name}: would stop, no logits for {', '.join(missing)}"
     try:
-        warnings = check_provenance(open_members(root, [r.name for r in rows]))
+        warnings = check_provenance(open_members(root, [r.name for r in rows], overrides))
     except UserError as err:
         return f"make ensemble ENSEMBLE={name}: would refuse: {err}"
     lines = [f"make ensemble ENSEMBLE={name}: would blend all {len(rows)} models"]
@@ -150,8 +152,8 @@ def main(argv: list[str] | None = None) -> str:
     now = time.time()
     models = load_ensemble_config(args.config)["models"]
     rows = [model_status(m, args.overrides, now) for m in models]
-    root = logits_dir(load_config(models[0], args.overrides)).parent
-    text = format_table(rows) + "\n\n" + ensemble_outlook(args.config, rows, root)
+    root = logits_root(models, args.overrides)
+    text = format_table(rows) + "\n\n" + ensemble_outlook(args.config, rows, root, args.overrides)
     if args.overrides:
         # The commands above find these runs and logits only with the same overrides.
         text += f"\n(each command above with ARGS={shlex.quote(shlex.join(args.overrides))})"
