@@ -411,7 +411,7 @@ def test_make_ensemble_reads_the_logits_where_make_logits_wrote_them_under_the_s
     )
     lines = dry.stdout.replace("\\\n", " ").splitlines()
     [argv] = [shlex.split(line) for line in lines if "-m ensemble.blend" in line]
-    proc = run_command(*argv[1:], "--out-dir", str(tmp_path / "subs"))
+    run_command(*argv[1:], "--out-dir", str(tmp_path / "subs"))
     assert (tmp_path / "subs" / "ensemble.csv").is_file()
     report = json.loads((tmp_path / "subs" / "ensemble.json").read_text())
     assert report["search"] is not None  # the flag reached the blend
