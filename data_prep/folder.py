@@ -17,12 +17,12 @@ import argparse
 import math
 import os
 import re
-import shlex
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from common.cli import make_command
 from common.errors import UserError
 from data_prep.build import Plan, build
 from data_prep.layout import is_image, test_name
@@ -62,12 +62,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 def train_hint(out: Path, num_classes: int) -> str:
-    """How to train on the new dataset: a data config names a dataset's own choices, and these
-    two overrides are all the paper's recipe needs."""
-    overrides = shlex.join([f"data_dir={out}", f"num_classes={num_classes}"])
+    """How to train on the new dataset: these two overrides are all the paper's recipe needs;
+    a data config of one's own names a dataset's other choices."""
+    train = make_command("train", "effnet_b7", [f"data_dir={out}", f"num_classes={num_classes}"])
     return (
-        f'train on it: make train MODEL=effnet_b7 ARGS="{overrides}", or DATA=<a .yaml file: '
-        "configs/data/imagenet50.yaml with these two keys and your images' mean and std>"
+        f"train on it: {train}, or DATA=<a .yaml file: configs/data/imagenet50.yaml with these "
+        "two keys and your images' mean and std>"
     )
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from common.errors import UserError, user_message
 from tests.conftest import run_command
-from train.config import CONFIG_DIR, available, load_config
+from train.config import CONFIG_DIR, available, load_config, save_config
 from train.distributed import dynamo_plugin, full_fp32
 
 ENSEMBLE_ARCHS = {
@@ -222,6 +222,25 @@ def test_a_dataset_config_may_be_a_path_and_its_values_are_blamed_on_it(tmp_path
         load_config("effnet_b7", [f"data={data}"])
     with pytest.raises(UserError, match=f"^dataset config {tmp_path}/gone.yaml does not exist"):
         load_config("effnet_b7", [f"data={tmp_path / 'gone.yaml'}"])
+
+
+@pytest.mark.parametrize("value", ["null", "5", "[a]"])
+def test_a_data_key_that_is_no_name_is_one_line(tmp_path, value):
+    model = tmp_path / "mine.yaml"
+    model.write_text(f"arch: resnet18\ndata: {value}\n")
+    with pytest.raises(UserError, match="is neither a name in configs/data/ nor a .yaml path"):
+        load_config(str(model))
+
+
+def test_a_saved_run_config_does_not_read_its_dataset_file_again(tmp_path):
+    data = tmp_path / "flowers.yaml"
+    data.write_text("data_dir: data/flowers\nnum_classes: 17\n")
+    cfg = load_config("effnet_b7", [f"data={data}"])
+    saved = tmp_path / "run" / "config.yaml"
+    saved.parent.mkdir()
+    save_config(cfg, saved)
+    data.unlink()  # moved or deleted after training: every value is in the run's config
+    assert load_config(str(saved)) == cfg
 
 
 def test_a_value_from_a_model_file_is_blamed_on_that_file(tmp_path):

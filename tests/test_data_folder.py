@@ -90,11 +90,12 @@ def test_a_stratified_split_of_hard_links_to_the_right_classes(photos, tmp_path)
 
 
 def test_the_printed_training_command_loads_a_config_that_fits_the_dataset(photos, tmp_path):
-    out = tmp_path / "my photos"
+    out = tmp_path / "my 'photos'"
     hint = build_folder(photos, out).stdout.strip().splitlines()[-1]
-    model = hint.split("MODEL=", 1)[1].split()[0]
-    args = shlex.split(hint.split('ARGS="', 1)[1].split('"', 1)[0])
-    cfg = load_config(model, args)
+    make, train, model, args = shlex.split(hint.split(": ", 1)[1].split(", or DATA=")[0])
+    assert (make, train) == ("make", "train")
+    model = model.removeprefix("MODEL=")
+    cfg = load_config(model, shlex.split(args.removeprefix("ARGS=")))
     Layout(Path(cfg["data_dir"])).require_classes(cfg["num_classes"])  # raises if they differ
     assert Path(cfg["data_dir"]) == out and cfg["num_classes"] == len(TREE)
     data = tmp_path / "photos.yaml"  # the other way the line offers: a data config as a path

@@ -76,7 +76,12 @@ def test_a_damaged_heartbeat_reads_as_none_and_a_damaged_metric_is_one_line(
     run.mkdir(parents=True)
     heartbeat.write(run, "running", 3, time.time())
     beat = json.loads((run / heartbeat.FILE).read_text())
-    for damaged in ({k: v for k, v in beat.items() if k != "host"}, {**beat, "pid": "12"}, [1]):
+    for damaged in (
+        {k: v for k, v in beat.items() if k != "host"},
+        {**beat, "pid": "12"},
+        {**beat, "pid": 0},
+        [1],
+    ):
         (run / heartbeat.FILE).write_text(json.dumps(damaged))
         assert heartbeat.activity(run) == "-"
     (run / status.METRICS).write_text("epoch,heldout_teacher\n1,12.5\n2,n/a\n")

@@ -136,14 +136,17 @@ def _is_yaml_path(value: str) -> bool:
 def _layer(kind: str, value: str) -> tuple[dict[str, Any], str]:
     """A config layer and where it comes from: `value` names configs/<kind>/<value>.yaml, or is
     the path of a YAML file (a run's saved config.yaml, a dataset config kept beside the data)."""
+    if not isinstance(value, str):
+        raise UserError(
+            f"{KINDS[kind]} {value!r} is neither a name in configs/{kind}/ nor a .yaml path; "
+            f"valid names: {', '.join(available(kind))}"
+        )
     path = Path(value)
     if not _is_yaml_path(value):
         return _named(kind, value), f"configs/{kind}/{value}.yaml"
     if not path.is_file():
         raise UserError(f"{KINDS[kind]} config {path} does not exist; check the path")
-    layer = read_yaml(path)
-    layer.pop(provenance.KEY, None)  # a saved run config's record, not a setting
-    return layer, str(path)
+    return read_yaml(path), str(path)
 
 
 # Keys that may also say "auto", resolved when the run starts (batch_size: train/auto_batch.py;
@@ -276,9 +279,12 @@ def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None)
         raw = parse_overrides(overrides)
         overrides = {k: _coerce(k, v, base.get(k)) for k, v in raw.items()}
     model_layer, _ = _layer("models", model)
+    # A run's saved config.yaml (its record popped: not a setting) holds every value already:
+    # its dataset's config, perhaps a path moved since, is not read again.
+    saved_run = model_layer.pop(provenance.KEY, None) is not None
     cfg, origins = dict(base), {}
     data = overrides.get("data", model_layer.get("data", base["data"]))
-    data_layer, data_origin = _layer("data", data)
+    data_layer, data_origin = ({}, f"model config {model}") if saved_run else _layer("data", data)
     _merge(cfg, {"data": data, **data_layer}, data_origin, origins)
     _merge(cfg, model_layer, f"model config {model}", origins)
     _merge(cfg, dict(overrides), "command line", origins)

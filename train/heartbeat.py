@@ -50,7 +50,7 @@ def read(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(beat, dict):
         return None
     fits = all(isinstance(beat.get(key), kind) for key, kind in FIELDS.items())
-    return beat if fits else None
+    return beat if fits and beat["pid"] > 0 else None  # kill(0, ...) would probe our own group
 
 
 def _alive(pid: int) -> bool:
