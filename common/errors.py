@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from common.status import EXIT_USER_ERROR, record_exit_status
+from common.status import EXIT_INTERRUPTED, EXIT_USER_ERROR, record_exit_status
 
 T = TypeVar("T")
 # How torch re-raises an exception from a DataLoader worker: the worker's traceback as the message.
@@ -40,7 +40,8 @@ def warn(message: str) -> None:
 
 
 def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
-    """Run a command's main; report `UserError` as `error: <message>` and exit 2."""
+    """Run a command's main; report `UserError` as `error: <message>` and exit 2, and Ctrl-C
+    as one line and exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -50,6 +51,12 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
             print(f"error: {user_message(err)}", file=sys.stderr, flush=True)
             record_exit_status(EXIT_USER_ERROR)
             raise SystemExit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            # Ctrl-C: the shell's status for it, one line instead of a traceback. Every output
+            # is written atomically, so what was cut short is absent, never half-written.
+            print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+            record_exit_status(EXIT_INTERRUPTED)
+            raise SystemExit(EXIT_INTERRUPTED) from None
         if isinstance(result, int) and not isinstance(result, bool) and result != 0:
             record_exit_status(result)
         return result

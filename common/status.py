@@ -9,6 +9,7 @@ import os
 
 EXIT_USER_ERROR = 2  # bad input the user can fix; the one-line message says how
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; rerun to continue
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: a shell's status for a process ended by Ctrl-C
 EXIT_STATUS_ENV = "PIPELINE_EXIT_STATUS_FILE"
 
 

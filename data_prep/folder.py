@@ -52,11 +52,17 @@ def run(args: argparse.Namespace) -> None:
     root = args.root.resolve()
     if not root.is_dir():
         raise UserError(f"--root {args.root} is not a folder; pass the folder of class folders")
+    out = args.out if args.out is not None else Path("data") / root.name
+    if out.resolve().is_relative_to(root):
+        raise UserError(
+            f"--out {out} lies inside --root {args.root}: a rerun would read it as a class; "
+            "choose a folder outside it"
+        )
     spec = parse_per_class(args.per_class)
     images = class_images(root)
     plan = make_plan(images, spec, args.seed, args.at_most)
+    require_train_and_test(plan, args.per_class)
     plan = replace(plan, inputs={"root": str(root), "mode": args.mode})
-    out = args.out if args.out is not None else Path("data") / root.name
     build(out, plan, file_writer(args.mode, None), args.workers, args.verify)
     print(train_hint(out, len(plan.classes)))
 
@@ -69,6 +75,18 @@ def train_hint(out: Path, num_classes: int) -> str:
         f"train on it: {train}, or DATA=<a .yaml file: configs/data/imagenet50.yaml with these "
         "two keys and your images' mean and std>"
     )
+
+
+def require_train_and_test(plan: Plan, per_class: str) -> None:
+    """Training needs train images and `make logits` predicts the test images: a split
+    left empty by --per-class (0, or --at-most on small classes) is refused before any file."""
+    splits = {rel.split("/", 1)[0] for _, rel in plan.items}
+    empty = [split for split in ("train", "test") if split not in splits]
+    if empty:
+        raise UserError(
+            f"--per-class {per_class} puts no image in {' or '.join(empty)}; give each at least "
+            "1 image per class (or a fraction)"
+        )
 
 
 def parse_per_class(text: str) -> list[int | float]:
@@ -99,12 +117,16 @@ def class_images(root: Path) -> dict[str, list[tuple[Path, str]]]:
     its output name, since the output keeps one flat folder per class.
     """
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise UserError(f"--root {root} has no class folders; put each class's images in one")
+    if len(classes) < 2:
+        raise UserError(
+            f"--root {root} has {len(classes)} class folder{'s' * (len(classes) != 1)}: a "
+            "classifier needs at least 2; put each class's images in a folder of its own"
+        )
     images = {}
     for name in classes:
         found = {}
-        for dirpath, dirnames, files in os.walk(root / name):
+        # Symlinked subfolders are followed, as torchvision's ImageFolder follows them.
+        for dirpath, dirnames, files in os.walk(root / name, followlinks=True):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for file in files:
                 path = Path(dirpath) / file

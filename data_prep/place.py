@@ -60,7 +60,9 @@ def _place(src: Path, dst: Path, mode: str) -> str:
         return "kept" if dst.exists() else copy_file(src, dst)
     try:
         if mode == "link":
-            os.link(src, dst)
+            # The file itself: on Linux os.link links a symlink as a symlink (follow_symlinks
+            # is ignored), and a relative one would point nowhere from the dataset.
+            os.link(os.path.realpath(src), dst)
             return "linked"
         os.symlink(src, dst)
         return "symlinked"
@@ -76,6 +78,14 @@ def _place(src: Path, dst: Path, mode: str) -> str:
         raise
 
 
+def unreadable() -> tuple[type[Exception], ...]:
+    """What PIL raises for a file that is no intact image, or one past its decompression-bomb
+    limit (training's loader refuses those too); PIL is imported only when an image is read."""
+    from PIL import Image, UnidentifiedImageError
+
+    return (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def resize_image(src: Path, dst: Path, short_side: int) -> str:
     """Write `src` as an RGB JPEG whose short side is at most `short_side`.
 
@@ -86,7 +96,7 @@ def resize_image(src: Path, dst: Path, short_side: int) -> str:
     """
     if dst.exists():
         return "kept"
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(src) as img:
@@ -95,7 +105,7 @@ def resize_image(src: Path, dst: Path, short_side: int) -> str:
                 # JPEG DCT scaling decodes straight to >= the target size: several times faster.
                 img.draft("RGB", size)
             img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except unreadable() as err:
         raise UserError(
             f"{src} is not a readable image ({err}); replace it with an intact copy"
         ) from None
@@ -122,7 +132,7 @@ def add_verify_argument(parser) -> None:
 def check_image(path: Path, verify: str) -> str:
     """Decode `path` (`verify="decode"`) or parse its header (`"header"`): a damaged image fails
     the build, naming the file, before the dataset is sealed complete."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
@@ -132,7 +142,7 @@ def check_image(path: Path, verify: str) -> str:
             # picture 8 times smaller: a few times faster than a full decode.
             img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except unreadable() as err:
         raise UserError(
             f"{path} is not a readable image ({err}); replace it with an intact copy or remove "
             "it, then run the command again"
@@ -167,8 +177,8 @@ def run_parallel(
 ) -> Counter:
     """Apply `write(payload, dst)` to every item on `workers` threads; tally the outcomes.
 
-    The first exception (a `UserError` for an unreadable image, say) cancels what has not
-    started and is re-raised here, so a failure stops the build at once.
+    The first exception (a `UserError` for an unreadable image, say), or Ctrl-C, cancels what
+    has not started and is re-raised here, so a failure stops the build at once.
     """
     if workers < 1:
         raise UserError(f"--workers {workers} must be at least 1")
@@ -177,15 +187,19 @@ def run_parallel(
     with tqdm(total=len(items), desc=desc, unit="file") as bar:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             pending = {pool.submit(_run_chunk, write, chunk) for chunk in chunks}
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    if future.exception() is not None:
-                        for rest in pending:
-                            rest.cancel()
-                        raise future.exception()
-                    tally.update(future.result())
-                    bar.update(sum(future.result().values()))
+            try:
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for future in done:
+                        if future.exception() is not None:
+                            raise future.exception()
+                        tally.update(future.result())
+                        bar.update(sum(future.result().values()))
+            except BaseException:
+                # A failed file or Ctrl-C: the chunks not started are dropped (leaving the
+                # `with` would otherwise run them all first); the running ones end theirs.
+                pool.shutdown(cancel_futures=True)
+                raise
     return tally
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,7 +18,7 @@ import pytest
 from PIL import Image
 
 from data_prep import fashion
-from tests.conftest import run_command
+from tests.conftest import ROOT, run_command
 
 IDX = Path("/usr/share/datasets/fashion-mnist")
 # Fashion-MNIST's documented label order, and the folder names the build promises.
@@ -141,3 +146,26 @@ def test_missing_idx_files_name_the_fix(tmp_path):
     assert proc.returncode == 2
     assert f"{tmp_path / 'train-images-idx3-ubyte.gz'} is missing" in proc.stderr
     assert "make setup" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_stops_a_build_at_once_and_a_rerun_finishes_it_identically(built, tmp_path):
+    """The thread pool drops the chunks not started (it ran every queued one before exiting)."""
+    out = tmp_path / "f50"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep", "fashion", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    images = out / "test" / "imgs"
+    while proc.poll() is None and (not images.is_dir() or len(os.listdir(images)) < 300):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted (Ctrl-C)" and "Traceback" not in err
+    assert len(os.listdir(images)) < 10_000 and not (out / "manifest.json").exists()
+    build_fashion(out)
+    assert tree_digest(out) == tree_digest(built)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,8 @@ TREE = {
 }
 # --per-class 4,3,0.3: test = 0.3 * size rounded half up (12 -> 3.6 -> 4, 20 -> 6, 15 -> 4.5 -> 5).
 EXPECTED = {"bird": (4, 3, 4), "cat": (4, 3, 6), "dog": (4, 3, 5)}
+# Every image of TREE drawn: at most 10 train, 5 val and 5 test per class.
+EVERY_IMAGE = ["--per-class", "10,5,5", "--at-most"]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +148,7 @@ def test_an_unreadable_image_is_named(photos, tmp_path):
     bad.unlink()
     bad.write_bytes(b"\x00" * 100)
     out = tmp_path / "out"
-    proc = build_folder(root, out, "--per-class", "0.6,0.4,0", check=False)  # draws every image
+    proc = build_folder(root, out, *EVERY_IMAGE, check=False)
     assert proc.returncode == 2 and f"{bad} is not a readable image" in proc.stderr
     assert not out.exists()
 
@@ -166,11 +171,11 @@ def test_a_truncated_image_is_decoded_and_refused_before_the_dataset_is_built(
     with Image.open(bad) as header_only:
         assert header_only.size == (64, 64)
     out = tmp_path / "out"
-    proc = build_folder(root, out, "--per-class", "0.6,0.4,0", check=False)  # draws every image
+    proc = build_folder(root, out, *EVERY_IMAGE, check=False)
     assert proc.returncode == 2
     assert f"error: {bad} is not a readable image (" in proc.stderr
     assert "truncated" in proc.stderr.lower() and not out.exists()
-    build_folder(root, out, "--per-class", "0.6,0.4,0", "--verify", "header")
+    build_folder(root, out, *EVERY_IMAGE, "--verify", "header")
     assert (out / "manifest.json").is_file()
 
 
@@ -220,3 +225,76 @@ def test_at_most_takes_what_small_classes_have_and_keeps_empty_classes(photos, t
         check=False,
     )
     assert proc.returncode == 2 and "class 'eel' has 0 images, too few" in proc.stderr
+
+
+def linked_copy(photos: Path, root: Path) -> None:
+    """`photos` again under `root`, each image a hard link."""
+    for name, files in TREE.items():
+        for rel, _ in files:
+            (root / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(photos / name / rel, root / name / rel)
+
+
+def test_symlinked_images_and_subfolders_are_followed_as_imagefolder_follows_them(photos, tmp_path):
+    root, extra = tmp_path / "linked", tmp_path / "elsewhere"
+    linked_copy(photos, root)
+    (root / "bird" / "b0_again.jpg").symlink_to("b0.jpg")  # relative: dangling from elsewhere
+    extra.mkdir()
+    for i in range(3):
+        os.link(photos / "dog" / f"d{i}.PNG", extra / f"x{i}.png")
+    (root / "dog" / "more").symlink_to(extra, target_is_directory=True)
+    out = tmp_path / "out"
+    build_folder(root, out, *EVERY_IMAGE)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["train"]["dog"] + counts["val"]["dog"] == 15  # 18 images, 3 of them in test
+    for image in [p for p in out.rglob("*") if p.suffix.lower() in (".jpg", ".png", ".jpeg")]:
+        assert not image.is_symlink(), image
+        with Image.open(image) as opened:
+            opened.load()
+
+
+@pytest.mark.parametrize(
+    ("layout", "extra", "problem"),
+    [
+        ("one class", [], "has 1 class folder: a classifier needs at least 2"),
+        ("no test", ["--per-class", "4,3,0"], "puts no image in test; give each at least 1"),
+        ("out inside", [], "lies inside --root"),
+    ],
+)
+def test_a_dataset_that_cannot_train_or_be_predicted_is_refused_before_any_file(
+    photos, tmp_path, layout, extra, problem
+):
+    root = tmp_path / "mine"
+    linked_copy(photos, root)
+    out = tmp_path / "out"
+    if layout == "one class":
+        for name in ("cat", "dog"):
+            shutil.rmtree(root / name)
+    if layout == "out inside":
+        out = root / "dataset"
+    proc = build_folder(root, out, *extra, check=False)
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and problem in line
+    assert not out.exists()
+
+
+def test_an_image_past_pils_decompression_bomb_limit_is_one_line(photos, tmp_path):
+    """Its header alone says 20,000 x 20,000 pixels: PIL refuses to open it."""
+    root = tmp_path / "bomb"
+    linked_copy(photos, root)
+    bomb = root / "cat" / "huge.png"
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + header
+    bomb.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(header))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+        + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    )
+    for verify in ("decode", "header"):
+        proc = build_folder(root, tmp_path / "out", *EVERY_IMAGE, "--verify", verify, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+        assert line.startswith(f"error: {bomb} is not a readable image (") and "bomb" in line

@@ -33,12 +33,16 @@ import sys
 import threading
 import time
 
-from common.status import EXIT_PREEMPTED, record_exit_status, status_for_agent
+from common.status import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    record_exit_status,
+    status_for_agent,
+)
 
 # Ctrl-C (SIGINT) stops like the others; a second one, or one after a stop signal, interrupts
 # at once (KeyboardInterrupt, no checkpoint).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-EXIT_INTERRUPTED = 128 + signal.SIGINT  # a shell's status for a process ended by Ctrl-C
 # How long a second Ctrl-C waits for the main thread to take its KeyboardInterrupt and close
 # the request: a run inside a notebook unwinds (its loader workers joined) rather than the
 # kernel ending; a main thread blocked in C never does.
