@@ -335,7 +335,10 @@ def summary_line(cfg: dict[str, Any], meta: dict[str, Any]) -> str:
 
 
 def write_outputs(folder: Path, arrays: dict[str, dict[str, np.ndarray]], meta: dict) -> None:
-    """The npz files first, meta.json last: its presence marks a complete folder."""
+    """The npz files first, meta.json last: its presence marks a complete folder. A rerun
+    removes the old meta.json first, so that one cut short never leaves new arrays beside the
+    old record (another role, precision or checkpoint) looking complete."""
+    (folder / "meta.json").unlink(missing_ok=True)
     for split, split_arrays in arrays.items():
         write_npz(folder / f"{split}.npz", **split_arrays)
     write_text_atomic(folder / "meta.json", json.dumps(meta, indent=1) + "\n")

@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from common.errors import UserError, user_message
-from ensemble.logits import choose_fusion_weight
+from ensemble.logits import choose_fusion_weight, write_outputs
+from ensemble.members import open_members
 from train.config import load_config
 from train.distributed import make_accelerator
 from train.inference import (
@@ -268,3 +269,18 @@ def test_the_fast_inference_path_gives_the_plain_paths_probabilities(accelerator
             torch.testing.assert_close(fast_main.mean(1), plain_main.mean(1), atol=1e-5, rtol=0)
             torch.testing.assert_close(fast_aux.mean(1), plain_aux.mean(1), atol=1e-5, rtol=0)
             assert torch.equal(fast_main.mean(1).argmax(-1), plain_main.mean(1).argmax(-1))
+
+
+def test_a_rewrite_cut_short_leaves_no_folder_that_looks_complete(tmp_path):
+    """The second write fails after its val.npz (an object array cannot be stored): the old
+    meta.json must not stay beside the new val.npz, where `make ensemble` would trust both."""
+    ids = np.array(["a", "b"])
+    probs = np.full((2, 3), 1 / 3, dtype=np.float16)
+    first = {"val": {"ids": ids, "probs": probs, "labels": np.array([0, 1])}}
+    write_outputs(tmp_path, {**first, "test": {"ids": ids, "probs": probs}}, {"role": "teacher"})
+    assert open_members(tmp_path.parent, [tmp_path.name])[0].meta == {"role": "teacher"}
+    broken = {"ids": np.array(["a", "b"], dtype=object), "probs": probs}
+    with pytest.raises(TypeError, match="object array"):
+        write_outputs(tmp_path, {**first, "test": broken}, {"role": "student"})
+    with pytest.raises(UserError, match="meta.json is missing"):
+        open_members(tmp_path.parent, [tmp_path.name])
