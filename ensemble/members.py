@@ -263,6 +263,23 @@ def stale_members(members: list[Member]) -> list[Member]:
     ]
 
 
+def refuse_one_model_twice(members: list[Member]) -> None:
+    """Two members made from one checkpoint file, role and view are one model counted twice
+    (a copied folder): the blend would double its weight without saying so."""
+
+    def model_of(member: Member) -> str | None:
+        digest = (member.meta.get("provenance") or {}).get("checkpoint_sha256")
+        return digest and f"{digest}/{member.meta.get('role')}/{member.meta.get('view')}"
+
+    groups = _grouped({m.name: model_of(m) for m in members if model_of(m)})
+    twice = [names for names in groups.values() if len(names) > 1]
+    if twice:
+        raise UserError(
+            f"{' and '.join(twice[0])} hold the logits of one model (the same checkpoint file, "
+            "role and view); list it once, with a weight if it should count more"
+        )
+
+
 def check_provenance(members: list[Member]) -> list[str]:
     """Refuse members whose logits come from different datasets (manifest checksum) or test
     ids; return warnings to print: members trained on different commits, without a record, or
@@ -276,7 +293,13 @@ def check_provenance(members: list[Member]) -> list[str]:
                 f"the members' logits come from different {what}: {_listed(groups)}; "
                 "rerun `make logits MODEL=<name>` for the odd ones on the same dataset"
             )
-    warnings = []
+    refuse_one_model_twice(members)
+    warnings = [
+        f"{m.folder / 'meta.json'} holds the logits of {m.meta['model']}, not {m.name} (a copied "
+        "folder?)"
+        for m in members
+        if m.meta.get("model", m.name) != m.name
+    ]
     commits = _grouped({name: training_code(r) for name, r in records.items() if r})
     if len(commits) > 1:
         warnings.append(f"members were trained on different commits: {_listed(commits)}")

@@ -401,8 +401,11 @@ def test_two_process_logits_equal_one_process_logits_row_for_row(world):
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{split} {key}")
     meta_one, meta_two = (json.loads((p / "meta.json").read_text()) for p in (one, two))
     assert (meta_one.pop("processes"), meta_two.pop("processes")) == (1, 2)
-    # The two runs write to different logits_dir, a key of the config its hash covers.
+    # The two runs write to different logits_dir, a key of the config its hash covers, and of
+    # the command that remakes them.
     hashes = [meta["provenance"].pop("config_sha256") for meta in (meta_one, meta_two)]
+    remakes = [meta.pop("make_logits") for meta in (meta_one, meta_two)]
+    assert remakes[0].replace("/one", "/two") == remakes[1]
     assert all(len(h) == 64 for h in hashes)
     assert meta_one == meta_two
 

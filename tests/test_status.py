@@ -179,6 +179,18 @@ def test_status_follows_a_tiny_run_from_training_to_fresh_logits(tiny_dir, tmp_p
         f"trained on after `make logits`): `{remake}` brings them up to date"
     ) in blend(args, tmp_path)
 
+    # A member's folder copied under another member's name: one model, refused if counted
+    # twice, and named when alone.
+    other = next(m for m in MODELS if m != TRAINED)
+    shutil.copytree(tmp_path / "logits" / TRAINED, tmp_path / "logits" / other)
+    out = ["--out-dir", str(tmp_path / "submissions")]
+    proc = run_command("-m", "ensemble.blend", *args, "--models", TRAINED, other, *out, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        f"error: {TRAINED} and {other} hold the logits of one model"
+    )
+    alone = run_command("-m", "ensemble.blend", *args, "--models", other, *out).stderr
+    assert f"holds the logits of {TRAINED}, not {other} (a copied folder?)" in alone
+
     # Sixteen runs (hard-linked copies of this one, named as vipriors16's models): one read.
     sixteen = tmp_path / "sixteen"
     names = status.load_ensemble_config("vipriors16")["models"]
