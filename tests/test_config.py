@@ -224,6 +224,25 @@ def test_a_dataset_config_may_be_a_path_and_its_values_are_blamed_on_it(tmp_path
         load_config("effnet_b7", [f"data={tmp_path / 'gone.yaml'}"])
 
 
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ("data_dir=", "command line: data_dir=null needs a value (it is empty or null)"),
+        ("out_dir=", "command line: out_dir=null needs a value"),
+        ("arch=", "command line: arch=null needs a value"),
+        ("tracker_project=", "command line: tracker_project=null needs a value"),
+        ("data=", "dataset (empty) is neither a name in configs/data/ nor a .yaml path"),
+        ("seed=100000000000000000000000", "command line: seed=100000000000000000000000 must be"),
+    ],
+)
+def test_an_empty_override_from_an_unset_variable_or_a_huge_seed_is_one_line(override, problem):
+    with pytest.raises(UserError) as err:
+        load_config("demo_resnet18_w16", [override])
+    assert str(err.value).startswith(problem)
+    cfg = load_config("demo_resnet18_w16", ["auto_augment=", "seed=18446744073709551615"])
+    assert cfg["auto_augment"] is None  # null means something here: no AutoAugment
+
+
 @pytest.mark.parametrize("value", ["null", "5", "[a]"])
 def test_a_data_key_that_is_no_name_is_one_line(tmp_path, value):
     model = tmp_path / "mine.yaml"

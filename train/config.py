@@ -31,7 +31,7 @@ KINDS = {"models": "model", "data": "dataset", "ensembles": "ensemble"}
 # The values each numeric key may take: [ ] include the bound, ( ) exclude it. A key whose
 # base.yaml default is null (ema_horizon, fusion_weight) may also be null.
 RANGES = {
-    "seed": "[0, inf)",
+    "seed": "[0, 18446744073709551615]",  # 2^64 - 1: torch's and numpy's seeds hold 64 bits
     "num_classes": "[2, inf)",
     "holdout_per_class": "[0, inf)",
     "img_size": "[1, inf)",
@@ -91,6 +91,9 @@ CHOICES = {
     "sched": ("cosine", "tanh", "step", "multistep", "poly", "constant", "rsqrt"),
 }
 # Pairs (low, high) with 0 < low <= high, and per-channel statistics.
+# Keys whose null means something although base.yaml gives a value: no AutoAugment. Any other
+# key whose default is not null needs a value (`data_dir=` from an unset shell variable).
+NULLABLE = {"auto_augment"}
 PAIRS = ("rrc_scale", "rrc_ratio")
 CHANNELS = {"mean": "(-inf, inf)", "std": "(0, inf)"}
 INTERVAL = re.compile(r"^([\[(])(\S+), (\S+)([\])])$")
@@ -138,7 +141,8 @@ def _layer(kind: str, value: str) -> tuple[dict[str, Any], str]:
     the path of a YAML file (a run's saved config.yaml, a dataset config kept beside the data)."""
     if not isinstance(value, str):
         raise UserError(
-            f"{KINDS[kind]} {value!r} is neither a name in configs/{kind}/ nor a .yaml path; "
+            f"{KINDS[kind]} {'(empty)' if value is None else repr(value)} is neither a name in "
+            f"configs/{kind}/ nor a .yaml path; "
             f"valid names: {', '.join(available(kind))}"
         )
     path = Path(value)
@@ -225,6 +229,8 @@ def _problem(key: str, value: Any, base_value: Any) -> str | None:
         if not _in_range(value, RANGES[key]):
             kind = "" if isinstance(value, (int, float)) else "a number "
             return f"must be {kind}{_range_text(RANGES[key])}"
+    if value is None and base_value is not None and key not in NULLABLE:
+        return "needs a value (it is empty or null)"
     if key in CHOICES and value not in CHOICES[key]:
         return f"must be one of {', '.join(CHOICES[key])}"
     if key == "name" and value is not None and not (isinstance(value, str) and is_one_name(value)):
