@@ -23,7 +23,7 @@ DATA ?=
 ARGS ?=
 ACCELERATE_CONFIG ?=
 NPROC ?=
-# make ensemble: ENSEMBLE=<configs/ensembles name>, or MODELS="a b" WEIGHTS="1 2" NAME=<name>
+# make ensemble: ENSEMBLE=<configs/ensembles name or .yaml>, or MODELS="a b" WEIGHTS="1 2" NAME=<name>
 ENSEMBLE ?= vipriors16
 MODELS ?=
 WEIGHTS ?=

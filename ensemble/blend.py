@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from common import provenance
-from common.cli import name_arg, non_negative_float
+from common.cli import is_one_name, name_arg, non_negative_float
 from common.errors import UserError, cli_main
 from common.fs import require_writable, write_text_atomic
 from common.metrics import top1
@@ -43,7 +43,7 @@ from ensemble.search import (
     weighted_sum,
 )
 from ensemble.submission import write_submission
-from train.config import CONFIG_DIR, available, load_config, read_yaml
+from train.config import CONFIG_DIR, available, config_layer, config_name, load_config
 
 ENSEMBLE_KEYS = ("models", "weights", "description")
 
@@ -85,17 +85,24 @@ def blend_split(members: list[Member], weights: Sequence[float], split: str) -> 
 
 
 def load_ensemble_config(name: str) -> dict[str, Any]:
-    path = CONFIG_DIR / "ensembles" / f"{name}.yaml"
-    if not path.is_file():
-        valid = ", ".join(available("ensembles"))
-        raise UserError(f"unknown ensemble {name!r} (no {path}); valid: {valid}")
-    data = read_yaml(path)
+    """configs/ensembles/<name>.yaml, or a .yaml path: `models` (a list of names), optional
+    `weights` (one number per model) and `description`."""
+    data, origin = config_layer("ensembles", name)
     unknown = sorted(set(data) - set(ENSEMBLE_KEYS))
-    if unknown or not data.get("models"):
+    models = data.get("models")
+    if unknown or not isinstance(models, list) or not models:
         raise UserError(
-            f"{path}: needs a `models:` list (unknown keys: {', '.join(unknown) or 'none'}; "
+            f"{origin}: needs a `models:` list (unknown keys: {', '.join(unknown) or 'none'}; "
             f"valid: {', '.join(ENSEMBLE_KEYS)})"
         )
+    if not all(isinstance(m, str) and is_one_name(m) for m in models):
+        raise UserError(f"{origin}: models {models} must each be a model or run name")
+    weights = data.get("weights")
+    numbers = isinstance(weights, list) and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights
+    )
+    if weights is not None and not numbers:
+        raise UserError(f"{origin}: weights {weights!r} must be a list of numbers, one per model")
     return data
 
 
@@ -157,8 +164,8 @@ def resolve_models(args: argparse.Namespace) -> tuple[str, list[str], list[float
     """(name, models, given weights or None, where the weights come from)."""
     if args.config:
         config = load_ensemble_config(args.config)
-        name, models = args.name or args.config, list(config["models"])
-        weights, origin = config.get("weights"), f"configs/ensembles/{args.config}.yaml"
+        name, models = args.name or config_name(args.config), list(config["models"])
+        weights, origin = config.get("weights"), config_layer("ensembles", args.config)[1]
     else:
         name, models, weights, origin = args.name or "ensemble", args.models, None, "equal"
         overrides = [m for m in models if "=" in m]

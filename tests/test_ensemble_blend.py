@@ -417,13 +417,39 @@ def test_make_ensemble_reads_the_logits_where_make_logits_wrote_them_under_the_s
     assert report["search"] is not None  # the flag reached the blend
 
 
-def test_ensemble_config_keys_are_checked(tmp_path, monkeypatch):
-    folder = tmp_path / "ensembles"
-    folder.mkdir()
-    (folder / "typo.yaml").write_text(yaml.safe_dump({"model": ["a"]}))
-    monkeypatch.setattr("ensemble.blend.CONFIG_DIR", tmp_path)
-    with pytest.raises(UserError, match="needs a `models:` list .unknown keys: model"):
-        load_ensemble_config("typo")
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        ({"model": ["a"]}, "needs a `models:` list (unknown keys: model"),
+        ({"models": "a"}, "needs a `models:` list (unknown keys: none"),
+        ({"models": ["a", 5]}, "models ['a', 5] must each be a model or run name"),
+        ({"models": ["a", "b"], "weights": 1}, "weights 1 must be a list of numbers"),
+        ({"models": ["a", "b"], "weights": ["a", "b"]}, "weights ['a', 'b'] must be a list"),
+        ({"models": ["a", "b"], "weights": {"a": 1}}, "weights {'a': 1} must be a list"),
+        ({"models": ["a", "b"], "weights": [1, None]}, "weights [1, None] must be a list"),
+    ],
+)
+def test_an_ensemble_config_of_the_wrong_shape_is_one_line_naming_its_file(
+    three, tmp_path, config, problem
+):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(config))
+    root, _ = three
+    proc = blend_command("--config", str(path), "--logits-dir", str(root), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {path}: {problem}")
+
+
+def test_an_ensemble_config_given_as_a_path_names_the_submission_after_its_file(three, tmp_path):
+    root, _ = three
+    path = tmp_path / "configs" / "mine.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({"models": ["a", "b"], "weights": [1, 3]}))
+    out = tmp_path / "subs"
+    blend_command("--config", str(path), "--logits-dir", str(root), "--out-dir", str(out))
+    report = json.loads((out / "mine.json").read_text())
+    assert report["weights"] == [0.25, 0.75] and report["weights_from"] == str(path)
+    assert not (path.parent / "mine.csv").exists()
 
 
 def test_blend_command_records_a_weight_search(tmp_path):

@@ -123,34 +123,34 @@ def available(kind: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
 
 
-def _named(kind: str, name: str) -> dict[str, Any]:
-    path = CONFIG_DIR / kind / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(
-            f"unknown {KINDS[kind]} {name!r} (no {path}); valid: {', '.join(available(kind))}"
-        )
-    return read_yaml(path)
-
-
 def _is_yaml_path(value: str) -> bool:
     return Path(value).suffix.lower() in (".yaml", ".yml")
 
 
-def _layer(kind: str, value: str) -> tuple[dict[str, Any], str]:
+def config_name(value: str) -> str:
+    """The name a config goes by: its file's stem when given as a path."""
+    return Path(value).stem if _is_yaml_path(value) else value
+
+
+def config_layer(kind: str, value: str) -> tuple[dict[str, Any], str]:
     """A config layer and where it comes from: `value` names configs/<kind>/<value>.yaml, or is
-    the path of a YAML file (a run's saved config.yaml, a dataset config kept beside the data)."""
+    the path of a YAML file (a run's saved config.yaml, a dataset config kept beside the data,
+    an ensemble of one's own)."""
     if not isinstance(value, str):
         raise UserError(
             f"{KINDS[kind]} {'(empty)' if value is None else repr(value)} is neither a name in "
-            f"configs/{kind}/ nor a .yaml path; "
-            f"valid names: {', '.join(available(kind))}"
+            f"configs/{kind}/ nor a .yaml path; valid names: {', '.join(available(kind))}"
         )
-    path = Path(value)
-    if not _is_yaml_path(value):
-        return _named(kind, value), f"configs/{kind}/{value}.yaml"
+    if _is_yaml_path(value):
+        if not Path(value).is_file():
+            raise UserError(f"{KINDS[kind]} config {value} does not exist; check the path")
+        return read_yaml(Path(value)), value
+    path = CONFIG_DIR / kind / f"{value}.yaml"
     if not path.is_file():
-        raise UserError(f"{KINDS[kind]} config {path} does not exist; check the path")
-    return read_yaml(path), str(path)
+        raise UserError(
+            f"unknown {KINDS[kind]} {value!r} (no {path}); valid: {', '.join(available(kind))}"
+        )
+    return read_yaml(path), f"configs/{kind}/{value}.yaml"
 
 
 # Keys that may also say "auto", resolved when the run starts (batch_size: train/auto_batch.py;
@@ -284,19 +284,21 @@ def load_config(model: str, overrides: list[str] | dict[str, Any] | None = None)
     if isinstance(overrides, list):
         raw = parse_overrides(overrides)
         overrides = {k: _coerce(k, v, base.get(k)) for k, v in raw.items()}
-    model_layer, _ = _layer("models", model)
+    model_layer, _ = config_layer("models", model)
     # A run's saved config.yaml (its record popped: not a setting) holds every value already:
     # its dataset's config, perhaps a path moved since, is not read again.
     saved_run = model_layer.pop(provenance.KEY, None) is not None
     cfg, origins = dict(base), {}
     data = overrides.get("data", model_layer.get("data", base["data"]))
-    data_layer, data_origin = ({}, f"model config {model}") if saved_run else _layer("data", data)
+    data_layer, data_origin = (
+        ({}, f"model config {model}") if saved_run else config_layer("data", data)
+    )
     _merge(cfg, {"data": data, **data_layer}, data_origin, origins)
     _merge(cfg, model_layer, f"model config {model}", origins)
     _merge(cfg, dict(overrides), "command line", origins)
     validate(cfg, base, origins)
     if cfg["name"] is None:
-        cfg["name"] = Path(model).stem if _is_yaml_path(model) else model
+        cfg["name"] = config_name(model)
     return cfg
 
 

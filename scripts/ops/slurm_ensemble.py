@@ -29,7 +29,7 @@ from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
 from data_prep.layout import Layout
 from ensemble.blend import load_ensemble_config
-from train.config import load_config, logits_dir, run_dir
+from train.config import config_name, load_config, logits_dir, run_dir
 from train.slurm import add_job_arguments, job_python, render
 
 LOGITS = Template(r"""#!/usr/bin/env bash
@@ -92,7 +92,7 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[Job]]:
     """The folder for the scripts, and every job in submission order."""
     models = load_ensemble_config(args.config)["models"]
     configs = [load_config(m, args.overrides) for m in models]
-    folder = Path(configs[0]["out_dir"]) / ".slurm" / args.config
+    folder = Path(configs[0]["out_dir"]) / ".slurm" / config_name(args.config)
     jobs = []
     for model, cfg in zip(models, configs, strict=True):
         train = render(model, args.overrides, args)
@@ -106,7 +106,8 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[Job]]:
         )
         jobs += [Job("train", cfg["name"], train, run_dir(cfg))]
         jobs += [Job("logits", cfg["name"], logits, run_dir(cfg))]
-    jobs.append(Job("ensemble", args.config, ensemble_script(args, configs[0], folder), folder))
+    name = config_name(args.config)
+    jobs.append(Job("ensemble", name, ensemble_script(args, configs[0], folder), folder))
     return folder, jobs
 
 
@@ -114,12 +115,12 @@ def ensemble_script(args: argparse.Namespace, first: dict[str, Any], folder: Pat
     blend = ["--config", args.config, "--logits-dir", str(logits_dir(first).parent)]
     blend += ["--out-dir", str(args.submissions)]
     return ENSEMBLE.substitute(
-        name=shlex.quote(f"ensemble-{args.config}"),
+        name=shlex.quote(f"ensemble-{config_name(args.config)}"),
         cpus=min(args.cpus_per_task, 8),
         time=args.logits_time,
         output=shlex.quote(f"{folder}/ensemble-%j.out"),
         blend=shlex.join(blend),
-        submission=shlex.quote(str(args.submissions / f"{args.config}.csv")),
+        submission=shlex.quote(str(args.submissions / f"{config_name(args.config)}.csv")),
         labels=shlex.quote(str(Layout(Path(first["data_dir"])).test_labels)),
         python=job_python(),
     )
