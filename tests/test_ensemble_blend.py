@@ -450,6 +450,9 @@ def test_an_ensemble_config_given_as_a_path_names_the_submission_after_its_file(
     report = json.loads((out / "mine.json").read_text())
     assert report["weights"] == [0.25, 0.75] and report["weights_from"] == str(path)
     assert not (path.parent / "mine.csv").exists()
+    proc = blend_command("--config", str(path.with_suffix("")), check=False)  # no .yaml
+    assert proc.returncode == 2
+    assert f"error: ensemble '{path.with_suffix('')}' is neither a name" in proc.stderr
 
 
 def test_blend_command_records_a_weight_search(tmp_path):

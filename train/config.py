@@ -136,7 +136,7 @@ def config_layer(kind: str, value: str) -> tuple[dict[str, Any], str]:
     """A config layer and where it comes from: `value` names configs/<kind>/<value>.yaml, or is
     the path of a YAML file (a run's saved config.yaml, a dataset config kept beside the data,
     an ensemble of one's own)."""
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not (_is_yaml_path(value) or is_one_name(value)):
         raise UserError(
             f"{KINDS[kind]} {'(empty)' if value is None else repr(value)} is neither a name in "
             f"configs/{kind}/ nor a .yaml path; valid names: {', '.join(available(kind))}"
