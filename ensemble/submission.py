@@ -33,6 +33,7 @@ INTEGER = re.compile(r"^-?[0-9]+$")
 INTEGRAL_FLOAT = re.compile(r"^-?[0-9]+\.0*$")  # 3.0, 3., 3.00: the scorer compares 3.0 == 3
 BOM = "\ufeff"
 SHOWN = 5  # examples named in a message
+MAX_CLASSES = 2**31  # a label past it is no class index (and would overflow an int64 array)
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so that the same predictions give the same zip bytes
 
 
@@ -75,7 +76,8 @@ def _read_table(path: Path, header: tuple[str, str], column: str) -> tuple[list[
     return ids, values
 
 
-def _parse_classes(path: Path, ids: list[str], values: list[str], column: str) -> np.ndarray:
+def _parse_classes(path: Path, ids: list[str], values: list[str], column: str) -> list[int]:
+    """Python integers, whatever their size: a range check, not int64, refuses a huge one."""
     pairs = list(zip(ids, values, strict=True))
     bad = [f"{i}={v!r}" for i, v in pairs if not (INTEGER.match(v) or INTEGRAL_FLOAT.match(v))]
     if bad:
@@ -88,7 +90,7 @@ def _parse_classes(path: Path, ids: list[str], values: list[str], column: str) -
             f"{path}: {len(floats)} {column} values are written as floats ({_examples(floats)}); "
             "read as the integers they equal, as the scorer compares them"
         )
-    return np.array([int(v.split(".")[0]) for v in values], dtype=np.int64)
+    return [int(v.split(".")[0]) for v in values]
 
 
 def _refuse_duplicates(path: Path, ids: list[str]) -> None:
@@ -101,7 +103,14 @@ def read_labels(path: Path) -> dict[str, int]:
     """An `Image IDs,label` file (the local test_labels.csv, or val labels) as {id: class}."""
     ids, values = _read_table(path, LABELS_HEADER, "label")
     _refuse_duplicates(path, ids)
-    return dict(zip(ids, _parse_classes(path, ids, values, "label").tolist(), strict=True))
+    labels = _parse_classes(path, ids, values, "label")
+    odd = [f"{i}={v}" for i, v in zip(ids, labels, strict=True) if not 0 <= v < MAX_CLASSES]
+    if odd:
+        raise UserError(
+            f"{path}: {len(odd)} labels are not class indices in [0, {MAX_CLASSES}) "
+            f"({_examples(odd)})"
+        )
+    return dict(zip(ids, labels, strict=True))
 
 
 def validate_submission(
@@ -111,7 +120,7 @@ def validate_submission(
     ids, values = _read_table(path, HEADER, "Predictions")
     _refuse_duplicates(path, ids)
     classes = _parse_classes(path, ids, values, "Predictions")
-    pairs = zip(ids, classes.tolist(), strict=True)
+    pairs = zip(ids, classes, strict=True)
     out_of_range = [f"{i}={c}" for i, c in pairs if not 0 <= c < num_classes]
     if out_of_range:
         raise UserError(
@@ -127,7 +136,7 @@ def validate_submission(
     extra = [i for i in ids if i not in known]
     if extra:
         raise UserError(f"{path}: {len(extra)} rows with unexpected ids ({_examples(extra)})")
-    return dict(zip(ids, classes.tolist(), strict=True))
+    return dict(zip(ids, classes, strict=True))
 
 
 def write_submission(

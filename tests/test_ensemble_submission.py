@@ -69,6 +69,8 @@ def broken(text: str, edit: str) -> str:
         lines[4] = "img_3.JPEG,10"
     elif edit == "negative class":
         lines[4] = "img_3.JPEG,-1"
+    elif edit == "huge class":
+        lines[4] = "img_3.JPEG,99999999999999999999999"
     elif edit == "wrong header":
         lines[0] = "Image IDs,Prediction"
     elif edit == "fractional class":
@@ -88,6 +90,7 @@ def broken(text: str, edit: str) -> str:
         ("extra row", "1 rows with unexpected ids (img_99.JPEG)"),
         ("class out of range", "1 predictions outside [0, 10) (img_3.JPEG=10)"),
         ("negative class", "1 predictions outside [0, 10) (img_3.JPEG=-1)"),
+        ("huge class", "1 predictions outside [0, 10) (img_3.JPEG=99999999999999999999999)"),
         ("wrong header", "header is 'Image IDs,Prediction'; it must be exactly 'Image IDs,Pred"),
         ("fractional class", "1 Predictions values are not integer class indices (img_3.JPEG="),
         ("third column", "line 5 is 'img_3.JPEG,1,2'"),
@@ -133,6 +136,14 @@ def test_labels_files_are_checked_too(tmp_path):
         read_labels(path)
     path.write_text("Image IDs,labels\nimg_0.JPEG,1\n")
     with pytest.raises(UserError, match="must be exactly 'Image IDs,label'"):
+        read_labels(path)
+    path.write_text("Image IDs,label\nimg_0.JPEG,1\nimg_1.JPEG,-2\nimg_2.JPEG,3e99\n")
+    with pytest.raises(UserError, match="1 label values are not integer class indices"):
+        read_labels(path)
+    path.write_text(
+        "Image IDs,label\nimg_0.JPEG,1\nimg_1.JPEG,-2\nimg_2.JPEG,99999999999999999999\n"
+    )
+    with pytest.raises(UserError, match=r"2 labels are not class indices in \[0, 2147483648\)"):
         read_labels(path)
 
 
