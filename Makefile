@@ -145,4 +145,4 @@ status: setup ## one table of ENSEMBLE='s models: epochs, best top-1, running, l
 	@$(PY) -m scripts.ops.status --config $(ENSEMBLE) $(if $(DATA),data=$(DATA)) $(ARGS)
 
 tensorboard: setup ## serve the runs' curves on http://127.0.0.1:PORT (LOGDIR=runs)
-	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host 127.0.0.1 --port $(PORT)
+	$(PY) -m tensorboard.main --logdir "$(LOGDIR)" --host 127.0.0.1 --port $(PORT)

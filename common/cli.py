@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from collections.abc import Callable
 
 NAME_RULE = "one folder name (no /, not . or ..)"
 
@@ -30,7 +31,16 @@ def name_arg(text: str) -> str:
 
 def positive_int(text: str) -> int:
     """argparse type: a whole number of at least 1."""
-    return _at_least(text, int, 1, "a whole number of at least 1")
+    return int_at_least(1)(text)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: a whole number of at least `low`."""
+
+    def parse(text: str) -> int:
+        return _at_least(text, int, low, f"a whole number of at least {low}")
+
+    return parse
 
 
 def non_negative_float(text: str) -> float:

@@ -173,6 +173,7 @@ def test_make_data_passes_splits_only_when_given(variables, expected):
         ("data", ["FOLDER=/my photos", "PER_CLASS=2, 1, 1"], ["--root", "/my photos"]),
         ("evaluate", ["SUBMISSION=/my subs/a.csv", "LABELS=/l s.csv"], ["/my subs/a.csv"]),
         ("ensemble", ["MODELS=a b", "NAME=my best"], ["--name", "my best"]),
+        ("tensorboard", ["LOGDIR=/my runs"], ["--logdir", "/my runs"]),
     ],
 )
 def test_make_passes_a_path_or_name_with_spaces_as_one_argument(target, variables, expected):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from common.errors import UserError
 from scripts.studies import ablation, long_run, runner, tsne
@@ -401,3 +402,39 @@ def test_make_frontier_trains_both_sides_at_equal_time_and_draws_the_frontier(st
     args[args.index("--trainval-epochs") + 1] = "0"
     assert "frontier: 2 runs, 2 done, 0 to do" in run_command(*args).stdout
     assert "| train+val | 1 |" in (results / "frontier.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("images", "problem"),
+    [
+        ("5", "argument --images: '5' must be a whole number of at least 20"),
+        ("-5", "argument --images: '-5' must be"),
+    ],
+)
+def test_make_tsne_refuses_too_few_images_in_one_line(images, problem, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        tsne.main(["strong_baseline", "--images", images])
+    assert stopped.value.code == 2 and problem in capsys.readouterr().err
+
+
+def test_a_tsne_sample_with_as_many_classes_as_images_is_refused(tmp_path):
+    """20 test images of 20 classes: the silhouette needs fewer classes than images."""
+    for c in range(20):
+        (tmp_path / "src" / f"class_{c}").mkdir(parents=True)
+        for i in range(3):
+            pixels = np.full((4, 4, 3), c * 10 + i, dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "src" / f"class_{c}" / f"{i}.png")
+    out = tmp_path / "data"
+    run_command(
+        "-m",
+        "data_prep",
+        "folder",
+        "--root",
+        str(tmp_path / "src"),
+        "--per-class",
+        "1,1,1",
+        "--out",
+        str(out),
+    )
+    with pytest.raises(UserError, match=f"20 test images of 20 classes sampled from {out}"):
+        tsne.test_sample(out, 20)

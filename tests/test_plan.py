@@ -194,3 +194,13 @@ def test_swin_is_planned_on_fake_tensors_at_its_one_size():
     size: the plan builds it on the meta device and warms up at the config's size."""
     fp = plan.footprint(load_config("table1_swin_tiny"))
     assert 28e6 < fp.params < 29e6 and fp.per_image_bytes > 0
+
+
+def test_a_gpu_memory_below_what_cuda_keeps_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        plan.main(["--gpu-mem", "0.5"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: GPU_MEM=0.5 GiB leaves nothing once 90% of it less 2 GiB for CUDA is taken: give "
+        "the GPU's memory in GiB (e.g. GPU_MEM=80)\n"
+    )

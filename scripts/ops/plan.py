@@ -380,6 +380,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UserError(
             "GPU_MEM, GPUS and TFLOPS must be positive numbers (e.g. make plan GPU_MEM=80)"
         )
+    if args.gpu_mem * GIB * MEMORY_SHARE <= RESERVED_BYTES:
+        raise UserError(
+            f"GPU_MEM={args.gpu_mem:g} GiB leaves nothing once {MEMORY_SHARE:.0%} of it less "
+            f"{RESERVED_BYTES / GIB:g} GiB for CUDA is taken: give the GPU's memory in GiB "
+            "(e.g. GPU_MEM=80)"
+        )
     return args
 
 

@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from common.errors import warn
+from common.errors import cli_main, warn
 from common.processes import kill_tree
 from data_prep.layout import Layout
 from scripts.ops.plan import plan_models
@@ -305,6 +305,7 @@ def choose_precision(asked: str) -> str:
     return "no"
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     precision = choose_precision(args.precision)

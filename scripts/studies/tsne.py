@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from common.cli import int_at_least
 from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
 from common.metrics import top1
@@ -33,6 +34,9 @@ from train.config import load_config, run_dir
 from train.inference import build_crop_transform
 from train.model import build_model
 from train.views import EvalDataset
+
+MIN_IMAGES = 20
+KNN = 5  # neighbours of the k-NN accuracy
 
 
 def resolve(target: str, seed: int, overrides: list[str], results: Path) -> tuple[str, dict, str]:
@@ -61,7 +65,15 @@ def test_sample(data_dir: Path, images: int) -> list[tuple[str, Path, int]]:
     labels = read_labels(layout.test_labels)
     items = [(i, path, labels[i]) for i, path in layout.test_items()]
     chosen = np.random.default_rng(0).permutation(len(items))[: min(images, len(items))]
-    return [items[i] for i in sorted(chosen)]
+    sample = [items[i] for i in sorted(chosen)]
+    classes = len({item[2] for item in sample})
+    if not 2 <= classes < len(sample) or len(sample) <= KNN:
+        raise UserError(
+            f"{len(sample)} test images of {classes} classes sampled from {data_dir}: the "
+            f"silhouette needs 2 or more classes, fewer than the images, and {KNN}-NN more than "
+            f"{KNN} images; raise --images"
+        )
+    return sample
 
 
 @torch.inference_mode()
@@ -78,7 +90,7 @@ def features(cfg: dict[str, Any], role: str, items: list) -> np.ndarray:
     return torch.cat(rows).float().numpy()
 
 
-def knn_accuracy(feats: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
+def knn_accuracy(feats: np.ndarray, labels: np.ndarray, k: int = KNN) -> float:
     """Leave-one-out k-NN accuracy (%) under cosine similarity; a tied vote goes to the
     smallest class index."""
     unit = feats / np.linalg.norm(feats, axis=1, keepdims=True).clip(min=1e-12)
@@ -148,7 +160,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="*", help="rows or run folders, then key=value overrides")
     parser.add_argument("--seed", type=int, default=0, help="the seed of a row's run")
-    parser.add_argument("--images", type=int, default=2000, help="test images to embed")
+    parser.add_argument(
+        "--images",
+        type=int_at_least(MIN_IMAGES),
+        default=2000,
+        help=f"test images to embed (at least {MIN_IMAGES}: t-SNE, the silhouette and 5-NN need "
+        "several per class)",
+    )
     parser.add_argument("--results", type=Path, default=Path("results"), help="output folder")
     args = parser.parse_intermixed_args(argv)
     overrides = [t for t in args.targets if "=" in t]
