@@ -71,7 +71,7 @@ logits: setup ## TenCrop probabilities of MODEL= for val and test (NPROC= proces
 
 ensemble: setup ## average models into submissions/<name>.csv/.zip/.json (ARGS=key=value as for logits)
 	$(PY) -m ensemble.blend $(if $(DATA),data=$(DATA)) $(ARGS) \
-		$(if $(MODELS),--models $(MODELS),--config $(ENSEMBLE)) \
+		$(if $(MODELS),--models $(MODELS),--config "$(ENSEMBLE)") \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SEARCH),--search-weights) $(if $(NAME),--name "$(NAME)")
 
 evaluate: setup ## validate SUBMISSION= and score it against LABELS=

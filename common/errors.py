@@ -9,6 +9,8 @@ is accepted but odd gets one `warning:` line (`warn`).
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -41,7 +43,7 @@ def warn(message: str) -> None:
 
 def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
     """Run a command's main; report `UserError` as `error: <message>` and exit 2, and Ctrl-C
-    as one line and exit 130."""
+    as one line and death by SIGINT (status 130 in a shell)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -52,11 +54,14 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
             record_exit_status(EXIT_USER_ERROR)
             raise SystemExit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
-            # Ctrl-C: the shell's status for it, one line instead of a traceback. Every output
-            # is written atomically, so what was cut short is absent, never half-written.
+            # Ctrl-C: one line instead of a traceback (every output is written atomically, so
+            # what was cut short is absent), then death by SIGINT as Python's own: a shell
+            # loop over commands stops only for a child that SIGINT killed.
             print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
             record_exit_status(EXIT_INTERRUPTED)
-            raise SystemExit(EXIT_INTERRUPTED) from None
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            raise SystemExit(EXIT_INTERRUPTED) from None  # (where SIGINT cannot kill: Windows)
         if isinstance(result, int) and not isinstance(result, bool) and result != 0:
             record_exit_status(result)
         return result

@@ -89,8 +89,12 @@ class FileLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # the folder was removed between mkdir and open
-                continue
+            except FileNotFoundError:
+                if not self.path.parent.is_dir():  # removed between mkdir and open: again
+                    continue
+                raise UserError(
+                    f"cannot create the lock {self.path} (a dangling link?); remove it"
+                ) from None
             try:
                 if not self._lock(fd):
                     os.close(fd)

@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from common.cli import make_command
 from common.errors import UserError
-from data_prep.build import Plan, build
+from data_prep.build import SPLITS, Plan, build
 from data_prep.layout import is_image, test_name
 from data_prep.place import MODES, add_verify_argument, file_writer
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
     spec = parse_per_class(args.per_class)
     images = class_images(root)
     plan = make_plan(images, spec, args.seed, args.at_most)
-    require_train_and_test(plan, args.per_class)
+    require_every_split(plan, args.per_class)
     plan = replace(plan, inputs={"root": str(root), "mode": args.mode})
     build(out, plan, file_writer(args.mode, None), args.workers, args.verify)
     print(train_hint(out, len(plan.classes)))
@@ -77,15 +78,19 @@ def train_hint(out: Path, num_classes: int) -> str:
     )
 
 
-def require_train_and_test(plan: Plan, per_class: str) -> None:
-    """Training needs train images and `make logits` predicts the test images: a split
-    left empty by --per-class (0, or --at-most on small classes) is refused before any file."""
+def require_every_split(plan: Plan, per_class: str) -> None:
+    """Training needs train images, held-out scores and `make logits` val images, and logits
+    predict the test images: a split left empty by --per-class (0, or --at-most on small
+    classes) is refused before any file."""
     splits = {rel.split("/", 1)[0] for _, rel in plan.items}
-    empty = [split for split in ("train", "test") if split not in splits]
+    _refuse_empty([split for split in SPLITS if split not in splits], per_class)
+
+
+def _refuse_empty(empty: list[str], per_class: str) -> None:
     if empty:
         raise UserError(
-            f"--per-class {per_class} puts no image in {' or '.join(empty)}; give each at least "
-            "1 image per class (or a fraction)"
+            f"--per-class {per_class} puts no image in {' or '.join(empty)}; give each split at "
+            "least 1 image per class (or a fraction)"
         )
 
 
@@ -97,6 +102,7 @@ def parse_per_class(text: str) -> list[int | float]:
             f"--per-class {text!r} is not TRAIN,VAL,TEST; give three counts (50) or fractions "
             "in (0, 1) (0.5), e.g. --per-class 50,50,0.5"
         )
+    _refuse_empty([split for split, value in zip(SPLITS, values, strict=True) if value == 0], text)
     return values
 
 
@@ -125,11 +131,9 @@ def class_images(root: Path) -> dict[str, list[tuple[Path, str]]]:
     images = {}
     for name in classes:
         found = {}
-        # Symlinked subfolders are followed, as torchvision's ImageFolder follows them.
-        for dirpath, dirnames, files in os.walk(root / name, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for folder, files in _class_folders(root, name):
             for file in files:
-                path = Path(dirpath) / file
+                path = folder / file
                 if is_image(path):
                     flat = "__".join(path.relative_to(root / name).parts)
                     if flat in found:
@@ -140,6 +144,27 @@ def class_images(root: Path) -> dict[str, list[tuple[Path, str]]]:
                     found[flat] = path
         images[name] = sorted((path, flat) for flat, path in found.items())
     return images
+
+
+def _class_folders(root: Path, name: str) -> Iterator[tuple[Path, list[str]]]:
+    """The folders of one class and their files. Symlinked subfolders are followed, as
+    torchvision's ImageFolder follows them, each real folder once (a link back up the class is
+    no loop); a link to another part of --root would file another class's images under this
+    one, and is refused."""
+    home, seen = (root / name).resolve(), set()
+    for dirpath, dirnames, files in os.walk(root / name, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        if real.is_relative_to(root) and not real.is_relative_to(home):
+            raise UserError(
+                f"{dirpath} is a link to {real}, outside its class but inside --root: its images "
+                "would be filed under two classes; remove the link"
+            )
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        yield Path(dirpath), files
 
 
 def split_sizes(n: int, spec: list[int | float]) -> list[int]:

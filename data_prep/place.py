@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -184,9 +185,10 @@ def run_parallel(
         raise UserError(f"--workers {workers} must be at least 1")
     chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
     tally: Counter = Counter()
+    stop = threading.Event()
     with tqdm(total=len(items), desc=desc, unit="file") as bar:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending = {pool.submit(_run_chunk, write, chunk) for chunk in chunks}
+            pending = {pool.submit(_run_chunk, write, chunk, stop) for chunk in chunks}
             try:
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -197,14 +199,23 @@ def run_parallel(
                         bar.update(sum(future.result().values()))
             except BaseException:
                 # A failed file or Ctrl-C: the chunks not started are dropped (leaving the
-                # `with` would otherwise run them all first); the running ones end theirs.
+                # `with` would otherwise run them all first), the running ones stop at their
+                # next file.
+                stop.set()
                 pool.shutdown(cancel_futures=True)
                 raise
     return tally
 
 
-def _run_chunk(write: Callable[[T, Path], str], chunk: Sequence[tuple[T, Path]]) -> Counter:
-    return Counter(write(payload, dst) for payload, dst in chunk)
+def _run_chunk(
+    write: Callable[[T, Path], str], chunk: Sequence[tuple[T, Path]], stop: threading.Event
+) -> Counter:
+    tally: Counter = Counter()
+    for payload, dst in chunk:
+        if stop.is_set():
+            break
+        tally[write(payload, dst)] += 1
+    return tally
 
 
 def require_files(paths: Sequence[Path], listed_in: str, fix: str) -> None:

@@ -87,6 +87,11 @@ def blend_split(members: list[Member], weights: Sequence[float], split: str) -> 
 def load_ensemble_config(name: str) -> dict[str, Any]:
     """configs/ensembles/<name>.yaml, or a .yaml path: `models` (a list of names), optional
     `weights` (one number per model) and `description`."""
+    return ensemble_config(name)[0]
+
+
+def ensemble_config(name: str) -> tuple[dict[str, Any], str]:
+    """`load_ensemble_config`'s config, checked, and the file it comes from."""
     data, origin = config_layer("ensembles", name)
     unknown = sorted(set(data) - set(ENSEMBLE_KEYS))
     models = data.get("models")
@@ -103,7 +108,7 @@ def load_ensemble_config(name: str) -> dict[str, Any]:
     )
     if weights is not None and not numbers:
         raise UserError(f"{origin}: weights {weights!r} must be a list of numbers, one per model")
-    return data
+    return data, origin
 
 
 WEIGHT_RANGE = (1e-30, 1e30)  # within float32's normal numbers, with room for 16 members' sum
@@ -163,9 +168,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def resolve_models(args: argparse.Namespace) -> tuple[str, list[str], list[float] | None, str]:
     """(name, models, given weights or None, where the weights come from)."""
     if args.config:
-        config = load_ensemble_config(args.config)
+        config, origin = ensemble_config(args.config)
         name, models = args.name or config_name(args.config), list(config["models"])
-        weights, origin = config.get("weights"), config_layer("ensembles", args.config)[1]
+        weights = config.get("weights")
     else:
         name, models, weights, origin = args.name or "ensemble", args.models, None, "equal"
         overrides = [m for m in models if "=" in m]

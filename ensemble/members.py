@@ -263,27 +263,35 @@ def stale_members(members: list[Member]) -> list[Member]:
     ]
 
 
+# What makes two members' logits the same predictions: one checkpoint file, read the same way.
+SAME_PREDICTIONS = ("role", "view", "test_size", "resize_size")
+
+
 def refuse_one_model_twice(members: list[Member]) -> None:
-    """Two members made from one checkpoint file, role and view are one model counted twice
-    (a copied folder): the blend would double its weight without saying so."""
-
-    def model_of(member: Member) -> str | None:
-        digest = (member.meta.get("provenance") or {}).get("checkpoint_sha256")
-        return digest and f"{digest}/{member.meta.get('role')}/{member.meta.get('view')}"
-
-    groups = _grouped({m.name: model_of(m) for m in members if model_of(m)})
+    """Two members with the same checkpoint file, role, view and resolution are one model
+    counted twice (a copied folder): the blend would double its weight without saying so.
+    One checkpoint at two test resolutions (multi-scale TTA) is two members."""
+    predictions = {}
+    for m in members:
+        digest = (m.meta.get("provenance") or {}).get("checkpoint_sha256")
+        if digest:
+            predictions[m.name] = "/".join(
+                [digest, *(str(m.meta.get(k)) for k in SAME_PREDICTIONS)]
+            )
+    groups = _grouped(predictions)
     twice = [names for names in groups.values() if len(names) > 1]
     if twice:
         raise UserError(
             f"{' and '.join(twice[0])} hold the logits of one model (the same checkpoint file, "
-            "role and view); list it once, with a weight if it should count more"
+            "role, view and resolution); list it once, with a weight if it should count more"
         )
 
 
 def check_provenance(members: list[Member]) -> list[str]:
     """Refuse members whose logits come from different datasets (manifest checksum) or test
-    ids; return warnings to print: members trained on different commits, without a record, or
-    with logits older than their run's best checkpoint."""
+    ids, or one model listed twice; return warnings to print: members trained on different
+    commits, without a record, in a folder named after another model, or with logits older
+    than their run's best checkpoint."""
     records = {m.name: m.meta.get("provenance") or {} for m in members}
     for what, field in MUST_MATCH.items():
         values = {name: field(r) for name, r in records.items()}

@@ -233,14 +233,17 @@ def test_a_dataset_config_may_be_a_path_and_its_values_are_blamed_on_it(tmp_path
         ("tracker_project=", "command line: tracker_project=null needs a value"),
         ("data=", "dataset (empty) is neither a name in configs/data/ nor a .yaml path"),
         ("seed=100000000000000000000000", "command line: seed=100000000000000000000000 must be"),
+        ("seed=18446744073709551616", "command line: seed=18446744073709551616 must be"),
+        ("seed=1" + "0" * 400, "command line: seed=1000"),
     ],
 )
 def test_an_empty_override_from_an_unset_variable_or_a_huge_seed_is_one_line(override, problem):
     with pytest.raises(UserError) as err:
         load_config("demo_resnet18_w16", [override])
     assert str(err.value).startswith(problem)
-    cfg = load_config("demo_resnet18_w16", ["auto_augment=", "seed=18446744073709551615"])
-    assert cfg["auto_augment"] is None  # null means something here: no AutoAugment
+    off = ["auto_augment=", "log_with=", "arch_kwargs=", "compile=", "seed=18446744073709551615"]
+    cfg = load_config("demo_resnet18_w16", off)
+    assert cfg["auto_augment"] is cfg["log_with"] is cfg["compile"] is None  # null: off
 
 
 @pytest.mark.parametrize("value", ["null", "5", "[a]"])

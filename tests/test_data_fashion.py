@@ -148,8 +148,9 @@ def test_missing_idx_files_name_the_fix(tmp_path):
     assert "make setup" in proc.stderr and not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_stops_a_build_at_once_and_a_rerun_finishes_it_identically(built, tmp_path):
-    """The thread pool drops the chunks not started (it ran every queued one before exiting)."""
+def test_ctrl_c_stops_a_build_at_once_in_one_line(tmp_path):
+    """The thread pool drops the chunks not started (it ran every queued one before exiting)
+    and the running ones stop at their next file; a rerun resumes (test_data_imagenet.py)."""
     out = tmp_path / "f50"
     proc = subprocess.Popen(
         [sys.executable, "-m", "data_prep", "fashion", "--out", str(out)],
@@ -158,14 +159,14 @@ def test_ctrl_c_stops_a_build_at_once_and_a_rerun_finishes_it_identically(built,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a pytest-xdist worker ignores SIGINT, and its children inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     images = out / "test" / "imgs"
     while proc.poll() is None and (not images.is_dir() or len(os.listdir(images)) < 300):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == -signal.SIGINT, err  # killed by it, as a shell loop needs
     assert err.strip().splitlines()[-1] == "interrupted (Ctrl-C)" and "Traceback" not in err
-    assert len(os.listdir(images)) < 10_000 and not (out / "manifest.json").exists()
-    build_fashion(out)
-    assert tree_digest(out) == tree_digest(built)
+    assert len(os.listdir(images)) < 1_000 and not (out / "manifest.json").exists()

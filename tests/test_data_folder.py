@@ -243,6 +243,7 @@ def test_symlinked_images_and_subfolders_are_followed_as_imagefolder_follows_the
     for i in range(3):
         os.link(photos / "dog" / f"d{i}.PNG", extra / f"x{i}.png")
     (root / "dog" / "more").symlink_to(extra, target_is_directory=True)
+    (extra / "again").symlink_to(".", target_is_directory=True)  # a loop: walked once
     out = tmp_path / "out"
     build_folder(root, out, *EVERY_IMAGE)
     counts = json.loads((out / "manifest.json").read_text())["counts"]
@@ -257,7 +258,10 @@ def test_symlinked_images_and_subfolders_are_followed_as_imagefolder_follows_the
     ("layout", "extra", "problem"),
     [
         ("one class", [], "has 1 class folder: a classifier needs at least 2"),
-        ("no test", ["--per-class", "4,3,0"], "puts no image in test; give each at least 1"),
+        ("no test", ["--per-class", "4,3,0"], "puts no image in test; give each split at least"),
+        ("no val", ["--per-class", "4,0,1"], "puts no image in val; give each split at least"),
+        ("small", ["--per-class", "20,5,1", "--at-most"], "puts no image in val or test"),
+        ("link up", [], "is a link to"),
         ("out inside", [], "lies inside --root"),
     ],
 )
@@ -272,6 +276,8 @@ def test_a_dataset_that_cannot_train_or_be_predicted_is_refused_before_any_file(
             shutil.rmtree(root / name)
     if layout == "out inside":
         out = root / "dataset"
+    if layout == "link up":  # would file the dog images under cat, and loop
+        (root / "cat" / "up").symlink_to("..", target_is_directory=True)
     proc = build_folder(root, out, *extra, check=False)
     assert proc.returncode == 2, proc.stderr
     [line] = proc.stderr.strip().splitlines()

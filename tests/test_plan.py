@@ -201,6 +201,6 @@ def test_a_gpu_memory_below_what_cuda_keeps_is_one_line(capsys):
         plan.main(["--gpu-mem", "0.5"])
     assert stopped.value.code == 2
     assert capsys.readouterr().err == (
-        "error: GPU_MEM=0.5 GiB leaves nothing once 90% of it less 2 GiB for CUDA is taken: give "
+        "error: GPU_MEM=0.5 GiB leaves no memory to use (90% of it, less 2 GiB for CUDA): give "
         "the GPU's memory in GiB (e.g. GPU_MEM=80)\n"
     )

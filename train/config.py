@@ -31,7 +31,7 @@ KINDS = {"models": "model", "data": "dataset", "ensembles": "ensemble"}
 # The values each numeric key may take: [ ] include the bound, ( ) exclude it. A key whose
 # base.yaml default is null (ema_horizon, fusion_weight) may also be null.
 RANGES = {
-    "seed": "[0, 18446744073709551615]",  # 2^64 - 1: torch's and numpy's seeds hold 64 bits
+    "seed": "[0, 18446744073709551616)",  # torch's and numpy's seeds hold 64 bits (2^64 is exact)
     "num_classes": "[2, inf)",
     "holdout_per_class": "[0, inf)",
     "img_size": "[1, inf)",
@@ -90,10 +90,19 @@ CHOICES = {
     # timm's, less plateau, which steps on epochs where the loop steps on updates
     "sched": ("cosine", "tanh", "step", "multistep", "poly", "constant", "rsqrt"),
 }
+# Keys whose null means something although base.yaml gives a value: off (no AutoAugment, no
+# trackers, no compile, no teacher warm-up, no config change) or empty (arch_kwargs), as the code
+# reads them. Any other key whose default is not null needs a value (`data_dir=` from an unset
+# shell variable).
+NULLABLE = {
+    "auto_augment",
+    "log_with",
+    "arch_kwargs",
+    "compile",
+    "ema_warmup",
+    "allow_config_change",
+}
 # Pairs (low, high) with 0 < low <= high, and per-channel statistics.
-# Keys whose null means something although base.yaml gives a value: no AutoAugment. Any other
-# key whose default is not null needs a value (`data_dir=` from an unset shell variable).
-NULLABLE = {"auto_augment"}
 PAIRS = ("rrc_scale", "rrc_ratio")
 CHANNELS = {"mean": "(-inf, inf)", "std": "(0, inf)"}
 INTERVAL = re.compile(r"^([\[(])(\S+), (\S+)([\])])$")
@@ -210,7 +219,8 @@ def _in_range(value: Any, interval: str) -> bool:
     low, high = float(low), float(high)
     above = value >= low if low_bracket == "[" else value > low
     below = value <= high if high_bracket == "]" else value < high
-    return math.isfinite(value) and above and below
+    finite = not isinstance(value, float) or math.isfinite(value)  # ints: exact, any size
+    return finite and above and below
 
 
 def _numbers(value: Any, count: int, interval: str) -> bool:

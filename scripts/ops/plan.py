@@ -380,10 +380,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UserError(
             "GPU_MEM, GPUS and TFLOPS must be positive numbers (e.g. make plan GPU_MEM=80)"
         )
-    if args.gpu_mem * GIB * MEMORY_SHARE <= RESERVED_BYTES:
+    if usable_bytes(args.gpu_mem, params=0, gpus=1) <= 0:
         raise UserError(
-            f"GPU_MEM={args.gpu_mem:g} GiB leaves nothing once {MEMORY_SHARE:.0%} of it less "
-            f"{RESERVED_BYTES / GIB:g} GiB for CUDA is taken: give the GPU's memory in GiB "
+            f"GPU_MEM={args.gpu_mem:g} GiB leaves no memory to use ({MEMORY_SHARE:.0%} of it, "
+            f"less {RESERVED_BYTES / GIB:g} GiB for CUDA): give the GPU's memory in GiB "
             "(e.g. GPU_MEM=80)"
         )
     return args

@@ -129,7 +129,7 @@ def plot(panels: list[dict], classes: list[str], labels: np.ndarray, path: Path)
         scores = panel["scores"]
         ax.set_title(
             f"{panel['label']}\nsilhouette {scores['silhouette_features']:.3f} (features), "
-            f"{scores['silhouette_tsne']:.3f} (2-D); 5-NN {scores['knn5']:.1f}%",
+            f"{scores['silhouette_tsne']:.3f} (2-D); {KNN}-NN {scores['knn5']:.1f}%",
             fontsize=9,
         )
         ax.set_xticks([])
@@ -143,7 +143,7 @@ def plot(panels: list[dict], classes: list[str], labels: np.ndarray, path: Path)
 def report(panels: list[dict], images: int) -> str:
     lines = [
         "| run | test images | silhouette, features (cosine) | silhouette, t-SNE 2-D "
-        "| 5-NN accuracy, features (%) |",
+        f"| {KNN}-NN accuracy, features (%) |",
         "|---|---|---|---|---|",
     ]
     for p in panels:
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--images",
         type=int_at_least(MIN_IMAGES),
         default=2000,
-        help=f"test images to embed (at least {MIN_IMAGES}: t-SNE, the silhouette and 5-NN need "
-        "several per class)",
+        help=f"test images to embed (at least {MIN_IMAGES}: t-SNE, the silhouette and {KNN}-NN "
+        "need several per class)",
     )
     parser.add_argument("--results", type=Path, default=Path("results"), help="output folder")
     args = parser.parse_intermixed_args(argv)
