@@ -18,8 +18,14 @@ def is_one_name(text: str) -> bool:
 def make_command(target: str, model: str, overrides: list[str]) -> str:
     """The `make` line that acts on the same run as this command: its model and overrides (a
     `name=` override names the run, not a config)."""
-    args = f" ARGS={shlex.quote(shlex.join(overrides))}" if overrides else ""
+    args = f" {make_args(overrides)}" if overrides else ""
     return f"make {target} MODEL={shlex.quote(model)}{args}"
+
+
+def make_args(overrides: list[str]) -> str:
+    """`ARGS=...` that hands `overrides` to make's recipe as the same words, quoted for a shell
+    twice: once by the shell that runs make, once by the recipe's."""
+    return f"ARGS={shlex.quote(shlex.join(overrides))}"
 
 
 def name_arg(text: str) -> str:

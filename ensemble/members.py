@@ -232,15 +232,19 @@ def marker_files(step_dir: Path) -> dict[str, str] | None:
 
 
 def logits_state(meta_path: Path, run: Path, remake: str) -> str:
-    """none, fresh (made from the run's best checkpoint as it is now, or the run has no best to
-    compare with) or stale (made from another checkpoint, or older than the best)."""
+    """none, or `checkpoint_state` of the logits whose meta.json is at `meta_path`."""
     if not meta_path.is_file():
         return "none"
+    return checkpoint_state(read_meta(meta_path, remake), meta_path, run)
+
+
+def checkpoint_state(meta: dict[str, Any], meta_path: Path, run: Path) -> str:
+    """fresh (made from the run's best checkpoint as it is now, or the run has no best to
+    compare with) or stale (made from another checkpoint, or older than the best)."""
     best = Path(run) / CHECKPOINTS / "best"
     best_files = marker_files(best)
     if best_files is None:
         return "fresh"
-    meta = read_meta(meta_path, remake)
     digest = (meta.get("provenance") or {}).get("checkpoint_sha256")
     if digest is not None:
         role = meta.get("role", "teacher")
@@ -259,7 +263,7 @@ def stale_members(members: list[Member]) -> list[Member]:
         for m in members
         if m.meta.get("checkpoint", "best") == "best"
         and "run_dir" in m.meta
-        and logits_state(m.folder / "meta.json", m.meta["run_dir"], m.remake) == "stale"
+        and checkpoint_state(m.meta, m.folder / "meta.json", m.meta["run_dir"]) == "stale"
     ]
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import make_command
+from common.cli import make_args, make_command
 from common.errors import UserError, cli_main
 from ensemble.blend import load_ensemble_config, logits_root
 from ensemble.members import CHECKPOINTS, MARKER, check_provenance, logits_state, open_members
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> str:
     text = format_table(rows) + "\n\n" + ensemble_outlook(args.config, rows, root, args.overrides)
     if args.overrides:
         # The commands above find these runs and logits only with the same overrides.
-        text += f"\n(each command above with ARGS={shlex.quote(shlex.join(args.overrides))})"
+        text += f"\n(each command above with {make_args(args.overrides)})"
     print(text)
     return text
 
