@@ -48,11 +48,14 @@ def resolve_labels(args: argparse.Namespace, report: dict[str, Any]) -> Path:
     if data_dir is None:
         raise UserError(
             f"no labels for {args.submission}: pass --labels FILE or --data DIR "
-            "(no json with the dataset beside it)"
+            "(make evaluate LABELS=FILE; no json with the dataset beside it)"
         )
     labels = Layout(Path(data_dir)).test_labels
     if not labels.is_file():
-        raise UserError(f"{labels} is missing; pass --labels FILE or rebuild {data_dir}")
+        raise UserError(
+            f"{labels} is missing; pass --labels FILE (make evaluate LABELS=FILE) "
+            f"or rebuild {data_dir}"
+        )
     return labels
 
 

@@ -206,7 +206,20 @@ def test_evaluate_command_given_a_folder_asks_for_the_csv(tmp_path):
 def test_evaluate_command_without_labels_says_how_to_give_them(submission):
     proc = run_command("-m", "ensemble.evaluate", str(submission), check=False)
     assert proc.returncode == 2
-    assert "pass --labels FILE or --data DIR" in proc.stderr
+    assert "pass --labels FILE or --data DIR (make evaluate LABELS=FILE;" in proc.stderr
+
+
+def test_evaluate_command_whose_dataset_lost_its_labels_says_how_to_give_them(submission):
+    """The json beside the CSV names a dataset folder without test_labels.csv."""
+    data = submission.parent / "gone"
+    data.mkdir()
+    submission.with_suffix(".json").write_text(json.dumps({"data_dir": str(data)}))
+    proc = run_command("-m", "ensemble.evaluate", str(submission), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"error: {data / 'test_labels.csv'} is missing; pass --labels FILE "
+        f"(make evaluate LABELS=FILE) or rebuild {data}\n"
+    )
 
 
 def official_score(labels: Path, submission: Path) -> float:

@@ -205,6 +205,7 @@ def test_a_multi_node_job_passes_each_override_as_one_word_spaces_and_quotes_kep
     assert directives["output"] == f"{out}/it's/slurm-%j.out"
 
 
+GRACE_S = 3  # torchrun's agent: SIGKILL this long after its SIGTERM to the workers
 SLOW_CHECKPOINT = """
 import time
 
@@ -213,7 +214,7 @@ from train.run import Run
 _save = Run.save
 
 
-def save(self):  # the stop's checkpoint outlasts torchrun's 30 s grace period
+def save(self):  # the stop's checkpoint outlasts torchrun's grace period
     if self.stop.requested:
         time.sleep({delay})
     return _save(self)
@@ -276,18 +277,25 @@ def test_a_sigterm_to_a_two_process_launch_checkpoints_even_when_it_outlasts_the
     tiny_dir, tmp_path
 ):
     """`make train` with 2 processes goes through torchrun's agent (--multi_gpu), as a GPU run
-    does. Its own SIGTERM handling prints a traceback and SIGKILLs the workers 30 s later; the
-    launcher's relay must let a 35 s checkpoint finish: status 75, no traceback."""
+    does. Its own SIGTERM handling prints a traceback and SIGKILLs the workers a grace period
+    later (30 s by default); the launcher's relay must let a longer checkpoint finish: status
+    75, no traceback. The grace is cut to 3 s here (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which the
+    agent reads through accelerate: a SIGTERM sent to the agent itself then ended a run 4.9 s
+    later, its 12 s checkpoint unwritten, 2026-12-07), so that the test does not sleep 35 s."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SLOW_CHECKPOINT.format(delay=35))
+    (hooks / "sitecustomize.py").write_text(SLOW_CHECKPOINT.format(delay=GRACE_S + 5))
     out = tmp_path / "out"
     args = ["demo_resnet18", NARROW, "epochs=3", "batch_size=4", "workers=0", "ckpt_every_steps=0"]
     args += [f"data_dir={tiny_dir}", f"out_dir={out}", "train_splits=[train]"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "train.launch", "--num_processes", "2", *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}"},
+        env={
+            **os.environ,
+            "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}",
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(GRACE_S),
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -302,7 +310,7 @@ def test_a_sigterm_to_a_two_process_launch_checkpoints_even_when_it_outlasts_the
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 75, output
-    assert time.monotonic() - stopped > 35  # the checkpoint outlasted the agent's grace period
+    assert time.monotonic() - stopped > GRACE_S + 5  # the checkpoint outlasted the agent's grace
     assert "Traceback" not in output and "stopped on request" in output, output
     done = [p for p in (run / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()]
     assert done, output

@@ -36,18 +36,18 @@ def test_the_generated_dataset_has_the_real_classes_and_a_handful_of_images(smok
     _, data = smoke_data
     manifest = json.loads((data / "manifest.json").read_text())
     assert len(manifest["classes"]) == 1000
-    assert sum(manifest["counts"]["train"].values()) == 4 + 4
+    assert sum(manifest["counts"]["train"].values()) == 2 + 2
     assert sum(manifest["counts"]["val"].values()) == 2 and manifest["counts"]["test"] == 1
 
 
 @pytest.mark.parametrize("model", ["effnet_b2_ablation", "effnet_b7"])
 def test_two_optimiser_steps_make_one_epoch(smoke_data, model):
     """The ablation config trains on the train split, the final one on train+val less 1 image
-    per class held out: both on 8 images, 2 steps of 2 micro-batches of 2."""
+    per class held out: both on 4 images, 2 steps of one micro-batch of 2."""
     _, data = smoke_data
     cfg = load_config(model, smoke.data_overrides(model, data))
     micro, accum = smoke.micro_batches(cfg)
-    assert (micro, accum) == (2, 2)
+    assert (micro, accum) == (2, 1)
     from train.data import split_train_eval
 
     assert len(split_train_eval(cfg)[0]) == micro * accum * smoke.STEPS

@@ -31,15 +31,17 @@ from common.processes import children
 from scripts.stages import ROOT, child_env
 from train.checkpoint import load_tensors
 
-# 80 training images, batch 8: 10 steps an epoch, 20 in all; a checkpoint every 3 steps and at
-# each epoch end (after its evaluation), all kept for the comparison.
+# 80 training images, batch 8 as 2 accumulated micro-batches of 4 (so that kills land between
+# the micro-batches of a step too): 10 steps an epoch, 20 in all; a checkpoint every 3 steps and
+# at each epoch end (after its evaluation), all kept for the comparison.
 STEPS, EVERY = 10, 3
 EPOCH_ENDS = (STEPS, 2 * STEPS)
 CHECKPOINTS = tuple(sorted({*range(EVERY, 2 * STEPS, EVERY), *EPOCH_ENDS}))
 RUN = [
     "demo_resnet18",
     "epochs=2",
-    "batch_size=8",
+    "batch_size=4",
+    "grad_accum=2",
     "workers=1",
     f"ckpt_every_steps={EVERY}",
     "ckpt_every_minutes=0",  # by steps only: the reference and the killed runs must agree
