@@ -138,17 +138,19 @@ def test_smoke_trains_in_fp32_where_bf16_would_be_emulated_and_says_so(monkeypat
 @pytest.mark.longest
 def test_make_smoke_runs_one_efficientnet_one_resnet_and_the_dsk_resnext(tmp_path):
     """The CI subset: the smallest real config of each family, through every stage, in the
-    precision this CPU computes natively (bf16, or fp32 where bf16 would be emulated)."""
+    precision this CPU computes natively (bf16, or fp32 where bf16 would be emulated), its
+    logits from the centre crop (TenCrop's ten views are tested at 32 px)."""
     started = time.perf_counter()
     command = ["-m", "scripts.ops.smoke", "--models", *smoke.CI_MODELS, "--work", str(tmp_path)]
-    proc = run_command(*command, "--precision", "native")
+    proc = run_command(*command, "--precision", "native", "--center-crop")
     times = pd.read_csv(tmp_path / "times.csv")
     assert sorted(times["model"]) == sorted(smoke.CI_MODELS)
     assert (times["total_s"] > 0).all()
     for model in smoke.CI_MODELS:
         metrics = pd.read_csv(tmp_path / "runs" / model / "metrics.csv")
         assert metrics["step"].tolist() == [smoke.STEPS]
-        assert (tmp_path / "logits" / model / "meta.json").is_file()
+        meta = json.loads((tmp_path / "logits" / model / "meta.json").read_text())
+        assert meta["view"] == "center"
         assert not (tmp_path / "runs" / model / "checkpoints").exists()
     assert "smoke.csv: valid; top-1" in proc.stdout
     print(f"CI smoke subset: {time.perf_counter() - started:.0f} s")
