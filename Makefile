@@ -101,7 +101,7 @@ bench: setup ## every benchmark; ratios measured side by side in one run
 bench-data: setup ## make data: link vs copy on 150,000 synthetic files
 	$(PY) -m scripts.bench.data
 
-chaos: setup ## SIGKILL a tiny run at 10 random moments; it must end bit-identical (~3 CPU-minutes)
+chaos: setup ## SIGKILL a tiny run at 10 random moments; it must end bit-identical (~1 CPU-minute)
 	$(PY) -m scripts.ops.chaos $(ARGS)
 
 smoke: setup ## every real config end to end on the CPU, bf16, 1,000 classes (MODELS= for a subset; PRECISION=native)
