@@ -26,7 +26,7 @@ config's own architecture, resolutions, loss and optimiser settings, under `mixe
    Checks: the run said its precision; checkpointed weights and optimiser state are float32.
 3. logits: `python -m ensemble.logits` (TenCrop at the config's test_size); finite probabilities.
    `--center-crop` predicts the centre crop alone (the suite's subset): one view of the same
-   network at the same size instead of ten, 75 s -> ~10 s for DSK-ResNeXt101 at 448 px on one
+   network at the same size instead of ten, 75 s -> 15 s for DSK-ResNeXt101 at 448 px on one
    thread (2026-12-07); TenCrop is the same code at every size (tests/test_logits.py) and its
    crops always fit (the config refuses a test_resize_ratio above 1).
 Then `python -m ensemble.blend` over every model and `python -m ensemble.evaluate` on its
@@ -198,8 +198,11 @@ def check_logits(folder: Path, layout: Layout, view: str) -> None:
             raise SmokeFailure(f"{folder}/{split}.npz: rows do not sum to 1")
 
 
-def smoke_model(name: str, work: Path, data: Path, options: argparse.Namespace) -> dict[str, Any]:
-    """The stages of one config; returns its row of times."""
+def smoke_model(
+    name: str, work: Path, data: Path, keep: bool, precision: str, view: str
+) -> dict[str, Any]:
+    """The stages of one config, its logits in `view` (tencrop or center); returns its row of
+    times."""
     started = time.perf_counter()
     base = [*data_overrides(name, data), f"out_dir={work / 'runs'}"]
     base.append(f"logits_dir={work / 'logits'}")
@@ -208,7 +211,7 @@ def smoke_model(name: str, work: Path, data: Path, options: argparse.Namespace) 
     args = [
         name,
         *base,
-        f"mixed_precision={options.precision}",
+        f"mixed_precision={precision}",
         "epochs=1",
         f"batch_size={micro}",
         f"grad_accum={accum}",
@@ -224,10 +227,10 @@ def smoke_model(name: str, work: Path, data: Path, options: argparse.Namespace) 
         raise SmokeFailure(f"the rerun did not resume: {tail(second)}")
     check_checkpoint(run)
     trained = time.perf_counter()
-    view = ["--center-crop"] if options.center_crop else []
-    run_logged(["ensemble.logits", *args, *view], logs / f"{name}.logits.log")
-    check_logits(logits_dir(cfg), Layout(data), "center" if view else "tencrop")
-    if not options.keep:
+    crop = ["--center-crop"] if view == "center" else []
+    run_logged(["ensemble.logits", *args, *crop], logs / f"{name}.logits.log")
+    check_logits(logits_dir(cfg), Layout(data), view)
+    if not keep:
         shutil.rmtree(run / "checkpoints")
     done = time.perf_counter()
     return {
@@ -326,7 +329,8 @@ def choose_precision(asked: str) -> str:
 @cli_main
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    args.precision = choose_precision(args.precision)
+    precision = choose_precision(args.precision)
+    view = "center" if args.center_crop else "tencrop"
     names = distinct_first(args.models or plan_models())
     work = args.work.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -335,7 +339,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         try:
-            rows.append(smoke_model(name, work, data, args))
+            rows.append(smoke_model(name, work, data, args.keep, precision, view))
         except SmokeFailure as err:
             raise SystemExit(f"smoke: {name}: {err}") from None
         append_times(work / "times.csv", rows[-1])
