@@ -140,8 +140,17 @@ def dataset_files(root: Path) -> list[tuple[str, int]]:
         for name in names:
             path = rel / name
             if path.as_posix() not in CHECKSUM_EXCLUDES:
-                files.append((path.as_posix(), os.stat(Path(dirpath) / name).st_size))
+                files.append((path.as_posix(), file_size(Path(dirpath) / name)))
     return sorted(files)
+
+
+def file_size(path: Path) -> int:
+    """The size of the file that `path` names; a dangling symlink's own (a symlink build whose
+    source has moved: the rebuild from the new place points it at its file again)."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return os.lstat(path).st_size
 
 
 def tree_checksum(files: list[tuple[str, int]]) -> str:

@@ -259,6 +259,19 @@ def test_copy_and_symlink_modes_hold_the_same_bytes(mini, linked, tmp_path):
         assert (symlinked / rel).is_symlink() and os.readlink(symlinked / rel) == str(src)
 
 
+def test_a_symlink_build_whose_source_moved_is_repaired_by_a_rebuild_from_the_new_place(
+    mini, linked, tmp_path
+):
+    old, new, out = tmp_path / "old", tmp_path / "new", tmp_path / "symlinked"
+    shutil.copytree(mini.root, old, copy_function=os.link)
+    build(old, out, "--mode", "symlink")
+    old.rename(new)  # every link of the build now dangles (training names `make data` as the fix)
+    build(new, out, "--mode", "symlink")
+    assert manifest(out)["checksum"] == manifest(linked)["checksum"]
+    for rel in mini.expected_files():
+        assert Path(os.readlink(out / rel)).is_relative_to(new), rel
+
+
 def test_a_killed_run_then_a_rerun_equals_an_uninterrupted_run(mini, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     build(mini.root, whole, "--resize", "40")
