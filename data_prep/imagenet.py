@@ -28,6 +28,7 @@ from data_prep.place import MODES, add_verify_argument, file_writer, require_fil
 from data_prep.splits import NUM_CLASSES, SHIPPED, Splits, read_splits
 
 FIX = "check that --imagenet is the ImageNet-1k root holding train/<wnid>/ and val/"
+KAGGLE = Path("ILSVRC/Data/CLS-LOC")  # where the Kaggle download keeps train/ and val/
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +83,7 @@ def make_plan(
     root = root.resolve()  # symlinks must hold absolute targets
     for folder in (root, root / "train", root / "val"):
         if not folder.is_dir():
-            raise UserError(f"{folder} is not a folder; {FIX}")
+            raise UserError(f"{folder} is not a folder; {root_fix(root)}")
     splits, test_index = splits.first_classes(n_classes)
     classes = splits.classes
     flat = val_layout(root, splits) == "flat"
@@ -107,6 +108,13 @@ def make_plan(
             "mode": mode if resize is None else "resize",
         },
     )
+
+
+def root_fix(root: Path) -> str:
+    """The fix for a root without train/ and val/: the Kaggle layout's own root, if it is one."""
+    if (root / KAGGLE).is_dir():
+        return f"{root} holds the Kaggle layout: pass --imagenet {root / KAGGLE}"
+    return FIX
 
 
 def val_layout(root: Path, splits: Splits) -> str:

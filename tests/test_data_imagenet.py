@@ -25,7 +25,9 @@ import pytest
 from PIL import Image
 
 from common.errors import UserError
+from data_prep import imagenet
 from data_prep import place as place_module
+from data_prep.splits import read_splits
 from tests.conftest import ROOT, run_command
 
 N_CLASSES = 3
@@ -322,6 +324,10 @@ def test_a_missing_imagenet_folder_is_an_error(tmp_path):
     proc = build(tmp_path / "nowhere", tmp_path / "out", check=False)
     assert proc.returncode == 2
     assert f"{tmp_path / 'nowhere'} is not a folder" in proc.stderr
+    kaggle = tmp_path / "kaggle"  # the Kaggle download: train/ and val/ two levels down
+    (kaggle / "ILSVRC/Data/CLS-LOC/train").mkdir(parents=True)
+    with pytest.raises(UserError, match=f"pass --imagenet {kaggle}/ILSVRC/Data/CLS-LOC$"):
+        imagenet.make_plan(kaggle, read_splits(None), 1, None)
 
 
 def test_an_unreadable_image_stops_a_resize_build(mini, tmp_path):
