@@ -106,23 +106,36 @@ class Layout:
 
     def split_items(self, split: str) -> list[tuple[str, Path, int]]:
         """(id, path, label) of every image of `split` ("train" or "val"), sorted by id."""
-        classes = self.classes()
+        counts = self.read_manifest()["counts"][split]
         items = []
-        for label, name in enumerate(classes):
+        for label, name in enumerate(self.classes()):
             folder = self.split_dir(split) / name
             if not folder.is_dir():
-                raise UserError(f"{folder} is missing; rerun `make data` to repair {self.root}")
-            items += [
-                (f"{name}/{p.name}", p, label) for p in sorted(folder.iterdir()) if is_image(p)
-            ]
+                raise UserError(f"{folder} is missing; {self._repair()}")
+            images = [p for p in sorted(folder.iterdir()) if is_image(p)]
+            self._require_count(folder, len(images), counts[name])
+            items += [(f"{name}/{p.name}", p, label) for p in images]
         return items
 
     def test_items(self) -> list[tuple[str, Path]]:
         """(id, path) of every test image, in index order (`img_0`, `img_1`, ...)."""
-        self.read_manifest()
+        listed = self.read_manifest()["counts"]["test"]
         paths = [p for p in self.test_dir.iterdir() if is_image(p)]
+        self._require_count(self.test_dir, len(paths), listed)
         paths.sort(key=lambda p: test_index(p.name))
         return [(p.name, p) for p in paths]
+
+    def _require_count(self, folder: Path, found: int, listed: int) -> None:
+        """Refuse a folder that lost or gained images since the build: a submission short of
+        test rows would be scored by the challenge on the rows it has, without a word."""
+        if found != listed:
+            raise UserError(
+                f"{folder} holds {found} images but {self.manifest} lists {listed}; "
+                f"{self._repair()}"
+            )
+
+    def _repair(self) -> str:
+        return f"rerun `make data` to repair {self.root}"
 
 
 CHECKSUM_EXCLUDES = ("manifest.json", ".data_prep.json")

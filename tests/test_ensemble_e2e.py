@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from common import provenance
+from common.errors import UserError
 from data_prep.layout import Layout, dataset_files, tree_checksum
 from tests.conftest import ROOT, run_command
 from tests.test_logits import explicit_ten_crops, softmax64
@@ -208,6 +209,26 @@ def test_an_unreadable_test_image_stops_logits_naming_it(world, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot read image") and "img_2.png" in last
     assert not (tmp_path / "logits" / "tiny_0" / "meta.json").exists()
+
+
+def test_a_dataset_that_lost_an_image_since_its_build_is_refused_naming_the_folder(world, tmp_path):
+    """The challenge scores a submission short of test rows on the rows it has: logits refuse
+    a test folder that no longer holds what the manifest lists (and training a split's)."""
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    (data / "test" / "imgs" / "img_2.png").unlink()
+    paths = {**world, "data": data, "base": tmp_path}
+    shutil.copytree(world["base"] / "runs", tmp_path / "runs")
+    proc = logits_command(paths, "tiny_0", "workers=1", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {data / 'test' / 'imgs'} holds 5 images but {data / 'manifest.json'} lists 6; "
+        f"rerun `make data` to repair {data}"
+    )
+    assert not (tmp_path / "logits" / "tiny_0" / "meta.json").exists()
+    next((data / "val" / "bee").iterdir()).unlink()
+    with pytest.raises(UserError, match=r"val/bee holds 2 images but .* lists 3; rerun"):
+        Layout(data).split_items("val")
 
 
 def test_logits_then_ensemble_then_evaluate(world, logits_0):
