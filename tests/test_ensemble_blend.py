@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from common.errors import UserError
+from ensemble import blend
 from ensemble.blend import blend_split, load_ensemble_config
 from ensemble.members import SUM_TOLERANCE, open_members, write_npz
 from ensemble.search import common_heldout, coordinate_ascent, search_weights
@@ -345,6 +346,22 @@ def test_blend_command_writes_csv_zip_json_and_prints_the_table(three, tmp_path)
     assert lines[2].split()[1] == "0.500" and lines[2].endswith("held-out val (24 images)")
     assert f"{report['heldout']['top1']['ensemble']:.2f}" in lines[4]
     assert lines[4].endswith("held-out (24 images, all models)")
+
+
+def test_a_rerun_cut_short_leaves_no_earlier_zip_or_report_beside_its_csv(three, monkeypatch):
+    root, _ = three
+    argv = ["--models", "a", "b", "--logits-dir", str(root), "--out-dir", str(root / "subs")]
+    blend.main(argv)
+    subs = root / "subs"
+    assert {p.name for p in subs.iterdir()} == {"ensemble.csv", "ensemble.zip", "ensemble.json"}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", full_disk)  # the rerun's zip fails
+    with pytest.raises(OSError, match="No space left"):
+        blend.main([*argv, "--weights", "1", "3"])
+    assert {p.name for p in subs.iterdir()} == {"ensemble.csv"}  # no upload of the old zip
 
 
 def test_blend_command_rows_follow_test_index_order(tmp_path):
