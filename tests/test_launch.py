@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from common.errors import UserError
-from common.processes import children
+from common.processes import children, process_tree
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, status_for_agent
 from tests import fake_slurm
 from tests.conftest import NARROW, ROOT, run_command
@@ -272,22 +273,22 @@ def test_the_relay_finds_training_processes_by_their_module():
     assert not runs_module(["nvidia-smi", "--query-gpu=count"], "train")
 
 
-@pytest.mark.slow
-def test_a_sigterm_to_a_two_process_launch_checkpoints_even_when_it_outlasts_the_grace(
-    tiny_dir, tmp_path
-):
-    """`make train` with 2 processes goes through torchrun's agent (--multi_gpu), as a GPU run
-    does. Its own SIGTERM handling prints a traceback and SIGKILLs the workers a grace period
-    later (30 s by default); the launcher's relay must let a longer checkpoint finish: status
-    75, no traceback. The grace is cut to 3 s here (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which the
-    agent reads through accelerate: a SIGTERM sent to the agent itself then ended a run 4.9 s
-    later, its 12 s checkpoint unwritten, 2026-12-07), so that the test does not sleep 35 s."""
+TWO_PROCESS_RUN = [
+    "demo_resnet18",
+    NARROW,
+    "epochs=2",
+    "batch_size=4",
+    "workers=0",
+    "ckpt_every_steps=0",
+]
+
+
+def stop_two_process_launch(tmp_path, args: list[str], stop) -> tuple[int, str, float]:
+    """(status, output, seconds from the stop to the end) of a 2-process `train.launch` whose
+    stop checkpoint outlasts torchrun's grace, `stop(launcher)` called in its first epoch."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SLOW_CHECKPOINT.format(delay=GRACE_S + 5))
-    out = tmp_path / "out"
-    args = ["demo_resnet18", NARROW, "epochs=2", "batch_size=4", "workers=0", "ckpt_every_steps=0"]
-    args += [f"data_dir={tiny_dir}", f"out_dir={out}", "train_splits=[train]"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "train.launch", "--num_processes", "2", *args],
         cwd=ROOT,
@@ -300,20 +301,40 @@ def test_a_sigterm_to_a_two_process_launch_checkpoints_even_when_it_outlasts_the
         stderr=subprocess.STDOUT,
         text=True,
     )
-    run = out / "demo_resnet18"
+    config = tmp_path / "out" / "demo_resnet18" / "config.yaml"
     deadline = time.monotonic() + 300
-    while not (run / "config.yaml").is_file() and time.monotonic() < deadline:
+    while not config.is_file() and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[0]
         time.sleep(0.2)
     time.sleep(1)  # into the first epoch
     stopped = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    stop(proc)
     output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 75, output
-    assert time.monotonic() - stopped > GRACE_S + 5  # the checkpoint outlasted the agent's grace
+    return proc.returncode, output, time.monotonic() - stopped
+
+
+def assert_stopped_with_a_checkpoint(code: int, output: str, seconds: float, run) -> None:
+    assert code == 75, output
+    assert seconds > GRACE_S + 5  # the checkpoint outlasted the agent's grace
     assert "Traceback" not in output and "stopped on request" in output, output
-    done = [p for p in (run / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()]
-    assert done, output
+    assert [p for p in (run / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file()], output
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_a_two_process_launch_checkpoints_even_when_it_outlasts_the_grace(
+    tiny_dir, tmp_path
+):
+    """`make train` with 2 processes goes through torchrun's agent (--multi_gpu), as a GPU run
+    does. Its own SIGTERM handling prints a traceback and SIGKILLs the workers a grace period
+    later (30 s by default); the launcher's relay must let a longer checkpoint finish: status
+    75, no traceback. The grace is cut to 3 s here (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which the
+    agent reads through accelerate: a SIGTERM sent to the agent itself then ended a run 4.9 s
+    later, its 12 s checkpoint unwritten, 2026-12-07), so that the test does not sleep 35 s."""
+    out = tmp_path / "out"
+    args = [*TWO_PROCESS_RUN, f"data_dir={tiny_dir}", f"out_dir={out}", "train_splits=[train]"]
+    run = out / "demo_resnet18"
+    stopped = stop_two_process_launch(tmp_path, args, lambda proc: proc.send_signal(signal.SIGTERM))
+    assert_stopped_with_a_checkpoint(*stopped, run)
     # Rerun: it resumes mid-epoch and ends as an uninterrupted two-process run ends, the
     # resumed epoch's training loss included (the checkpoint holds the sums of both processes).
     two = ["-m", "train.launch", "--num_processes", "2"]
@@ -326,3 +347,24 @@ def test_a_sigterm_to_a_two_process_launch_checkpoints_even_when_it_outlasts_the
     pd.testing.assert_frame_equal(resumed, whole, check_exact=False, rtol=1e-9)
     last = "checkpoints/step_000000020/student.safetensors"
     assert (run / last).read_bytes() == (tmp_path / "whole" / "demo_resnet18" / last).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_a_stop_sent_to_every_process_of_a_launch_as_slurm_sends_it_checkpoints(
+    tiny_dir, tmp_path, sig
+):
+    """SLURM signals every process of a job step (srun forwards the job's early-warning SIGUSR1,
+    and scancel or a preemption sends SIGTERM, to the whole cgroup): torchrun's agent among them
+    died of SIGUSR1 (its default action), leaving the workers to the step's SIGKILL, and
+    SIGKILLed them a grace after a SIGTERM; it ignores both (the launcher relays them)."""
+    out = tmp_path / "out"
+    args = [*TWO_PROCESS_RUN, f"data_dir={tiny_dir}", f"out_dir={out}"]
+
+    def to_every_process(proc):
+        for pid in process_tree(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    stopped = stop_two_process_launch(tmp_path, args, to_every_process)
+    assert_stopped_with_a_checkpoint(*stopped, out / "demo_resnet18")

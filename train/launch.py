@@ -9,7 +9,8 @@ The launcher relays SIGTERM/SIGUSR1 to the training processes alone (accelerate'
 not relay), as SIGUSR1 (PREEMPT_SIGNAL), each once it catches it (a stop that comes while they
 start waits for them), and exits with EXIT_PREEMPTED when they stopped on it, so a job script can
 requeue: torchrun's agent, between them, is left alone to see them end (common/status.py
-`status_for_agent`). Other failures exit with the status the training processes recorded: 2
+`status_for_agent`), and ignores the stop signals when they reach it too (SLURM signals every
+process of a job step). Other failures exit with the status the training processes recorded: 2
 for a user error, as `python -m train` does.
 """
 
@@ -147,6 +148,19 @@ def run(command: list[str]) -> int:
 # second of the checkpoint; and accelerate's own probes (nvidia-smi) would take the stop instead.
 PREEMPT_SIGNAL = signal.SIGUSR1
 POLL_S = 0.2  # how soon a stop reaches a training process that has just begun to catch it
+# SLURM signals every process of a job step (srun forwards a signal to the step's whole cgroup):
+# the launcher's tree ignores the stop signals, torchrun's agent does not take them over
+# (`--signals-to-handle`, read from PET_SIGNALS_TO_HANDLE: its default adds SIGTERM), and the
+# training processes, which start ignoring them, catch them first thing (train/__main__.py).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+AGENT_SIGNALS = {"PET_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
+
+
+def ignore_stops() -> None:
+    """In the launcher's child before it runs accelerate: an ignored signal stays ignored
+    across exec, for its children too."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def training_processes(launcher: int) -> list[int]:
@@ -184,10 +198,12 @@ def _run_relaying(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
                 os.kill(pid, signal.SIGINT)
 
     # Before the launcher starts: no signal can find this process without its handler.
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, on_stop)
     signal.signal(signal.SIGINT, on_interrupt)
-    process = subprocess.Popen(command, start_new_session=True, env=env)
+    process = subprocess.Popen(
+        command, start_new_session=True, env={**env, **AGENT_SIGNALS}, preexec_fn=ignore_stops
+    )
     while True:
         try:
             code = process.wait(timeout=POLL_S)
