@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from common.processes import children, process_tree
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, status_for_agent
 from tests import fake_slurm
 from tests.conftest import NARROW, ROOT, run_command
-from train import launch
+from train import launch, slurm
 from train.launch import ACCELERATE_LAUNCH, gpu_count, launch_args, runs_module
 
 
@@ -170,15 +171,52 @@ def test_the_generated_slurm_job_is_valid_shell_that_requeues_on_the_early_signa
     assert "#SBATCH --signal=B:USR1@" in job and "#SBATCH --requeue" in job
     assert "scontrol requeue" in job and "--num_processes $(( 4 * 8 ))" in job
     assert "-m train.launch" in job and "effnet_b7 epochs=460" in job
-    # The interpreter that wrote the job runs it (make's VENV, wherever it is), on every node.
-    assert f"\npython={sys.executable}\n" in job and "exec '\"$python\"' -m train.launch" in job
+    # The interpreter that wrote the job runs it (make's VENV, wherever it is), on every node,
+    # from the folder it was written in, wherever it is resubmitted from.
+    assert f"\nexport python={shlex.quote(sys.executable)}\n" in job
+    assert 'exec "$python" -m train.launch' in job
+    assert f"\ncd {shlex.quote(os.getcwd())}\nexport PYTHONPATH={shlex.quote(str(ROOT))}\n" in job
+    assert fake_slurm.directives(job)["output"] == f"{os.getcwd()}/runs/effnet_b7/slurm-%j.out"
+
+
+@pytest.mark.parametrize(
+    ("status", "new_checkpoint", "requeued"),
+    [(75, False, True), (1, True, True), (1, False, False), (2, True, False), (0, True, False)],
+)
+def test_a_training_job_requeues_after_a_stop_or_a_failure_that_made_progress_only(
+    tmp_path, capsys, status, new_checkpoint, requeued
+):
+    """A failure with no new checkpoint since the job started (a crash at the same step, a
+    CUDA error at evaluation) would fail again after each requeue, holding the GPUs for ever."""
+    out = tmp_path / "out"
+    run = out / "demo_resnet18"
+    (run / "checkpoints" / "step_000000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_000000004" / "COMPLETE").touch()
+    slurm.main(["demo_resnet18", f"out_dir={out}", "--nodes", "1"])
+    job = capsys.readouterr().out
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    made = run / "checkpoints" / "step_000000009"
+    train = f"mkdir -p {made} && touch {made}/COMPLETE\n" if new_checkpoint else ""
+    stand_ins = {
+        "srun": f"#!/bin/bash\n{train}exit {status}\n",
+        "scontrol": f"#!/bin/bash\n[ $1 = requeue ] && touch {tmp_path}/requeued || echo node0\n",
+    }
+    for name, text in stand_ins.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env |= {"SLURM_JOB_NODELIST": "node0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "7"}
+    proc = subprocess.run(["bash", "-c", job], env=env, capture_output=True, text=True)
+    assert proc.returncode == status, proc.stderr
+    assert (tmp_path / "requeued").exists() == requeued
 
 
 def test_a_multi_node_job_passes_each_override_as_one_word_spaces_and_quotes_kept(tmp_path):
     out = tmp_path / "my runs"
     overrides = [f"out_dir={out}", "name=it's"]
     job = run_command("-m", "train.slurm", "demo_resnet18", *overrides, "--nodes", "2").stdout
-    bin_dir = tmp_path / "bin"
+    bin_dir = tmp_path / "my bin"  # a space in the interpreter's path, too
     bin_dir.mkdir()
     stand_ins = {  # srun runs its command here; the python prints what it was given
         "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
@@ -188,7 +226,8 @@ def test_a_multi_node_job_passes_each_override_as_one_word_spaces_and_quotes_kep
     for name, text in stand_ins.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    job = job.replace(f"\npython={sys.executable}\n", f"\npython={bin_dir / 'python'}\n")
+    python = f"\nexport python={shlex.quote(sys.executable)}\n"
+    job = job.replace(python, f"\nexport python={shlex.quote(str(bin_dir / 'python'))}\n")
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
