@@ -212,6 +212,32 @@ def test_a_training_job_requeues_after_a_stop_or_a_failure_that_made_progress_on
     assert (tmp_path / "requeued").exists() == requeued
 
 
+def test_a_sigterm_to_the_batch_shell_is_relayed_and_the_job_waits_for_the_checkpoint(
+    tmp_path, capsys
+):
+    """A preemption or scancel may SIGTERM the batch shell: ending there ends the job, and
+    SLURM then kills the training processes in the middle of their checkpoint."""
+    slurm.main(["demo_resnet18", f"out_dir={tmp_path / 'out'}", "--nodes", "1"])
+    job = capsys.readouterr().out
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_ins = {  # srun: a training run that checkpoints for 1 s on SIGTERM, then exits 75
+        "srun": "#!/bin/bash\ntrap 'kill $!; sleep 1; exit 75' TERM\nsleep 30 & wait\n",
+        "scontrol": f"#!/bin/bash\n[ $1 = requeue ] && touch {tmp_path}/requeued || echo node0\n",
+    }
+    for name, text in stand_ins.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env |= {"SLURM_JOB_NODELIST": "node0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "7"}
+    proc = subprocess.Popen(["bash", "-c", job], env=env, stdout=subprocess.PIPE, text=True)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 75 and "TERM: checkpointing before the job ends" in out
+    assert (tmp_path / "requeued").exists()
+
+
 def test_a_multi_node_job_passes_each_override_as_one_word_spaces_and_quotes_kept(tmp_path):
     out = tmp_path / "my runs"
     overrides = [f"out_dir={out}", "name=it's"]

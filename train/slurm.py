@@ -52,8 +52,11 @@ before=$$(newest)
 srun --kill-on-bad-exit=1 $launch &
 srun_pid=$$!
 
-# SLURM's early warning reaches this shell (B:); pass it on to every training process.
-trap 'echo "USR1: checkpointing before the job ends"; kill -USR1 "$$srun_pid"' USR1
+# SLURM's early warning reaches this shell (B:), a preemption's or scancel's SIGTERM may too: pass
+# it on to every training process, and wait for their checkpoint rather than end the job first.
+relay() { echo "$$1: checkpointing before the job ends"; kill -"$$1" "$$srun_pid"; }
+trap 'relay USR1' USR1
+trap 'relay TERM' TERM
 status=0
 while true; do
   wait "$$srun_pid"; status=$$?
