@@ -415,21 +415,21 @@ def test_a_sigterm_to_a_two_process_launch_checkpoints_even_when_it_outlasts_the
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
-def test_a_stop_sent_to_every_process_of_a_launch_as_slurm_sends_it_checkpoints(
-    tiny_dir, tmp_path, sig
-):
-    """SLURM signals every process of a job step (srun forwards the job's early-warning SIGUSR1,
-    and scancel or a preemption sends SIGTERM, to the whole cgroup): torchrun's agent among them
-    died of SIGUSR1 (its default action), leaving the workers to the step's SIGKILL, and
-    SIGKILLed them a grace after a SIGTERM; it ignores both (the launcher relays them)."""
+def test_stops_sent_to_every_process_of_a_launch_as_slurm_sends_them_checkpoint(tiny_dir, tmp_path):
+    """SLURM signals every process of a job step: srun forwards the job's early-warning SIGUSR1
+    to the whole cgroup, and the time limit, scancel or a preemption send SIGTERM there.
+    torchrun's agent among them died of SIGUSR1 (its default action), leaving the workers to
+    the step's SIGKILL, and SIGKILLed them a grace after a SIGTERM; it ignores both now (the
+    launcher relays them). Both come here, 1 s apart, in a checkpoint that outlasts the grace."""
     out = tmp_path / "out"
     args = [*TWO_PROCESS_RUN, f"data_dir={tiny_dir}", f"out_dir={out}"]
 
     def to_every_process(proc):
-        for pid in process_tree(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            for pid in process_tree(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(1)
 
     stopped = stop_two_process_launch(tmp_path, args, to_every_process)
     assert_stopped_with_a_checkpoint(*stopped, out / "demo_resnet18")
