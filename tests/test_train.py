@@ -115,6 +115,23 @@ def uninterrupted(tiny_dir, module_dir) -> Path:
     return module_dir / "demo_resnet18"
 
 
+def test_a_resume_with_another_number_of_processes_is_refused_in_one_line(
+    uninterrupted, tiny_dir, tmp_path
+):
+    """Its restored learning-rate schedule counts the steps of the old global batch (on half the
+    processes it reached 0 with 39% of the epochs to go) and the data order is per process."""
+    shutil.copytree(uninterrupted, tmp_path / "demo_resnet18")
+    newest = max((tmp_path / "demo_resnet18" / "checkpoints").glob("step_*"))
+    marker = json.loads((newest / "COMPLETE").read_text())
+    (newest / "COMPLETE").write_text(json.dumps({**marker, "world_size": 2}))
+    proc = run_command("-m", "train", *train_args(tiny_dir, tmp_path), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {newest} was written by 2 processes and this run has 1; resume with 2 (NPROC=, "
+        "or that many GPUs visible), or use another name="
+    )
+
+
 def test_an_uninterrupted_run_writes_config_metrics_curves_and_checkpoints(uninterrupted):
     metrics = pd.read_csv(uninterrupted / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2]

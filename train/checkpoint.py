@@ -237,13 +237,14 @@ def resolve_checkpoint(run_dir: Path, which: str = "best", train: str | None = N
 
 
 def checkpoint_info(step_dir: Path) -> dict[str, Any]:
-    """Step, epoch (whole epochs done), mid_epoch and planned epochs of a checkpoint folder;
-    from its marker, or from state.pt for checkpoints written before the marker held them."""
+    """Step, epoch (whole epochs done), mid_epoch, planned epochs and the processes that wrote a
+    checkpoint folder; from its marker, or from state.pt for checkpoints written before the
+    marker held them."""
     info = json.loads((Path(step_dir) / MARKER).read_text())
     if "epoch" not in info:
         state = load_tensors(Path(step_dir) / "state.pt")
         info.update(_progress(state))
-    return {key: info.get(key) for key in ("step", "epoch", "mid_epoch", "epochs")}
+    return {key: info.get(key) for key in ("step", "epoch", "mid_epoch", "epochs", "world_size")}
 
 
 def run_progress(run_dir: Path) -> dict[str, Any] | None:

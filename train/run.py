@@ -205,10 +205,22 @@ class Run:
                 "allow_config_change=true, or use another name="
             )
 
+    def _check_world(self, step_dir: Path) -> None:
+        """A run resumes with the processes that wrote its checkpoint: the learning-rate
+        schedule it restores counts the optimiser steps of their global batch, and the data
+        order and random streams are per process (on fewer, the schedule reached 0 early)."""
+        wrote = ckpt.checkpoint_info(step_dir)["world_size"]
+        if wrote is not None and wrote != self.world:
+            raise UserError(
+                f"{step_dir} was written by {wrote} processes and this run has {self.world}; "
+                f"resume with {wrote} (NPROC=, or that many GPUs visible), or use another name="
+            )
+
     def resume(self) -> bool:
         step_dir = ckpt.latest_valid(self.dir)
         if step_dir is None:
             return False
+        self._check_world(step_dir)
         weights, state, rng = ckpt.load_state(step_dir, self.rank)
         changed = config_changes(state["config"], self.cfg)
         if changed and not self.cfg["allow_config_change"]:
@@ -232,8 +244,8 @@ class Run:
         self.tracking.load_state_dict(state.get("tracking", {}))
         if rng is None:
             raise UserError(
-                f"{step_dir} holds no RNG state for process {self.rank}: it was written by "
-                f"{self.world} fewer processes; resume with the world size it was made with"
+                f"{step_dir} holds no RNG state for process {self.rank}: it was written by fewer "
+                "processes; resume with the world size it was made with"
             )
         set_rng_state(rng)
         self.acc.print(f"resumed from {step_dir} (epoch {self.epoch}, step {self.global_step})")
