@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -135,7 +136,6 @@ def best_fusion(
     return FUSION_GRID[best].item(), scores[best]
 
 
-@torch.inference_mode()
 def predict_crops(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -146,7 +146,24 @@ def predict_crops(
     keep_center: bool,
     channels_last: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Crop-averaged probabilities of this process's shard, gathered into index order on all.
+    """`predict_crops_of` for one model."""
+    args = (loader, total, num_classes, has_aux, keep_center, channels_last)
+    return predict_crops_of(accelerator, [model], *args)[0]
+
+
+@torch.inference_mode()
+def predict_crops_of(
+    accelerator: Accelerator,
+    models: Sequence[torch.nn.Module],
+    loader: DataLoader,
+    total: int,
+    num_classes: int,
+    has_aux: bool,
+    keep_center: bool,
+    channels_last: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Crop-averaged probabilities of this process's shard, per model, gathered into index
+    order on all: one pass over the loader for all of them (each image decoded once).
 
     The loader yields `(crops [B, V, 3, s, s], label, index)`. Returns "main" and, with an
     auxiliary head, "aux" (each the mean over the V crops) and, with `keep_center`,
@@ -155,19 +172,24 @@ def predict_crops(
     """
     keys = ["main", "aux"] if has_aux else ["main"]
     keys += [f"center_{k}" for k in keys] if keep_center else []
-    rows: dict[str, list[torch.Tensor]] = {k: [torch.zeros(0, num_classes)] for k in keys}
+    rows = [{k: [torch.zeros(0, num_classes)] for k in keys} for _ in models]
     indices = [torch.zeros(0, dtype=torch.long)]
     for crops, _, index in loader:
-        with accelerator.autocast():
-            main, aux = crop_probabilities(model, crops.to(accelerator.device), channels_last)
-        if has_aux and aux is None:
-            raise RuntimeError("aux_weight > 0 but the model returned no auxiliary logits")
-        per_crop = {"main": main, "aux": aux}
-        center = CENTER if main.shape[1] > CENTER else 0
-        for key in keys:
-            probs = per_crop[key.removeprefix("center_")]
-            reduced = probs[:, center] if key.startswith("center_") else probs.mean(1)
-            rows[key].append(reduced.cpu())
+        crops = crops.to(accelerator.device)
+        for model, model_rows in zip(models, rows, strict=True):
+            with accelerator.autocast():
+                main, aux = crop_probabilities(model, crops, channels_last)
+            if has_aux and aux is None:
+                raise RuntimeError("aux_weight > 0 but the model returned no auxiliary logits")
+            per_crop = {"main": main, "aux": aux}
+            center = CENTER if main.shape[1] > CENTER else 0
+            for key in keys:
+                probs = per_crop[key.removeprefix("center_")]
+                reduced = probs[:, center] if key.startswith("center_") else probs.mean(1)
+                model_rows[key].append(reduced.cpu())
         indices.append(index)
     index = torch.cat(indices)
-    return {k: gather_rows(accelerator, index, torch.cat(rows[k]), total) for k in keys}
+    return [
+        {k: gather_rows(accelerator, index, torch.cat(found[k]), total) for k in keys}
+        for found in rows
+    ]
