@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from common.fs import atomic_path
+from common.images import check_mode, to_rgb, unreadable
 
 T = TypeVar("T")
 MODES = ("link", "symlink", "copy")
@@ -79,14 +80,6 @@ def _place(src: Path, dst: Path, mode: str) -> str:
         raise
 
 
-def unreadable() -> tuple[type[Exception], ...]:
-    """What PIL raises for a file that is no intact image, or one past its decompression-bomb
-    limit (training's loader refuses those too); PIL is imported only when an image is read."""
-    from PIL import Image, UnidentifiedImageError
-
-    return (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
 def resize_image(src: Path, dst: Path, short_side: int) -> str:
     """Write `src` as an RGB JPEG whose short side is at most `short_side`.
 
@@ -105,7 +98,7 @@ def resize_image(src: Path, dst: Path, short_side: int) -> str:
             if size != img.size:
                 # JPEG DCT scaling decodes straight to >= the target size: several times faster.
                 img.draft("RGB", size)
-            img = img.convert("RGB")
+            img = to_rgb(img)
     except unreadable() as err:
         raise UserError(
             f"{src} is not a readable image ({err}); replace it with an intact copy"
@@ -137,6 +130,7 @@ def check_image(path: Path, verify: str) -> str:
 
     try:
         with Image.open(path) as img:
+            check_mode(img)  # known from the header: an image training could not scale
             if verify == "header":
                 return "header read"
             # JPEG DCT scaling decodes every coded block (a truncated file still fails) into a

@@ -138,7 +138,8 @@ def test_a_malformed_per_class_is_an_error(photos, tmp_path, spec):
     assert proc.returncode == 2 and f"--per-class {spec!r} is not TRAIN,VAL,TEST" in proc.stderr
 
 
-def test_an_unreadable_image_is_named(photos, tmp_path):
+@pytest.mark.parametrize("content", ["garbage", "float pixels"])
+def test_an_unreadable_image_is_named(photos, tmp_path, content):
     root = tmp_path / "broken"
     for name, files in TREE.items():
         for rel, _ in files:
@@ -146,7 +147,10 @@ def test_an_unreadable_image_is_named(photos, tmp_path):
             os.link(photos / name / rel, root / name / rel)
     bad = root / "dog" / "d3.PNG"
     bad.unlink()
-    bad.write_bytes(b"\x00" * 100)
+    if content == "garbage":
+        bad.write_bytes(b"\x00" * 100)
+    else:  # a float TIFF (mode F): no range to scale to 8 bits, refused as training would
+        Image.fromarray(np.ones((8, 8), np.float32)).save(bad, "TIFF")
     out = tmp_path / "out"
     proc = build_folder(root, out, *EVERY_IMAGE, check=False)
     assert proc.returncode == 2 and f"{bad} is not a readable image" in proc.stderr

@@ -149,9 +149,28 @@ def test_load_rgb_names_a_damaged_file(tmp_path):
     truncated.write_bytes(good.read_bytes()[:200])
     garbage = tmp_path / "garbage.JPEG"
     garbage.write_bytes(b"not an image at all")
-    for path in (truncated, garbage, tmp_path / "missing.JPEG"):
+    # A broken PNG chunk: PIL raises SyntaxError from load(), not OSError.
+    png = tmp_path / "good.png"
+    smooth_image(rng, 64, 64).save(png)
+    data = png.read_bytes()
+    broken_chunk = tmp_path / "broken_chunk.png"
+    at = data.index(b"IDAT") + 4 + 20  # a few bytes into the first image chunk: its CRC fails
+    broken_chunk.write_bytes(data[:at] + bytes(4) + data[at + 4 :])
+    float_tiff = tmp_path / "float.tif"
+    Image.fromarray(np.ones((8, 8), np.float32)).save(float_tiff)  # mode F: no range to scale
+    for path in (truncated, garbage, tmp_path / "missing.JPEG", broken_chunk, float_tiff):
         with pytest.raises(UserError, match=path.name):
             load_rgb(path)
+
+
+def test_load_rgb_scales_a_16_bit_grayscale_image_to_8_bits_rather_than_clipping_it(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")  # mode I;16, as microscopy saves it
+    assert Image.open(tmp_path / "ramp16.png").mode == "I;16"
+    out = np.asarray(load_rgb(tmp_path / "ramp16.png"))
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    for channel in range(3):  # clipping at 255 turned 99.6% of this ramp white
+        assert np.array_equal(out[..., channel], (ramp >> 8).astype(np.uint8))
 
 
 # ---- transforms ------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import Compose, Normalize, ToTensor
 
 from common.errors import UserError
+from common.images import to_rgb, unreadable
 from train.rng import seeded_global_rngs, stable_seed
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -171,12 +172,12 @@ class DeviceAugment:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any image file (CMYK, grayscale, palette, a PNG named .JPEG) as RGB."""
+    """Decode any image file (CMYK, grayscale, 16-bit, palette, a PNG named .JPEG) as RGB."""
     try:
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file fails here, not inside a transform
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return to_rgb(image)
+    except unreadable() as err:
         raise UserError(
             f"cannot read image {path} ({err}); replace or remove the file and rerun `make data`"
         ) from None
