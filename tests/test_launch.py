@@ -179,6 +179,22 @@ def test_the_generated_slurm_job_is_valid_shell_that_requeues_on_the_early_signa
     assert fake_slurm.directives(job)["output"] == f"{os.getcwd()}/runs/effnet_b7/slurm-%j.out"
 
 
+def slurm_stand_ins(tmp_path, srun: str) -> dict[str, str]:
+    """The environment of a job run under bash: `srun` runs the script `srun`, `scontrol
+    requeue` leaves tmp_path/requeued, node 0 of job 7."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_ins = {
+        "srun": f"#!/bin/bash\n{srun}\n",
+        "scontrol": f"#!/bin/bash\n[ $1 = requeue ] && touch {tmp_path}/requeued || echo node0\n",
+    }
+    for name, text in stand_ins.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    return env | {"SLURM_JOB_NODELIST": "node0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "7"}
+
+
 @pytest.mark.parametrize(
     ("status", "new_checkpoint", "requeued"),
     [(75, False, True), (1, True, True), (1, False, False), (2, True, False), (0, True, False)],
@@ -194,19 +210,9 @@ def test_a_training_job_requeues_after_a_stop_or_a_failure_that_made_progress_on
     (run / "checkpoints" / "step_000000004" / "COMPLETE").touch()
     slurm.main(["demo_resnet18", f"out_dir={out}", "--nodes", "1"])
     job = capsys.readouterr().out
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     made = run / "checkpoints" / "step_000000009"
     train = f"mkdir -p {made} && touch {made}/COMPLETE\n" if new_checkpoint else ""
-    stand_ins = {
-        "srun": f"#!/bin/bash\n{train}exit {status}\n",
-        "scontrol": f"#!/bin/bash\n[ $1 = requeue ] && touch {tmp_path}/requeued || echo node0\n",
-    }
-    for name, text in stand_ins.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    env |= {"SLURM_JOB_NODELIST": "node0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "7"}
+    env = slurm_stand_ins(tmp_path, f"{train}exit {status}")
     proc = subprocess.run(["bash", "-c", job], env=env, capture_output=True, text=True)
     assert proc.returncode == status, proc.stderr
     assert (tmp_path / "requeued").exists() == requeued
@@ -219,17 +225,8 @@ def test_a_sigterm_to_the_batch_shell_is_relayed_and_the_job_waits_for_the_check
     SLURM then kills the training processes in the middle of their checkpoint."""
     slurm.main(["demo_resnet18", f"out_dir={tmp_path / 'out'}", "--nodes", "1"])
     job = capsys.readouterr().out
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    stand_ins = {  # srun: a training run that checkpoints for 1 s on SIGTERM, then exits 75
-        "srun": "#!/bin/bash\ntrap 'kill $!; sleep 1; exit 75' TERM\nsleep 30 & wait\n",
-        "scontrol": f"#!/bin/bash\n[ $1 = requeue ] && touch {tmp_path}/requeued || echo node0\n",
-    }
-    for name, text in stand_ins.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    env |= {"SLURM_JOB_NODELIST": "node0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "7"}
+    # srun: a training run that checkpoints for 1 s on SIGTERM, then exits 75
+    env = slurm_stand_ins(tmp_path, "trap 'kill $!; sleep 1; exit 75' TERM\nsleep 30 & wait")
     proc = subprocess.Popen(["bash", "-c", job], env=env, stdout=subprocess.PIPE, text=True)
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)

@@ -137,17 +137,9 @@ def best_fusion(
 
 
 def predict_crops(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    loader: DataLoader,
-    total: int,
-    num_classes: int,
-    has_aux: bool,
-    keep_center: bool,
-    channels_last: bool = False,
+    accelerator: Accelerator, model: torch.nn.Module, *args: Any
 ) -> dict[str, torch.Tensor]:
-    """`predict_crops_of` for one model."""
-    args = (loader, total, num_classes, has_aux, keep_center, channels_last)
+    """`predict_crops_of` for one model (the same arguments after it)."""
     return predict_crops_of(accelerator, [model], *args)[0]
 
 
