@@ -137,10 +137,10 @@ def best_fusion(
 
 
 def predict_crops(
-    accelerator: Accelerator, model: torch.nn.Module, *args: Any
+    accelerator: Accelerator, model: torch.nn.Module, *args: Any, **kwargs: Any
 ) -> dict[str, torch.Tensor]:
     """`predict_crops_of` for one model (the same arguments after it)."""
-    return predict_crops_of(accelerator, [model], *args)[0]
+    return predict_crops_of(accelerator, [model], *args, **kwargs)[0]
 
 
 @torch.inference_mode()
