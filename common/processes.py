@@ -69,12 +69,12 @@ def running(pid: int) -> bool:
         return False
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL `pid` and every descendant (found before the first is killed, so that no orphan
-    escapes by being re-parented): a child past its time, with whatever it started."""
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` (SIGKILL) to `pid` and every descendant (found before the first is signalled,
+    so that no orphan escapes by being re-parented): a child past its time, with what it started."""
     for member in process_tree(pid):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(member, signal.SIGKILL)
+            os.kill(member, sig)
 
 
 # cgroup v2's limit as a container sees it (under its cgroup namespace), then cgroup v1's.

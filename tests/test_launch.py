@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -10,13 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
 from common.errors import UserError
-from common.processes import children, process_tree
+from common.processes import children, kill_tree
 from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, status_for_agent
 from tests import fake_slurm
 from tests.conftest import NARROW, ROOT, run_command
@@ -179,14 +179,16 @@ def test_the_generated_slurm_job_is_valid_shell_that_requeues_on_the_early_signa
     assert fake_slurm.directives(job)["output"] == f"{os.getcwd()}/runs/effnet_b7/slurm-%j.out"
 
 
-def slurm_stand_ins(tmp_path, srun: str) -> dict[str, str]:
-    """The environment of a job run under bash: `srun` runs the script `srun`, `scontrol
-    requeue` leaves tmp_path/requeued, node 0 of job 7."""
-    bin_dir = tmp_path / "bin"
+def slurm_stand_ins(bin_dir: Path, srun: str, **more: str) -> dict[str, str]:
+    """The environment of a job run under bash as node 0 of job 7: `srun` runs the bash lines
+    `srun`, `scontrol requeue` leaves a file `requeued` beside `bin_dir`; `more`: other commands
+    (their whole text)."""
     bin_dir.mkdir()
+    requeued = bin_dir.parent / "requeued"
     stand_ins = {
         "srun": f"#!/bin/bash\n{srun}\n",
-        "scontrol": f"#!/bin/bash\n[ $1 = requeue ] && touch {tmp_path}/requeued || echo node0\n",
+        "scontrol": f"#!/bin/bash\n[ $1 = requeue ] && touch {requeued} || echo node0\n",
+        **more,
     }
     for name, text in stand_ins.items():
         (bin_dir / name).write_text(text)
@@ -212,27 +214,30 @@ def test_a_training_job_requeues_after_a_stop_or_a_failure_that_made_progress_on
     job = capsys.readouterr().out
     made = run / "checkpoints" / "step_000000009"
     train = f"mkdir -p {made} && touch {made}/COMPLETE\n" if new_checkpoint else ""
-    env = slurm_stand_ins(tmp_path, f"{train}exit {status}")
+    env = slurm_stand_ins(tmp_path / "bin", f"{train}exit {status}")
     proc = subprocess.run(["bash", "-c", job], env=env, capture_output=True, text=True)
     assert proc.returncode == status, proc.stderr
     assert (tmp_path / "requeued").exists() == requeued
 
 
-def test_a_sigterm_to_the_batch_shell_is_relayed_and_the_job_waits_for_the_checkpoint(
+def test_a_sigterm_to_the_batch_shell_is_relayed_and_waits_for_the_checkpoint_no_requeue(
     tmp_path, capsys
 ):
     """A preemption or scancel may SIGTERM the batch shell: ending there ends the job, and
-    SLURM then kills the training processes in the middle of their checkpoint."""
+    SLURM then kills the training processes in the middle of their checkpoint. The job is not
+    requeued (a preemption's requeue is the cluster's PreemptMode)."""
     slurm.main(["demo_resnet18", f"out_dir={tmp_path / 'out'}", "--nodes", "1"])
     job = capsys.readouterr().out
     # srun: a training run that checkpoints for 1 s on SIGTERM, then exits 75
-    env = slurm_stand_ins(tmp_path, "trap 'kill $!; sleep 1; exit 75' TERM\nsleep 30 & wait")
+    env = slurm_stand_ins(
+        tmp_path / "bin", "trap 'kill $!; sleep 1; exit 75' TERM\nsleep 30 & wait"
+    )
     proc = subprocess.Popen(["bash", "-c", job], env=env, stdout=subprocess.PIPE, text=True)
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=30)[0]
     assert proc.returncode == 75 and "TERM: checkpointing before the job ends" in out
-    assert (tmp_path / "requeued").exists()
+    assert not (tmp_path / "requeued").exists()  # a scancel means stop
 
 
 def test_a_multi_node_job_passes_each_override_as_one_word_spaces_and_quotes_kept(tmp_path):
@@ -240,25 +245,13 @@ def test_a_multi_node_job_passes_each_override_as_one_word_spaces_and_quotes_kep
     overrides = [f"out_dir={out}", "name=it's"]
     job = run_command("-m", "train.slurm", "demo_resnet18", *overrides, "--nodes", "2").stdout
     bin_dir = tmp_path / "my bin"  # a space in the interpreter's path, too
-    bin_dir.mkdir()
-    stand_ins = {  # srun runs its command here; the python prints what it was given
-        "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
-        "scontrol": "#!/bin/bash\necho node0\n",
-        "python": f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n",
-    }
-    for name, text in stand_ins.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    env = slurm_stand_ins(  # srun runs its command here; the python prints what it was given
+        bin_dir,
+        'while [[ $1 == --* ]]; do shift; done\nexec "$@"',
+        python=f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n",
+    )
     python = f"\nexport python={shlex.quote(sys.executable)}\n"
     job = job.replace(python, f"\nexport python={shlex.quote(str(bin_dir / 'python'))}\n")
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "SLURM_SUBMIT_DIR": str(ROOT),
-        "SLURM_JOB_NODELIST": "node0",
-        "SLURM_NODEID": "0",
-        "SLURM_JOB_ID": "1",
-    }
     proc = subprocess.run(["bash", "-c", job], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     argv = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -423,9 +416,7 @@ def test_stops_sent_to_every_process_of_a_launch_as_slurm_sends_them_checkpoint(
 
     def to_every_process(proc):
         for sig in (signal.SIGUSR1, signal.SIGTERM):
-            for pid in process_tree(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
+            kill_tree(proc.pid, sig)
             time.sleep(1)
 
     stopped = stop_two_process_launch(tmp_path, args, to_every_process)

@@ -54,7 +54,8 @@ srun_pid=$$!
 
 # SLURM's early warning reaches this shell (B:), a preemption's or scancel's SIGTERM may too: pass
 # it on to every training process, and wait for their checkpoint rather than end the job first.
-relay() { echo "$$1: checkpointing before the job ends"; kill -"$$1" "$$srun_pid"; }
+signalled=""
+relay() { signalled=$$1; echo "$$1: checkpointing before the job ends"; kill -"$$1" "$$srun_pid"; }
 trap 'relay USR1' USR1
 trap 'relay TERM' TERM
 status=0
@@ -65,10 +66,12 @@ done
 
 # Stopped with a checkpoint (75), or failed after a new checkpoint (a node lost): requeue and
 # resume. Not after a user error (2: bad config, non-finite losses), nor after a failure with no
-# new checkpoint since this start: its rerun would fail at the same point, again and again.
+# new checkpoint since this start: its rerun would fail at the same point, again and again. Nor
+# after a SIGTERM: a scancel means stop, and a preemption requeues where the cluster says so.
 failed=$$(( status != 0 && status != $user_error ))
-progressed=$$([ "$$(newest)" != "$$before" ] && echo 1 || echo 0)
-if [ "$$status" -eq $preempted ] || [ $$(( failed && progressed )) -eq 1 ]; then
+if [ "$$signalled" = TERM ]; then
+  echo "stopped by SIGTERM (status $$status): not requeued"
+elif [ "$$status" -eq $preempted ] || { [ $$failed = 1 ] && [ "$$(newest)" != "$$before" ]; }; then
   echo "stopped with a checkpoint (status $$status): requeueing $$SLURM_JOB_ID"
   scontrol requeue "$$SLURM_JOB_ID"
 fi
