@@ -128,7 +128,8 @@ def test_a_resume_with_another_number_of_processes_is_refused_in_one_line(
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {newest} was written by 2 processes and this run has 1; resume with 2 (NPROC=, "
-        "or that many GPUs visible), or use another name="
+        "or that many GPUs visible), or use another name= (allow_config_change=true resumes "
+        "anyway: schedule and position as saved)"
     )
 
 

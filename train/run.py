@@ -210,10 +210,11 @@ class Run:
         schedule it restores counts the optimiser steps of their global batch, and the data
         order and random streams are per process (on fewer, the schedule reached 0 early)."""
         wrote = ckpt.checkpoint_info(step_dir)["world_size"]
-        if wrote is not None and wrote != self.world:
+        if wrote not in (None, self.world) and not self.cfg["allow_config_change"]:
             raise UserError(
                 f"{step_dir} was written by {wrote} processes and this run has {self.world}; "
-                f"resume with {wrote} (NPROC=, or that many GPUs visible), or use another name="
+                f"resume with {wrote} (NPROC=, or that many GPUs visible), or use another name= "
+                "(allow_config_change=true resumes anyway: schedule and position as saved)"
             )
 
     def resume(self) -> bool:
