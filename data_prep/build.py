@@ -28,7 +28,7 @@ from typing import Any
 
 from common.errors import UserError
 from common.fs import require_writable, write_text_atomic
-from data_prep.layout import LABELS_HEADER, Layout, dataset_files, tree_checksum
+from data_prep.layout import LABELS_HEADER, Layout, dataset_files, dataset_paths, tree_checksum
 from data_prep.place import check_image, run_parallel
 
 MARKER = ".data_prep.json"
@@ -105,7 +105,7 @@ def claim(root: Path, plan: Plan) -> None:
         _check_identity(root, plan)
     expected = plan.expected()
     stray = []
-    for rel, _ in dataset_files(root) if root.is_dir() else []:
+    for rel in dataset_paths(root) if root.is_dir() else []:
         if TEMP_FILE.match(Path(rel).name):
             (root / rel).unlink()
         elif rel not in expected:

@@ -106,14 +106,14 @@ class Layout:
 
     def split_items(self, split: str) -> list[tuple[str, Path, int]]:
         """(id, path, label) of every image of `split` ("train" or "val"), sorted by id."""
-        counts = self.read_manifest()["counts"][split]
+        manifest = self.read_manifest()
         items = []
-        for label, name in enumerate(self.classes()):
+        for label, name in enumerate(manifest["classes"]):
             folder = self.split_dir(split) / name
             if not folder.is_dir():
                 raise UserError(f"{folder} is missing; {self._repair()}")
             images = [p for p in sorted(folder.iterdir()) if is_image(p)]
-            self._require_count(folder, len(images), counts[name])
+            self._require_count(folder, len(images), manifest["counts"][split][name])
             items += [(f"{name}/{p.name}", p, label) for p in images]
         return items
 
@@ -141,29 +141,20 @@ class Layout:
 CHECKSUM_EXCLUDES = ("manifest.json", ".data_prep.json")
 
 
-def dataset_files(root: Path) -> list[tuple[str, int]]:
-    """(path relative to `root`, size in bytes) of every file of a dataset, sorted by path.
-
-    Covers the images and `test_labels.csv`; leaves out the manifest (it holds the checksum) and
-    the build's identity marker.
-    """
-    files = []
+def dataset_paths(root: Path) -> list[str]:
+    """Path relative to `root` of every file of a dataset, sorted: the images and
+    `test_labels.csv`, not the manifest (it holds the checksum) nor the build's identity marker.
+    Names only: a symlink whose source has moved is listed (the build re-points it)."""
+    paths = []
     for dirpath, _, names in os.walk(root):
         rel = Path(dirpath).relative_to(root)
-        for name in names:
-            path = rel / name
-            if path.as_posix() not in CHECKSUM_EXCLUDES:
-                files.append((path.as_posix(), file_size(Path(dirpath) / name)))
-    return sorted(files)
+        paths += [(rel / name).as_posix() for name in names]
+    return sorted(p for p in paths if p not in CHECKSUM_EXCLUDES)
 
 
-def file_size(path: Path) -> int:
-    """The size of the file that `path` names; a dangling symlink's own (a symlink build whose
-    source has moved: the rebuild from the new place points it at its file again)."""
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return os.lstat(path).st_size
+def dataset_files(root: Path) -> list[tuple[str, int]]:
+    """(path, size in bytes) of every file of `dataset_paths`: what the checksum covers."""
+    return [(rel, os.stat(root / rel).st_size) for rel in dataset_paths(root)]
 
 
 def tree_checksum(files: list[tuple[str, int]]) -> str:
