@@ -317,8 +317,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     num_classes = int(test.probs.shape[1])
     csv_path = args.out_dir / f"{name}.csv"
     report_path = args.out_dir / f"{name}.json"
-    for stale in (csv_path.with_suffix(".zip"), report_path):
-        stale.unlink(missing_ok=True)  # a run cut short leaves no earlier zip beside a new CSV
+    report_path.unlink(missing_ok=True)  # written last: a report means CSV and zip are this run's
     zip_path = write_submission(
         csv_path, test.ids[order].tolist(), test.probs.argmax(1)[order], num_classes
     )
@@ -339,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "zip": str(zip_path),
         "provenance": submission_provenance(members, warnings),
     }
-    write_report(report_path, report)  # last: a report means the CSV and zip are this run's
+    write_report(report_path, report)
     figure = ensemble_figure(val, heldout, origin == "search")
     print(format_table(members, weights, *figure))
     print(f"wrote {csv_path}, {zip_path} and {report_path}")

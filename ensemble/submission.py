@@ -145,14 +145,15 @@ def write_submission(
     """Write the CSV and the zip beside it (`<name>.zip` holding `<name>.csv`), both atomically.
 
     The CSV is validated at its temporary name, so a submission that would be refused is never
-    put in place.
+    put in place; an earlier zip is removed first, so that none is left beside a new CSV.
     """
     csv_path = Path(csv_path)
+    zip_path = csv_path.with_suffix(".zip")
+    zip_path.unlink(missing_ok=True)
     text = format_submission(ids, predictions)
     with atomic_path(csv_path) as tmp:
         tmp.write_text(text, encoding="utf-8")
         validate_submission(tmp, ids, num_classes)
-    zip_path = csv_path.with_suffix(".zip")
     with atomic_path(zip_path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             info = zipfile.ZipInfo(csv_path.name, date_time=ZIP_TIME)
