@@ -149,13 +149,16 @@ def test_load_rgb_names_a_damaged_file(tmp_path):
     truncated.write_bytes(good.read_bytes()[:200])
     garbage = tmp_path / "garbage.JPEG"
     garbage.write_bytes(b"not an image at all")
-    # A broken PNG chunk: PIL raises SyntaxError from load(), not OSError.
-    png = tmp_path / "good.png"
-    smooth_image(rng, 64, 64).save(png)
+    # A broken chunk type after the first image chunk: PIL raises SyntaxError from load(), not
+    # OSError (noise does not compress: the PNG holds several IDAT chunks).
+    png = tmp_path / "noise.png"
+    Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(png)
     data = png.read_bytes()
+    second = data.index(b"IDAT", data.index(b"IDAT") + 4)
     broken_chunk = tmp_path / "broken_chunk.png"
-    at = data.index(b"IDAT") + 4 + 20  # a few bytes into the first image chunk: its CRC fails
-    broken_chunk.write_bytes(data[:at] + bytes(4) + data[at + 4 :])
+    broken_chunk.write_bytes(data[:second] + bytes([0, 1, 2, 3]) + data[second + 4 :])
+    with pytest.raises(SyntaxError), Image.open(broken_chunk) as image:
+        image.load()
     float_tiff = tmp_path / "float.tif"
     Image.fromarray(np.ones((8, 8), np.float32)).save(float_tiff)  # mode F: no range to scale
     for path in (truncated, garbage, tmp_path / "missing.JPEG", broken_chunk, float_tiff):
