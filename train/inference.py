@@ -120,6 +120,21 @@ def crop_probabilities(
     return main, aux
 
 
+def reduce_crops(
+    main: torch.Tensor, aux: torch.Tensor | None, keys: list[str]
+) -> dict[str, torch.Tensor]:
+    """Per key, [B, K]: the mean over the crops, or for `center_*` keys the centre crop alone
+    (the only crop of the centre view)."""
+    per_crop = {"main": main, "aux": aux}
+    center = CENTER if main.shape[1] > CENTER else 0
+    return {
+        key: per_crop[key.removeprefix("center_")][:, center]
+        if key.startswith("center_")
+        else per_crop[key].mean(1)
+        for key in keys
+    }
+
+
 def fuse(main: torch.Tensor, aux: torch.Tensor | None, weight: float) -> torch.Tensor:
     """Auxiliary Fusion: w * aux + (1 - w) * main (main alone without an auxiliary head)."""
     return main if aux is None else weight * aux + (1 - weight) * main
@@ -173,11 +188,7 @@ def predict_crops_of(
                 main, aux = crop_probabilities(model, crops, channels_last)
             if has_aux and aux is None:
                 raise RuntimeError("aux_weight > 0 but the model returned no auxiliary logits")
-            per_crop = {"main": main, "aux": aux}
-            center = CENTER if main.shape[1] > CENTER else 0
-            for key in keys:
-                probs = per_crop[key.removeprefix("center_")]
-                reduced = probs[:, center] if key.startswith("center_") else probs.mean(1)
+            for key, reduced in reduce_crops(main, aux, keys).items():
                 model_rows[key].append(reduced.cpu())
         indices.append(index)
     index = torch.cat(indices)
