@@ -1,7 +1,7 @@
 """`make logits MODEL=...`: one model's TenCrop probabilities for val and test (docs/recipe.md 5).
 
-Loads the run's saved config (`runs/<name>/config.yaml`, the resolved config it trained with)
-and a checkpoint (best by default, the teacher by default), predicts every val and test image
+Loads the run's saved config (`runs/<name>/config.yaml`, the resolved config it trained with;
+a dataset other than the one it trained on is refused: its classes would shift) and a checkpoint (best by default, the teacher by default), predicts every val and test image
 with TenCrop and per-crop Auxiliary Fusion (`train.inference`), and writes
 `logits/<name>/val.npz` (ids, probs float16, labels), `test.npz` (ids, probs) and `meta.json`,
 written last so that a folder with a meta.json is complete; it records the checkpoint's step
@@ -49,7 +49,7 @@ from train.checkpoint import (
     run_progress,
     weights_name,
 )
-from train.config import load_config, logits_dir, read_provenance, run_dir
+from train.config import load_config, logits_dir, read_provenance, require_run_dataset, run_dir
 from train.data import eval_loader, split_train_eval
 from train.distributed import make_accelerator
 from train.inference import (
@@ -369,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     view = "center" if args.center_crop else "tencrop"
     layout = Layout(Path(cfg["data_dir"]))
     layout.require_classes(cfg["num_classes"])
+    require_run_dataset(cfg, "predict")  # another class list would shift every class index
     require_writable(logits_dir(cfg), "pass logits_dir= a folder you can write")
     items = {split: _items(layout, split) for split in SPLITS}
     heldout_split, held = heldout_items(cfg)

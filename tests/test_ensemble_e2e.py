@@ -474,7 +474,10 @@ def test_ensemble_refuses_logits_of_another_dataset_naming_the_members(world, lo
         "1",
     )
     mixed = tmp_path / "mixed"
-    logits_command({**world, "data": other}, "tiny_1", logits=str(mixed))
+    # Logits refuse another dataset than the run's (tests/test_train_failures.py) unless told.
+    logits_command(
+        {**world, "data": other}, "tiny_1", "allow_config_change=true", logits=str(mixed)
+    )
     shutil.copytree(logits_0[0], mixed / "tiny_0")
     proc = run_command(
         "-m",

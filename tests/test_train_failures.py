@@ -418,7 +418,7 @@ def test_an_output_place_that_cannot_be_written_is_refused_before_any_work(
     assert fix in proc.stderr and proc.stderr.count("\n") == 1
 
 
-def test_a_resume_on_another_dataset_is_refused_and_on_the_same_one_moved_is_not(
+def test_a_resume_or_logits_on_another_dataset_are_refused_and_on_the_same_one_moved_are_not(
     tiny_dir, tmp_path
 ):
     other = tmp_path / "other"  # the same classes, another draw of their images
@@ -431,8 +431,15 @@ def test_a_resume_on_another_dataset_is_refused_and_on_the_same_one_moved_is_not
     refused = run_command("-m", "train", *args_for(other, out, "epochs=1"), check=False)
     assert refused.returncode == 2, refused.stderr
     [line] = errors(refused.stderr)
-    assert line.startswith(f"error: {other} is not the dataset run {out}/demo_resnet18 started on")
+    assert line.startswith(f"error: {other} is not the dataset run {out}/demo_resnet18 trained on")
+    assert "cannot resume on it" in line
+    logits, to = ["-m", "ensemble.logits", "--center-crop"], f"logits_dir={tmp_path / 'logits'}"
+    refused = run_command(*logits, *args_for(other, out, to), check=False)  # other images
+    assert refused.returncode == 2, refused.stderr
+    [line] = errors(refused.stderr)
+    assert "is not the dataset run" in line and "cannot predict on it" in line
     run_command("-m", "train", *args_for(moved, out, "epochs=1"))  # the same images, moved
+    run_command(*logits, *args_for(moved, out, to))
 
 
 def test_seeding_fixes_every_generator_a_checkpoint_snapshots():

@@ -23,7 +23,6 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
-from common import provenance
 from common.errors import UserError
 from common.fs import require_writable
 from common.lock import FileLock
@@ -31,7 +30,7 @@ from common.metrics import top1
 from common.status import EXIT_PREEMPTED
 from data_prep.layout import Layout
 from train import checkpoint as ckpt
-from train.config import read_provenance, run_dir, save_config, score_column
+from train.config import require_run_dataset, run_dir, save_config, score_column
 from train.data import (
     DevicePrefetcher,
     eval_loader,
@@ -192,19 +191,6 @@ class Run:
             self.acc, self.dir, self.global_step, weights, self._state(), self.cfg["keep_last"]
         )
 
-    def _check_dataset(self) -> None:
-        """data_dir may move between resumes (RESUME_NEUTRAL_KEYS); its images may not: the
-        manifest's checksum must be the one the run started with."""
-        saved = self.dir / "config.yaml"
-        started = read_provenance(saved).get("dataset_checksum") if saved.is_file() else None
-        now = provenance.dataset_checksum(Layout(Path(self.cfg["data_dir"])).manifest)
-        if started and now and started != now and not self.cfg["allow_config_change"]:
-            raise UserError(
-                f"{self.cfg['data_dir']} is not the dataset run {self.dir} started on (manifest "
-                f"checksum {now[:12]}, the run's {started[:12]}); pass that dataset's data_dir=, "
-                "allow_config_change=true, or use another name="
-            )
-
     def _check_world(self, step_dir: Path) -> None:
         """A run resumes with the processes that wrote its checkpoint: the learning-rate
         schedule it restores counts the optimiser steps of their global batch, and the data
@@ -229,7 +215,7 @@ class Run:
                 f"{step_dir} was made with a different config ({', '.join(changed)}); "
                 "rerun with the same settings, pass allow_config_change=true, or use another name="
             )
-        self._check_dataset()
+        require_run_dataset(self.cfg, "resume")
         ckpt.load_into(plain_module(self.acc, self.model), weights["student"], step_dir)
         ckpt.load_into(self.teacher.module, weights["teacher"], step_dir)
         self.optimizer.load_state_dict(state["optimizer"])
