@@ -72,10 +72,11 @@ logits: setup ## TenCrop probabilities of MODEL= for val and test (NPROC= proces
 ensemble: setup ## average models into submissions/<name>.csv/.zip/.json (ARGS=key=value as for logits)
 	$(PY) -m ensemble.blend $(if $(DATA),data=$(DATA)) $(ARGS) \
 		$(if $(MODELS),--models $(MODELS),--config "$(ENSEMBLE)") \
-		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SEARCH),--search-weights) $(if $(NAME),--name "$(NAME)")
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(filter-out 0 no false,$(SEARCH)),--search-weights) $(if $(NAME),--name "$(NAME)")
 
-evaluate: setup ## validate SUBMISSION= and score it against LABELS=
-	$(PY) -m ensemble.evaluate $(if $(SUBMISSION),"$(SUBMISSION)") $(if $(LABELS),--labels "$(LABELS)")
+evaluate: setup ## validate SUBMISSION= (default: the ENSEMBLE's, or NAME's) and score it against LABELS= or DATA='s
+	$(PY) -m ensemble.evaluate "$(or $(SUBMISSION),submissions/$(or $(NAME),$(notdir $(basename $(ENSEMBLE)))).csv)" \
+		$(if $(LABELS),--labels "$(LABELS)") $(if $(DATA),--data "$(DATA)")
 
 demo: ## the whole pipeline on the embedded benchmark (CPU; ends with where the minutes went)
 	@started=$$(date +%s.%N); $(SETUP) && $(PY) -m scripts.ops.demo --started $$started

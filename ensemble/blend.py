@@ -13,6 +13,11 @@ of the ensemble on val and on the images every member held out, each member's pr
 then prints the table. Every
 figure names its images: "held-out" with the count, or "trained on" when a model trained on them
 (final models train on val).
+
+A submission's name is held by one process at a time (`submissions/.<name>.lock`), its report
+is removed first and written last (a report vouches for the CSV and zip beside it), and a
+report made from another config file of the same name is not replaced unless `--name` says so.
+The members' dataset, where it is on disk, must be the one their logits were made on.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +34,11 @@ import numpy as np
 
 from common import provenance
 from common.cli import is_one_name, name_arg, non_negative_float
-from common.errors import UserError, cli_main
+from common.errors import UserError, cli_main, warn
 from common.fs import require_writable, write_text_atomic
+from common.lock import FileLock
 from common.metrics import top1
-from data_prep.layout import test_index
+from data_prep.layout import Layout, test_index
 from ensemble.members import Member, SplitReader, check_provenance, open_members
 from ensemble.search import (
     HeldOut,
@@ -171,6 +176,8 @@ def resolve_models(args: argparse.Namespace) -> tuple[str, list[str], list[float
         config, origin = ensemble_config(args.config)
         name, models = args.name or config_name(args.config), list(config["models"])
         weights = config.get("weights")
+        if weights is not None and args.search_weights:
+            warn(f"{origin}'s weights are not used: --search-weights starts from equal weights")
     else:
         name, models, weights, origin = args.name or "ensemble", args.models, None, "equal"
         overrides = [m for m in models if "=" in m]
@@ -289,16 +296,83 @@ def submission_provenance(members: list[Member], warnings: list[str]) -> dict[st
     }
 
 
+def config_file(args: argparse.Namespace) -> str | None:
+    """The ensemble config's file, resolved: what a submission's name stands for."""
+    return str(Path(ensemble_config(args.config)[1]).resolve()) if args.config else None
+
+
+def claim_name(report_path: Path, config: str | None, named: bool) -> None:
+    """Refuse to replace a submission made from another config file of the same name (two
+    folders' vipriors16.yaml) unless the name was given; then remove the old report, so that
+    until this run writes its own, no report vouches for the CSV and zip beside it."""
+    try:
+        earlier = json.loads(report_path.read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if config and earlier and earlier != config and not named:
+        raise UserError(
+            f"{report_path} was made from {earlier}, not {config}; pass --name (make ensemble "
+            f"NAME=...) to keep both, or delete {report_path}"
+        )
+    report_path.unlink(missing_ok=True)
+
+
+FULL_IMAGENET_CLASSES = 1000  # the challenge scores the 50,000 test images of all of them
+
+
+def dataset_checks(members: list[Member]) -> tuple[Path | None, list[str]]:
+    """The members' dataset folder (absolute) and warnings about it. Refuses a dataset rebuilt
+    since their logits (the CSV's ids and classes would not be its own); warns when it is a
+    partial ImageNet build, whose submission the server would score on a subset."""
+    data_dir = members[0].meta.get("data_dir")
+    if data_dir is None:
+        return None, []
+    layout = Layout(Path(data_dir))
+    if not layout.manifest.is_file():
+        return layout.root.resolve(), []
+    manifest = layout.read_manifest()
+    made_on = (members[0].meta.get("provenance") or {}).get("dataset_checksum")
+    if made_on and manifest.get("checksum") not in (None, made_on):
+        raise UserError(
+            f"{data_dir} was rebuilt since the members' logits were made (manifest checksum "
+            f"{manifest['checksum'][:12]}, theirs {made_on[:12]}); rerun `make logits` for each"
+        )
+    classes = len(manifest["classes"])
+    if manifest.get("source") == "imagenet" and classes != FULL_IMAGENET_CLASSES:
+        return layout.root.resolve(), [
+            f"{data_dir} is a partial ImageNet build ({classes} of {FULL_IMAGENET_CLASSES} "
+            "classes): this submission is not a full VIPriors submission"
+        ]
+    return layout.root.resolve(), []
+
+
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     require_writable(args.out_dir, "pass --out-dir a folder you can write")
     name, models, weights, origin = resolve_models(args)
+    new_folder = not args.out_dir.exists()
+    lock = FileLock(args.out_dir / f".{name}.lock", f"submission {name}", "wait, or pass --name")
+    with lock:
+        try:
+            return blend_and_write(args, name, models, weights, origin)
+        finally:
+            if new_folder:  # refused before it wrote: no submissions folder made for nothing
+                lock.remove_folder_if_only_lock()
+
+
+def blend_and_write(
+    args: argparse.Namespace, name: str, models: list[str], weights: list[float] | None, origin: str
+) -> dict[str, Any]:
+    """`main` once the submission's name is held: blend, write, report."""
+    report_path = args.out_dir / f"{name}.json"
+    claim_name(report_path, config_file(args), named=args.name is not None)
     root = logits_root(models, args.overrides, args.logits_dir)
     members = open_members(root, models, args.overrides)
-    warnings = check_provenance(members)
+    data_dir, odd = dataset_checks(members)
+    warnings = check_provenance(members) + odd
     for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        warn(warning)
     search = None
     if args.search_weights:
         weights, search = search_weights(members, args.min_gain)
@@ -316,13 +390,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     order = submission_order(test.ids)
     num_classes = int(test.probs.shape[1])
     csv_path = args.out_dir / f"{name}.csv"
-    report_path = args.out_dir / f"{name}.json"
-    report_path.unlink(missing_ok=True)  # written last: a report means CSV and zip are this run's
     zip_path = write_submission(
         csv_path, test.ids[order].tolist(), test.probs.argmax(1)[order], num_classes
     )
     report = {
         "name": name,
+        "config": config_file(args),
         "models": models,
         "weights": [w / sum(weights) for w in weights],
         "weights_from": origin,
@@ -332,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "member_scores": {m.name: m.meta.get("scores") for m in members},
         "search": search,
         "num_classes": num_classes,
-        "data_dir": members[0].meta.get("data_dir"),
+        "data_dir": None if data_dir is None else str(data_dir),
         "rows": {"val": val["images"], "test": len(test.ids)},
         "csv": str(csv_path),
         "zip": str(zip_path),

@@ -1,4 +1,4 @@
-"""`make evaluate SUBMISSION=... [LABELS=...]`: validate a submission, then score its top-1.
+"""`make evaluate [SUBMISSION=...] [LABELS=...]`: validate a submission, then score its top-1.
 
 The score is the challenge's (`evaluate_classification.py`: correct rows over compared rows), but
 only after `validate_submission` has checked that the submission holds exactly the labels' ids,
@@ -6,12 +6,15 @@ once each, with integer classes in range: the official script would silently sco
 submission with missing rows on the rows it has. Labels default to the `test_labels.csv` of the
 dataset the submission was made from (named by `--data`, or by the `<name>.json` that
 `make ensemble` wrote beside the CSV); any `Image IDs,label` file works, val labels included.
+The zip that is uploaded is checked as the CSV inside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m ensemble.evaluate", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("submission", type=Path, help="an `Image IDs,Predictions` CSV")
+    parser.add_argument(
+        "submission", type=Path, help="an `Image IDs,Predictions` CSV, or the zip holding it"
+    )
     parser.add_argument("--labels", type=Path, help="an `Image IDs,label` CSV")
     parser.add_argument("--data", type=Path, help="a prepared dataset: its test_labels.csv")
     parser.add_argument("--num-classes", type=int, help="default: the json or the manifest")
@@ -38,7 +43,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _report(submission: Path) -> dict[str, Any]:
     """The `<name>.json` that `make ensemble` wrote beside the CSV, or {}."""
     path = submission.with_suffix(".json")
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is damaged ({err}); rerun `make ensemble`") from None
+    if not isinstance(report, dict):
+        raise UserError(f"{path} is not a `make ensemble` report; rerun `make ensemble`")
+    return report
+
+
+def unzipped(submission: Path, folder: Path) -> Path:
+    """The CSV to check: `submission` itself, or the one CSV inside the zip that is uploaded
+    (extracted into `folder`)."""
+    if submission.suffix.lower() != ".zip":
+        return submission
+    try:
+        with zipfile.ZipFile(submission) as archive:
+            names = [n for n in archive.namelist() if not n.endswith("/")]
+            if len(names) != 1 or not names[0].lower().endswith(".csv"):
+                raise UserError(f"{submission} holds {names}; the server expects one CSV")
+            return Path(archive.extract(names[0], folder))
+    except zipfile.BadZipFile as err:
+        raise UserError(f"{submission} is not a readable zip ({err}); zip the CSV again") from None
 
 
 def resolve_labels(args: argparse.Namespace, report: dict[str, Any]) -> Path:
@@ -104,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> float:
         raise UserError(f"{args.submission} does not exist; run `make ensemble` first")
     report = _report(args.submission)
     labels = resolve_labels(args, report)
-    correct, total = score(args.submission, labels, resolve_num_classes(args, report, labels))
+    with tempfile.TemporaryDirectory() as folder:
+        csv_path = unzipped(args.submission, Path(folder))
+        correct, total = score(csv_path, labels, resolve_num_classes(args, report, labels))
     top1 = 100.0 * correct / total
     print(f"{args.submission}: valid; top-1 {top1:.2f}% ({correct}/{total}) against {labels}")
     return top1

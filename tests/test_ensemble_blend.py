@@ -353,7 +353,8 @@ def test_a_rerun_cut_short_leaves_no_earlier_zip_or_report_beside_its_csv(three,
     argv = ["--models", "a", "b", "--logits-dir", str(root), "--out-dir", str(root / "subs")]
     blend.main(argv)
     subs = root / "subs"
-    assert {p.name for p in subs.iterdir()} == {"ensemble.csv", "ensemble.zip", "ensemble.json"}
+    shown = {p.name for p in subs.iterdir() if not p.name.startswith(".")}  # not the lock
+    assert shown == {"ensemble.csv", "ensemble.zip", "ensemble.json"}
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -361,7 +362,8 @@ def test_a_rerun_cut_short_leaves_no_earlier_zip_or_report_beside_its_csv(three,
     monkeypatch.setattr(zipfile.ZipFile, "writestr", full_disk)  # the rerun's zip fails
     with pytest.raises(OSError, match="No space left"):
         blend.main([*argv, "--weights", "1", "3"])
-    assert {p.name for p in subs.iterdir()} == {"ensemble.csv"}  # no upload of the old zip
+    shown = {p.name for p in subs.iterdir() if not p.name.startswith(".")}
+    assert shown == {"ensemble.csv"}  # no upload of the old zip, no report vouching for it
 
 
 def test_blend_command_rows_follow_test_index_order(tmp_path):
@@ -432,6 +434,91 @@ def test_make_ensemble_reads_the_logits_where_make_logits_wrote_them_under_the_s
     assert (tmp_path / "subs" / "ensemble.csv").is_file()
     report = json.loads((tmp_path / "subs" / "ensemble.json").read_text())
     assert report["search"] is not None  # the flag reached the blend
+
+
+@pytest.mark.parametrize("search", [("SEARCH=0",), ("SEARCH=no",), ()])
+def test_make_ensemble_search_0_or_no_does_not_search(search):
+    dry = subprocess.run(
+        ["make", "-n", "ensemble", *search, "PY=python"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert "-m ensemble.blend" in dry.stdout and "--search-weights" not in dry.stdout
+
+
+def test_another_config_of_the_same_name_does_not_replace_a_submission_unless_named(
+    three, tmp_path
+):
+    root, _ = three
+    out, first, second = (
+        tmp_path / "subs",
+        tmp_path / "one" / "mine.yaml",
+        tmp_path / "two" / "mine.yaml",
+    )
+    for path, models in ((first, ["a", "b"]), (second, ["b", "c"])):
+        path.parent.mkdir()
+        path.write_text(yaml.safe_dump({"models": models}))
+    common = ["--logits-dir", str(root), "--out-dir", str(out)]
+    blend_command("--config", str(first), *common)
+    made = {p.name: p.read_bytes() for p in out.glob("mine.*")}
+    proc = blend_command("--config", str(second), *common, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"error: {out / 'mine.json'} was made from {first}, not {second}; pass --name (make "
+        f"ensemble NAME=...) to keep both, or delete {out / 'mine.json'}\n"
+    )
+    assert {p.name: p.read_bytes() for p in out.glob("mine.*")} == made  # untouched
+    blend_command("--config", str(first), *common)  # the same config: replaced
+    blend_command("--config", str(second), *common, "--name", "mine")  # named: replaced
+    assert json.loads((out / "mine.json").read_text())["config"] == str(second)
+
+
+def test_a_config_s_weights_dropped_by_the_weight_search_are_named(three, tmp_path):
+    root, _ = three
+    path = tmp_path / "weighted.yaml"
+    path.write_text(yaml.safe_dump({"models": ["a", "b"], "weights": [1, 3]}))
+    proc = blend_command(
+        "--config",
+        str(path),
+        "--search-weights",
+        "--logits-dir",
+        str(root),
+        "--out-dir",
+        str(tmp_path / "subs"),
+    )
+    assert f"warning: {path}'s weights are not used: --search-weights starts from" in proc.stderr
+
+
+def with_dataset(root, names, checksum, manifest):
+    """Point the members' meta.json at a dataset folder holding `manifest`, and record that
+    their logits were made on a dataset of manifest checksum `checksum`."""
+    data = root / "dataset"
+    data.mkdir(exist_ok=True)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    for name in names:
+        meta = json.loads((root / name / "meta.json").read_text())
+        meta["data_dir"] = str(data)
+        meta["provenance"] = {"dataset_checksum": checksum}
+        (root / name / "meta.json").write_text(json.dumps(meta))
+    return data
+
+
+def test_a_dataset_rebuilt_since_the_logits_is_refused_and_a_partial_imagenet_one_named(
+    three, tmp_path
+):
+    root, _ = three
+    argv = ["--models", "a", "b", "--logits-dir", str(root), "--out-dir", str(tmp_path / "subs")]
+    manifest = {"source": "imagenet", "checksum": "f" * 64, "classes": [f"n{i}" for i in range(K)]}
+    data = with_dataset(root, "ab", "e" * 64, manifest)
+    proc = blend_command(*argv, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {data} was rebuilt since the members' logits were made")
+    with_dataset(root, "ab", "f" * 64, manifest)
+    proc = blend_command(*argv)
+    warning = f"{data} is a partial ImageNet build ({K} of 1000 classes): this submission is not"
+    assert f"warning: {warning}" in proc.stderr
+    report = json.loads((tmp_path / "subs" / "ensemble.json").read_text())
+    assert report["data_dir"] == str(data) and any(
+        w.startswith(warning) for w in report["provenance"]["warnings"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -167,6 +167,27 @@ def test_evaluate_command_finds_the_labels_and_class_count_from_the_json(submiss
     assert f"top-1 66.67% (8/12) against {labels_file}" in proc.stdout
 
 
+def test_evaluate_command_checks_the_zip_that_is_uploaded(submission, labels_file, tmp_path):
+    zipped = submission.with_suffix(".zip")
+    labelled = ["--labels", str(labels_file), "--num-classes", "10"]
+    proc = run_command("-m", "ensemble.evaluate", str(zipped), *labelled)
+    assert f"{zipped}: valid; top-1 66.67% (8/12)" in proc.stdout
+    two = tmp_path / "two.zip"
+    with zipfile.ZipFile(two, "w") as archive:
+        archive.writestr("a.csv", submission.read_text())
+        archive.writestr("b.csv", submission.read_text())
+    proc = run_command("-m", "ensemble.evaluate", str(two), *labelled, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {two} holds ['a.csv', 'b.csv']; the server expects one CSV\n"
+
+
+def test_evaluate_command_names_a_damaged_report_in_one_line(submission, labels_file):
+    submission.with_suffix(".json").write_text('{"data_dir": "da')
+    proc = run_command("-m", "ensemble.evaluate", str(submission), check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"error: {submission.with_suffix('.json')} is damaged")
+
+
 def test_evaluate_command_scores_val_predictions_against_val_labels(tmp_path):
     val_ids = ["ant/a.png", "ant/b.png", "bee/c.png"]
     labels = tmp_path / "val_labels.csv"
