@@ -332,6 +332,29 @@ def test_a_run_stopped_early_is_named_by_make_logits_which_records_its_step_and_
     assert (meta["checkpoint_epoch"], meta["epochs"], meta["run_finished"]) == (1, 8, False)
 
 
+@pytest.mark.slow
+def test_epochs_added_on_resume_train_on_the_schedule_in_use_not_at_the_saved_end(
+    tiny_dir, tmp_path
+):
+    """A cosine schedule saved at its end has lr 0 there: restoring it would train every added
+    epoch at lr 0. The added epochs follow the lr of a run made with epochs=3 from the start."""
+    args = args_for(tiny_dir, tmp_path, "workers=0", "warmup_epochs=0", "weight_decay=0.01")
+    run_command("-m", "train", *args, "epochs=1")
+    run_command("-m", "train", *args, "epochs=3", "weight_decay=0.02", "allow_config_change=true")
+    run_command("-m", "train", *args, "epochs=3", "name=fresh")
+    import pandas as pd
+    import torch
+
+    resumed = pd.read_csv(tmp_path / "demo_resnet18" / "metrics.csv")
+    fresh = pd.read_csv(tmp_path / "fresh" / "metrics.csv")
+    assert resumed["epoch"].tolist() == fresh["epoch"].tolist() == [1, 2, 3]
+    assert resumed["lr"].iloc[0] == 0  # the end of the 1-epoch schedule
+    assert resumed["lr"].iloc[1] == pytest.approx(fresh["lr"].iloc[1]) and fresh["lr"].iloc[1] > 0
+    newest = max((tmp_path / "demo_resnet18" / "checkpoints").glob("step_*"))
+    groups = torch.load(newest / "state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.02}  # the config in use (norms: 0)
+
+
 def test_make_logits_without_a_best_checkpoint_names_the_folder_and_the_training_command(
     tiny_dir, tmp_path
 ):
@@ -440,6 +463,12 @@ def test_a_resume_or_logits_on_another_dataset_are_refused_and_on_the_same_one_m
     assert "is not the dataset run" in line and "cannot predict on it" in line
     run_command("-m", "train", *args_for(moved, out, "epochs=1"))  # the same images, moved
     run_command(*logits, *args_for(moved, out, to))
+    # A change allowed once stands: later resumes and logits check against the newest dataset.
+    run_command("-m", "train", *args_for(other, out, "epochs=1", "allow_config_change=true"))
+    run_command("-m", "train", *args_for(other, out, "epochs=1"))
+    run_command(*logits, *args_for(other, out, to))
+    refused = run_command("-m", "train", *args_for(moved, out, "epochs=1"), check=False)
+    assert refused.returncode == 2 and "is not the dataset run" in refused.stderr
 
 
 def test_seeding_fixes_every_generator_a_checkpoint_snapshots():

@@ -345,15 +345,24 @@ def read_provenance(path: Path) -> dict[str, Any]:
 
 def require_run_dataset(cfg: dict[str, Any], action: str) -> None:
     """data_dir may move (RESUME_NEUTRAL_KEYS); its images may not: the dataset's manifest
-    checksum must be the one the run started with, unless allow_config_change. `action`
-    names what would go wrong ("resume", "predict")."""
+    checksum must be the one the run last trained on (a change once allowed by
+    allow_config_change stands), unless allow_config_change. `action` names what would go
+    wrong ("resume", "predict")."""
     saved = run_dir(cfg) / "config.yaml"
-    started = read_provenance(saved).get("dataset_checksum") if saved.is_file() else None
+    record = read_provenance(saved) if saved.is_file() else {}
+    trained_on = next(
+        (
+            r["dataset_checksum"]
+            for r in reversed(record.get("resumed", []))
+            if r.get("dataset_checksum")
+        ),
+        record.get("dataset_checksum"),
+    )
     now = provenance.dataset_checksum(Layout(Path(cfg["data_dir"])).manifest)
-    if started and now and started != now and not cfg["allow_config_change"]:
+    if trained_on and now and trained_on != now and not cfg["allow_config_change"]:
         raise UserError(
             f"{cfg['data_dir']} is not the dataset run {run_dir(cfg)} trained on (manifest "
-            f"checksum {now[:12]}, the run's {started[:12]}): cannot {action} on it; pass that "
+            f"checksum {now[:12]}, the run's {trained_on[:12]}): cannot {action} on it; pass that "
             "dataset's data_dir=, allow_config_change=true, or use another name="
         )
 

@@ -218,8 +218,7 @@ class Run:
         require_run_dataset(self.cfg, "resume")
         ckpt.load_into(plain_module(self.acc, self.model), weights["student"], step_dir)
         ckpt.load_into(self.teacher.module, weights["teacher"], step_dir)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._load_optimizer(state, changed)
         if self.acc.scaler is not None and state["scaler"]:
             self.acc.scaler.load_state_dict(state["scaler"])
         self.epoch, self.micro, self.global_step = state["position"]
@@ -235,8 +234,25 @@ class Run:
                 "processes; resume with the world size it was made with"
             )
         set_rng_state(rng)
+        if changed:  # the lr at the saved position of the schedule now in use
+            self.scheduler.step_update(num_updates=self.global_step)
         self.acc.print(f"resumed from {step_dir} (epoch {self.epoch}, step {self.global_step})")
         return True
+
+    def _load_optimizer(self, state: dict[str, Any], changed: list[str]) -> None:
+        """The optimiser's moments; with a config change allowed, the hyperparameters (weight
+        decay, eps, ...) and the lr schedule of the config in use, not the saved ones, so that
+        `allow_config_change=true epochs=20` trains its new epochs on the new schedule."""
+        fresh = [
+            {k: v for k, v in group.items() if k not in ("params", "lr")}
+            for group in self.optimizer.param_groups
+        ]
+        self.optimizer.load_state_dict(state["optimizer"])
+        if not changed:
+            self.scheduler.load_state_dict(state["scheduler"])
+            return
+        for group, values in zip(self.optimizer.param_groups, fresh, strict=True):
+            group.update(values)
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> int:
