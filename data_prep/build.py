@@ -19,7 +19,9 @@ disk (`layout.py` describes the result):
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,13 +164,29 @@ def seal(root: Path, plan: Plan) -> dict:
     manifest = {
         "source": plan.source,
         "options": plan.options,
-        "inputs": plan.inputs,
+        "inputs": {**plan.inputs, "placed": placed(root, files)},
         "classes": plan.classes,
         "counts": _counts(plan),
         "checksum": tree_checksum(files),
     }
     write_text_atomic(layout.manifest, json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def placed(root: Path, files: list[tuple[str, int]]) -> dict[str, int]:
+    """How the files stand (`--mode link` falls back to copies across file systems): what a
+    user deleting the source images needs to know."""
+    kinds: Counter = Counter()
+    for rel, _ in files:
+        info = os.lstat(root / rel)
+        kinds[
+            "symlinks"
+            if stat.S_ISLNK(info.st_mode)
+            else "hard links"
+            if info.st_nlink > 1
+            else "files"
+        ] += 1
+    return dict(sorted(kinds.items()))
 
 
 def _counts(plan: Plan) -> dict[str, Any]:

@@ -59,7 +59,10 @@ def place(src: Path, dst: Path, mode: str) -> str:
 
 def _place(src: Path, dst: Path, mode: str) -> str:
     if mode == "copy":
-        return "kept" if dst.exists() else copy_file(src, dst)
+        if dst.exists() and not dst.is_symlink():
+            return "kept"
+        dst.unlink(missing_ok=True)  # a symlink: --mode copy makes the dataset stand alone
+        return copy_file(src, dst)
     try:
         if mode == "link":
             # The file itself: on Linux os.link links a symlink as a symlink (follow_symlinks
@@ -69,9 +72,10 @@ def _place(src: Path, dst: Path, mode: str) -> str:
         os.symlink(src, dst)
         return "symlinked"
     except FileExistsError:
-        if dst.exists():
+        if dst.exists() and (mode == "symlink" or not dst.is_symlink()):
             return "kept"
-        # A dangling symlink: its target moved since the last run. Point it at the current file.
+        # A dangling symlink (its target moved since the last run: point it at the current
+        # file), or a symlink where --mode link places the file itself.
         dst.unlink()
         return _place(src, dst, mode)
     except OSError as err:

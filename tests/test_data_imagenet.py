@@ -261,6 +261,19 @@ def test_copy_and_symlink_modes_hold_the_same_bytes(mini, linked, tmp_path):
         assert (symlinked / rel).is_symlink() and os.readlink(symlinked / rel) == str(src)
 
 
+def test_a_rebuild_in_copy_mode_replaces_a_symlink_build_s_links_and_the_manifest_says_so(
+    mini, linked, tmp_path
+):
+    out, images = tmp_path / "out", len(mini.expected_files())
+    assert manifest(linked)["inputs"]["placed"] == {"files": 1, "hard links": images}
+    build(mini.root, out, "--mode", "symlink")
+    assert manifest(out)["inputs"]["placed"] == {"files": 1, "symlinks": images}
+    build(mini.root, out, "--mode", "copy")  # so that the source can be deleted
+    assert not [rel for rel in mini.expected_files() if (out / rel).is_symlink()]
+    assert manifest(out)["inputs"]["placed"] == {"files": 1 + images}
+    assert manifest(out)["checksum"] == manifest(linked)["checksum"]
+
+
 def test_a_symlink_build_whose_source_moved_is_repaired_by_a_rebuild_from_the_new_place(
     mini, linked, tmp_path
 ):
