@@ -123,7 +123,9 @@ def test_a_resume_with_another_number_of_processes_is_refused_in_one_line(
     shutil.copytree(uninterrupted, tmp_path / "demo_resnet18")
     newest = max((tmp_path / "demo_resnet18" / "checkpoints").glob("step_*"))
     marker = json.loads((newest / "COMPLETE").read_text())
-    (newest / "COMPLETE").write_text(json.dumps({**marker, "world_size": 2}))
+    shutil.copy(newest / "rng_rank0.pt", newest / "rng_rank1.pt")  # as two processes write
+    files = {**marker["files"], "rng_rank1.pt": marker["files"]["rng_rank0.pt"]}
+    (newest / "COMPLETE").write_text(json.dumps({**marker, "world_size": 2, "files": files}))
     proc = run_command("-m", "train", *train_args(tiny_dir, tmp_path), check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -243,6 +245,53 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_continues(uninterrupted, tin
     resumed = run_command("-m", "train.launch", *args)
     assert f"step {stopped_at})" in resumed.stdout
     assert_bit_identical(final_state(uninterrupted), final_state(run))
+
+
+STOP_IN_EVALUATION = """
+import os, signal, sys
+import train.run as run
+
+predict = run.predict_crops_of
+
+def stopped_once_then_predict(*args, **kwargs):
+    if not os.environ.get("STOPPED"):
+        os.environ["STOPPED"] = "1"
+        os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's stop during epoch 1's evaluation
+    return predict(*args, **kwargs)
+
+run.predict_crops_of = stopped_once_then_predict
+from train.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_during_the_evaluation_checkpoints_before_it_and_the_rerun_redoes_it(
+    uninterrupted, tiny_dir, tmp_path
+):
+    """A held-out pass can outlast stop_timeout_s (50,000 val images at B7 on one GPU): it ends
+    at the next batch, the epoch is saved unfinished, and the rerun evaluates it as if never
+    stopped."""
+    args = train_args(tiny_dir, tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", STOP_IN_EVALUATION, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    assert "stopped on request; checkpoint at step 10" in proc.stdout
+    run = tmp_path / "demo_resnet18"
+    state = torch.load(run / "checkpoints" / "step_000000010" / "state.pt", weights_only=True)
+    assert state["position"] == [0, 10, 10] and state["history"] == []  # epoch 1 not ended
+    run_command("-m", "train", *args)
+    assert_bit_identical(final_state(uninterrupted), final_state(run))
+    columns = ["heldout_student", "heldout_teacher", "loss"]
+    assert pd.read_csv(run / "metrics.csv")[columns].equals(
+        pd.read_csv(uninterrupted / "metrics.csv")[columns]
+    )
 
 
 @pytest.mark.parametrize("module", ["ensemble.logits", "train"])

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.errors import UserError
 from common.lock import holder
 from tests.conftest import NARROW, ROOT, run_command
 from train.config import load_config, run_dir
@@ -280,6 +281,50 @@ def test_a_full_disk_during_a_checkpoint_says_how_much_room_it_needs_and_loses_n
     resumed = run_command("-m", "train", *args)
     assert f"resumed from {checkpoints / 'step_000000003'}" in resumed.stdout
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "step_000000010"]
+
+
+def fake_checkpoint(folder: Path, step: int, world: int = 1, sealed: bool = True) -> Path:
+    """The files of a checkpoint written by `world` processes, and its marker if `sealed`."""
+    from train.checkpoint import MARKER, _expected, _sha256
+
+    folder.mkdir(parents=True)
+    for name in _expected(world):
+        (folder / name).write_bytes(f"{folder.name}/{name}".encode())
+    if sealed:
+        files = {name: _sha256(folder / name) for name in _expected(world)}
+        marker = {"step": step, "world_size": world, "files": files}
+        (folder / MARKER).write_text(json.dumps(marker))
+    return folder
+
+
+def test_a_kill_between_two_renames_is_repaired_before_a_resume_looks(tmp_path):
+    from train.checkpoint import latest_valid, repair, verify
+
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root / "step_000000003", 3)
+    sealed = fake_checkpoint(root / "step_000000006.tmp", 6)  # killed after sealing, before rename
+    fake_checkpoint(root / "step_000000009.tmp", 9, sealed=False)  # killed while writing
+    fake_checkpoint(root / "best.old", 3)  # killed between mark_best's renames
+    fake_checkpoint(root / "best.tmp", 6, sealed=False)  # its copy had not finished
+    marker = (sealed / "COMPLETE").read_text()
+    repair(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["best", "step_000000003", "step_000000006"]
+    assert (root / "step_000000006" / "COMPLETE").read_text() == marker
+    assert latest_valid(tmp_path) == root / "step_000000006" and verify(root / "best")
+
+
+def test_a_checkpoint_missing_another_process_s_rng_state_is_neither_sealed_nor_valid(tmp_path):
+    from train.checkpoint import _sealed, verify
+
+    two = fake_checkpoint(tmp_path / "step_000000004", 4, world=2)
+    assert verify(two)
+    (two / "rng_rank1.pt").unlink()  # written to another node's own disk
+    with pytest.raises(UserError, match="lacks rng_rank1.pt that other processes wrote: out_dir="):
+        _sealed(two, 2)
+    marker = json.loads((two / "COMPLETE").read_text())
+    del marker["files"]["rng_rank1.pt"]
+    (two / "COMPLETE").write_text(json.dumps(marker))
+    assert not verify(two)  # a marker that vouches for one process of two
 
 
 def test_retention_keeps_the_newest_and_the_one_best_copies_whatever_keep_last(tmp_path):

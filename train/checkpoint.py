@@ -97,7 +97,7 @@ def save_checkpoint(
     try:
         _write_files(accelerator, tmp, weights, state)
         if accelerator.is_main_process:
-            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+            files = {name: _sha256(tmp / name) for name in _sealed(tmp, accelerator.num_processes)}
             meta = {"step": step, "world_size": accelerator.num_processes, "files": files}
             write_text_atomic(tmp / MARKER, json.dumps({**meta, **_progress(state)}, indent=1))
     except OSError as err:
@@ -116,6 +116,25 @@ def save_checkpoint(
         _retain(root, keep_last)
     accelerator.wait_for_everyone()
     return final if accelerator.is_main_process else None
+
+
+def _expected(world: int) -> list[str]:
+    """The files of a checkpoint written by `world` processes."""
+    ranks = [f"rng_rank{rank}.pt" for rank in range(world)]
+    return sorted([*(f"{role}.safetensors" for role in WEIGHTS), "state.pt", *ranks])
+
+
+def _sealed(tmp: Path, world: int) -> list[str]:
+    """The files the marker vouches for: every process's, or a refusal naming the likely cause
+    (a node-local out_dir: another node's processes wrote their RNG state to their own disk)."""
+    names = _expected(world)
+    missing = [name for name in names if not (tmp / name).is_file()]
+    if missing:
+        raise UserError(
+            f"{tmp} lacks {', '.join(missing[:3])} that other processes wrote: out_dir= must "
+            "be a folder every node of the run shares, not a disk of one node"
+        )
+    return names
 
 
 def _write_files(accelerator, tmp: Path, weights: dict, state: dict[str, Any]) -> None:
@@ -169,13 +188,38 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def verify(step_dir: Path) -> bool:
-    """True when the marker exists and every file it lists is present with its checksum."""
+    """True when the marker exists, lists every file of its processes, and each is present
+    with its checksum."""
     marker = step_dir / MARKER
     try:
-        files = json.loads(marker.read_text())["files"]
+        meta = json.loads(marker.read_text())
+        files = meta["files"]
+        if not set(_expected(meta.get("world_size") or 1)) <= set(files):
+            return False
         return all(_sha256(step_dir / name) == digest for name, digest in files.items())
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def repair(run_dir: Path) -> None:
+    """Finish what a process killed between two renames left, before a resume looks: a sealed
+    `step_N.tmp` (its marker is written last) whose `step_N` is gone or damaged (a step saved
+    twice replaces its folder) takes its place, an unsealed one is deleted; a `best` lost
+    between `mark_best`'s renames comes back from its complete copy or its previous version
+    (what is left of either is deleted)."""
+    root = checkpoint_root(run_dir)
+    for tmp in sorted(root.glob("step_*.tmp")) if root.is_dir() else []:
+        final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+        if verify(tmp) and not verify(final):
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        else:
+            shutil.rmtree(tmp)
+    best = root / "best"
+    for spare in (root / "best.tmp", root / "best.old"):
+        if not best.exists() and verify(spare):
+            spare.rename(best)
+        shutil.rmtree(spare, ignore_errors=True)
 
 
 def latest_valid(run_dir: Path) -> Path | None:

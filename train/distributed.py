@@ -158,6 +158,13 @@ def shard(n: int, rank: int, world: int) -> range:
     return range(rank, n, world)
 
 
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` is true on some process: one decision that every process takes alike."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device)) > 0)
+
+
 def gather_rows(
     accelerator: Accelerator, index: torch.Tensor, values: torch.Tensor, total: int
 ) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as F
 
 from common.metrics import top1
-from train.distributed import gather_rows
+from train.distributed import any_process, gather_rows
 
 VIEWS = ("tencrop", "center")
 FUSION_GRID = torch.linspace(0, 1, 21)  # fusion weights tried: 0, 0.05, ..., 1
@@ -168,9 +168,12 @@ def predict_crops_of(
     has_aux: bool,
     keep_center: bool,
     channels_last: bool = False,
-) -> list[dict[str, torch.Tensor]]:
+    interrupted: Callable[[], bool] | None = None,
+) -> list[dict[str, torch.Tensor]] | None:
     """Crop-averaged probabilities of this process's shard, per model, gathered into index
     order on all: one pass over the loader for all of them (each image decoded once).
+    `interrupted()` true between batches ends this process's pass early (a stop request); when
+    it is true on any process at the end, all return None together, gathering nothing.
 
     The loader yields `(crops [B, V, 3, s, s], label, index)`. Returns "main" and, with an
     auxiliary head, "aux" (each the mean over the V crops) and, with `keep_center`,
@@ -182,6 +185,8 @@ def predict_crops_of(
     rows = [{k: [torch.zeros(0, num_classes)] for k in keys} for _ in models]
     indices = [torch.zeros(0, dtype=torch.long)]
     for crops, _, index in loader:
+        if interrupted is not None and interrupted():
+            break
         crops = crops.to(accelerator.device)
         for model, model_rows in zip(models, rows, strict=True):
             with accelerator.autocast():
@@ -191,6 +196,8 @@ def predict_crops_of(
             for key, reduced in reduce_crops(main, aux, keys).items():
                 model_rows[key].append(reduced.cpu())
         indices.append(index)
+    if interrupted is not None and any_process(accelerator, interrupted()):
+        return None
     index = torch.cat(indices)
     return [
         {k: gather_rows(accelerator, index, torch.cat(found[k]), total) for k in keys}

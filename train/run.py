@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
@@ -44,7 +45,7 @@ from train.inference import best_fusion, fuse, predict_crops_of
 from train.losses import AttractRepulseLoss
 from train.metrics import write_metrics
 from train.model import build_model, build_teacher, ema_decay, use_channels_last
-from train.rng import mix_generator, seed_everything, set_rng_state, stable_seed
+from train.rng import mix_generator, rng_state, seed_everything, set_rng_state, stable_seed
 from train.stop import StopRequest
 from train.tracking import Tracking, trackers
 from train.views import DeviceAugment, SharedMixup, build_train_transform
@@ -203,8 +204,26 @@ class Run:
                 "(allow_config_change=true resumes anyway: schedule and position as saved)"
             )
 
+    def _chosen_checkpoint(self) -> Path | None:
+        """The main process repairs, verifies and chooses; every process resumes from its
+        choice (each choosing alone could pick different steps where the nodes' views of
+        out_dir differ, and would read every file once per process)."""
+        chosen = [None]
+        if self.acc.is_main_process:
+            ckpt.repair(self.dir)
+            chosen = [ckpt.latest_valid(self.dir)]
+        if self.world > 1:
+            broadcast_object_list(chosen)
+        step_dir = chosen[0]
+        if step_dir is not None and not (step_dir / ckpt.MARKER).is_file():
+            raise UserError(
+                f"{step_dir} is not visible to process {self.rank}: out_dir= must be a folder "
+                "every node of the run shares"
+            )
+        return step_dir
+
     def resume(self) -> bool:
-        step_dir = ckpt.latest_valid(self.dir)
+        step_dir = self._chosen_checkpoint()
         if step_dir is None:
             return False
         self._check_world(step_dir)
@@ -311,8 +330,7 @@ class Run:
                         self.save()
                     if result.stop:
                         return True
-        self.end_epoch(images / max(time.perf_counter() - started, 1e-9))
-        return False
+        return self.end_epoch(images / max(time.perf_counter() - started, 1e-9))
 
     def train_step(self, batch: tuple, stop: bool, save: bool) -> StepResult:
         """One micro-step at the loop's position: the device finishes the loader's uint8 views
@@ -366,7 +384,9 @@ class Run:
         minutes = self.cfg["ckpt_every_minutes"]
         return minutes > 0 and time.monotonic() - self.saved_at >= 60 * minutes
 
-    def end_epoch(self, images_per_s: float) -> None:
+    def end_epoch(self, images_per_s: float) -> bool:
+        """Evaluate, record and checkpoint the epoch; True when a stop came during the
+        evaluation (a long held-out pass would outlast stop_timeout_s)."""
         cfg = self.cfg
         sums = self.acc.reduce(self.sums, reduction="sum").cpu()
         means = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
@@ -377,7 +397,11 @@ class Run:
         due = (self.epoch + 1) % cfg["eval_every"] == 0 or self.epoch + 1 == cfg["epochs"]
         score = None
         if self.eval_items and due:
-            row.update(self.evaluate())
+            scores = self.evaluate()
+            if scores is None:  # stopped: saved before the epoch's end, which a resume redoes
+                self.save()
+                return True
+            row.update(scores)
             score = row[score_column(cfg)]
         self.history.append(row)
         improved = score is not None and score > self.best
@@ -399,20 +423,29 @@ class Run:
             write_metrics(self.dir, self.history)
         self.acc.wait_for_everyone()
         self.acc.print(f"epoch {row['epoch']}: loss {row['loss']:.4f}{heldout_note(row)}")
+        return False
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float] | None:
         """Top-1 on the held-out items (val for train-split runs, the held-out images of a
         train+val run): student, teacher, and the teacher's fused prediction, whose weight is
-        the configured one or the best on these same images."""
+        the configured one or the best on these same images. None when a stop came during it:
+        the random streams are then as before it, so that a resume redoes it bit-identically."""
         cfg = self.cfg
+        before = rng_state()  # the loader's iterator draws its seed from torch's generator
         loader = eval_loader(cfg, self.eval_items, self.rank, self.world, cfg["batch_size"] * 2)
         labels = torch.tensor([item[2] for item in self.eval_items])
         args = (loader, len(self.eval_items), cfg["num_classes"], cfg["aux_weight"] > 0, False)
         self.model.eval()
         # One pass for both networks: each held-out image decoded once (50,000 at ImageNet).
         networks = [self.model, self.teacher.module]
-        student, teacher = predict_crops_of(self.acc, networks, *args, self.channels_last)
+        found = predict_crops_of(
+            self.acc, networks, *args, self.channels_last, lambda: self.stop.requested
+        )
         self.model.train()
+        if found is None:
+            set_rng_state(before)
+            return None
+        student, teacher = found
         weight = cfg["fusion_weight"]
         if weight is None:
             weight, fused = best_fusion(teacher["main"], teacher.get("aux"), labels)
