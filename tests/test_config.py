@@ -184,11 +184,18 @@ def test_out_of_range_values_are_refused_naming_the_key_through_the_command(over
         ("mixed_precision=fp8", "mixed_precision='fp8' must be one of auto, no, bf16, fp16"),
         ("name=..", "name='..' must be one folder name (no /, not . or ..): the run's folder"),
         ("name=a/b", "name='a/b' must be one folder name"),
+        ("channels_last=maybe", "channels_last='maybe' must be true, false or null"),
+        ("channels_last=0.5", "channels_last=0.5 must be true, false or null"),
     ],
 )
 def test_a_word_outside_its_keys_choices_or_a_name_leaving_out_dir_is_refused(override, message):
     with pytest.raises(UserError, match=f"^command line: {re.escape(message)}"):
         load_config("demo_resnet18", [override])
+
+
+@pytest.mark.parametrize(("text", "value"), [("true", True), ("false", False), ("null", None)])
+def test_a_switch_decided_by_the_device_takes_true_false_or_null(text, value):
+    assert load_config("demo_resnet18", [f"channels_last={text}"])["channels_last"] is value
 
 
 @pytest.mark.parametrize(

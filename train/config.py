@@ -168,6 +168,8 @@ AUTO_KEYS = {"batch_size", "workers"}
 # Words a key may say instead of a value of its type: "auto" above, and for `compile` a
 # torch.compile mode (train/distributed.py dynamo_plugin).
 WORDS = {**{key: ("auto",) for key in AUTO_KEYS}, "compile": ("reduce-overhead",)}
+# Switches whose null default means "decide for the device": typed by value, not by base.yaml.
+SWITCHES = {"channels_last"}
 
 
 def _check_type(key: str, value: Any, default: Any, origin: str) -> Any:
@@ -241,6 +243,8 @@ def _problem(key: str, value: Any, base_value: Any) -> str | None:
             return f"must be {kind}{_range_text(RANGES[key])}"
     if value is None and base_value is not None and key not in NULLABLE:
         return "needs a value (it is empty or null)"
+    if key in SWITCHES and not (value is None or isinstance(value, bool)):
+        return "must be true, false or null"
     if key in CHOICES and value not in CHOICES[key]:
         return f"must be one of {', '.join(CHOICES[key])}"
     if key == "name" and value is not None and not (isinstance(value, str) and is_one_name(value)):
