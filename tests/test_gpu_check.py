@@ -114,6 +114,25 @@ def test_the_utilisation_sampler_reads_nvidia_smi_and_survives_its_absence(
     assert smi is not None or not calls.exists()
 
 
+def test_the_sampler_asks_for_torch_s_gpu_by_uuid_and_falls_back_to_index_0(tmp_path, monkeypatch):
+    """nvidia-smi ignores CUDA_VISIBLE_DEVICES: its index 0 may not be the GPU torch uses."""
+    asked = tmp_path / "asked"
+    script = f'#!/bin/sh\necho "$4" >> {asked}\ncase "$4" in GPU-bad) exit 6;; *) echo 7;; esac\n'
+    (tmp_path / "nvidia-smi").write_text(script)
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for names, first in ((["GPU-good"], "GPU-good"), (["GPU-bad"], "0"), ([], "0")):
+        asked.unlink(missing_ok=True)
+        monkeypatch.setattr(gpu_check, "smi_names", lambda names=names: list(names))
+        with gpu_check.Utilisation(tmp_path / "metrics.csv", every=0.02) as sampled:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len(sampled.samples) < 2:
+                time.sleep(0.02)
+        assert {percent for percent, _ in sampled.samples} == {7}
+        assert asked.read_text().split()[-1] == first
+
+
 def test_the_utilisation_kept_is_that_of_the_epochs_after_the_first(tmp_path):
     """Start-up and cuDNN's search (before epoch 1 ends) and the end (after the last) are out."""
     metrics = tmp_path / "metrics.csv"

@@ -47,6 +47,7 @@ import gc
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,25 @@ def loader_section(data: Path, out: Path, rates: dict[str, float], batches: int)
 
 
 # ---- 3. the real loop ----------------------------------------------------------------------
+def smi_names() -> list[str]:
+    """nvidia-smi's name for the GPU that torch calls 0 (nvidia-smi ignores
+    CUDA_VISIBLE_DEVICES: its index 0 may be another GPU of the machine)."""
+    try:
+        uuid = getattr(torch.cuda.get_device_properties(0), "uuid", None)
+    except (RuntimeError, AssertionError):  # no CUDA here: index 0 it is
+        return []
+    return [] if uuid is None else [f"GPU-{uuid}"]
+
+
+def shared_memory() -> str:
+    """/dev/shm's free space: the loader's workers pass their batches through it, and a small
+    one (a container's 64 MB default) kills them with a bus error."""
+    try:
+        return f"/dev/shm {shutil.disk_usage('/dev/shm').free / 2**30:.1f} GiB free"
+    except OSError:
+        return "no /dev/shm"
+
+
 class Utilisation:
     """Samples GPU 0's utilisation (%) every `every` s while active, from nvidia-smi (present
     wherever the driver is; torch.cuda.utilization would need pynvml), each with the epochs
@@ -217,10 +237,11 @@ class Utilisation:
 
     def _sample(self) -> None:
         query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        names = [*smi_names(), "0"]
         while not self._done.wait(self.every):
             try:
                 out = subprocess.run(
-                    [*query, "-i", "0"], capture_output=True, text=True, timeout=10
+                    [*query, "-i", names[0]], capture_output=True, text=True, timeout=10
                 )
             except subprocess.TimeoutExpired:
                 continue
@@ -228,6 +249,8 @@ class Utilisation:
                 return
             if out.returncode == 0 and out.stdout.strip().isdigit():
                 self.samples.append((int(out.stdout.strip()), self.epochs()))
+            elif len(names) > 1:  # a name this nvidia-smi does not take: the next one
+                names.pop(0)
 
     def epochs(self) -> int:
         """The epochs finished: metrics.csv's rows (it is replaced whole, never half-written)."""
@@ -572,7 +595,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     started, budget = time.perf_counter(), Budget(args.minutes)
     device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
     header = (
-        f"# make gpu-check, {time.strftime('%Y-%m-%d')}\n\n{device}, {environment()}; "
+        f"# make gpu-check, {time.strftime('%Y-%m-%d')}\n\n{device}, {environment()}, "
+        f"{shared_memory()}; "
         f"`{PROG} --sections {' '.join(args.sections)} "
         f"--minutes {args.minutes:g}`"
     )
