@@ -74,9 +74,9 @@ ensemble: setup ## average models into submissions/<name>.csv/.zip/.json (ARGS=k
 		$(if $(MODELS),--models $(MODELS),--config "$(ENSEMBLE)") \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(filter-out 0 no false,$(SEARCH)),--search-weights) $(if $(NAME),--name "$(NAME)")
 
-evaluate: setup ## validate SUBMISSION= (default: the ENSEMBLE's, or NAME's) and score it against LABELS= or DATA='s
+evaluate: setup ## validate SUBMISSION= (default: the ENSEMBLE's, or NAME's) and score it against its dataset's labels or LABELS=
 	$(PY) -m ensemble.evaluate "$(or $(SUBMISSION),submissions/$(or $(NAME),$(notdir $(basename $(ENSEMBLE)))).csv)" \
-		$(if $(LABELS),--labels "$(LABELS)") $(if $(DATA),--data "$(DATA)")
+		$(if $(LABELS),--labels "$(LABELS)")
 
 demo: ## the whole pipeline on the embedded benchmark (CPU; ends with where the minutes went)
 	@started=$$(date +%s.%N); $(SETUP) && $(PY) -m scripts.ops.demo --started $$started
