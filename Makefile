@@ -72,10 +72,10 @@ logits: setup ## TenCrop probabilities of MODEL= for val and test (NPROC= proces
 ensemble: setup ## average models into submissions/<name>.csv/.zip/.json (ARGS=key=value as for logits)
 	$(PY) -m ensemble.blend $(if $(DATA),data=$(DATA)) $(ARGS) \
 		$(if $(MODELS),--models $(MODELS),--config "$(ENSEMBLE)") \
-		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(filter-out 0 no false,$(SEARCH)),--search-weights) $(if $(NAME),--name "$(NAME)")
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(filter-out 0 no No NO false False FALSE,$(SEARCH)),--search-weights) $(if $(NAME),--name "$(NAME)")
 
 evaluate: setup ## validate SUBMISSION= (default: the ENSEMBLE's, or NAME's) and score it against its dataset's labels or LABELS=
-	$(PY) -m ensemble.evaluate "$(or $(SUBMISSION),submissions/$(or $(NAME),$(notdir $(basename $(ENSEMBLE)))).csv)" \
+	$(PY) -m ensemble.evaluate "$(or $(SUBMISSION),submissions/$(or $(NAME),$(if $(MODELS),ensemble,$(notdir $(basename $(ENSEMBLE))))).csv)" \
 		$(if $(LABELS),--labels "$(LABELS)")
 
 demo: ## the whole pipeline on the embedded benchmark (CPU; ends with where the minutes went)
@@ -134,7 +134,7 @@ lint: setup ## ruff check and ruff format --check (the tree is formatted by ruff
 	$(VENV)/bin/ruff format --check .
 
 clean: ## remove generated runs, logits and submissions (keeps data/ and .venv)
-	rm -rf runs logits submissions/*.csv submissions/*.zip submissions/*.json
+	rm -rf runs logits submissions/*.csv submissions/*.zip submissions/*.json submissions/.*.lock
 
 slurm: setup ## print a requeueing SLURM job for MODEL= on NODES= nodes (multi-node accelerate)
 	@$(PY) -m train.slurm $(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS) --nodes $(or $(NODES),2)

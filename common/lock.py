@@ -9,7 +9,7 @@ without taking it (for a status board).
 
 The file is written in place, never replaced by rename: a rename would put a new, unlocked file
 under the name while the holder keeps its lock on the old one (a holder that removes the file on
-purpose, `remove_folder_if_only_lock`, is why a taker checks after locking that the path still names
+purpose, `remove_file`, is why a taker checks after locking that the path still names
 its file, and locks again if not). A forked child (a DataLoader worker) closes its copy of the
 descriptor at once: the lock belongs to the open file, and a worker that outlives a killed holder by
 a few seconds would otherwise keep it held.
@@ -104,7 +104,7 @@ class FileLock:
                 raise
             if self._still_named(fd):
                 break
-            # Locked a file that its holder removed meanwhile (`remove_folder_if_only_lock`): it
+            # Locked a file that its holder removed meanwhile (`remove_file`): it
             # excludes no one now; lock the file that the path names.
             os.close(fd)
         os.ftruncate(fd, 0)
@@ -145,19 +145,26 @@ class FileLock:
 
     def remove_folder_if_only_lock(self) -> None:
         """While held: remove the lock file and its folder when the folder holds nothing else
-        (a run refused before it wrote anything). A taker waiting on the removed file, or one
-        that makes the folder again meanwhile, locks the file the path names afterwards."""
-        folder = self.path.parent
+        (a run refused before it wrote anything)."""
         try:
-            alone = [p.name for p in folder.iterdir()] == [self.path.name]
+            alone = [p.name for p in self.path.parent.iterdir()] == [self.path.name]
         except FileNotFoundError:
             return
-        if self.fd is None or not alone:
+        if alone:
+            self.remove_file(folder_too=True)
+
+    def remove_file(self, folder_too: bool = False) -> None:
+        """While held: remove the lock file, and with `folder_too` its folder if now empty. A
+        taker waiting on the removed file, or one that makes the folder again meanwhile, locks
+        the file the path names afterwards."""
+        if self.fd is None:
             return
-        self.path.unlink()
+        self.path.unlink(missing_ok=True)
+        if not folder_too:
+            return
         try:
-            folder.rmdir()
-        except OSError as err:  # a new taker's lock file is there already: it keeps the folder
+            self.path.parent.rmdir()
+        except OSError as err:  # not empty (a new taker's lock file, say): the folder stays
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
                 raise
 

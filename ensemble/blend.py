@@ -303,8 +303,7 @@ def config_file(args: argparse.Namespace) -> str | None:
 
 def claim_name(report_path: Path, config: str | None, named: bool) -> None:
     """Refuse to replace a submission made from another config file of the same name (two
-    folders' vipriors16.yaml) unless the name was given; then remove the old report, so that
-    until this run writes its own, no report vouches for the CSV and zip beside it."""
+    folders' vipriors16.yaml) unless the name was given."""
     try:
         earlier = json.loads(report_path.read_text()).get("config")
     except (OSError, ValueError, AttributeError):
@@ -314,7 +313,6 @@ def claim_name(report_path: Path, config: str | None, named: bool) -> None:
             f"{report_path} was made from {earlier}, not {config}; pass --name (make ensemble "
             f"NAME=...) to keep both, or delete {report_path}"
         )
-    report_path.unlink(missing_ok=True)
 
 
 FULL_IMAGENET_CLASSES = 1000  # the challenge scores the 50,000 test images of all of them
@@ -357,8 +355,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         try:
             return blend_and_write(args, name, models, weights, origin)
         finally:
-            if new_folder:  # refused before it wrote: no submissions folder made for nothing
-                lock.remove_folder_if_only_lock()
+            # No lock file left among the submissions, nor a folder made for nothing.
+            lock.remove_file(folder_too=new_folder)
 
 
 def blend_and_write(
@@ -390,6 +388,7 @@ def blend_and_write(
     order = submission_order(test.ids)
     num_classes = int(test.probs.shape[1])
     csv_path = args.out_dir / f"{name}.csv"
+    report_path.unlink(missing_ok=True)  # until this run's is written, none vouches for the CSV
     zip_path = write_submission(
         csv_path, test.ids[order].tolist(), test.probs.argmax(1)[order], num_classes
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,17 +53,17 @@ def _report(submission: Path) -> dict[str, Any]:
     return report
 
 
-def unzipped(submission: Path, folder: Path) -> Path:
-    """The CSV to check: `submission` itself, or the one CSV inside the zip that is uploaded
-    (extracted into `folder`)."""
+def unzipped(submission: Path) -> tuple[Path, bytes | None]:
+    """The CSV to check: `submission` itself (None: read it from disk), or the one CSV inside
+    the zip that is uploaded, named `<zip>:<csv>` in messages, and its bytes."""
     if submission.suffix.lower() != ".zip":
-        return submission
+        return submission, None
     try:
         with zipfile.ZipFile(submission) as archive:
             names = [n for n in archive.namelist() if not n.endswith("/")]
             if len(names) != 1 or not names[0].lower().endswith(".csv"):
                 raise UserError(f"{submission} holds {names}; the server expects one CSV")
-            return Path(archive.extract(names[0], folder))
+            return Path(f"{submission}:{names[0]}"), archive.read(names[0])
     except zipfile.BadZipFile as err:
         raise UserError(f"{submission} is not a readable zip ({err}); zip the CSV again") from None
 
@@ -99,12 +98,15 @@ def resolve_num_classes(args: argparse.Namespace, report: dict[str, Any], labels
     raise UserError(f"the class count for {args.submission} is unknown; pass --num-classes K")
 
 
-def score(submission: Path, labels: Path, num_classes: int) -> tuple[int, int]:
-    """(correct, total) of a valid submission against a labels file."""
+def score(
+    submission: Path, labels: Path, num_classes: int, data: bytes | None = None
+) -> tuple[int, int]:
+    """(correct, total) of a valid submission against a labels file (`data`: the submission's
+    bytes when they are not its path's, as `validate_submission` takes them)."""
     truth = read_labels(labels)
     if not truth:
         raise UserError(f"{labels} holds no rows; pass a labels file with one row per image")
-    predicted = validate_submission(submission, truth.keys(), num_classes)
+    predicted = validate_submission(submission, truth.keys(), num_classes, data)
     correct = sum(predicted[i] == label for i, label in truth.items())
     return correct, len(truth)
 
@@ -132,9 +134,8 @@ def main(argv: Sequence[str] | None = None) -> float:
         raise UserError(f"{args.submission} does not exist; run `make ensemble` first")
     report = _report(args.submission)
     labels = resolve_labels(args, report)
-    with tempfile.TemporaryDirectory() as folder:
-        csv_path = unzipped(args.submission, Path(folder))
-        correct, total = score(csv_path, labels, resolve_num_classes(args, report, labels))
+    shown, data = unzipped(args.submission)
+    correct, total = score(shown, labels, resolve_num_classes(args, report, labels), data)
     top1 = 100.0 * correct / total
     print(f"{args.submission}: valid; top-1 {top1:.2f}% ({correct}/{total}) against {labels}")
     return top1

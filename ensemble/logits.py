@@ -1,8 +1,9 @@
 """`make logits MODEL=...`: one model's TenCrop probabilities for val and test (docs/recipe.md 5).
 
 Loads the run's saved config (`runs/<name>/config.yaml`, the resolved config it trained with;
-a dataset other than the one it trained on is refused: its classes would shift) and a checkpoint (best by default, the teacher by default), predicts every val and test image
-with TenCrop and per-crop Auxiliary Fusion (`train.inference`), and writes
+a dataset other than the one it trained on is refused: its classes would shift) and a
+checkpoint (best by default, the teacher by default), predicts every val and test image with
+TenCrop and per-crop Auxiliary Fusion (`train.inference`), and writes
 `logits/<name>/val.npz` (ids, probs float16, labels), `test.npz` (ids, probs) and `meta.json`,
 written last so that a folder with a meta.json is complete; it records the checkpoint's step
 and epoch, and a run stopped before its last epoch is named in a warning. `--float32` keeps the
@@ -102,6 +103,8 @@ def resolve_config(model: str, overrides: list[str]) -> dict[str, Any]:
     resolved = load_config(str(saved), list(overrides))
     if resolved["batch_size"] == "auto":  # a GPU's forward size is read from it
         resolved["batch_size"] = load_config(str(saved))["batch_size"]
+    # The saved value was the training command's permission to change; this command gives its own.
+    resolved["allow_config_change"] = cfg["allow_config_change"]
     return resolved
 
 

@@ -49,12 +49,16 @@ def format_submission(ids: Sequence[str], predictions: Sequence[int] | np.ndarra
     return "\n".join(lines) + "\n"
 
 
-def _read_table(path: Path, header: tuple[str, str], column: str) -> tuple[list[str], list[str]]:
-    """(ids, values) of a two-column CSV whose first line must be `header` exactly."""
+def _read_table(
+    path: Path, header: tuple[str, str], column: str, data: bytes | None = None
+) -> tuple[list[str], list[str]]:
+    """(ids, values) of a two-column CSV whose first line must be `header` exactly; `data`:
+    its bytes when they are not `path`'s own (a CSV inside a zip, named `path` in messages)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = (Path(path).read_bytes() if data is None else data).decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read it as UTF-8 text ({err})") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text
     if text.startswith(BOM):
         warn(f"{path} starts with a UTF-8 byte-order mark (Excel's CSV UTF-8): the scorer skips it")
         text = text[len(BOM) :]
@@ -114,10 +118,11 @@ def read_labels(path: Path) -> dict[str, int]:
 
 
 def validate_submission(
-    path: Path, expected_ids: Iterable[str], num_classes: int
+    path: Path, expected_ids: Iterable[str], num_classes: int, data: bytes | None = None
 ) -> dict[str, int]:
-    """{id: class} of a submission that has exactly `expected_ids`, each once, classes in range."""
-    ids, values = _read_table(path, HEADER, "Predictions")
+    """{id: class} of a submission that has exactly `expected_ids`, each once, classes in range
+    (`data`: its bytes, as `_read_table` takes them)."""
+    ids, values = _read_table(path, HEADER, "Predictions", data)
     _refuse_duplicates(path, ids)
     classes = _parse_classes(path, ids, values, "Predictions")
     pairs = zip(ids, classes, strict=True)

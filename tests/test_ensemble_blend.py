@@ -471,6 +471,22 @@ def test_another_config_of_the_same_name_does_not_replace_a_submission_unless_na
     assert json.loads((out / "mine.json").read_text())["config"] == str(second)
 
 
+def test_a_second_blend_of_one_name_at_once_is_refused_naming_the_first(three, tmp_path):
+    from common.lock import FileLock
+
+    root, _ = three
+    out = tmp_path / "subs"
+    argv = ["--models", "a", "b", "--logits-dir", str(root), "--out-dir", str(out)]
+    with FileLock(out / ".ensemble.lock", "submission ensemble", "wait"):
+        proc = blend_command(*argv, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: submission ensemble is in use by ")
+    assert "wait, or pass --name" in proc.stderr and not (out / "ensemble.csv").exists()
+    blend_command(*argv)
+    written = sorted(p.name for p in out.iterdir())  # the lock file removed with the lock
+    assert written == ["ensemble.csv", "ensemble.json", "ensemble.zip"]
+
+
 def test_a_config_s_weights_dropped_by_the_weight_search_are_named(three, tmp_path):
     root, _ = three
     path = tmp_path / "weighted.yaml"
@@ -505,20 +521,23 @@ def test_a_dataset_rebuilt_since_the_logits_is_refused_and_a_partial_imagenet_on
     three, tmp_path
 ):
     root, _ = three
-    argv = ["--models", "a", "b", "--logits-dir", str(root), "--out-dir", str(tmp_path / "subs")]
+    out = tmp_path / "subs"
+    argv = ["--models", "a", "b", "--logits-dir", str(root), "--out-dir", str(out)]
     manifest = {"source": "imagenet", "checksum": "f" * 64, "classes": [f"n{i}" for i in range(K)]}
-    data = with_dataset(root, "ab", "e" * 64, manifest)
-    proc = blend_command(*argv, check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith(f"error: {data} was rebuilt since the members' logits were made")
-    with_dataset(root, "ab", "f" * 64, manifest)
+    data = with_dataset(root, "ab", "f" * 64, manifest)
     proc = blend_command(*argv)
     warning = f"{data} is a partial ImageNet build ({K} of 1000 classes): this submission is not"
     assert f"warning: {warning}" in proc.stderr
-    report = json.loads((tmp_path / "subs" / "ensemble.json").read_text())
+    report = json.loads((out / "ensemble.json").read_text())
     assert report["data_dir"] == str(data) and any(
         w.startswith(warning) for w in report["provenance"]["warnings"]
     )
+    made = {p.name: p.read_bytes() for p in out.iterdir()}
+    with_dataset(root, "ab", "e" * 64, manifest)  # the logits' record no longer matches
+    proc = blend_command(*argv, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {data} was rebuilt since the members' logits were made")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == made  # refused: nothing touched
 
 
 @pytest.mark.parametrize(

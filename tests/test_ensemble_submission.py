@@ -179,6 +179,12 @@ def test_evaluate_command_checks_the_zip_that_is_uploaded(submission, labels_fil
     proc = run_command("-m", "ensemble.evaluate", str(two), *labelled, check=False)
     assert proc.returncode == 2
     assert proc.stderr == f"error: {two} holds ['a.csv', 'b.csv']; the server expects one CSV\n"
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as archive:
+        archive.writestr("mine.csv", submission.read_text().replace("img_0.JPEG,3", "img_0.JPEG,x"))
+    proc = run_command("-m", "ensemble.evaluate", str(bad), *labelled, check=False)
+    assert proc.returncode == 2  # named by the zip the user has, not a temporary file
+    assert proc.stderr.startswith(f"error: {bad}:mine.csv: 1 Predictions values are not integer")
 
 
 def test_evaluate_command_names_a_damaged_report_in_one_line(submission, labels_file):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -62,7 +63,7 @@ def newest_step(run: Path) -> int:
     steps = [
         int(p.name[5:14])
         for p in (run / "checkpoints").glob("step_*")
-        if p.is_dir() and (p / "COMPLETE").is_file()
+        if p.is_dir() and (p / "COMPLETE").is_file() and p.suffix != ".tmp"  # sealed, in place
     ]
     return max(steps, default=-1)
 
@@ -288,10 +289,27 @@ def test_a_stop_during_the_evaluation_checkpoints_before_it_and_the_rerun_redoes
     assert state["position"] == [0, 10, 10] and state["history"] == []  # epoch 1 not ended
     run_command("-m", "train", *args)
     assert_bit_identical(final_state(uninterrupted), final_state(run))
+    assert math.isnan(pd.read_csv(run / "metrics.csv")["img_per_s"].iloc[0])  # no images trained
     columns = ["heldout_student", "heldout_teacher", "loss"]
     assert pd.read_csv(run / "metrics.csv")[columns].equals(
         pd.read_csv(uninterrupted / "metrics.csv")[columns]
     )
+
+
+def test_a_kill_between_a_checkpoint_s_two_renames_is_repaired_by_the_resume(
+    uninterrupted, tiny_dir, tmp_path
+):
+    """Killed after sealing step 20 before its rename, and between `best`'s two renames."""
+    run = tmp_path / "demo_resnet18"
+    shutil.copytree(uninterrupted, run)
+    ckpts = run / "checkpoints"
+    (ckpts / "step_000000020").rename(ckpts / "step_000000020.tmp")
+    (ckpts / "best").rename(ckpts / "best.old")
+    resumed = run_command("-m", "train", *train_args(tiny_dir, tmp_path))
+    assert f"resumed from {ckpts / 'step_000000020'} (epoch 2, step 20)" in resumed.stdout
+    names = {p.name for p in ckpts.iterdir()}
+    assert {"best", "step_000000020"} <= names and not any("." in n for n in names)
+    assert_bit_identical(final_state(uninterrupted), final_state(run))
 
 
 @pytest.mark.parametrize("module", ["ensemble.logits", "train"])

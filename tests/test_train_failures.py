@@ -510,6 +510,9 @@ def test_a_resume_or_logits_on_another_dataset_are_refused_and_on_the_same_one_m
     run_command(*logits, *args_for(moved, out, to))
     # A change allowed once stands: later resumes and logits check against the newest dataset.
     run_command("-m", "train", *args_for(other, out, "epochs=1", "allow_config_change=true"))
+    refused = run_command(*logits, *args_for(moved, out, to), check=False)  # not the saved flag's
+    assert refused.returncode == 2 and "cannot predict on it" in refused.stderr
+    assert "another name" not in refused.stderr  # a fix for a training command only
     run_command("-m", "train", *args_for(other, out, "epochs=1"))
     run_command(*logits, *args_for(other, out, to))
     refused = run_command("-m", "train", *args_for(moved, out, "epochs=1"), check=False)

@@ -60,7 +60,7 @@ def saved_choice(cfg: dict[str, Any]) -> dict[str, int] | None:
     """The micro-batch and grad_accum of a run that has a checkpoint to resume from."""
     folder = run_dir(cfg)
     saved = Path(folder) / "config.yaml"
-    if ckpt.latest_valid(folder) is None or not saved.is_file():
+    if not ckpt.has_checkpoint(folder) or not saved.is_file():
         return None
     resolved = load_yaml(saved.read_text())
     return {key: resolved[key] for key in ("batch_size", "grad_accum")}

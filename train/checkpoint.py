@@ -206,7 +206,7 @@ def repair(run_dir: Path) -> None:
     `step_N.tmp` (its marker is written last) whose `step_N` is gone or damaged (a step saved
     twice replaces its folder) takes its place, an unsealed one is deleted; a `best` lost
     between `mark_best`'s renames comes back from its complete copy or its previous version
-    (what is left of either is deleted)."""
+    (what is left of either, once `best` is whole, is deleted)."""
     root = checkpoint_root(run_dir)
     for tmp in sorted(root.glob("step_*.tmp")) if root.is_dir() else []:
         final = tmp.with_name(tmp.name.removesuffix(".tmp"))
@@ -214,12 +214,23 @@ def repair(run_dir: Path) -> None:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         else:
-            shutil.rmtree(tmp)
-    best = root / "best"
-    for spare in (root / "best.tmp", root / "best.old"):
-        if not best.exists() and verify(spare):
+            shutil.rmtree(tmp, ignore_errors=True)
+    best, spares = root / "best", (root / "best.tmp", root / "best.old")
+    whole = verify(best)
+    for spare in spares:
+        if not whole and verify(spare):
+            shutil.rmtree(best, ignore_errors=True)
             spare.rename(best)
+            whole = True
+    for spare in spares if whole else ():
         shutil.rmtree(spare, ignore_errors=True)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a sealed checkpoint is there (a marker; `.tmp` ones too, which `repair` puts in
+    place): cheap, without reading the files, for a question asked on every process."""
+    root = checkpoint_root(run_dir)
+    return any((p / MARKER).is_file() for p in root.glob("step_*")) if root.is_dir() else False
 
 
 def latest_valid(run_dir: Path) -> Path | None:

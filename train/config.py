@@ -347,6 +347,9 @@ def read_provenance(path: Path) -> dict[str, Any]:
     return read_yaml(Path(path)).get(provenance.KEY) or {}
 
 
+FIX_BY_NAME = {"resume": ", or train under another name="}
+
+
 def require_run_dataset(cfg: dict[str, Any], action: str) -> None:
     """data_dir may move (RESUME_NEUTRAL_KEYS); its images may not: the dataset's manifest
     checksum must be the one the run last trained on (a change once allowed by
@@ -367,7 +370,7 @@ def require_run_dataset(cfg: dict[str, Any], action: str) -> None:
         raise UserError(
             f"{cfg['data_dir']} is not the dataset run {run_dir(cfg)} trained on (manifest "
             f"checksum {now[:12]}, the run's {trained_on[:12]}): cannot {action} on it; pass that "
-            "dataset's data_dir=, allow_config_change=true, or use another name="
+            f"dataset's data_dir= or allow_config_change=true{FIX_BY_NAME.get(action, '')}"
         )
 
 

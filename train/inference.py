@@ -185,7 +185,9 @@ def predict_crops_of(
     rows = [{k: [torch.zeros(0, num_classes)] for k in keys} for _ in models]
     indices = [torch.zeros(0, dtype=torch.long)]
     for crops, _, index in loader:
-        if interrupted is not None and interrupted():
+        # Not before the first batch: a DDP model's first forward after training broadcasts
+        # its buffers, a collective that every process must join (later ones do not).
+        if interrupted is not None and len(indices) > 1 and interrupted():
             break
         crops = crops.to(accelerator.device)
         for model, model_rows in zip(models, rows, strict=True):

@@ -330,7 +330,9 @@ class Run:
                         self.save()
                     if result.stop:
                         return True
-        return self.end_epoch(images / max(time.perf_counter() - started, 1e-9))
+        # An epoch resumed at its end (stopped after its last step) trained no images: no rate.
+        rate = images / (time.perf_counter() - started) if images else math.nan
+        return self.end_epoch(rate)
 
     def train_step(self, batch: tuple, stop: bool, save: bool) -> StepResult:
         """One micro-step at the loop's position: the device finishes the loader's uint8 views
