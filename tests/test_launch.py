@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from common.errors import UserError
@@ -421,3 +422,43 @@ def test_stops_sent_to_every_process_of_a_launch_as_slurm_sends_them_checkpoint(
 
     stopped = stop_two_process_launch(tmp_path, args, to_every_process)
     assert_stopped_with_a_checkpoint(*stopped, out / "demo_resnet18")
+
+
+STOP_RANK_0_IN_EVALUATION = """
+import os, signal
+import train.run as run
+
+_predict = run.predict_crops_of
+
+
+def predict(*args, **kwargs):  # the stop reaches process 0 alone, as its held-out pass starts
+    if os.environ.get("RANK") == "0" and not os.environ.get("STOPPED"):
+        os.environ["STOPPED"] = "1"
+        os.kill(os.getpid(), signal.SIGTERM)
+    return _predict(*args, **kwargs)
+
+
+run.predict_crops_of = predict
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_to_one_process_during_a_two_process_evaluation_ends_it_on_both(tiny_dir, tmp_path):
+    """Process 0 leaves its held-out pass after one batch, process 1 ends its own: they agree
+    at its end (no collective left unmatched), save the unfinished epoch, and the rerun ends it."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(STOP_RANK_0_IN_EVALUATION)
+    out = tmp_path / "out"
+    args = [*TWO_PROCESS_RUN, f"data_dir={tiny_dir}", f"out_dir={out}", "train_splits=[train]"]
+    launch = [sys.executable, "-m", "train.launch", "--num_processes", "2", *args]
+    env = {**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}"}
+    proc = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    assert "stopped on request; checkpoint at step 10" in proc.stdout
+    run = out / "demo_resnet18"
+    state = torch.load(run / "checkpoints" / "step_000000010" / "state.pt", weights_only=True)
+    assert state["position"] == [0, 10, 10] and state["history"] == []
+    rerun = run_command("-m", "train.launch", "--num_processes", "2", *args)
+    assert "resumed from" in rerun.stdout
+    assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2]
