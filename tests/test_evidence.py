@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,25 @@ def test_make_ablation_appends_each_run_writes_its_tables_and_a_rerun_does_nothi
     rerun = run_command(*args)
     assert "3 runs, 3 done, 0 to do" in rerun.stdout and "test top-1" not in rerun.stdout
     assert len(pd.read_csv(results / "ablation.csv")) == 3
+
+
+@pytest.mark.slow
+def test_a_run_trained_with_another_default_than_base_yaml_s_now_is_not_reported(
+    study_dir, tmp_path
+):
+    """A changed default keeps a run's name (its digest covers the keys that differ from
+    base.yaml): its scores would be reported for a recipe it did not train."""
+    results, args, _ = study_dir
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    run = sorted((copy / "runs").iterdir())[0]
+    saved = (run / "config.yaml").read_text()
+    assert "\nsmoothing: 0.1\n" in saved
+    (run / "config.yaml").write_text(saved.replace("\nsmoothing: 0.1\n", "\nsmoothing: 0.2\n"))
+    proc = run_command(*[str(copy) if a == str(results) else a for a in args], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: 1 runs in {copy / 'runs'} trained with other values")
+    assert f"({run.name}: smoothing)" in proc.stderr
 
 
 @pytest.mark.slow

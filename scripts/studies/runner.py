@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from common import provenance
 from common.errors import UserError
 from common.fs import atomic_path, write_text_atomic
 from common.yamlio import load_yaml
@@ -38,7 +39,7 @@ from ensemble.evaluate import logits_top1
 from scripts.stages import logits_current, run_module
 from train.config import CONFIG_DIR, load_config, logits_dir, run_dir
 from train.data import split_train_eval
-from train.run import RESUME_NEUTRAL_KEYS
+from train.run import RESUME_NEUTRAL_KEYS, config_changes
 
 SPEC = CONFIG_DIR / "ablation.yaml"
 # eval -> (the weights that predict, the fusion_weight override): teacher_fused chooses it on val.
@@ -143,6 +144,38 @@ def read_metrics(cfg: dict[str, Any]) -> pd.DataFrame:
 def epochs_done(cfg: dict[str, Any]) -> int:
     metrics = read_metrics(cfg)
     return int(metrics["epoch"].max()) if len(metrics) else 0
+
+
+def trained_otherwise(model: str, job: Job, results: Path) -> list[str]:
+    """The keys whose value the job's run on disk trained with differs from what the code and
+    configs resolve now (a default changed in base.yaml keeps the run's name). A key its
+    config.yaml lacks came later with the old behaviour as default (`identity`): not counted."""
+    cfg = load_config(model, job_overrides(model, job, results))
+    saved = run_dir(cfg) / "config.yaml"
+    if not saved.is_file():
+        return []
+    recorded = load_yaml(saved.read_text())
+    return [
+        key
+        for key in config_changes(recorded, cfg)
+        if key in recorded and key != provenance.KEY and cfg[key] != "auto"
+    ]
+
+
+def require_current_runs(model: str, jobs: list[Job], results: Path) -> None:
+    """Refuse to report (or resume) runs trained with other settings than the jobs ask for."""
+    stale = {}
+    for job in jobs:
+        keys = trained_otherwise(model, job, results)
+        if keys:
+            stale[run_name(model, job, results)] = keys
+    if stale:
+        shown = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in list(stale.items())[:3])
+        raise UserError(
+            f"{len(stale)} runs in {results / 'runs'} trained with other values than the configs "
+            f"give now ({shown}): a default changed since; delete those run folders and their "
+            "CSV rows to train them again, or restore the values"
+        )
 
 
 def score(model: str, job: Job, results: Path) -> dict[str, Any]:
@@ -293,6 +326,7 @@ def run_jobs(
     calling `report` (tables, figures) after each on the scored rows of `shown` (default: the
     jobs; a run of a few rows keeps the others in the tables); returns those rows."""
     csv = results / f"{stage}.csv"
+    require_current_runs(model, jobs, results)
     frame = read_results(csv)
     keys = wanted(model, jobs, results)
     shown_keys = keys if shown is None else wanted(model, shown, results)
