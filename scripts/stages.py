@@ -8,6 +8,7 @@ TenCrop logits can be reused.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,8 +17,10 @@ from typing import Any
 
 from common.errors import UserError
 from common.processes import kill_tree
+from ensemble.members import checkpoint_state
 from train.checkpoint import MARKER, checkpoint_root
 from train.config import logits_dir, run_dir
+from train.inference import resize_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,8 +63,26 @@ def run_module(
         raise UserError(f"`python -m {command}` failed ({proc.returncode}); fix it and {then}")
 
 
-def logits_current(cfg: dict) -> bool:
-    """True when the model's logits are complete and newer than its best checkpoint."""
-    meta = logits_dir(cfg) / "meta.json"
-    best = checkpoint_root(run_dir(cfg)) / "best" / MARKER
-    return meta.is_file() and best.is_file() and meta.stat().st_mtime > best.stat().st_mtime
+def logits_current(cfg: dict, view: str = "tencrop", role: str = "teacher") -> bool:
+    """True when the model's logits are complete, made from its best checkpoint as it is now
+    (`checkpoint_state`), and read as asked: `view`, `role`, the config's test size, resize and
+    fusion weight (a centre-crop `make logits` in the same folder is not the demo's TenCrop)."""
+    meta_path = logits_dir(cfg) / "meta.json"
+    if not (meta_path.is_file() and (checkpoint_root(run_dir(cfg)) / "best" / MARKER).is_file()):
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return False
+    asked = {
+        "checkpoint": "best",
+        "role": role,
+        "view": view,
+        "test_size": cfg["test_size"],
+        "resize_size": resize_size(cfg),
+    }
+    if cfg["fusion_weight"] is not None:  # null: chosen on held-out images by the logits run
+        asked["fusion_weight"] = cfg["fusion_weight"]
+    if any(meta.get(key) != value for key, value in asked.items()):
+        return False
+    return checkpoint_state(meta, meta_path, run_dir(cfg)) == "fresh"

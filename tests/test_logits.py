@@ -284,3 +284,40 @@ def test_a_rewrite_cut_short_leaves_no_folder_that_looks_complete(tmp_path):
         write_outputs(tmp_path, {**first, "test": broken}, {"role": "student"})
     with pytest.raises(UserError, match="meta.json is missing"):
         open_members(tmp_path.parent, [tmp_path.name])
+
+
+@pytest.mark.parametrize(
+    ("change", "asked", "current"),
+    [
+        ({}, {}, True),
+        ({"view": "center"}, {}, False),  # a centre-crop `make logits` in the demo's folder
+        ({}, {"view": "center"}, False),
+        ({"role": "student"}, {}, False),
+        ({"test_size": 16}, {}, False),
+        ({"checkpoint": "last"}, {}, False),
+        ({"provenance": {"checkpoint_sha256": "0" * 64}}, {}, False),  # an older best's
+    ],
+)
+def test_logits_are_reused_only_when_made_as_asked_from_the_best_checkpoint_as_it_is(
+    tmp_path, change, asked, current
+):
+    import json
+
+    from scripts.stages import logits_current
+    from train.checkpoint import MARKER
+
+    cfg = load_config("demo_resnet18", [f"out_dir={tmp_path / 'runs'}", f"logits_dir={tmp_path}"])
+    best = tmp_path / "runs" / cfg["name"] / "checkpoints" / "best"
+    best.mkdir(parents=True)
+    (best / MARKER).write_text(json.dumps({"files": {"teacher.safetensors": "a" * 64}}))
+    meta = {
+        "checkpoint": "best",
+        "role": "teacher",
+        "view": "tencrop",
+        "test_size": cfg["test_size"],
+        "resize_size": resize_size(cfg),
+        "provenance": {"checkpoint_sha256": "a" * 64},
+    }
+    (tmp_path / cfg["name"]).mkdir()
+    (tmp_path / cfg["name"] / "meta.json").write_text(json.dumps({**meta, **change}))
+    assert logits_current(cfg, **asked) is current

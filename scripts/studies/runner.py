@@ -187,8 +187,8 @@ def score(model: str, job: Job, results: Path) -> dict[str, Any]:
     if before < cfg["epochs"]:
         run_module("train", model, *overrides)
     trained = time.perf_counter()
-    if not logits_current(cfg):
-        role = EVALS[job.eval][0]
+    role = EVALS[job.eval][0]
+    if not logits_current(cfg, "center", role):
         run_module("ensemble.logits", model, *overrides, "--center-crop", "--role", role)
     meta = json.loads((logits_dir(cfg) / "meta.json").read_text())
     val = meta["scores"]["val"]
