@@ -69,6 +69,21 @@ def test_a_broken_run_config_is_one_line_naming_it(tiny_dir, tmp_path, text, pro
     assert line.startswith(f"error: {saved}") and problem in line
 
 
+def test_the_run_s_lock_decides_whether_it_runs_whatever_its_pid_or_beat_says(tmp_path):
+    """The kernel holds the lock exactly while the trainer lives: a pid reused by another
+    process is not a running run, and a requeued run not yet beating is one."""
+    from common.lock import FileLock
+
+    heartbeat.write(tmp_path, "running", 3, time.time())  # this (living) process's pid
+    lock = FileLock(tmp_path / heartbeat.LOCK, "run", "wait")
+    with lock:
+        assert heartbeat.activity(tmp_path) == "running"
+        heartbeat.write(tmp_path, "stopped", 3, time.time())  # the beat before a requeue
+        assert heartbeat.activity(tmp_path) == "running"
+    heartbeat.write(tmp_path, "running", 3, time.time())
+    assert heartbeat.activity(tmp_path) == "killed"  # its pid lives on, its lock is free
+
+
 def test_a_damaged_heartbeat_reads_as_none_and_a_damaged_metric_is_one_line(
     tiny_dir, tmp_path, capsys
 ):

@@ -3,8 +3,9 @@
 The training loop rewrites `runs/<name>/heartbeat.json` (state, step, host, pid, start and update
 times) at every logged interval and epoch end, and once more with the final state: done, stopped
 (preempted with a checkpoint) or failed. `activity` turns it into one word for `make status`,
-reading only the file (and, on the same host, whether the pid still exists): it is the one place
-that decides whether a run is alive.
+reading the file and the run's lock (`train.lock`, which the kernel holds exactly while its
+trainer lives: a pid reused by another process, or a requeued run not yet beating, cannot fool
+it): it is the one place that decides whether a run is alive.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from common.fs import write_text_atomic
+from common.lock import holder
 
 FILE = "heartbeat.json"
+LOCK = "train.lock"  # held by the main process for the whole run (train/run.py)
 # A run on another host counts as running while its heartbeat is younger than this: long enough
 # for an epoch-end evaluation of the largest model between two beats.
 SILENT_AFTER_S = 1800
@@ -63,15 +66,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def locked(run_dir: Path) -> bool | None:
+    """Whether a trainer holds the run's lock (None: no lock file, or a file system that
+    cannot tell)."""
+    path = Path(run_dir) / LOCK
+    try:
+        return holder(path) is not None if path.is_file() else None
+    except OSError:
+        return None
+
+
 def activity(run_dir: Path, now: float | None = None) -> str:
     """running, done, stopped, failed, killed (its process is gone), silent (no beat for
     SILENT_AFTER_S on another host), or - (never started)."""
+    held = locked(run_dir)
+    if held:
+        return "running"  # also a run that has not written its first beat yet
     beat = read(run_dir)
     if beat is None:
         return "-"
     if beat["state"] != "running":
         return beat["state"]
     if beat["host"] == socket.gethostname():
-        return "running" if _alive(beat["pid"]) else "killed"
+        alive = _alive(beat["pid"]) if held is None else False
+        return "running" if alive else "killed"
     silent = (now or time.time()) - beat["updated"] > SILENT_AFTER_S
     return "silent" if silent else "running"

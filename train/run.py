@@ -31,6 +31,7 @@ from common.metrics import top1
 from common.status import EXIT_PREEMPTED
 from data_prep.layout import Layout
 from train import checkpoint as ckpt
+from train import heartbeat
 from train.config import require_run_dataset, run_dir, save_config, score_column
 from train.data import (
     DevicePrefetcher,
@@ -498,7 +499,7 @@ def train(cfg: dict[str, Any], fit: Callable[[dict[str, Any]], int] = fixed_batc
     Layout(Path(cfg["data_dir"])).require_classes(cfg["num_classes"])
     require_writable(run_dir(cfg), "pass out_dir= a folder you can write")
     lock = FileLock(
-        run_dir(cfg) / "train.lock",
+        run_dir(cfg) / heartbeat.LOCK,
         f"run {run_dir(cfg)}",
         "wait for it to end, stop it, or train under another name=",
     )
