@@ -458,3 +458,17 @@ def test_a_tsne_sample_with_as_many_classes_as_images_is_refused(tmp_path):
     )
     with pytest.raises(UserError, match=f"20 test images of 20 classes sampled from {out}"):
         tsne.test_sample(out, 20)
+
+
+def test_a_time_ratio_measured_on_another_cpu_or_with_other_overrides_is_named(tmp_path, capsys):
+    from scripts.studies import frontier
+
+    kept = {"ratio": 1.5, "measured": "2026-12-05", "cpu": frontier.cpu_name()}
+    (tmp_path / "frontier_budget.json").write_text(json.dumps(kept))
+    assert frontier.budget({}, [], tmp_path) == kept  # this machine's: kept without a word
+    assert capsys.readouterr().err == ""
+    (tmp_path / "frontier_budget.json").write_text(json.dumps({**kept, "cpu": "Other CPU"}))
+    assert frontier.budget({}, ["lr=0.1"], tmp_path)["ratio"] == 1.5
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {tmp_path / 'frontier_budget.json'}: the time ratio 1.5 was")
+    assert "not on " in err and "delete the file to measure here" in err

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.errors import cli_main
+from common.errors import cli_main, warn
 from common.fs import write_text_atomic
 from scripts.stages import run_module
 from scripts.studies import runner
@@ -67,12 +67,21 @@ def budget(spec: dict, extra: list[str], results: Path) -> dict:
     """The measured ratio, kept in results/frontier_budget.json (measured once per machine)."""
     path = results / "frontier_budget.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        kept = json.loads(path.read_text())
+        here = {"cpu": cpu_name(), "extra": extra}
+        if {key: kept.get(key, here[key]) for key in here} != here:
+            warn(
+                f"{path}: the time ratio {kept['ratio']} was measured on {kept['cpu']} with "
+                f"{kept.get('extra', [])} ({kept['measured']}), not on {here['cpu']} with {extra}: "
+                "the baseline's time is equal there, not here; delete the file to measure here"
+            )
+        return kept
     print("frontier: measuring the epoch-time ratio on this machine (2 epochs each side)")
     kept = {
         "ratio": round(measure_ratio(spec, extra), 3),
         "measured": time.strftime("%Y-%m-%d"),
         "cpu": cpu_name(),
+        "extra": extra,
     }
     write_text_atomic(path, json.dumps(kept, indent=1) + "\n")
     return kept
@@ -213,9 +222,9 @@ def plot(table: pd.DataFrame, results: Path) -> None:
                 ax_test.annotate(f"{r['epochs']} ep", (r["minutes"], r["mean"]), fontsize=7)
             if split == "train":
                 ax_val.plot(part["minutes"], part["best_val"], "s-", color=colour, label=label)
-    ax_test.set(xlabel="training minutes (2-core CPU)", ylabel="test top-1 (%)")
+    ax_test.set(xlabel="training minutes (as measured)", ylabel="test top-1 (%)")
     ax_test.set_title("test top-1 at equal time", fontsize=10)
-    ax_val.set(xlabel="training minutes (2-core CPU)", ylabel="best held-out val top-1 (%)")
+    ax_val.set(xlabel="training minutes (as measured)", ylabel="best held-out val top-1 (%)")
     ax_val.set_title("the train-split runs chosen by val", fontsize=10)
     for ax in (ax_test, ax_val):
         ax.legend(fontsize=8)
