@@ -135,7 +135,7 @@ def step_rates(model: str, overrides: list[str], repeat: int, out: Path) -> dict
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     gflops, _ = plan.forward_gflops(cfg)
-    rates["tflops"] = rates["attract_repulse"] * cfg["num_views"] * plan.PASSES * gflops / 1e3
+    rates["tflops"] = rates["attract_repulse"] * cfg["num_views"] * plan.passes(cfg) * gflops / 1e3
     return rates
 
 

@@ -6,10 +6,11 @@ For each model of the paper's ensemble (configs/ensembles/vipriors16.yaml) and t
 - forward GFLOPs per image at the training resolution, counted by `torch.utils.flop_counter`
   (2 FLOPs per multiply-add; convolutions and matrix products, not normalisation or activations);
 - training memory: the peak bytes of live tensor storages during one training step (student
-  forward and backward on two views under bf16 autocast, teacher forward on both, the RMSprop step,
-  the EMA update), with the optimiser state and accumulated gradients present (the steady state
-  of a run with grad_accum > 1). Every tensor is a FakeTensor (`FakeTensorMode`): shapes and dtypes
-  without memory or arithmetic, so B7 at 448 px costs seconds. Two micro-batch sizes give a line,
+  forward and backward on two views under bf16 autocast, with Mean Teacher the teacher's forward
+  on both, the RMSprop step, the EMA update), with the optimiser state and accumulated gradients
+  present (the steady state of a run with grad_accum > 1). Every tensor is a FakeTensor
+  (`FakeTensorMode`): shapes and dtypes without memory or arithmetic, so B7 at 448 px costs
+  seconds. Two micro-batch sizes give a line,
   fixed + micro-batch x per image; tests/test_plan.py checks it against a measured CPU peak;
 - the largest micro-batch that fits GPU_MEM with a margin, and the grad_accum that keeps the
   config's global batch (its per-GPU batch_size on the paper's 8 GPUs, or lr_base_batch for
@@ -53,9 +54,15 @@ PAPER_GPUS = 8  # the paper's machine: a config's batch_size is per GPU of eight
 # context, cuDNN/cuBLAS workspaces and the caching allocator's fragmentation.
 MEMORY_SHARE = 0.9
 RESERVED_BYTES = 2 * GIB
-# Forward-equivalents per image and view: the student's forward and backward (about 1 + 2) and the
-# teacher's forward.
-PASSES = 4
+# Forward-equivalents per image and view: the student's forward and backward (about 1 + 2), and
+# the teacher's forward where Mean Teacher is on (train/engine.py runs it only then).
+STUDENT_PASSES = 3
+
+
+def passes(cfg: dict[str, Any]) -> int:
+    return STUDENT_PASSES + (cfg["mt_weight"] > 0)
+
+
 # timm's results/benchmark-train-amp-nhwc-pt112-cu113-rtx3090.csv: training images/s (forward and
 # backward) of a family's reference model at its benchmark resolution. Depthwise convolutions are
 # memory-bound, so EfficientNets reach several times fewer FLOP/s than ResNets.
@@ -73,6 +80,9 @@ FOOTPRINT_KEYS = (
     "aux_weight",
     "aux_stage",
     "mt_weight",
+    "arch_kwargs",
+    "cr_space",
+    "cr_proj_dim",
     "opt",
     "drop_rate",
     "drop_path_rate",
@@ -173,15 +183,17 @@ def training_step(state: TrainingState, images: int, size: int, device: str = "c
     rows = cfg["num_views"] * images
     inputs = torch.randn(rows, 3, size, size, device=device)
     targets = torch.full((rows, cfg["num_classes"]), 1.0 / cfg["num_classes"], device=device)
+    teacher_logits = None
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         logits, aux = state.student(inputs)
-        with torch.no_grad():
-            teacher_logits, _ = state.teacher(inputs)
+        if cfg["mt_weight"] > 0:  # as the engine: without MT the teacher's output is unused
+            with torch.no_grad():
+                teacher_logits = state.teacher(inputs)[0]
     loss, _ = state.criterion(
         logits.float(),
         targets,
         aux_logits=None if aux is None else aux.float(),
-        teacher_logits=teacher_logits.float(),
+        teacher_logits=None if teacher_logits is None else teacher_logits.float(),
     )
     loss.backward()
     state.optimizer.step()
@@ -288,7 +300,7 @@ def reference_tflops(cfg: dict[str, Any]) -> dict[str, float]:
 
 
 def train_hours(cfg: dict[str, Any], gflops: float, gpus: int, tflops: float) -> float:
-    flops = cfg["epochs"] * training_images(cfg) * cfg["num_views"] * PASSES * gflops * 1e9
+    flops = cfg["epochs"] * training_images(cfg) * cfg["num_views"] * passes(cfg) * gflops * 1e9
     return flops / (gpus * tflops * 1e12) / 3600
 
 
@@ -357,7 +369,8 @@ def assumptions(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         "Global batch: the config's batch_size x grad_accum on the paper's 8 GPUs (the lr is "
         "given for it); micro-batches are even (Mixup/CutMix pair images), and smaller ones "
         "than the config's see fewer negatives in CR.",
-        f"Hours on {args.gpus} GPUs: epochs x training images x num_views x {PASSES} passes x "
+        f"Hours on {args.gpus} GPUs: epochs x training images x num_views x {STUDENT_PASSES + 1} "
+        f"passes ({STUDENT_PASSES} without Mean Teacher) x "
         f"forward FLOPs at {speed}; validation passes left out.",
     ]
     if ensemble:
