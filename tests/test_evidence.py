@@ -472,3 +472,20 @@ def test_a_time_ratio_measured_on_another_cpu_or_with_other_overrides_is_named(t
     err = capsys.readouterr().err
     assert err.startswith(f"warning: {tmp_path / 'frontier_budget.json'}: the time ratio 1.5 was")
     assert "not on " in err and "delete the file to measure here" in err
+
+
+def test_make_long_run_without_the_train_split_is_refused_in_one_line():
+    proc = run_command("-m", "scripts.studies.long_run", "--splits", "train+val", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: --splits train+val: add train; the equal-time epochs")
+
+
+def test_rows_appended_by_two_study_processes_are_all_kept(tmp_path):
+    """Each append reads the CSV again: a row another process added meanwhile stays."""
+    csv = tmp_path / "ablation.csv"
+    mine = runner.read_results(csv)  # what this process read when it started: nothing
+    runner.append_row(csv, {"row": "a", "seed": 0, "run": "r0", "test_top1": 50.0})
+    theirs = runner.append_row(csv, {"row": "b", "seed": 0, "run": "r1", "test_top1": 60.0})
+    assert mine.empty and theirs["row"].tolist() == ["a", "b"]
+    assert pd.read_csv(csv)["row"].tolist() == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation.csv"]  # no lock file left

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.errors import cli_main
+from common.errors import UserError, cli_main
 from common.fs import write_text_atomic
 from scripts.studies import runner
 from train.config import load_config
@@ -65,21 +65,25 @@ def metrics_of(frame: pd.DataFrame, name: str, results: Path) -> list[pd.DataFra
     return [pd.read_csv(results / "runs" / run / "metrics.csv") for run in runs]
 
 
-def budget(spec: dict, frame: pd.DataFrame, epochs: int, results: Path) -> dict:
-    """The equal-time epochs of the baseline, measured once per recipe length and kept."""
+def budget(
+    spec: dict, frame: pd.DataFrame, epochs: int, results: Path, extra: list[str] = ()
+) -> dict:
+    """The equal-time epochs of the baseline, measured once per recipe length (and overrides)
+    and kept."""
     path = results / "long_run_budget.json"
     kept = json.loads(path.read_text()) if path.is_file() else {}
-    if str(epochs) not in kept:
+    key = " ".join([str(epochs), *extra])  # the length alone for the study's own settings
+    if key not in kept:
         base = f"{spec['baseline']}:train:equal_epochs"
         full = f"{spec['full_recipe']}:train:equal_epochs"
         ratio = epoch_time_ratio(metrics_of(frame, base, results), metrics_of(frame, full, results))
-        kept[str(epochs)] = {
+        kept[key] = {
             "ratio": round(ratio, 3),
             "equal_time_epochs": max(epochs, round(epochs * ratio)),
             "measured_on": sorted(frame.loc[frame["row"].isin([base, full]), "run"]),
         }
         write_text_atomic(path, json.dumps(kept, indent=1) + "\n")
-    return kept[str(epochs)]
+    return kept[key]
 
 
 # ---- the report ----------------------------------------------------------------------------
@@ -216,6 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     spec = runner.load_spec()
     conf = spec["long_run"]
     seeds, splits = args.seeds or conf["seeds"], args.splits or conf["splits"]
+    if "train" not in splits:
+        raise UserError(
+            f"--splits {' '.join(splits)}: add train; the equal-time epochs are measured on the "
+            "train split's equal-epoch runs"
+        )
     epochs = load_config(spec["model"], [*spec["common"], *args.overrides])["epochs"]
     extra = [o for o in args.overrides if not o.startswith("epochs=")]  # each row sets its own
     pair = (spec["baseline"], spec["full_recipe"])
@@ -231,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds, source = runner.estimate(spec["model"], todo, args.results, spec)
     print(f"long-run: estimated {runner.duration(seconds)} in all (from {source})", flush=True)
     done = runner.run_jobs("long_run", spec["model"], jobs(first), args.results, spec, report)
-    equal = budget(spec, done, epochs, args.results)["equal_time_epochs"]
+    equal = budget(spec, done, epochs, args.results, extra)["equal_time_epochs"]
     timed = [row(spec, spec["baseline"], s, "equal_time", equal) for s in splits]
     runner.run_jobs(
         "long_run", spec["model"], jobs([*first, *timed, *long]), args.results, spec, report

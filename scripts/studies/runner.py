@@ -33,6 +33,7 @@ from tqdm import tqdm
 from common import provenance
 from common.errors import UserError
 from common.fs import atomic_path, write_text_atomic
+from common.lock import FileLock
 from common.yamlio import load_yaml
 from data_prep.layout import Layout
 from ensemble.evaluate import logits_top1
@@ -313,6 +314,20 @@ def run_name(model: str, job: Job, results: Path) -> str:
     ]
 
 
+def append_row(csv: Path, result: dict[str, Any]) -> pd.DataFrame:
+    """Add one scored job to `csv`, read again under a lock: another study process working on
+    other rows of the same stage appends its own between ours, and neither is lost."""
+    lock = FileLock(csv.with_name(f".{csv.name}.lock"), str(csv), "run one study at a time")
+    with lock:
+        try:
+            frame, new = read_results(csv), pd.DataFrame([result])
+            frame = pd.concat([frame, new], ignore_index=True) if len(frame) else new
+            write_text_atomic(csv, frame.to_csv(index=False))
+        finally:
+            lock.remove_file()  # results/ is committed: no lock file left there
+    return frame
+
+
 def run_jobs(
     stage: str,
     model: str,
@@ -341,9 +356,7 @@ def run_jobs(
     for job in todo:
         started = time.perf_counter()
         result = score(model, job, results)
-        new = pd.DataFrame([result])
-        frame = pd.concat([frame, new], ignore_index=True) if len(frame) else new
-        write_text_atomic(csv, frame.to_csv(index=False))
+        frame = append_row(csv, result)
         bar.update()
         tqdm.write(
             f"{job.row} seed {job.seed}: test top-1 {result['test_top1']:.2f}% "
