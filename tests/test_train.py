@@ -310,6 +310,9 @@ def test_a_kill_between_a_checkpoint_s_two_renames_is_repaired_by_the_resume(
     names = {p.name for p in ckpts.iterdir()}
     assert {"best", "step_000000020"} <= names and not any("." in n for n in names)
     assert_bit_identical(final_state(uninterrupted), final_state(run))
+    (run / "metrics.csv").write_text("epoch\n1\n")  # killed before its last epoch's row
+    run_command("-m", "train", *train_args(tiny_dir, tmp_path))
+    assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2]
 
 
 @pytest.mark.parametrize("module", ["ensemble.logits", "train"])

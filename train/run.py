@@ -294,6 +294,10 @@ class Run:
             resumed_step = self.global_step if resumed else None
             record = save_config(cfg, self.dir / "config.yaml", resumed_step)
         self.tracking.start(self.global_step, resumed, record)
+        if self.epoch == cfg["epochs"] and self.acc.is_main_process:
+            # Resumed after its last checkpoint: a kill right after that save cut off the
+            # metrics of its last epoch, which the checkpoint's history holds.
+            write_metrics(self.dir, self.history)
         while self.epoch < cfg["epochs"]:
             if self.run_epoch():
                 self.acc.print(f"stopped on request; checkpoint at step {self.global_step}")
