@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--kills must be at least 2 (one in a checkpoint write, one in evaluation)")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     print(f"chaos: seed {seed} (python -m scripts.ops.chaos --seed {seed} replays the schedule)")
+    if args.work is not None and args.work.exists() and any(args.work.iterdir()):
+        parser.error(f"--work {args.work} is not empty; pass a new folder or delete it")
     work = args.work or Path(tempfile.mkdtemp(prefix="chaos-"))
     started = time.perf_counter()
     try:

@@ -29,7 +29,7 @@ from common.metrics import top1
 from data_prep.layout import Layout
 from ensemble.submission import read_labels
 from scripts.studies import runner
-from train.checkpoint import load_weights
+from train.checkpoint import load_into, load_weights
 from train.config import load_config, run_dir
 from train.inference import build_crop_transform
 from train.model import build_model
@@ -80,7 +80,7 @@ def test_sample(data_dir: Path, images: int) -> list[tuple[str, Path, int]]:
 def features(cfg: dict[str, Any], role: str, items: list) -> np.ndarray:
     """Pooled penultimate features [N, D] of `items` (centre crop) under the run's best weights."""
     model = build_model(cfg)
-    model.load_state_dict(load_weights(run_dir(cfg), "best", role))
+    load_into(model, load_weights(run_dir(cfg), "best", role), run_dir(cfg))
     backbone = model.eval().backbone
     loader = DataLoader(EvalDataset(items, build_crop_transform(cfg, "center")), batch_size=256)
     rows = [
