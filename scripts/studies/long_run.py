@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.errors import UserError, cli_main
+from common.errors import UserError, cli_main, warn
 from common.fs import write_text_atomic
 from scripts.studies import runner
 from train.config import load_config
@@ -68,11 +68,16 @@ def metrics_of(frame: pd.DataFrame, name: str, results: Path) -> list[pd.DataFra
 def budget(
     spec: dict, frame: pd.DataFrame, epochs: int, results: Path, extra: list[str] = ()
 ) -> dict:
-    """The equal-time epochs of the baseline, measured once per recipe length (and overrides)
-    and kept."""
+    """The equal-time epochs of the baseline, measured once per recipe length and kept (with
+    the overrides it was measured under: another set is named in a warning)."""
     path = results / "long_run_budget.json"
     kept = json.loads(path.read_text()) if path.is_file() else {}
-    key = " ".join([str(epochs), *extra])  # the length alone for the study's own settings
+    key = str(epochs)
+    if key in kept and kept[key].get("extra", list(extra)) != list(extra):
+        warn(
+            f"{path}: the {key}-epoch time ratio was measured with {kept[key]['extra']}, not "
+            f"{list(extra)}: equal time held there; delete its entry to measure again"
+        )
     if key not in kept:
         base = f"{spec['baseline']}:train:equal_epochs"
         full = f"{spec['full_recipe']}:train:equal_epochs"
@@ -81,6 +86,7 @@ def budget(
             "ratio": round(ratio, 3),
             "equal_time_epochs": max(epochs, round(epochs * ratio)),
             "measured_on": sorted(frame.loc[frame["row"].isin([base, full]), "run"]),
+            "extra": list(extra),
         }
         write_text_atomic(path, json.dumps(kept, indent=1) + "\n")
     return kept[key]
