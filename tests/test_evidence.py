@@ -474,10 +474,12 @@ def test_a_time_ratio_measured_on_another_cpu_or_with_other_overrides_is_named(t
     assert "not on " in err and "delete the file to measure here" in err
 
 
-def test_make_long_run_without_the_train_split_is_refused_in_one_line():
-    proc = run_command("-m", "scripts.studies.long_run", "--splits", "train+val", check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("error: --splits train+val: add train; the equal-time epochs")
+def test_make_long_run_without_the_train_split_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        long_run.main(["--splits", "train+val"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: --splits train+val: add train; the equal-time epochs")
 
 
 def test_rows_appended_by_two_study_processes_are_all_kept(tmp_path):
