@@ -363,8 +363,8 @@ def blend_and_write(
     args: argparse.Namespace, name: str, models: list[str], weights: list[float] | None, origin: str
 ) -> dict[str, Any]:
     """`main` once the submission's name is held: blend, write, report."""
-    report_path = args.out_dir / f"{name}.json"
-    claim_name(report_path, config_file(args), named=args.name is not None)
+    report_path, config = args.out_dir / f"{name}.json", config_file(args)
+    claim_name(report_path, config, named=args.name is not None)
     root = logits_root(models, args.overrides, args.logits_dir)
     members = open_members(root, models, args.overrides)
     data_dir, odd = dataset_checks(members)
@@ -394,7 +394,7 @@ def blend_and_write(
     )
     report = {
         "name": name,
-        "config": config_file(args),
+        "config": config,
         "models": models,
         "weights": [w / sum(weights) for w in weights],
         "weights_from": origin,

@@ -216,6 +216,8 @@ def repair(run_dir: Path) -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     best, spares = root / "best", (root / "best.tmp", root / "best.old")
+    if not any(spare.exists() for spare in spares):
+        return  # the usual case: no need to hash best's files at every resume
     whole = verify(best)
     for spare in spares:
         if not whole and verify(spare):
