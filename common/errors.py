@@ -8,7 +8,9 @@ is accepted but odd gets one `warning:` line (`warn`).
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import os
 import signal
 import sys
@@ -41,12 +43,25 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+@functools.cache
+def end_without_final_collections() -> None:
+    """When the interpreter ends, the objects still alive are left to the OS (`gc.freeze`):
+    Python's last garbage collections over the million objects of torch, torchvision and timm
+    took 0.9 s of a 5 s training command, and 0.7 s of `make logits`'s start-up (2-core AMD
+    EPYC, 2026-12-07). atexit handlers still run, and objects freed by their reference count
+    are finalised as before; only cycles are not collected, which the exit frees anyway. In a
+    process that calls a command's main in-process (a notebook, the tests), this happens only
+    at that process's own exit."""
+    atexit.register(gc.freeze)
+
+
 def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
     """Run a command's main; report `UserError` as `error: <message>` and exit 2, and Ctrl-C
     as one line and death by SIGINT (status 130 in a shell)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        end_without_final_collections()
         try:
             result = fn(*args, **kwargs)
         except UserError as err:

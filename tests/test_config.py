@@ -305,6 +305,22 @@ def test_a_user_error_of_several_lines_is_joined_not_cut():
     assert user_message(UserError("first line\n  second line\n")) == "first line second line"
 
 
+# A handler registered before the command's runs after it (atexit is last in, first out).
+FROZEN_AT_EXIT = """
+import atexit, gc
+atexit.register(lambda: print("at exit", gc.get_freeze_count() > 0))
+from common.errors import cli_main
+cli_main(lambda: 0)()
+print("during the command", gc.get_freeze_count() > 0)
+"""
+
+
+def test_a_command_s_process_ends_without_python_s_final_garbage_collections():
+    """Its objects are frozen once it ends (the exit frees them), not while it runs."""
+    lines = run_command("-c", FROZEN_AT_EXIT).stdout.splitlines()
+    assert lines == ["during the command False", "at exit True"]
+
+
 def test_the_config_command_prints_the_papers_forms_for_effnet_b7():
     proc = run_command("-m", "train.config", "effnet_b7")
     printed = yaml.safe_load(proc.stdout)
