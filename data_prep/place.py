@@ -61,8 +61,7 @@ def _place(src: Path, dst: Path, mode: str) -> str:
     if mode == "copy":
         if dst.exists() and not dst.is_symlink():
             return "kept"
-        dst.unlink(missing_ok=True)  # a symlink: --mode copy makes the dataset stand alone
-        return copy_file(src, dst)
+        return copy_file(src, dst)  # over a symlink too (a rename): the dataset stands alone
     try:
         if mode == "link":
             # The file itself: on Linux os.link links a symlink as a symlink (follow_symlinks
@@ -80,7 +79,7 @@ def _place(src: Path, dst: Path, mode: str) -> str:
         return _place(src, dst, mode)
     except OSError as err:
         if mode == "link" and err.errno in LINK_FALLBACK:
-            return "kept" if dst.exists() else copy_file(src, dst)
+            return _place(src, dst, "copy")
         raise
 
 

@@ -39,6 +39,7 @@ from common.fs import require_writable, write_text_atomic
 from common.lock import FileLock
 from common.metrics import top1
 from data_prep.layout import Layout, test_index
+from data_prep.splits import NUM_CLASSES  # the challenge scores the test images of all of them
 from ensemble.members import Member, SplitReader, check_provenance, open_members
 from ensemble.search import (
     HeldOut,
@@ -48,7 +49,14 @@ from ensemble.search import (
     weighted_sum,
 )
 from ensemble.submission import write_submission
-from train.config import CONFIG_DIR, available, config_layer, config_name, load_config
+from train.config import (
+    CONFIG_DIR,
+    available,
+    config_layer,
+    config_name,
+    config_path,
+    load_config,
+)
 
 ENSEMBLE_KEYS = ("models", "weights", "description")
 
@@ -297,8 +305,9 @@ def submission_provenance(members: list[Member], warnings: list[str]) -> dict[st
 
 
 def config_file(args: argparse.Namespace) -> str | None:
-    """The ensemble config's file, resolved: what a submission's name stands for."""
-    return str(Path(ensemble_config(args.config)[1]).resolve()) if args.config else None
+    """The ensemble config's file, resolved wherever the command runs from: what a
+    submission's name stands for."""
+    return str(config_path("ensembles", args.config).resolve()) if args.config else None
 
 
 def claim_name(report_path: Path, config: str | None, named: bool) -> None:
@@ -313,9 +322,6 @@ def claim_name(report_path: Path, config: str | None, named: bool) -> None:
             f"{report_path} was made from {earlier}, not {config}; pass --name (make ensemble "
             f"NAME=...) to keep both, or delete {report_path}"
         )
-
-
-FULL_IMAGENET_CLASSES = 1000  # the challenge scores the 50,000 test images of all of them
 
 
 def dataset_checks(members: list[Member]) -> tuple[Path | None, list[str]]:
@@ -336,9 +342,9 @@ def dataset_checks(members: list[Member]) -> tuple[Path | None, list[str]]:
             f"{manifest['checksum'][:12]}, theirs {made_on[:12]}); rerun `make logits` for each"
         )
     classes = len(manifest["classes"])
-    if manifest.get("source") == "imagenet" and classes != FULL_IMAGENET_CLASSES:
+    if manifest.get("source") == "imagenet" and classes != NUM_CLASSES:
         return layout.root.resolve(), [
-            f"{data_dir} is a partial ImageNet build ({classes} of {FULL_IMAGENET_CLASSES} "
+            f"{data_dir} is a partial ImageNet build ({classes} of {NUM_CLASSES} "
             "classes): this submission is not a full VIPriors submission"
         ]
     return layout.root.resolve(), []

@@ -20,7 +20,6 @@ from common.processes import kill_tree
 from ensemble.members import checkpoint_state
 from train.checkpoint import MARKER, checkpoint_root
 from train.config import logits_dir, run_dir
-from train.inference import resize_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +66,10 @@ def logits_current(cfg: dict, view: str = "tencrop", role: str = "teacher") -> b
     """True when the model's logits are complete, made from its best checkpoint as it is now
     (`checkpoint_state`), and read as asked: `view`, `role`, the config's test size, resize and
     fusion weight (a centre-crop `make logits` in the same folder is not the demo's TenCrop)."""
+    # Here, not at the top: the light scripts that import this module for ROOT and child_env
+    # (chaos, smoke, benchmarks) would start timm and torchvision for it (2 s).
+    from train.inference import resize_size
+
     meta_path = logits_dir(cfg) / "meta.json"
     if not (meta_path.is_file() and (checkpoint_root(run_dir(cfg)) / "best" / MARKER).is_file()):
         return False

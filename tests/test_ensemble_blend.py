@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import subprocess
@@ -644,3 +645,10 @@ def test_float16_rounding_of_a_softmax_is_within_the_sum_tolerance(tmp_path):
         stored = exact.astype(np.float16)
         error = np.abs(stored.astype(np.float64).sum(1) - 1).max()
         assert error <= SUM_TOLERANCE, (classes, error)
+
+
+def test_a_submission_s_config_file_is_the_same_from_any_folder(tmp_path, monkeypatch):
+    """What claim_name compares: a config name resolved in configs/, not in the working folder."""
+    args = argparse.Namespace(config="demo")
+    monkeypatch.chdir(tmp_path)
+    assert blend.config_file(args) == str((CONFIG_DIR / "ensembles" / "demo.yaml").resolve())

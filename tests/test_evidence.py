@@ -491,3 +491,10 @@ def test_rows_appended_by_two_study_processes_are_all_kept(tmp_path):
     assert mine.empty and theirs["row"].tolist() == ["a", "b"]
     assert pd.read_csv(csv)["row"].tolist() == ["a", "b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation.csv"]  # no lock file left
+
+
+def test_a_run_trained_with_a_key_base_yaml_no_longer_has_is_named_not_a_crash(tmp_path):
+    cfg = {**load_config("demo_resnet18"), "out_dir": str(tmp_path), "name": "run"}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("smoothing: 0.1\nretired_key: 3\n")
+    assert runner.trained_otherwise(cfg) == ["retired_key"]

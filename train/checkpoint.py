@@ -120,8 +120,8 @@ def save_checkpoint(
 
 def _expected(world: int) -> list[str]:
     """The files of a checkpoint written by `world` processes."""
-    ranks = [f"rng_rank{rank}.pt" for rank in range(world)]
-    return sorted([*(f"{role}.safetensors" for role in WEIGHTS), "state.pt", *ranks])
+    ranks = [rng_name(rank) for rank in range(world)]
+    return sorted([*(weights_name(role) for role in WEIGHTS), "state.pt", *ranks])
 
 
 def _sealed(tmp: Path, world: int) -> list[str]:
@@ -138,10 +138,10 @@ def _sealed(tmp: Path, world: int) -> list[str]:
 
 
 def _write_files(accelerator, tmp: Path, weights: dict, state: dict[str, Any]) -> None:
-    _save_tensor_file(tmp / f"rng_rank{accelerator.process_index}.pt", rng_state())
+    _save_tensor_file(tmp / rng_name(accelerator.process_index), rng_state())
     if accelerator.is_main_process:
         for role in WEIGHTS:
-            _save_tensor_file(tmp / f"{role}.safetensors", weights[role])
+            _save_tensor_file(tmp / weights_name(role), weights[role])
         _save_tensor_file(tmp / "state.pt", state)
     accelerator.wait_for_everyone()
 
@@ -255,9 +255,9 @@ def load_tensors(path: Path) -> Any:
 
 def load_state(step_dir: Path, rank: int) -> tuple[dict, dict, dict]:
     """(weights by role, loop state, this rank's RNG state) of a verified checkpoint."""
-    weights = {role: load_file(str(step_dir / f"{role}.safetensors")) for role in WEIGHTS}
+    weights = {role: load_file(str(step_dir / weights_name(role))) for role in WEIGHTS}
     state = load_tensors(step_dir / "state.pt")
-    rng_file = step_dir / f"rng_rank{rank}.pt"
+    rng_file = step_dir / rng_name(rank)
     rng = load_tensors(rng_file) if rng_file.is_file() else None
     return weights, state, rng
 
@@ -266,6 +266,10 @@ def weights_name(role: str) -> str:
     if role not in WEIGHTS:
         raise UserError(f"role {role!r} is not one of {', '.join(WEIGHTS)}")
     return f"{role}.safetensors"
+
+
+def rng_name(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
 
 
 def file_digest(step_dir: Path, name: str) -> str | None:

@@ -145,6 +145,12 @@ def config_layer(kind: str, value: str) -> tuple[dict[str, Any], str]:
     """A config layer and where it comes from: `value` names configs/<kind>/<value>.yaml, or is
     the path of a YAML file (a run's saved config.yaml, a dataset config kept beside the data,
     an ensemble of one's own)."""
+    path = config_path(kind, value)
+    return read_yaml(path), value if _is_yaml_path(value) else f"configs/{kind}/{value}.yaml"
+
+
+def config_path(kind: str, value: str) -> Path:
+    """The existing file that `value` (a name in configs/<kind>/ or a .yaml path) stands for."""
     if not isinstance(value, str) or not (_is_yaml_path(value) or is_one_name(value)):
         raise UserError(
             f"{KINDS[kind]} {'(empty)' if value is None else repr(value)} is neither a name in "
@@ -153,13 +159,13 @@ def config_layer(kind: str, value: str) -> tuple[dict[str, Any], str]:
     if _is_yaml_path(value):
         if not Path(value).is_file():
             raise UserError(f"{KINDS[kind]} config {value} does not exist; check the path")
-        return read_yaml(Path(value)), value
+        return Path(value)
     path = CONFIG_DIR / kind / f"{value}.yaml"
     if not path.is_file():
         raise UserError(
             f"unknown {KINDS[kind]} {value!r} (no {path}); valid: {', '.join(available(kind))}"
         )
-    return read_yaml(path), f"configs/{kind}/{value}.yaml"
+    return path
 
 
 # Keys that may also say "auto", resolved when the run starts (batch_size: train/auto_batch.py;
@@ -347,9 +353,6 @@ def read_provenance(path: Path) -> dict[str, Any]:
     return read_yaml(Path(path)).get(provenance.KEY) or {}
 
 
-FIX_BY_NAME = {"resume": ", or train under another name="}
-
-
 def require_run_dataset(cfg: dict[str, Any], action: str) -> None:
     """data_dir may move (RESUME_NEUTRAL_KEYS); its images may not: the dataset's manifest
     checksum must be the one the run last trained on (a change once allowed by
@@ -370,7 +373,8 @@ def require_run_dataset(cfg: dict[str, Any], action: str) -> None:
         raise UserError(
             f"{cfg['data_dir']} is not the dataset run {run_dir(cfg)} trained on (manifest "
             f"checksum {now[:12]}, the run's {trained_on[:12]}): cannot {action} on it; pass that "
-            f"dataset's data_dir= or allow_config_change=true{FIX_BY_NAME.get(action, '')}"
+            f"dataset's data_dir= or allow_config_change=true"
+            + (", or train under another name=" if action == "resume" else "")
         )
 
 

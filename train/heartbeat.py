@@ -88,7 +88,7 @@ def activity(run_dir: Path, now: float | None = None) -> str:
     if beat["state"] != "running":
         return beat["state"]
     if beat["host"] == socket.gethostname():
-        alive = _alive(beat["pid"]) if held is None else False
+        alive = held is None and _alive(beat["pid"])  # an unheld lock: its trainer is gone
         return "running" if alive else "killed"
     silent = (now or time.time()) - beat["updated"] > SILENT_AFTER_S
     return "silent" if silent else "running"

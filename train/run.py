@@ -263,16 +263,17 @@ class Run:
         """The optimiser's moments; with a config change allowed, the hyperparameters (weight
         decay, eps, ...) and the lr schedule of the config in use, not the saved ones, so that
         `allow_config_change=true epochs=20` trains its new epochs on the new schedule."""
+        if not changed:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            return
         fresh = [
             {k: v for k, v in group.items() if k not in ("params", "lr")}
             for group in self.optimizer.param_groups
         ]
         self.optimizer.load_state_dict(state["optimizer"])
-        if not changed:
-            self.scheduler.load_state_dict(state["scheduler"])
-            return
         for group, values in zip(self.optimizer.param_groups, fresh, strict=True):
-            group.update(values)
+            group.update(values)  # resume() then sets the lr from the new schedule
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> int:

@@ -38,7 +38,7 @@ from common.yamlio import load_yaml
 from data_prep.layout import Layout
 from ensemble.evaluate import logits_top1
 from scripts.stages import logits_current, run_module
-from train.config import CONFIG_DIR, load_config, logits_dir, run_dir
+from train.config import CONFIG_DIR, load_config, logits_dir, read_yaml, run_dir
 from train.data import split_train_eval
 from train.run import RESUME_NEUTRAL_KEYS, config_changes
 
@@ -147,19 +147,18 @@ def epochs_done(cfg: dict[str, Any]) -> int:
     return int(metrics["epoch"].max()) if len(metrics) else 0
 
 
-def trained_otherwise(model: str, job: Job, results: Path) -> list[str]:
-    """The keys whose value the job's run on disk trained with differs from what the code and
-    configs resolve now (a default changed in base.yaml keeps the run's name). A key its
-    config.yaml lacks came later with the old behaviour as default (`identity`): not counted."""
-    cfg = load_config(model, job_overrides(model, job, results))
+def trained_otherwise(cfg: dict[str, Any]) -> list[str]:
+    """The keys whose value the run on disk trained with differs from what the code and configs
+    resolve now (a default changed in base.yaml keeps the run's name). A key its config.yaml
+    lacks came later with the old behaviour as default (`identity`): not counted."""
     saved = run_dir(cfg) / "config.yaml"
     if not saved.is_file():
         return []
-    recorded = load_yaml(saved.read_text())
+    recorded = read_yaml(saved)
     return [
         key
         for key in config_changes(recorded, cfg)
-        if key in recorded and key != provenance.KEY and cfg[key] != "auto"
+        if key in recorded and key != provenance.KEY and cfg.get(key) != "auto"
     ]
 
 
@@ -167,9 +166,10 @@ def require_current_runs(model: str, jobs: list[Job], results: Path) -> None:
     """Refuse to report (or resume) runs trained with other settings than the jobs ask for."""
     stale = {}
     for job in jobs:
-        keys = trained_otherwise(model, job, results)
+        cfg = load_config(model, job_overrides(model, job, results))
+        keys = trained_otherwise(cfg)
         if keys:
-            stale[run_name(model, job, results)] = keys
+            stale[cfg["name"]] = keys
     if stale:
         shown = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in list(stale.items())[:3])
         raise UserError(
