@@ -176,17 +176,14 @@ def seal(root: Path, plan: Plan) -> dict:
 def placed(root: Path, files: list[tuple[str, int]]) -> dict[str, int]:
     """How the files stand (`--mode link` falls back to copies across file systems): what a
     user deleting the source images needs to know."""
-    kinds: Counter = Counter()
-    for rel, _ in files:
-        info = os.lstat(root / rel)
-        kinds[
-            "symlinks"
-            if stat.S_ISLNK(info.st_mode)
-            else "hard links"
-            if info.st_nlink > 1
-            else "files"
-        ] += 1
+    kinds = Counter(_link_kind(os.lstat(root / rel)) for rel, _ in files)
     return dict(sorted(kinds.items()))
+
+
+def _link_kind(info: os.stat_result) -> str:
+    if stat.S_ISLNK(info.st_mode):
+        return "symlinks"
+    return "hard links" if info.st_nlink > 1 else "files"
 
 
 def _counts(plan: Plan) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def budget(spec: dict, extra: list[str], results: Path) -> dict:
     if path.is_file():
         kept = json.loads(path.read_text())
         here = {"cpu": cpu_name(), "extra": extra}
-        if {key: kept.get(key, here[key]) for key in here} != here:
+        if any(kept.get(key, value) != value for key, value in here.items()):  # absent: kept
             warn(
                 f"{path}: the time ratio {kept['ratio']} was measured on {kept['cpu']} with "
                 f"{kept.get('extra', [])} ({kept['measured']}), not on {here['cpu']} with {extra}: "

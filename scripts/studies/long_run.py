@@ -65,9 +65,7 @@ def metrics_of(frame: pd.DataFrame, name: str, results: Path) -> list[pd.DataFra
     return [pd.read_csv(results / "runs" / run / "metrics.csv") for run in runs]
 
 
-def budget(
-    spec: dict, frame: pd.DataFrame, epochs: int, results: Path, extra: list[str] = ()
-) -> dict:
+def budget(spec: dict, frame: pd.DataFrame, epochs: int, results: Path, extra: list[str]) -> dict:
     """The equal-time epochs of the baseline, measured once per recipe length and kept (with
     the overrides it was measured under: another set is named in a warning)."""
     path = results / "long_run_budget.json"
