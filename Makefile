@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 # PY=<python> on the command line (a GPU machine's own torch, no network): that interpreter with
 # the packages it has, and no setup.
 SETUP = $(if $(filter $(VENV)/bin/python,$(PY)),VENV=$(VENV) bash scripts/ops/setup.sh,echo "setup: skipped: $(PY) runs with the packages it has")
-export PYTHONPATH := $(CURDIR)
+# The repository first; packages a GPU machine was given with `pip install --target` stay after it.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 # make data: IMAGENET=<root> builds imagenet50 from the split lists shipped in data_prep/vipriors/
 # SPLITS=<dir with the toolkit's train/val/test.pickle> uses those once they equal the shipped ones;

@@ -1,7 +1,7 @@
 """`make gpu-check`: the refusal without CUDA, and each section's measurement run on the CPU at
 toy sizes (the figures are the GPU's to give; here the parts must run and count right). The
-sections that only mean something on a GPU (host syncs, B7 memory, compile) run in
-tests/test_gpu.py, skipped without CUDA."""
+measurements that only mean something on a GPU (host syncs, the B7 step's peak memory, compile)
+run in tests/test_gpu.py, skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -291,11 +292,17 @@ def test_the_command_wires_each_section_to_its_function_and_names_what_to_rerun(
 def test_a_stage_finds_the_repository_first_and_the_packages_already_on_pythonpath(
     monkeypatch, tmp_path
 ):
-    """The device machine's missing packages are installed with --target onto PYTHONPATH."""
+    """The device machine's missing packages are installed with --target onto PYTHONPATH: the
+    stages' children and make's targets keep them, after the repository."""
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}/opt/more")
     assert child_env()["PYTHONPATH"].split(os.pathsep) == [str(ROOT), str(tmp_path), "/opt/more"]
+    echo = ["make", "-s", "--eval", 'pythonpath: ; @echo "$$PYTHONPATH"', "pythonpath"]
+    made = subprocess.run(echo, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert made.stdout.split() == [f"{ROOT}:{tmp_path}:/opt/more"]
     monkeypatch.delenv("PYTHONPATH")
     assert child_env()["PYTHONPATH"] == str(ROOT)
+    made = subprocess.run(echo, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert made.stdout.split() == [str(ROOT)]
 
 
 def test_a_child_past_its_time_is_ended_with_the_processes_it_started(tmp_path):
@@ -345,6 +352,39 @@ def test_the_compile_rows_give_each_mode_its_rate_and_a_failed_mode_its_last_lin
             "failed",
             "RuntimeError: no graph",
         ),
+    ]
+
+
+def test_the_b7_section_reads_a_step_s_peak_against_make_plan_s_line(monkeypatch):
+    """The section's own code at a toy size on the CPU: CUDA's device and peak-memory calls
+    stood in (the peak's value is the GPU's to give), plan's state and step on the CPU."""
+    toy = load_config("demo_resnet18_w16")
+    monkeypatch.setattr(gpu_check, "load_config", lambda name: toy)
+    build, step = plan.build_state, plan.training_step
+    monkeypatch.setattr(plan, "build_state", lambda cfg, device="cpu": build(cfg, "cpu"))
+    monkeypatch.setattr(
+        plan, "training_step", lambda s, n, size, device="cpu": step(s, n, size, "cpu")
+    )
+    memory = {"total_memory": 80 * gpu_check.GIB}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(**memory))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: gpu_check.GIB)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the section's
+    footprint = plan.footprint(toy)
+    estimate = footprint.bytes_at(toy["batch_size"]) / gpu_check.GIB
+    label = f"B7 448 px, {toy['batch_size']} images"
+    (peak, rate) = gpu_check.b7_section(repeat=1)
+    assert peak == (
+        f"{label}: peak allocated",
+        "1.0 GiB",
+        f"make plan: {estimate:.1f} GiB ({estimate - 1:+.0%})",
+    )
+    assert rate[0] == f"{label}: make plan's step (both views, NCHW)" and rate[1].endswith("img/s")
+    assert float(rate[1].split()[0]) > 0
+    memory["total_memory"] = footprint.fixed_bytes  # no room for one image
+    assert gpu_check.b7_section(repeat=1) == [
+        ("B7 448 px step", "not run", "make plan fits no image on this GPU")
     ]
 
 
