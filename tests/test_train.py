@@ -356,6 +356,17 @@ def test_a_world_size_the_accelerator_does_not_see_is_refused(monkeypatch):
         distributed.make_accelerator("no")
 
 
+def test_fewer_held_out_images_than_processes_are_refused_in_one_line():
+    """A process with no held-out image would never join the DDP student's first evaluation
+    forward (a buffer broadcast): the others would wait for it until the group's timeout."""
+    from train.run import check_eval_shares
+
+    for images, world in ((0, 8), (2, 2), (9, 8), (1, 1)):
+        check_eval_shares(images, world)  # none held out (nothing evaluated), or a share each
+    with pytest.raises(UserError, match=r"^1 held-out image\(s\) for 2 processes: .*; hold out"):
+        check_eval_shares(1, 2)
+
+
 def test_two_cpu_processes_validate_like_one_process(tiny_dir, tmp_path):
     # CR in feature space: its projector trains through the loss alone (the step hands the
     # loss logits only), which DistributedDataParallel must accept as well.

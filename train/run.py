@@ -90,6 +90,18 @@ def config_changes(saved: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     return sorted(k for k in keys if saved.get(k) != cfg.get(k))
 
 
+def check_eval_shares(images: int, world: int) -> None:
+    """Every process evaluates a share of the held-out images: the DDP student's first forward
+    after training broadcasts its buffers, a collective that a process without a batch never
+    joins, and the others would wait for it until the process group's timeout."""
+    if 0 < images < world:
+        raise UserError(
+            f"{images} held-out image(s) for {world} processes: each process needs at least one; "
+            "hold out more (a larger val split, or holdout_per_class= on a train+val run), or run "
+            "fewer processes"
+        )
+
+
 class Run:
     """The state of one training run and the loop that advances it."""
 
@@ -103,6 +115,7 @@ class Run:
         self.tracking = Tracking(self.acc, cfg, self.dir, SUM_COLUMNS[:-1])
         seed_everything(cfg["seed"])
         self.train_items, self.eval_items = split_train_eval(cfg)
+        check_eval_shares(len(self.eval_items), self.world)
         self.loader, self.dataset, self.sampler = train_loader(
             cfg, self.train_items, self.rank, self.world
         )
