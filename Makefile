@@ -113,7 +113,7 @@ plan: setup ## parameters, FLOPs, memory, micro-batch and hours per config (GPU_
 	$(PY) -m scripts.ops.plan --gpu-mem $(GPU_MEM) --gpus $(GPUS) $(if $(TFLOPS),--tflops $(TFLOPS)) \
 		$(if $(MODELS),--models $(MODELS))
 
-gpu-check: setup ## the GPU path in 8 min: bare steps, loader, real loop, B7 memory, compile, demo + GPU/CPU agreement (ARGS=)
+gpu-check: setup ## the GPU path in 8 min: bare steps, loader, real loop, B7 memory, demo + GPU/CPU agreement, compile (ARGS=)
 	$(PY) -m scripts.bench.gpu_check $(ARGS)
 
 # Two pytest workers of one thread each: the suite is mostly single-threaded process start-up

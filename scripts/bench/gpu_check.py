@@ -3,7 +3,7 @@
 Without CUDA it refuses in one line. On a CUDA machine each section prints its table as soon as
 it is measured and rewrites results/gpu_check.md (the sections so far), so that a run cut short
 still reports what it measured; a section that fails is reported as failed, with its error, and
-the next one runs. In order, cheapest first, the demo last (below):
+the next one runs. In order:
 
 1. bare: the real step (`train.run.Run.train_step`: the device's augmentation of a real loader
    batch, then Algorithm 1) of EfficientNet-B2 at 320 px (configs/models/effnet_b2_ablation.yaml,
@@ -17,13 +17,14 @@ the next one runs. In order, cheapest first, the demo last (below):
    second in the epochs after the first.
 4. b7: EfficientNet-B7 at 448 px (effnet_b7): peak memory of a step against `make plan`'s
    estimate, and its images/s.
-5. compile: the bare steps again with `compile=true` (A&R first), and A&R with
-   `compile=reduce-overhead` (CUDA graphs), each in a fresh process (Accelerate fixes the
-   dynamo backend per process), the compile time reported apart.
-6. demo: `make demo`'s pipeline on the GPU (both members, TenCrop logits, ensemble, evaluation)
+5. demo: `make demo`'s pipeline on the GPU (both members, TenCrop logits, ensemble, evaluation)
    with its timing table, then one member's checkpoint predicted on the CPU and on the GPU: the
    fp32 probabilities within 1e-4, the bf16 argmax agreement (the dataset must be present:
-   data/fashion50, built or copied first; nothing is downloaded).
+   data/fashion50, built or copied first; nothing is downloaded). Before compile: it verifies
+   the whole pipeline on the GPU, where compile measures a lever.
+6. compile: the bare steps again with `compile=true` (A&R first), and A&R with
+   `compile=reduce-overhead` (CUDA graphs), each in a fresh process (Accelerate fixes the
+   dynamo backend per process), the compile time reported apart.
 
 The run keeps to `--minutes` (8: a 15-minute device session holds the run, its start and a
 rerun; the whole may take longer, by estimate 9-15 minutes, so the sections most likely cut
@@ -35,7 +36,7 @@ run, and the last line gives the command that finishes the report: a rerun of so
 libraries and commit, and compares with its bare rates (the report's state, gpu_check.json).
 The in-process measurements (bare, loader, b7) are a fixed number of steps each.
 
-    python -m scripts.bench.gpu_check [--sections bare loader loop b7 compile demo] [--minutes 8]
+    python -m scripts.bench.gpu_check [--sections bare loader loop b7 demo compile] [--minutes 8]
 """
 
 from __future__ import annotations
@@ -503,7 +504,7 @@ class Report:
 
 
 PROG = "python -m scripts.bench.gpu_check"
-SECTIONS = ("bare", "loader", "loop", "b7", "compile", "demo")
+SECTIONS = ("bare", "loader", "loop", "b7", "demo", "compile")
 COMPARED = ("loader", "loop", "compile")  # their ratios are to the bare steps
 
 
