@@ -176,6 +176,17 @@ def test_a_run_killed_at_a_random_step_resumes_bit_identical(uninterrupted, tiny
     assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2]
 
 
+def test_how_often_a_run_is_evaluated_never_changes_the_weights_it_computes(
+    uninterrupted, tiny_dir, tmp_path
+):
+    """eval_every is resume-neutral (train/run.py): the held-out pass after epoch 1, which this
+    run skips, must not move the generator that dropout and the CPU's erasing draw from."""
+    run_command("-m", "train", *train_args(tiny_dir, tmp_path, "eval_every=2"))
+    run = tmp_path / "demo_resnet18"
+    assert pd.read_csv(run / "metrics.csv")["heldout_student"].isna().tolist() == [True, False]
+    assert_bit_identical(final_state(uninterrupted), final_state(run))
+
+
 def as_written_on_a_gpu(step_dir: Path) -> None:
     """Rewrite the checkpoint's state.pt as a GPU run leaves it, its optimiser state's storages
     tagged cuda:0 (the pickle's location strings), and reseal the marker's checksum."""

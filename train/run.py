@@ -449,8 +449,10 @@ class Run:
     def evaluate(self) -> dict[str, float] | None:
         """Top-1 on the held-out items (val for train-split runs, the held-out images of a
         train+val run): student, teacher, and the teacher's fused prediction, whose weight is
-        the configured one or the best on these same images. None when a stop came during it:
-        the random streams are then as before it, so that a resume redoes it bit-identically."""
+        the configured one or the best on these same images. None when a stop came during it.
+        The random streams are as before it either way: eval_every is resume-neutral (a run
+        evaluated less often computes the same weights) and a resume redoes a stopped pass
+        bit-identically."""
         cfg = self.cfg
         before = rng_state()  # the loader's iterator draws its seed from torch's generator
         loader = eval_loader(cfg, self.eval_items, self.rank, self.world, cfg["batch_size"] * 2)
@@ -463,8 +465,8 @@ class Run:
             self.acc, networks, *args, self.channels_last, lambda: self.stop.requested
         )
         self.model.train()
+        set_rng_state(before)
         if found is None:
-            set_rng_state(before)
             return None
         student, teacher = found
         weight = cfg["fusion_weight"]
