@@ -240,10 +240,10 @@ def small_net() -> nn.Module:
 def test_teacher_averages_parameters_and_batchnorm_statistics(warmup):
     decay = 0.8
 
-    def decays(step: int) -> float:  # timm's schedule: copy at the first step, then decay
-        if step <= 1:
-            return 0.0
-        return min(decay, 1 - (1 + step - 1) ** (-2 / 3)) if warmup else decay
+    def decays(step: int) -> float:
+        if not warmup:  # Algorithm 1: theta'_t = eta theta'_(t-1) + (1 - eta) theta_t from t = 1
+            return decay
+        return 0.0 if step <= 1 else min(decay, 1 - step ** (-2 / 3))  # timm's warm-up
 
     torch.manual_seed(0)
     student = small_net().train()

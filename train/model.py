@@ -9,7 +9,8 @@ With `cr_space: features` (the paper's Figure 4(b) comparison, "contrastive lear
 that add a projector after the backbone") a projector MLP maps the pooled final features to the
 L2-normalised embeddings that Contrastive Regularization then contrasts instead of probabilities.
 The Mean Teacher is timm's `ModelEmaV3`, which averages parameters and buffers (batch-norm
-running statistics included); the paper gives no EMA decay, ours is a config key.
+running statistics included), with Algorithm 1's first update (`MeanTeacher`); the paper gives no
+EMA decay, ours is a config key.
 """
 
 from __future__ import annotations
@@ -219,13 +220,22 @@ def ema_decay(cfg: dict[str, Any], total_steps: int) -> float:
     return max(0.0, 1.0 - 1.0 / (horizon * total_steps))
 
 
-def build_teacher(student: nn.Module, decay: float, warmup: bool) -> ModelEmaV3:
+class MeanTeacher(ModelEmaV3):
+    """timm's EMA with Algorithm 1's first step: without warm-up, theta'_1 = eta theta'_0 +
+    (1 - eta) theta_1 (timm's schedule copies the student at the first update, step <= 1)."""
+
+    def get_decay(self, step: int | None = None) -> float:
+        return super().get_decay(step if self.use_warmup else None)
+
+
+def build_teacher(student: nn.Module, decay: float, warmup: bool) -> MeanTeacher:
     """The Mean Teacher: an EMA copy of `student` (parameters AND buffers), never trained.
 
     Call `teacher.update(student, step)` after each optimiser step, with the number of steps done
-    so far (timm's convention: at step <= 1 the teacher copies the student; with `warmup` the
-    decay grows as 1 - (1 + step)^(-2/3) up to `decay`). Pass the unwrapped student (not DDP).
+    so far. Without `warmup` the decay is `decay` from the first update (the paper's Algorithm
+    1); with it, timm's schedule (ours): a copy at step 1, then 1 - step^(-2/3) up to `decay`.
+    Pass the unwrapped student (not DDP).
     """
-    teacher = ModelEmaV3(student, decay=decay, use_warmup=warmup, exclude_buffers=False)
+    teacher = MeanTeacher(student, decay=decay, use_warmup=warmup, exclude_buffers=False)
     teacher.requires_grad_(False)
     return teacher
