@@ -15,7 +15,8 @@ Python's per-process salted `hash`.
 Stateful streams (the global generators that dropout, stochastic depth and weight init draw
 from): seeded once per run by `seed_everything`, then carried in every checkpoint
 (`rng_state`, one file per process) and restored on resume (`set_rng_state`). With both, a run
-killed at any step boundary and resumed ends bit-identical to an uninterrupted one.
+killed at any step boundary and resumed ends bit-identical to an uninterrupted one (on the CPU
+at the same thread count; float rounding aside, anywhere).
 """
 
 from __future__ import annotations

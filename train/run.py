@@ -1,11 +1,13 @@
 """config -> Accelerator -> loop -> checkpoints: one training run that never loses work.
 
 A rerun of the same command resumes from the newest verified checkpoint, mid-epoch included, and
-ends bit-identical to an uninterrupted run: the data order, the augmentation and the mixing are
-functions of (seed, epoch, step/index, rank), and the RNG states of every process travel in the
-checkpoint. SIGTERM/SIGUSR1 (cluster preemption) checkpoint at the next step boundary and exit
-with EXIT_PREEMPTED, so a job script can requeue (train/stop.py bounds how long that may take).
-One trainer at a time: the main process holds `runs/<name>/train.lock` for the whole run.
+ends bit-identical to an uninterrupted run (on the CPU, at the same thread count: a reduction's
+float order follows its threads; on a GPU within rounding, cuDNN choosing kernels by time): the
+data order, the augmentation and the mixing are functions of (seed, epoch, step/index, rank),
+and the RNG states of every process travel in the checkpoint. SIGTERM/SIGUSR1 (cluster
+preemption) checkpoint at the next step boundary and exit with EXIT_PREEMPTED, so a job script
+can requeue (train/stop.py bounds how long that may take). One trainer at a time: the main
+process holds `runs/<name>/train.lock` for the whole run.
 """
 
 from __future__ import annotations
