@@ -122,8 +122,23 @@ class Layout:
         listed = self.read_manifest()["counts"]["test"]
         paths = [p for p in self.test_dir.iterdir() if is_image(p)]
         self._require_count(self.test_dir, len(paths), listed)
+        self._require_test_names([p.name for p in paths])
         paths.sort(key=lambda p: test_index(p.name))
         return [(p.name, p) for p in paths]
+
+    def _require_test_names(self, names: list[str]) -> None:
+        """Refuse a test image renamed since the build (re-encoded to another extension): the
+        count holds, and the challenge would skip the row of the id it lost without a word."""
+        if not self.test_labels.is_file():
+            return
+        with self.test_labels.open() as rows:
+            built = {row.split(",", 1)[0] for row in list(rows)[1:]}
+        stray = sorted(set(names) - built)
+        if stray:
+            raise UserError(
+                f"{self.test_dir / stray[0]} is not among the test images {self.test_labels} "
+                f"lists ({len(stray)} such: renamed since the build?); {self._repair()}"
+            )
 
     def _require_count(self, folder: Path, found: int, listed: int) -> None:
         """Refuse a folder that lost or gained images since the build: a submission short of

@@ -59,9 +59,11 @@ def place(src: Path, dst: Path, mode: str) -> str:
 
 def _place(src: Path, dst: Path, mode: str) -> str:
     if mode == "copy":
-        if dst.exists() and not dst.is_symlink():
+        if dst.exists() and not dst.is_symlink() and dst.stat().st_nlink == 1:
             return "kept"
-        return copy_file(src, dst)  # over a symlink too (a rename): the dataset stands alone
+        # Over a symlink or a hard link of an earlier build too (a rename): a copy shares no
+        # bytes with the originals, so they can be edited or deleted.
+        return copy_file(src, dst)
     try:
         if mode == "link":
             # The file itself: on Linux os.link links a symlink as a symlink (follow_symlinks
@@ -71,16 +73,24 @@ def _place(src: Path, dst: Path, mode: str) -> str:
         os.symlink(src, dst)
         return "symlinked"
     except FileExistsError:
-        if dst.exists() and (mode == "symlink" or not dst.is_symlink()):
+        if placed_by(dst, src, mode):
             return "kept"
-        # A dangling symlink (its target moved since the last run: point it at the current
-        # file), or a symlink where --mode link places the file itself.
+        # A symlink to another place (the source moved or was copied since the last run: point
+        # it at the current file), or a symlink where --mode link places the file itself.
         dst.unlink()
         return _place(src, dst, mode)
     except OSError as err:
         if mode == "link" and err.errno in LINK_FALLBACK:
             return _place(src, dst, "copy")
         raise
+
+
+def placed_by(dst: Path, src: Path, mode: str) -> bool:
+    """Whether an existing `dst` is what `mode` makes of `src`: a symlink to `src` itself, or
+    (link) a file that is not a symlink."""
+    if mode == "symlink":
+        return dst.is_symlink() and os.readlink(dst) == str(src)
+    return dst.exists() and not dst.is_symlink()
 
 
 def resize_image(src: Path, dst: Path, short_side: int) -> str:

@@ -274,13 +274,28 @@ def test_a_rebuild_in_copy_mode_replaces_a_symlink_build_s_links_and_the_manifes
     assert manifest(out)["checksum"] == manifest(linked)["checksum"]
 
 
-def test_a_symlink_build_whose_source_moved_is_repaired_by_a_rebuild_from_the_new_place(
+def test_a_rebuild_in_copy_mode_over_a_link_build_shares_no_bytes_with_the_originals(
     mini, linked, tmp_path
+):
+    out, images = tmp_path / "out", len(mini.expected_files())
+    shutil.copytree(linked, out, copy_function=os.link)  # the link build's hard links, again
+    build(mini.root, out, "--mode", "copy")
+    assert [rel for rel in mini.expected_files() if (out / rel).stat().st_nlink > 1] == []
+    assert manifest(out)["inputs"]["placed"] == {"files": 1 + images}
+    assert manifest(out)["checksum"] == manifest(linked)["checksum"]
+
+
+@pytest.mark.parametrize("old_copy", ["moved", "kept"])
+def test_a_symlink_build_whose_source_moved_is_repaired_by_a_rebuild_from_the_new_place(
+    mini, linked, tmp_path, old_copy
 ):
     old, new, out = tmp_path / "old", tmp_path / "new", tmp_path / "symlinked"
     shutil.copytree(mini.root, old, copy_function=os.link)
     build(old, out, "--mode", "symlink")
-    old.rename(new)  # every link of the build now dangles (training names `make data` as the fix)
+    if old_copy == "moved":  # every link of the build dangles (training names `make data`)
+        old.rename(new)
+    else:  # the links still work, yet the dataset must follow the place it is built from
+        shutil.copytree(old, new, copy_function=os.link)
     build(new, out, "--mode", "symlink")
     assert manifest(out)["checksum"] == manifest(linked)["checksum"]
     for rel in mini.expected_files():

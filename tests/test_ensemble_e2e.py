@@ -229,6 +229,17 @@ def test_a_dataset_that_lost_an_image_since_its_build_is_refused_naming_the_fold
     next((data / "val" / "bee").iterdir()).unlink()
     with pytest.raises(UserError, match=r"val/bee holds 2 images but .* lists 3; rerun"):
         Layout(data).split_items("val")
+    # Re-encoded in place: the count holds, the id the submission would carry does not.
+    renamed = tmp_path / "renamed"
+    shutil.copytree(world["data"], renamed)
+    (renamed / "test" / "imgs" / "img_3.png").rename(renamed / "test" / "imgs" / "img_3.jpg")
+    with pytest.raises(UserError) as err:
+        Layout(renamed).test_items()
+    assert str(err.value) == (
+        f"{renamed / 'test' / 'imgs' / 'img_3.jpg'} is not among the test images "
+        f"{renamed / 'test_labels.csv'} lists (1 such: renamed since the build?); "
+        f"rerun `make data` to repair {renamed}"
+    )
 
 
 def test_logits_then_ensemble_then_evaluate(world, logits_0):
