@@ -86,6 +86,25 @@ def resolve_labels(args: argparse.Namespace, report: dict[str, Any]) -> Path:
     return labels
 
 
+def require_submission_dataset(submission: Path, report: dict[str, Any], labels: Path) -> None:
+    """Labels of another build of the dataset (another seed keeps the ids, not the labels) would
+    score the submission as valid: refused when the labels sit in a dataset folder and the report
+    names the dataset the members predicted (its checksum)."""
+    members = report.get("members")
+    records = members.values() if isinstance(members, dict) else []
+    made_on = {r.get("dataset_checksum") for r in records if isinstance(r, dict)} - {None}
+    layout = Layout(labels.parent)
+    if not made_on or not layout.manifest.is_file():
+        return
+    checksum = layout.read_manifest().get("checksum")
+    if checksum is not None and checksum not in made_on:
+        raise UserError(
+            f"{labels} belongs to {labels.parent} (manifest checksum {checksum[:12]}), not the "
+            f"dataset {submission} was predicted on ({', '.join(sorted(made_on))[:12]}); pass "
+            "that dataset's labels, or rerun `make logits` and `make ensemble` on this one"
+        )
+
+
 def resolve_num_classes(args: argparse.Namespace, report: dict[str, Any], labels: Path) -> int:
     """--num-classes, or the submission's json, or the manifest of the labels' dataset."""
     if args.num_classes is not None:
@@ -134,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> float:
         raise UserError(f"{args.submission} does not exist; run `make ensemble` first")
     report = _report(args.submission)
     labels = resolve_labels(args, report)
+    require_submission_dataset(args.submission, report, labels)
     shown, data = unzipped(args.submission)
     correct, total = score(shown, labels, resolve_num_classes(args, report, labels), data)
     top1 = 100.0 * correct / total

@@ -24,8 +24,9 @@ read stops the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from common.metrics import top1
 from data_prep.layout import Layout
 from ensemble.members import write_npz
 from train.checkpoint import (
+    MARKER,
     checkpoint_info,
     file_digest,
     load_into,
@@ -276,6 +278,31 @@ def build_meta(
     }
 
 
+@contextlib.contextmanager
+def unchanged_checkpoint(step_dir: Path, remake: str) -> Iterator[None]:
+    """The block reads `step_dir` as one checkpoint: a `best` replaced meanwhile (its run still
+    training) would give one checkpoint's weights under another's step and digest, and `make
+    ensemble` would then take stale logits for fresh ones."""
+
+    def marker() -> bytes | None:
+        try:
+            return (step_dir / MARKER).read_bytes()
+        except FileNotFoundError:  # between mark_best's two renames
+            return None
+
+    before = marker()
+    try:
+        yield
+    except FileNotFoundError:
+        if marker() == before:
+            raise
+    if marker() != before:
+        raise UserError(
+            f"{step_dir} was replaced while it was read (its run is still training?); rerun "
+            f"`{remake}` once the run has ended"
+        )
+
+
 def checkpoint_meta(cfg: dict[str, Any], step_dir: Path, announce: str) -> dict[str, Any]:
     """The checkpoint's folder, step and epoch for meta.json; with `announce` (the command that
     trains the run), a warning when the run stopped before its last epoch (its best so far is
@@ -302,15 +329,16 @@ def checkpoint_meta(cfg: dict[str, Any], step_dir: Path, announce: str) -> dict[
 
 
 def logits_provenance(
-    cfg: dict[str, Any], layout: Layout, step_dir: Path, role: str, items: dict[str, list]
+    cfg: dict[str, Any], layout: Layout, step_dir: Path, digest: str | None, items: dict[str, list]
 ) -> dict[str, Any]:
-    """This command's provenance, the checkpoint's sha256, the training run's provenance (its
-    config.yaml) and the hash of each split's ids: what `make ensemble` checks members against."""
+    """This command's provenance, the sha256 of the weights it loaded, the training run's
+    provenance (its config.yaml) and the hash of each split's ids: what `make ensemble` checks
+    members against."""
     saved = run_dir(cfg) / "config.yaml"
     return {
         **provenance.record(cfg, layout.manifest),
         "checkpoint_dir": str(step_dir),
-        "checkpoint_sha256": file_digest(step_dir, weights_name(role)),
+        "checkpoint_sha256": digest,
         "training": read_provenance(saved) if saved.is_file() else {},
         "ids_sha256": {
             split: provenance.ids_hash([i[0] for i in rows]) for split, rows in items.items()
@@ -381,8 +409,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     accelerator = make_accelerator(cfg["mixed_precision"])
     train = make_command("train", args.model, args.overrides)
     step_dir = resolve_checkpoint(run_dir(cfg), args.checkpoint, train)
-    source_meta = checkpoint_meta(cfg, step_dir, train if accelerator.is_main_process else "")
-    model = load_model(cfg, step_dir, args.role, accelerator.device)
+    with unchanged_checkpoint(step_dir, make_command("logits", args.model, args.overrides)):
+        source_meta = checkpoint_meta(cfg, step_dir, train if accelerator.is_main_process else "")
+        model = load_model(cfg, step_dir, args.role, accelerator.device)
+        digest = file_digest(step_dir, weights_name(args.role))
     batch_size = args.batch_size or images_per_forward(cfg, view, accelerator.device)
     probs = {
         split: predict_split(accelerator, model, cfg, split_items, split, view, batch_size)
@@ -398,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta["rows"] = {split: len(split_items) for split, split_items in items.items()}
     meta.update(source_meta)
     meta["processes"] = accelerator.num_processes
-    meta["provenance"] = logits_provenance(cfg, layout, step_dir, args.role, items)
+    meta["provenance"] = logits_provenance(cfg, layout, step_dir, digest, items)
     if accelerator.is_main_process:
         write_outputs(
             logits_dir(cfg), write_split_arrays(items, probs, fusion[0], kept_dtype(args)), meta

@@ -70,15 +70,82 @@ def open_members(root: Path, names: list[str], overrides: Sequence[str] = ()) ->
     return members
 
 
+# The meta.json values that `make ensemble` and `make status` read, and what each must be when
+# present (older files may lack some; each reader has its default).
+META_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "run_dir": (str,),
+    "make_logits": (str,),
+    "checkpoint": (str,),
+    "role": (str,),
+    "view": (str,),
+    "data_dir": (str,),
+    "heldout_split": (str, type(None)),
+    "scores": (dict,),
+    "provenance": (dict, type(None)),
+}
+TOP1 = (int, float, type(None))
+SCORE_TYPES = {
+    "images": (int,),
+    "trained_on": (bool,),
+    "top1": TOP1,
+    "top1_tencrop": TOP1,
+    "top1_center": TOP1,
+}
+
+
 def read_meta(path: Path, remake: str) -> dict[str, Any]:
-    """A meta.json as a dict; a damaged one (cut short, edited by hand) is named in one line."""
+    """A meta.json as a dict; a damaged one (cut short, edited by hand: a value of another type,
+    a held-out split without its scores) is named in one line, before anything is written."""
     try:
         meta = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         meta = err
     if not isinstance(meta, dict):
         raise UserError(f"{path} cannot be read ({meta}); rerun `{remake}`")
+    problem = meta_problem(meta)
+    if problem:
+        raise UserError(f"{path}: {problem}; rerun `{remake}`")
     return meta
+
+
+def meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed meta.json's values, or None."""
+    problem = _type_problem({key: meta[key] for key in META_TYPES if key in meta}, META_TYPES)
+    if problem:
+        return problem
+    scores = meta.get("scores", {})
+    for split, score in scores.items():
+        if not isinstance(score, dict):
+            return f"scores.{split} is {json.dumps(score)}, not an object"
+        problem = _type_problem({k: score[k] for k in SCORE_TYPES if k in score}, SCORE_TYPES)
+        if problem:
+            return f"scores.{split}.{problem}"
+    held = meta.get("heldout_split")
+    if held is not None and held not in scores:
+        return f"heldout_split is {json.dumps(held)} but scores has no {json.dumps(held)}"
+    return None
+
+
+JSON_NAMES = {
+    str: "a string",
+    dict: "an object",
+    type(None): "null",
+    int: "a number",
+    float: "a number",
+    bool: "true or false",
+}
+
+
+def _type_problem(values: dict[str, Any], types: dict[str, tuple[type, ...]]) -> str | None:
+    for key, value in values.items():
+        # bool is an int to isinstance; a count or a top-1 given as true is still damage.
+        if not isinstance(value, types[key]) or (
+            isinstance(value, bool) and bool not in types[key]
+        ):
+            wanted = " or ".join(dict.fromkeys(JSON_NAMES[t] for t in types[key]))
+            return f"{key} is {json.dumps(value)}, not {wanted}"
+    return None
 
 
 def write_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -115,6 +182,18 @@ def _id_mismatch(path: Path, reference: np.ndarray, ids: np.ndarray) -> str | No
     return None
 
 
+def check_rows(path: Path, ids: np.ndarray, probs: np.ndarray) -> None:
+    """One row per id, no id twice, every row a probability distribution without NaN or inf;
+    else one line naming `path`."""
+    if probs.ndim != 2 or len(probs) != len(ids):
+        raise UserError(f"{path}: probs {probs.shape} do not hold one row per id")
+    if len(np.unique(ids)) != len(ids):
+        raise UserError(f"{path}: duplicate ids; rerun `make logits` for it")
+    if not np.isfinite(probs).all():
+        raise UserError(f"{path}: probabilities hold NaN or inf; rerun `make logits` for it")
+    _refuse_non_distributions(path, probs, ids)
+
+
 def _refuse_non_distributions(path: Path, probs: np.ndarray, ids: np.ndarray) -> None:
     """Every row must be non-negative and sum to 1 (float16 tolerance); name the first that
     is not, and how many are not."""
@@ -147,11 +226,7 @@ class SplitReader:
         keys = ("ids", "probs", "labels") if self.split == "val" else ("ids", "probs")
         arrays = read_npz(path, keys)
         probs = arrays["probs"]
-        if probs.ndim != 2 or len(probs) != len(arrays["ids"]):
-            raise UserError(f"{path}: probs {probs.shape} do not hold one row per id")
-        if not np.isfinite(probs).all():
-            raise UserError(f"{path}: probabilities hold NaN or inf; rerun `make logits` for it")
-        _refuse_non_distributions(path, probs, arrays["ids"])
+        check_rows(path, arrays["ids"], probs)
         if self.ids is None:
             self._set_reference(path, arrays)
         if probs.shape[1] != self.num_classes:
@@ -168,8 +243,6 @@ class SplitReader:
         return probs
 
     def _set_reference(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
-        if len(np.unique(arrays["ids"])) != len(arrays["ids"]):
-            raise UserError(f"{path}: duplicate ids; rerun `make logits` for it")
         self.ids, self.num_classes = arrays["ids"], arrays["probs"].shape[1]
         self.labels = arrays.get("labels")
 

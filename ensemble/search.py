@@ -32,7 +32,7 @@ import numpy as np
 
 from common.errors import UserError
 from common.metrics import correct, top1
-from ensemble.members import Member, read_npz
+from ensemble.members import Member, check_rows, read_npz
 
 GRID = (0.0, 0.5, 1.0, 2.0)
 Loader = Callable[[int], np.ndarray]  # member index -> float32 probabilities of the searched rows
@@ -129,8 +129,10 @@ def heldout_loader(members: list[Member], held: HeldOut, subset: np.ndarray) -> 
 
     def load(j: int) -> np.ndarray:
         member = members[j]
-        probs = read_npz(member.folder / held.files[member.name], ("probs",))["probs"]
-        return probs[held.rows[j][subset]].astype(np.float32)
+        path = member.folder / held.files[member.name]
+        arrays = read_npz(path, ("ids", "probs"))
+        check_rows(path, arrays["ids"], arrays["probs"])  # as val.npz and test.npz are checked
+        return arrays["probs"][held.rows[j][subset]].astype(np.float32)
 
     return load
 

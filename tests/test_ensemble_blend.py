@@ -187,8 +187,17 @@ def test_a_folder_without_meta_or_with_pickled_arrays_is_refused(tmp_path):
         blend_split(open_members(tmp_path, ["pickled"]), [1], "test")
 
 
-@pytest.mark.parametrize("text", ['{"heldout_split": "val", "sco', "[1, 2]"])
-def test_a_damaged_meta_json_is_named_in_one_line(tmp_path, text):
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"heldout_split": "val", "sco', " cannot be read ("),
+        ("[1, 2]", " cannot be read ("),
+        ('{"heldout_split": "val"}', ': heldout_split is "val" but scores has no "val"'),
+    ],
+)
+def test_a_damaged_meta_json_is_named_in_one_line_before_anything_is_written(
+    tmp_path, text, problem
+):
     rng = np.random.default_rng(5)
     folder = make_member(tmp_path, "cut", random_probs(rng, 24), random_probs(rng, 10))
     (folder / "meta.json").write_text(text)
@@ -196,8 +205,30 @@ def test_a_damaged_meta_json_is_named_in_one_line(tmp_path, text):
     proc = blend_command("--models", "cut", *out, check=False)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
-    assert f"{folder / 'meta.json'} cannot be read (" in line
+    assert f"{folder / 'meta.json'}{problem}" in line
     assert line.endswith("rerun `make logits MODEL=cut`")
+    assert not list((tmp_path / "out").glob("ensemble*"))
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ({"provenance": "x"}, 'provenance is "x", not an object or null'),
+        ({"scores": None}, "scores is null, not an object"),
+        ({"scores": {"val": {"images": True}}}, "scores.val.images is true, not a number"),
+        ({"scores": {"val": 3}}, "scores.val is 3, not an object"),
+    ],
+)
+def test_a_meta_json_value_of_another_type_is_named_with_its_key(tmp_path, values, problem):
+    rng = np.random.default_rng(5)
+    folder = make_member(tmp_path, "edited", random_probs(rng, 24), random_probs(rng, 10))
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, **values}))
+    with pytest.raises(UserError) as err:
+        open_members(tmp_path, ["edited"])
+    assert str(err.value) == (
+        f"{folder / 'meta.json'}: {problem}; rerun `make logits MODEL=edited`"
+    )
 
 
 def test_coordinate_ascent_drops_a_confidently_wrong_model():
@@ -259,6 +290,39 @@ def test_weights_are_chosen_on_held_out_images_never_on_the_val_the_members_trai
     weights, report = search_weights(open_members(tmp_path, list(members)))
     assert report["accepted"] and weights[2] < min(weights[:2])
     assert report["chosen_on"] == {"images": 40, "files": dict.fromkeys(members, "holdout.npz")}
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [("nan", "probabilities hold NaN or inf"), ("x1000", "sums to"), ("twice", "duplicate ids")],
+)
+def test_held_out_probabilities_are_checked_as_val_and_test_are(tmp_path, damage, message):
+    rng = np.random.default_rng(12)
+    ids, held = HELD_IDS.copy(), random_probs(rng, 40)
+    if damage == "nan":
+        held[5, 1] = np.nan
+    elif damage == "x1000":
+        held = held * 1000
+    else:
+        ids[1] = ids[0]
+    make_member(
+        tmp_path,
+        "a",
+        random_probs(rng, 24),
+        random_probs(rng, 10),
+        holdout=(HELD_IDS, random_probs(rng, 40), HELD_LABELS),
+    )
+    make_member(
+        tmp_path,
+        "b",
+        random_probs(rng, 24),
+        random_probs(rng, 10),
+        holdout=(ids, held, HELD_LABELS),
+    )
+    with pytest.raises(UserError) as err:
+        search_weights(open_members(tmp_path, ["a", "b"]))
+    assert str(err.value).startswith(f"{tmp_path / 'b' / 'holdout.npz'}: ")
+    assert message in str(err.value)
 
 
 def test_only_images_every_member_held_out_are_used_and_their_labels_must_agree(tmp_path):

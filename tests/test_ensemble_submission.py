@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from common.errors import UserError
-from ensemble.evaluate import score
+from ensemble.evaluate import require_submission_dataset, score
 from ensemble.submission import read_labels, validate_submission, write_submission
 from tests.conftest import run_command
 
@@ -185,6 +185,27 @@ def test_evaluate_command_checks_the_zip_that_is_uploaded(submission, labels_fil
     proc = run_command("-m", "ensemble.evaluate", str(bad), *labelled, check=False)
     assert proc.returncode == 2  # named by the zip the user has, not a temporary file
     assert proc.stderr.startswith(f"error: {bad}:mine.csv: 1 Predictions values are not integer")
+
+
+def test_labels_of_another_build_of_the_dataset_are_refused(submission, tmp_path):
+    """Fashion50 built with another seed: the same ids, other labels; the submission would
+    score near chance as a valid one."""
+    data = tmp_path / "fashion50"
+    data.mkdir()
+    labels = data / "test_labels.csv"
+    labels.write_text("Image IDs,label\nimg_0.JPEG,3\n")
+    (data / "manifest.json").write_text(json.dumps({"checksum": "b" * 64}))
+    report = {"members": {"m1": {"dataset_checksum": "a" * 64}, "m2": None}}
+    with pytest.raises(UserError) as err:
+        require_submission_dataset(submission, report, labels)
+    assert str(err.value) == (
+        f"{labels} belongs to {data} (manifest checksum bbbbbbbbbbbb), not the dataset "
+        f"{submission} was predicted on (aaaaaaaaaaaa); pass that dataset's labels, or rerun "
+        "`make logits` and `make ensemble` on this one"
+    )
+    report["members"]["m1"]["dataset_checksum"] = "b" * 64
+    require_submission_dataset(submission, report, labels)  # the same build: scored
+    require_submission_dataset(submission, {}, labels)  # no report: nothing to compare
 
 
 def test_evaluate_command_names_a_damaged_report_in_one_line(submission, labels_file):

@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from common.errors import UserError, user_message
-from ensemble.logits import choose_fusion_weight, write_outputs
+from ensemble.logits import choose_fusion_weight, unchanged_checkpoint, write_outputs
 from ensemble.members import open_members
+from train.checkpoint import mark_best
 from train.config import load_config
 from train.distributed import make_accelerator
 from train.inference import (
@@ -321,3 +322,30 @@ def test_logits_are_reused_only_when_made_as_asked_from_the_best_checkpoint_as_i
     (tmp_path / cfg["name"]).mkdir()
     (tmp_path / cfg["name"] / "meta.json").write_text(json.dumps({**meta, **change}))
     assert logits_current(cfg, **asked) is current
+
+
+def test_a_best_checkpoint_replaced_while_it_is_read_is_refused_in_one_line(tmp_path):
+    """make logits on a run still training: mark_best swaps `best` (two renames) between the
+    marker's read and the weights' read, or in the gap between its renames."""
+    for step in (1, 2):
+        folder = tmp_path / "checkpoints" / f"step_{step}"
+        folder.mkdir(parents=True)
+        (folder / "COMPLETE").write_text(f'{{"step": {step}}}')
+    mark_best(tmp_path, tmp_path / "checkpoints" / "step_1")
+    best = tmp_path / "checkpoints" / "best"
+    with unchanged_checkpoint(best, "make logits MODEL=m"):
+        (best / "COMPLETE").read_text()  # nothing replaced it: no error
+    with pytest.raises(UserError) as caught:
+        with unchanged_checkpoint(best, "make logits MODEL=m"):
+            mark_best(tmp_path, tmp_path / "checkpoints" / "step_2")
+    assert user_message(caught.value) == (
+        f"{best} was replaced while it was read (its run is still training?); rerun "
+        "`make logits MODEL=m` once the run has ended"
+    )
+    with pytest.raises(UserError, match="was replaced while it was read"):
+        with unchanged_checkpoint(best, "make logits MODEL=m"):
+            best.rename(best.with_name("best.old"))  # the gap between mark_best's renames
+            (best / "teacher.safetensors").read_bytes()
+    with pytest.raises(FileNotFoundError):  # a file missing from an unchanged folder is a bug
+        with unchanged_checkpoint(tmp_path / "checkpoints" / "step_2", "make logits MODEL=m"):
+            (tmp_path / "checkpoints" / "step_2" / "absent").read_bytes()
