@@ -187,6 +187,29 @@ def test_how_often_a_run_is_evaluated_never_changes_the_weights_it_computes(
     assert_bit_identical(final_state(uninterrupted), final_state(run))
 
 
+def test_a_kill_between_an_improved_epoch_s_save_and_its_best_mark_is_repaired_by_the_resume(
+    uninterrupted, tiny_dir, tmp_path
+):
+    """The state such a kill leaves: the newest checkpoint is the epoch that improved, `best`
+    still the epoch before (at the first improved epoch, no `best` at all)."""
+    metrics = pd.read_csv(uninterrupted / "metrics.csv")
+    best_step = int(metrics.loc[metrics["heldout_teacher"].idxmax(), "step"])
+    for earlier in ("step_000000010", None):
+        run = tmp_path / str(earlier) / "demo_resnet18"
+        shutil.copytree(uninterrupted, run)
+        checkpoints = run / "checkpoints"
+        shutil.rmtree(checkpoints / "best")
+        if earlier:
+            shutil.copytree(checkpoints / earlier, checkpoints / "best")
+        else:  # killed at epoch 1's end: nothing marked yet, nothing after it saved
+            for late in checkpoints.glob("step_*"):
+                if int(late.name[5:]) > 10:
+                    shutil.rmtree(late)
+        run_command("-m", "train", *train_args(tiny_dir, run.parent))
+        marked = json.loads((checkpoints / "best" / "COMPLETE").read_text())["step"]
+        assert marked == best_step, earlier
+
+
 def as_written_on_a_gpu(step_dir: Path) -> None:
     """Rewrite the checkpoint's state.pt as a GPU run leaves it, its optimiser state's storages
     tagged cuda:0 (the pickle's location strings), and reseal the marker's checksum."""

@@ -9,6 +9,7 @@ logits, a run started from another folder. Each through the real command on the 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import shlex
@@ -22,13 +23,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from common.errors import UserError
 from common.lock import holder
 from tests.conftest import NARROW, ROOT, run_command
 from train.config import load_config, run_dir
-from train.data import worker_death
+from train.data import ignore_stop_signals, kill_loader_workers, worker_death
 
 RUN = [
     "demo_resnet18",
@@ -127,10 +129,16 @@ def test_a_truncated_image_in_a_loader_worker_ends_make_train_with_one_line_and_
 def test_a_run_whose_losses_stay_non_finite_stops_after_max_nonfinite_with_one_line(
     tiny_dir, tmp_path
 ):
-    # lr=1e30: the first update blows the weights up, every forward after it overflows.
-    args = args_for(tiny_dir, tmp_path, "epochs=1", "lr=1e30", "max_nonfinite=3")
+    # lr=1e30: the first update blows the weights up, every forward after it overflows. A
+    # checkpoint is due at every step, yet none is written among the skipped ones.
+    args = args_for(
+        tiny_dir, tmp_path, "epochs=1", "lr=1e30", "max_nonfinite=3", "ckpt_every_steps=1"
+    )
     code, out, err = finish(start(args))
     assert code == 2, out + err
+    last = int(re.search(r"step (\d+);", err).group(1))  # the third skipped step
+    saved = [int(p.name[5:]) for p in (tmp_path / "demo_resnet18" / "checkpoints").glob("step_*")]
+    assert saved and max(saved) < last - 2, (saved, last)  # the finite steps' only
     message = (
         r"error: 3 optimiser steps in a row skipped for a non-finite loss at epoch 1, step \d+; "
         r"no checkpoint written after them\. Lower lr, enable grad_clip, or use mixed_precision=no"
@@ -177,6 +185,28 @@ def test_a_loader_worker_dead_of_a_bus_error_is_named_a_lack_of_shared_memory():
         "its newest checkpoint"
     )
     assert worker_death(RuntimeError("CUDA error: out of memory")) is None
+
+
+def test_the_workers_killed_at_exit_are_the_loader_s_and_no_other_child_of_the_process():
+    """`train()` called from a notebook: the notebook's own processes outlive the run."""
+    own = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    own.start()
+    loader = torch.utils.data.DataLoader(
+        range(8), num_workers=1, persistent_workers=True, worker_init_fn=ignore_stop_signals
+    )
+    next(iter(loader))
+    (worker,) = [p for p in multiprocessing.active_children() if p.pid != own.pid]
+    # torch's SIGCHLD handler would report the kill as a crashed worker, as at exit.
+    handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        kill_loader_workers()
+        worker.join(10)
+        assert worker.exitcode == -signal.SIGKILL
+        assert own.is_alive()
+    finally:
+        own.kill()
+        own.join()
+        signal.signal(signal.SIGCHLD, handler)
 
 
 @pytest.mark.slow
@@ -573,6 +603,28 @@ def test_closing_a_stop_request_after_a_stop_signal_cancels_its_clock():
     time.sleep(1.0)  # beyond timeout_s: still alive, and the handler given back
     assert signal.getsignal(signal.SIGUSR1) == previous
     assert not stop._watchdog.is_alive()
+
+
+def test_a_run_s_request_closed_after_a_stop_hands_its_clock_to_the_enclosing_one():
+    """`python -m train` after its run returned: a tracker's flush that hangs, or the next
+    `batch_size: auto` attempt, is held to the stop's deadline, not left without one."""
+    code = (
+        "import os, signal, time\n"
+        "from train.stop import StopRequest\n"
+        "outer = StopRequest(timeout_s=60)\n"
+        "run = StopRequest(timeout_s=0.5)\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
+        "run.close()\n"
+        "time.sleep(30)  # hangs after the run\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 75, proc.stderr
+    assert proc.stderr.startswith("error: the process did not end within stop_timeout_s=60 s")
+    assert time.monotonic() - started < 15  # the run's 0.5 s, not the outer's 60 or the sleep
 
 
 def test_a_first_ctrl_c_is_a_stop_and_a_second_one_interrupts_at_once(capfd):

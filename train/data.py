@@ -82,9 +82,23 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def kill_loader_workers() -> None:
-    """SIGKILL this process's DataLoader workers (they ignore SIGTERM; they only read images)."""
+    """SIGKILL this process's DataLoader workers: the children that ignore SIGTERM (they only
+    read images), on which multiprocessing's exit handler would wait forever. Other children,
+    a notebook's own processes beside an in-process `train()`, are left alone."""
     for child in multiprocessing.active_children():
-        child.kill()
+        if ignores_sigterm(child.pid):
+            child.kill()
+
+
+def ignores_sigterm(pid: int | None) -> bool:
+    """Whether process `pid` ignores SIGTERM (Linux: /proc's SigIgn mask); True where that
+    cannot be read, as a worker may."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            mask = next(line for line in status if line.startswith("SigIgn:")).split()[1]
+    except (OSError, StopIteration):
+        return True
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
 
 
 def _kill_workers_at_exit() -> None:

@@ -178,6 +178,7 @@ class Run:
         self.nonfinite_run, self.skipped = 0, 0
         self.best, self.history = -math.inf, []
         self.saved_at = time.monotonic()  # of the last checkpoint (or the start)
+        self.saved_step: int | None = None  # of the newest checkpoint, once there is one
         self.save_due = False  # ckpt_every_minutes have passed, on some process
         self.sums = self._zero_sums()  # SUM_COLUMNS summed over the epoch's finite micro-steps
 
@@ -199,7 +200,7 @@ class Run:
         }
 
     def save(self) -> Path | None:
-        self.saved_at = time.monotonic()
+        self.saved_at, self.saved_step = time.monotonic(), self.global_step
         weights = {
             "student": plain_module(self.acc, self.model).state_dict(),
             "teacher": self.teacher.module.state_dict(),
@@ -257,6 +258,7 @@ class Run:
         if self.acc.scaler is not None and state["scaler"]:
             self.acc.scaler.load_state_dict(state["scaler"])
         self.epoch, self.micro, self.global_step = state["position"]
+        self.saved_step = self.global_step
         self.nonfinite_run, self.skipped = state["nonfinite"]
         self.best, self.history = state["best"], state["history"]
         self.sums = state["sums"].to(self.acc.device)
@@ -271,8 +273,31 @@ class Run:
         set_rng_state(rng)
         if changed:  # the lr at the saved position of the schedule now in use
             self.scheduler.step_update(num_updates=self.global_step)
+        if self.acc.is_main_process and self._is_best_epoch_end():
+            self._mark_best_again(step_dir)
         self.acc.print(f"resumed from {step_dir} (epoch {self.epoch}, step {self.global_step})")
         return True
+
+    def _is_best_epoch_end(self) -> bool:
+        """Whether the resumed checkpoint is an epoch end that `best` copies: the first to reach
+        the best held-out score, or without held-out images the newest epoch end."""
+        if self.micro or not self.history or self.history[-1].get("step") != self.global_step:
+            return False
+        if not self.eval_items:
+            return True
+        scores = [row.get(score_column(self.cfg)) for row in self.history]
+        earlier = [s for s in scores[:-1] if s is not None and not math.isnan(s)]
+        return scores[-1] == self.best and all(s < self.best for s in earlier)
+
+    def _mark_best_again(self, step_dir: Path) -> None:
+        """A kill between an improved epoch's save and its mark_best leaves `best` an epoch
+        behind, and the resumed score stops any later epoch from marking it: mark it now."""
+        try:
+            marked = ckpt.checkpoint_info(ckpt.checkpoint_root(self.dir) / "best")["step"]
+        except (OSError, ValueError):  # no best yet: the kill came at the first improved epoch
+            marked = None
+        if marked != self.global_step:
+            ckpt.mark_best(self.dir, step_dir)
 
     def _load_optimizer(self, state: dict[str, Any], changed: list[str]) -> None:
         """The optimiser's moments; with a config change allowed, the hyperparameters (weight
@@ -386,10 +411,17 @@ class Run:
         self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
         self.skipped += skipped
         if self.nonfinite_run >= self.cfg["max_nonfinite"]:
+            first = self.global_step - self.nonfinite_run + 1
+            among = self.saved_step is not None and self.saved_step >= first
             raise UserError(
                 f"{self.nonfinite_run} optimiser steps in a row skipped for a non-finite loss at "
-                f"epoch {self.epoch + 1}, step {self.global_step}; no checkpoint written after "
-                "them. Lower lr, enable grad_clip, or use mixed_precision=no"
+                f"epoch {self.epoch + 1}, step {self.global_step}; "
+                + (
+                    f"the newest checkpoint (step {self.saved_step}) is among them"
+                    if among
+                    else "no checkpoint written after them"
+                )
+                + ". Lower lr, enable grad_clip, or use mixed_precision=no"
             )
 
     def _zero_sums(self) -> torch.Tensor:
@@ -400,7 +432,8 @@ class Run:
         every = self.cfg["ckpt_every_steps"]
         last_of_epoch = self.micro == self.sampler.steps
         by_steps = every > 0 and self.global_step % every == 0
-        return (by_steps or self.save_due) and not last_of_epoch
+        # Not inside a stretch of skipped steps: a resume would start in it (a stop still saves).
+        return (by_steps or self.save_due) and not last_of_epoch and not self.nonfinite_run
 
     def _minutes_due(self) -> bool:
         """This process's clock only: the step's reduction turns it into `save_due` for all."""
@@ -438,7 +471,8 @@ class Run:
         # An epoch end is saved when it is the best so far, the last, or a save is due by time:
         # a checkpoint costs a full write and hash of both networks (about 1 s at ResNet-18).
         last = self.epoch == cfg["epochs"]
-        step_dir = self.save() if improved or last or self.save_due else None
+        timed = self.save_due and not self.nonfinite_run  # as _checkpoint_due
+        step_dir = self.save() if improved or last or timed else None
         if self.acc.is_main_process:
             # Without held-out images there is nothing to choose on: the newest is the best.
             if step_dir is not None and (improved or not self.eval_items):

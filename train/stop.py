@@ -14,7 +14,9 @@ wake-up pipe (`signal.set_wakeup_fd`); a watchdog thread reads it and keeps the 
 
 A run started from Python (a notebook, a sweep driver, the tests) must leave the process as it
 found it: `close()` (or the end of a `with` block) puts back the previous handlers and wake-up
-fd and ends the watchdog, whose clock, if running, is cancelled.
+fd and ends the watchdog, whose clock, if running, is cancelled, or handed to the enclosing
+request when one is open: what runs after the run (a tracker's flush, the next `batch_size:
+auto` attempt) is held to the same deadline.
 
 `python -m train` holds a request of its own around the whole run, opened before torch is
 imported: a stop that comes before the run's request exists (train.launch relays one as soon as
@@ -61,6 +63,8 @@ class StopRequest:
     def __init__(self, timeout_s: float) -> None:
         self.requested = any(request.requested for request in _open)
         self.timeout_s = timeout_s
+        self.deadline: float | None = None  # set when a stop signal starts the clock
+        self._inherited: float | None = None  # a closed inner request's deadline
         self._closed = threading.Event()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         self._read_fd, self._write_fd = os.pipe()
@@ -96,6 +100,27 @@ class StopRequest:
         self._watchdog.join()
         os.close(self._write_fd)
         os.close(self._read_fd)
+        if self.deadline is not None and _open:
+            _open[-1]._keep_clock(self.deadline)
+
+    def _late_message(self) -> str:
+        if self._inherited is not None:  # the run's request closed: what followed it hangs
+            return (
+                f"error: the process did not end within stop_timeout_s={self.timeout_s:g} s of "
+                "the stop signal (what ran after the run, a tracker's flush or another process, "
+                "hangs); exiting: a rerun resumes from the newest checkpoint\n"
+            )
+        return (
+            f"error: no checkpoint within stop_timeout_s={self.timeout_s:g} s of the stop "
+            "signal (a data loader worker or another process hangs); exiting without one: a "
+            "rerun resumes from the newest checkpoint\n"
+        )
+
+    def _keep_clock(self, deadline: float) -> None:
+        """Run the clock of a closed inner request to its deadline (or this one's, if sooner)."""
+        self._inherited = deadline
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._write_fd, bytes([STOP_SIGNALS[0]]))
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
@@ -112,15 +137,13 @@ class StopRequest:
             if self._closed.is_set():
                 return  # closed before any stop signal
         deadline = time.monotonic() + self.timeout_s
+        if self._inherited is not None:
+            deadline = min(deadline, self._inherited)
+        self.deadline = deadline
         while not self._closed.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
-                _exit(
-                    f"error: no checkpoint within stop_timeout_s={self.timeout_s:g} s of the "
-                    "stop signal (a data loader worker or another process hangs); exiting "
-                    "without one: a rerun resumes from the newest checkpoint\n",
-                    EXIT_PREEMPTED,
-                )
+                _exit(self._late_message(), EXIT_PREEMPTED)
             if not select.select([self._read_fd], [], [], left)[0]:
                 continue
             if signal.SIGINT in os.read(self._read_fd, 64) and not self._closed.wait(GRACE_S):
