@@ -605,6 +605,17 @@ def test_closing_a_stop_request_after_a_stop_signal_cancels_its_clock():
     assert not stop._watchdog.is_alive()
 
 
+def python_code(code: str) -> tuple[subprocess.CompletedProcess, float]:
+    """`code` run by a fresh interpreter from the repository (signals of its own to take), and
+    the seconds it took."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    return proc, time.monotonic() - started
+
+
 def test_a_run_s_request_closed_after_a_stop_hands_its_clock_to_the_enclosing_one():
     """`python -m train` after its run returned: a tracker's flush that hangs, or the next
     `batch_size: auto` attempt, is held to the stop's deadline, not left without one."""
@@ -617,14 +628,10 @@ def test_a_run_s_request_closed_after_a_stop_hands_its_clock_to_the_enclosing_on
         "run.close()\n"
         "time.sleep(30)  # hangs after the run\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    proc, seconds = python_code(code)
     assert proc.returncode == 75, proc.stderr
     assert proc.stderr.startswith("error: the process did not end within stop_timeout_s=60 s")
-    assert time.monotonic() - started < 15  # the run's 0.5 s, not the outer's 60 or the sleep
+    assert seconds < 15  # the run's 0.5 s, not the outer's 60 or the sleep
 
 
 def test_a_first_ctrl_c_is_a_stop_and_a_second_one_interrupts_at_once(capfd):
@@ -652,14 +659,10 @@ def test_a_second_ctrl_c_ends_a_process_whose_main_thread_cannot_take_it():
         "    os.write(stop._write_fd, bytes([signal.SIGINT])); time.sleep(0.3)\n"
         "time.sleep(60)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    proc, seconds = python_code(code)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "Ctrl-C again: quitting without a checkpoint\n"
-    assert time.monotonic() - started < 30
+    assert seconds < 30
 
 
 @pytest.mark.slow
@@ -690,9 +693,6 @@ def test_a_stop_before_the_run_marks_the_next_request_and_starts_its_clock():
         "print(outer.requested, run.requested, 'torch' in sys.modules, flush=True)\n"
         "time.sleep(60)  # never closed: the run's watchdog ends the process\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    proc, _ = python_code(code)
     assert proc.stdout.split() == ["True", "True", "False"]
     assert proc.returncode == 75 and "no checkpoint within stop_timeout_s=0.3 s" in proc.stderr
