@@ -90,7 +90,7 @@ def require_submission_dataset(submission: Path, report: dict[str, Any], labels:
     """Labels of another build of the dataset (another seed keeps the ids, not the labels) would
     score the submission as valid: refused when the labels sit in a dataset folder and the report
     names the dataset the members predicted (its checksum)."""
-    members = report.get("members")
+    members = (report.get("provenance") or {}).get("members")  # as make ensemble writes it
     records = members.values() if isinstance(members, dict) else []
     made_on = {r.get("dataset_checksum") for r in records if isinstance(r, dict)} - {None}
     layout = Layout(labels.parent)

@@ -269,6 +269,16 @@ def test_logits_then_ensemble_then_evaluate(world, logits_0):
     labels = pd.read_csv(world["data"] / "test_labels.csv")
     right = int((labels["label"].to_numpy() == frame["Predictions"].to_numpy()).sum())
     assert f"({right}/6) against {world['data'] / 'test_labels.csv'}" in proc.stdout
+    # Labels of another build (its manifest's checksum not the members'): refused.
+    other = base / "other_build"
+    other.mkdir()
+    shutil.copy(world["data"] / "test_labels.csv", other)
+    (other / "manifest.json").write_text(json.dumps({"checksum": "0" * 64}))
+    proc = run_command(
+        "-m", "ensemble.evaluate", str(subs / "pair.csv"), "--data", str(other), check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {other / 'test_labels.csv'} belongs to {other}")
 
 
 # ---- train+val runs: what the fusion weight and the ensemble weights are chosen on -------------

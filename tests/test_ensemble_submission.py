@@ -195,7 +195,7 @@ def test_labels_of_another_build_of_the_dataset_are_refused(submission, tmp_path
     labels = data / "test_labels.csv"
     labels.write_text("Image IDs,label\nimg_0.JPEG,3\n")
     (data / "manifest.json").write_text(json.dumps({"checksum": "b" * 64}))
-    report = {"members": {"m1": {"dataset_checksum": "a" * 64}, "m2": None}}
+    report = {"provenance": {"members": {"m1": {"dataset_checksum": "a" * 64}, "m2": None}}}
     with pytest.raises(UserError) as err:
         require_submission_dataset(submission, report, labels)
     assert str(err.value) == (
@@ -203,7 +203,7 @@ def test_labels_of_another_build_of_the_dataset_are_refused(submission, tmp_path
         f"{submission} was predicted on (aaaaaaaaaaaa); pass that dataset's labels, or rerun "
         "`make logits` and `make ensemble` on this one"
     )
-    report["members"]["m1"]["dataset_checksum"] = "b" * 64
+    report["provenance"]["members"]["m1"]["dataset_checksum"] = "b" * 64
     require_submission_dataset(submission, report, labels)  # the same build: scored
     require_submission_dataset(submission, {}, labels)  # no report: nothing to compare
 
