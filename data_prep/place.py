@@ -59,9 +59,9 @@ def place(src: Path, dst: Path, mode: str) -> str:
 
 def _place(src: Path, dst: Path, mode: str) -> str:
     if mode == "copy":
-        if dst.exists() and not dst.is_symlink() and dst.stat().st_nlink == 1:
+        if dst.exists() and not dst.is_symlink() and not same_file(src, dst):
             return "kept"
-        # Over a symlink or a hard link of an earlier build too (a rename): a copy shares no
+        # Over a symlink or an earlier link build's hard link too (a rename): a copy shares no
         # bytes with the originals, so they can be edited or deleted.
         return copy_file(src, dst)
     try:
@@ -83,6 +83,15 @@ def _place(src: Path, dst: Path, mode: str) -> str:
         if mode == "link" and err.errno in LINK_FALLBACK:
             return _place(src, dst, "copy")
         raise
+
+
+def same_file(src: Path, dst: Path) -> bool:
+    """Whether `dst` is `src` itself (a hard link: one inode); a backup tool's hard links of a
+    copy, or a source gone, are not."""
+    try:
+        return os.path.samefile(src, dst)
+    except OSError:
+        return False
 
 
 def placed_by(dst: Path, src: Path, mode: str) -> bool:

@@ -127,11 +127,15 @@ def common_heldout(members: list[Member]) -> HeldOut | str:
 def heldout_loader(members: list[Member], held: HeldOut, subset: np.ndarray) -> Loader:
     """Member index -> its float32 probabilities of the held-out rows `subset`."""
 
+    checked: set[int] = set()
+
     def load(j: int) -> np.ndarray:
         member = members[j]
         path = member.folder / held.files[member.name]
         arrays = read_npz(path, ("ids", "probs"))
-        check_rows(path, arrays["ids"], arrays["probs"])  # as val.npz and test.npz are checked
+        if j not in checked:  # once per member, as val.npz and test.npz are checked
+            check_rows(path, arrays["ids"], arrays["probs"])
+            checked.add(j)
         return arrays["probs"][held.rows[j][subset]].astype(np.float32)
 
     return load

@@ -283,6 +283,11 @@ def test_a_rebuild_in_copy_mode_over_a_link_build_shares_no_bytes_with_the_origi
     assert [rel for rel in mini.expected_files() if (out / rel).stat().st_nlink > 1] == []
     assert manifest(out)["inputs"]["placed"] == {"files": 1 + images}
     assert manifest(out)["checksum"] == manifest(linked)["checksum"]
+    # A backup tool's hard links of the copies (rsnapshot, cp -al) are not the originals: kept.
+    shutil.copytree(out, tmp_path / "backup", copy_function=os.link)
+    build(mini.root, out, "--mode", "copy")
+    for rel in mini.expected_files():
+        assert os.path.samefile(out / rel, tmp_path / "backup" / rel), rel
 
 
 @pytest.mark.parametrize("old_copy", ["moved", "kept"])
