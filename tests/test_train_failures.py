@@ -148,6 +148,27 @@ def test_a_run_whose_losses_stay_non_finite_stops_after_max_nonfinite_with_one_l
     assert [line for line in re.split(r"[\r\n]", err) if line.strip()][-1] == errors(err)[0]
 
 
+def test_a_checkpoint_point_inside_a_stretch_of_skipped_steps_is_taken_after_it():
+    """ckpt_every_steps=3: step 3 is skipped (non-finite), so its checkpoint waits for step 4,
+    the first finite one; step 6 is due as usual."""
+    from types import SimpleNamespace
+
+    from train.run import Run
+
+    loop = SimpleNamespace(
+        cfg={"ckpt_every_steps": 3}, micro=1, sampler=SimpleNamespace(steps=50), save_due=False
+    )
+    loop.steps_missed = False
+    due = []
+    for step, skipped in [(2, 0), (3, 1), (4, 0), (5, 0)]:
+        loop.global_step, loop.nonfinite_run = step, skipped
+        due.append(Run._checkpoint_due(loop))
+        if due[-1]:
+            loop.steps_missed = False  # as save() does
+    loop.global_step, loop.nonfinite_run = 6, 0
+    assert due == [False, False, True, False] and Run._checkpoint_due(loop)
+
+
 @pytest.mark.slow
 def test_a_loader_worker_killed_by_the_kernel_ends_the_run_with_one_line_and_status_2(
     data, tmp_path
@@ -616,21 +637,25 @@ def python_code(code: str) -> tuple[subprocess.CompletedProcess, float]:
     return proc, time.monotonic() - started
 
 
-def test_a_run_s_request_closed_after_a_stop_hands_its_clock_to_the_enclosing_one():
+@pytest.mark.parametrize("stopped", ["during the run", "before the run"])
+def test_a_run_s_request_closed_after_a_stop_hands_its_clock_to_the_enclosing_one(stopped):
     """`python -m train` after its run returned: a tracker's flush that hangs, or the next
-    `batch_size: auto` attempt, is held to the stop's deadline, not left without one."""
+    `batch_size: auto` attempt, is held to the stop's deadline, not left without one (when
+    the outer clock already runs too: the sooner deadline)."""
+    stop = "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
     code = (
         "import os, signal, time\n"
         "from train.stop import StopRequest\n"
         "outer = StopRequest(timeout_s=60)\n"
-        "run = StopRequest(timeout_s=0.5)\n"
-        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
-        "run.close()\n"
+        + (stop if stopped == "before the run" else "")
+        + "run = StopRequest(timeout_s=0.5)\n"
+        + (stop if stopped == "during the run" else "")
+        + "run.close()\n"
         "time.sleep(30)  # hangs after the run\n"
     )
     proc, seconds = python_code(code)
     assert proc.returncode == 75, proc.stderr
-    assert proc.stderr.startswith("error: the process did not end within stop_timeout_s=60 s")
+    assert proc.stderr.startswith("error: the process did not end within stop_timeout_s=0.5 s")
     assert seconds < 15  # the run's 0.5 s, not the outer's 60 or the sleep
 
 

@@ -13,6 +13,7 @@ process holds `runs/<name>/train.lock` for the whole run.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -179,6 +180,7 @@ class Run:
         self.best, self.history = -math.inf, []
         self.saved_at = time.monotonic()  # of the last checkpoint (or the start)
         self.saved_step: int | None = None  # of the newest checkpoint, once there is one
+        self.steps_missed = False  # a ckpt_every_steps point fell in a stretch of skipped steps
         self.save_due = False  # ckpt_every_minutes have passed, on some process
         self.sums = self._zero_sums()  # SUM_COLUMNS summed over the epoch's finite micro-steps
 
@@ -201,6 +203,7 @@ class Run:
 
     def save(self) -> Path | None:
         self.saved_at, self.saved_step = time.monotonic(), self.global_step
+        self.steps_missed = False
         weights = {
             "student": plain_module(self.acc, self.model).state_dict(),
             "teacher": self.teacher.module.state_dict(),
@@ -292,9 +295,10 @@ class Run:
     def _mark_best_again(self, step_dir: Path) -> None:
         """A kill between an improved epoch's save and its mark_best leaves `best` an epoch
         behind, and the resumed score stops any later epoch from marking it: mark it now."""
+        marker = ckpt.checkpoint_root(self.dir) / "best" / ckpt.MARKER
         try:
-            marked = ckpt.checkpoint_info(ckpt.checkpoint_root(self.dir) / "best")["step"]
-        except (OSError, ValueError):  # no best yet: the kill came at the first improved epoch
+            marked = json.loads(marker.read_text()).get("step")
+        except (OSError, ValueError, AttributeError):  # no best yet (the first improved epoch)
             marked = None
         if marked != self.global_step:
             ckpt.mark_best(self.dir, step_dir)
@@ -432,8 +436,11 @@ class Run:
         every = self.cfg["ckpt_every_steps"]
         last_of_epoch = self.micro == self.sampler.steps
         by_steps = every > 0 and self.global_step % every == 0
-        # Not inside a stretch of skipped steps: a resume would start in it (a stop still saves).
-        return (by_steps or self.save_due) and not last_of_epoch and not self.nonfinite_run
+        # Not inside a stretch of skipped steps: a resume would start in it (a stop still saves);
+        # a step point missed there is taken at the first finite step after it.
+        self.steps_missed |= by_steps and bool(self.nonfinite_run)
+        due = by_steps or self.steps_missed or self.save_due
+        return due and not last_of_epoch and not self.nonfinite_run
 
     def _minutes_due(self) -> bool:
         """This process's clock only: the step's reduction turns it into `save_due` for all."""

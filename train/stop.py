@@ -54,6 +54,15 @@ CTRL_C = (
     "without one)"
 )
 _open: list[StopRequest] = []  # the requests now open, outermost first
+NO_CHECKPOINT = (
+    "error: no checkpoint within stop_timeout_s={:g} s of the stop signal (a data loader worker "
+    "or another process hangs); exiting without one: a rerun resumes from the newest checkpoint\n"
+)
+AFTER_THE_RUN = (
+    "error: the process did not end within stop_timeout_s={:g} s of the stop signal (what ran "
+    "after the run, a tracker's flush or another process, hangs); exiting: a rerun resumes from "
+    "the newest checkpoint\n"
+)
 
 
 class StopRequest:
@@ -63,8 +72,8 @@ class StopRequest:
     def __init__(self, timeout_s: float) -> None:
         self.requested = any(request.requested for request in _open)
         self.timeout_s = timeout_s
-        self.deadline: float | None = None  # set when a stop signal starts the clock
-        self._inherited: float | None = None  # a closed inner request's deadline
+        self._started: float | None = None  # when a stop signal started the clock
+        self._inherited: tuple[float, str] | None = None  # a closed inner request's clock
         self._closed = threading.Event()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         self._read_fd, self._write_fd = os.pipe()
@@ -100,26 +109,22 @@ class StopRequest:
         self._watchdog.join()
         os.close(self._write_fd)
         os.close(self._read_fd)
-        if self.deadline is not None and _open:
-            _open[-1]._keep_clock(self.deadline)
+        clock = self._clock()
+        if clock is not None and _open:
+            _open[-1]._keep_clock(clock[0], self.timeout_s)
 
-    def _late_message(self) -> str:
-        if self._inherited is not None:  # the run's request closed: what followed it hangs
-            return (
-                f"error: the process did not end within stop_timeout_s={self.timeout_s:g} s of "
-                "the stop signal (what ran after the run, a tracker's flush or another process, "
-                "hangs); exiting: a rerun resumes from the newest checkpoint\n"
-            )
-        return (
-            f"error: no checkpoint within stop_timeout_s={self.timeout_s:g} s of the stop "
-            "signal (a data loader worker or another process hangs); exiting without one: a "
-            "rerun resumes from the newest checkpoint\n"
-        )
+    def _clock(self) -> tuple[float, str] | None:
+        """When the clock runs out and the line the process then exits with; None before a stop
+        signal started it."""
+        if self._started is None:
+            return None
+        own = (self._started + self.timeout_s, NO_CHECKPOINT.format(self.timeout_s))
+        return own if self._inherited is None else min(own, self._inherited)
 
-    def _keep_clock(self, deadline: float) -> None:
+    def _keep_clock(self, deadline: float, timeout_s: float) -> None:
         """Run the clock of a closed inner request to its deadline (or this one's, if sooner)."""
-        self._inherited = deadline
-        with contextlib.suppress(BlockingIOError):
+        self._inherited = (deadline, AFTER_THE_RUN.format(timeout_s))
+        with contextlib.suppress(BlockingIOError):  # wakes the watchdog, starting its clock
             os.write(self._write_fd, bytes([STOP_SIGNALS[0]]))
 
     def _handle(self, signum, frame) -> None:
@@ -136,14 +141,12 @@ class StopRequest:
         while not any(byte in STOP_SIGNALS for byte in os.read(self._read_fd, 64)):
             if self._closed.is_set():
                 return  # closed before any stop signal
-        deadline = time.monotonic() + self.timeout_s
-        if self._inherited is not None:
-            deadline = min(deadline, self._inherited)
-        self.deadline = deadline
+        self._started = time.monotonic()
         while not self._closed.is_set():
+            deadline, late = self._clock()  # again at each wake: an inner clock may be handed in
             left = deadline - time.monotonic()
             if left <= 0:
-                _exit(self._late_message(), EXIT_PREEMPTED)
+                _exit(late, EXIT_PREEMPTED)
             if not select.select([self._read_fd], [], [], left)[0]:
                 continue
             if signal.SIGINT in os.read(self._read_fd, 64) and not self._closed.wait(GRACE_S):
