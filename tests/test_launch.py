@@ -369,6 +369,53 @@ def stop_two_process_launch(tmp_path, args: list[str], stop) -> tuple[int, str, 
     return proc.returncode, output, time.monotonic() - stopped
 
 
+FULL_ON_RANK_1 = """
+import errno, os
+
+import train.checkpoint as checkpoint
+
+_save = checkpoint._save_tensor_file
+
+
+def save(path, obj):  # the second process's disk fills at its first checkpoint's RNG file
+    if os.environ.get("RANK") == "1" and path.name == "rng_rank1.pt":
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    _save(path, obj)
+
+
+checkpoint._save_tensor_file = save
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_one_process_stops_every_process_with_its_line(tiny_dir, tmp_path):
+    """The failing process alone raising left the other in the next collective until the
+    launcher's timeout (and its cleanup removed the folder the main process was writing in)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(FULL_ON_RANK_1)
+    out = tmp_path / "out"
+    args = [*TWO_PROCESS_RUN, f"data_dir={tiny_dir}", f"out_dir={out}", "ckpt_every_steps=2"]
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.launch", "--num_processes", "2", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert time.monotonic() - started < 150  # not a collective's timeout
+    checkpoints = out / "demo_resnet18" / "checkpoints"
+    # (torchrun's agent then prints its own report of a worker's non-zero exit)
+    [line] = {line for line in proc.stderr.splitlines() if line.startswith("error: ")}
+    assert line.startswith(
+        f"error: no space left in {checkpoints} for checkpoint step 2 (No space left on device); "
+    ), proc.stderr
+    assert list(checkpoints.iterdir()) == []  # the partial folder removed, nothing sealed
+
+
 def assert_stopped_with_a_checkpoint(code: int, output: str, seconds: float, run) -> None:
     assert code == 75, output
     assert seconds > GRACE_S + 5  # the checkpoint outlasted the agent's grace

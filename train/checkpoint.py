@@ -18,10 +18,12 @@ import io
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -85,7 +87,10 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int,
 ) -> Path | None:
-    """Write checkpoint `step` from every process; return its folder on the main process."""
+    """Write checkpoint `step` from every process; return its folder on the main process.
+    A failure on any process (a full disk, another node's files missing) is every process's:
+    one raising alone would leave the others waiting in the next collective for the launcher's
+    timeout, and one removing the folder would pull it from under the others' writes."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:09d}"
     tmp = root / f"step_{step:09d}.tmp"
@@ -94,28 +99,56 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    try:
-        _write_files(accelerator, tmp, weights, state)
+    need = (tensor_bytes(weights) + tensor_bytes(state)) / 1e6
+
+    def seal() -> None:
+        files = {name: _sha256(tmp / name) for name in _sealed(tmp, accelerator.num_processes)}
+        meta = {"step": step, "world_size": accelerator.num_processes, "files": files}
+        write_text_atomic(tmp / MARKER, json.dumps({**meta, **_progress(state)}, indent=1))
+
+    written = _failure(lambda: _write_files(accelerator, tmp, weights, state), root, step, need)
+    failure = _first_failure(accelerator, written)
+    if failure is None and accelerator.is_main_process:
+        failure = _failure(seal, root, step, need)
+    failure = _first_failure(accelerator, failure)
+    if failure is not None:
         if accelerator.is_main_process:
-            files = {name: _sha256(tmp / name) for name in _sealed(tmp, accelerator.num_processes)}
-            meta = {"step": step, "world_size": accelerator.num_processes, "files": files}
-            write_text_atomic(tmp / MARKER, json.dumps({**meta, **_progress(state)}, indent=1))
-    except OSError as err:
-        if err.errno not in DISK_FULL:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        need = (tensor_bytes(weights) + tensor_bytes(state)) / 1e6
-        raise UserError(
-            f"no space left in {root} for checkpoint step {step} ({err.strerror}); a checkpoint "
-            f"needs about {need:,.0f} MB there: free space or set out_dir= to a disk with room, "
-            "then rerun: it resumes from the newest complete checkpoint"
-        ) from None
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(failure)
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _retain(root, keep_last)
     accelerator.wait_for_everyone()
     return final if accelerator.is_main_process else None
+
+
+def _failure(action: Callable[[], Any], root: Path, step: int, need: float) -> str | None:
+    """The line `action`'s failure is reported with (a full disk: the room a checkpoint needs),
+    or None when it worked."""
+    try:
+        action()
+    except UserError as err:
+        return str(err)
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            return (
+                f"no space left in {root} for checkpoint step {step} ({err.strerror}); a "
+                f"checkpoint needs about {need:,.0f} MB there: free space or set out_dir= to a "
+                "disk with room, then rerun: it resumes from the newest complete checkpoint"
+            )
+        return (
+            f"cannot write checkpoint step {step} in {root} ({err.strerror or err}); fix the "
+            "disk, then rerun: it resumes from the newest complete checkpoint"
+        )
+    return None
+
+
+def _first_failure(accelerator, failure: str | None) -> str | None:
+    """The first process's failure, on every process (a collective: every process calls it)."""
+    if accelerator.num_processes == 1:
+        return failure
+    return next((f for f in gather_object([failure]) if f is not None), None)
 
 
 def _expected(world: int) -> list[str]:
@@ -143,7 +176,6 @@ def _write_files(accelerator, tmp: Path, weights: dict, state: dict[str, Any]) -
         for role in WEIGHTS:
             _save_tensor_file(tmp / weights_name(role), weights[role])
         _save_tensor_file(tmp / "state.pt", state)
-    accelerator.wait_for_everyone()
 
 
 def _retain(root: Path, keep_last: int) -> None:
