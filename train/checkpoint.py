@@ -178,14 +178,23 @@ def _write_files(accelerator, tmp: Path, weights: dict, state: dict[str, Any]) -
         _save_tensor_file(tmp / "state.pt", state)
 
 
+def best_step(root: Path) -> int | None:
+    """The step `root/best` copies, from its marker alone; None without a readable one (no best
+    yet, or a damaged marker: `best` keeps its own copy of the files either way)."""
+    try:
+        return json.loads((root / "best" / MARKER).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _retain(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` complete checkpoints (at least the newest one),
     keeping the one `best` was copied from: whatever the setting, progress is never lost."""
     complete = [p for p in _step_dirs(root) if (p / MARKER).is_file()]
     keep = set(complete[-max(1, keep_last) :])
-    best = root / "best" / MARKER
-    if best.is_file():
-        keep.add(root / f"step_{json.loads(best.read_text())['step']:09d}")
+    marked = best_step(root)
+    if marked is not None:
+        keep.add(root / f"step_{marked:09d}")
     for old in complete:
         if old not in keep:
             shutil.rmtree(old)

@@ -13,7 +13,6 @@ process holds `runs/<name>/train.lock` for the whole run.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -295,12 +294,7 @@ class Run:
     def _mark_best_again(self, step_dir: Path) -> None:
         """A kill between an improved epoch's save and its mark_best leaves `best` an epoch
         behind, and the resumed score stops any later epoch from marking it: mark it now."""
-        marker = ckpt.checkpoint_root(self.dir) / "best" / ckpt.MARKER
-        try:
-            marked = json.loads(marker.read_text()).get("step")
-        except (OSError, ValueError, AttributeError):  # no best yet (the first improved epoch)
-            marked = None
-        if marked != self.global_step:
+        if ckpt.best_step(ckpt.checkpoint_root(self.dir)) != self.global_step:
             ckpt.mark_best(self.dir, step_dir)
 
     def _load_optimizer(self, state: dict[str, Any], changed: list[str]) -> None:
