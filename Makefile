@@ -127,8 +127,10 @@ test: setup ## the whole test suite (CI runs exactly this)
 test-fast: setup ## the tests not marked slow
 	$(TEST) -m "not slow"
 
+# Refused without CUDA: there its tests would all skip, and a broken driver would pass as green.
 test-gpu: setup ## the GPU's own tests, on a CUDA machine (the suite above runs on the CPU, GPU hidden)
-	GPU_TESTS=1 $(PY) -m pytest -q tests/test_gpu.py
+	@$(PY) -c "import torch, sys; torch.cuda.is_available() or sys.exit('make test-gpu: torch sees no CUDA device (check nvidia-smi and torch.version.cuda); make test is the CPU suite')"
+	GPU_TESTS=1 $(PY) -m pytest -q -rs tests/test_gpu.py
 
 lint: setup ## ruff check and ruff format --check (the tree is formatted by ruff format)
 	$(VENV)/bin/ruff check .

@@ -488,3 +488,11 @@ def test_make_on_a_gpu_machine_with_its_own_python_runs_it_without_setup(target,
     own = dry_run("PY=python3")
     assert "setup.sh" not in own and f"python3 -m {module}" in own
     assert "bash scripts/ops/setup.sh" in dry_run()
+
+
+def test_make_test_gpu_without_a_cuda_device_fails_in_one_line_instead_of_skipping_to_green():
+    proc = subprocess.run(
+        ["make", "test-gpu", f"PY={sys.executable}"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "pytest" not in proc.stdout  # refused before it ran
+    assert "make test-gpu: torch sees no CUDA device" in proc.stderr
