@@ -17,7 +17,12 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from common.status import EXIT_INTERRUPTED, EXIT_USER_ERROR, record_exit_status
+from common.status import (
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    record_exit_status,
+    user_error_recorded,
+)
 
 T = TypeVar("T")
 # How torch re-raises an exception from a DataLoader worker: the worker's traceback as the message.
@@ -68,6 +73,19 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
             print(f"error: {user_message(err)}", file=sys.stderr, flush=True)
             record_exit_status(EXIT_USER_ERROR)
             raise SystemExit(EXIT_USER_ERROR) from None
+        except Exception as err:
+            if not user_error_recorded():
+                raise
+            # A peer of a launch ended on bad input and this process's next collective failed
+            # (gloo: "Connection closed by peer"): one line, not a traceback after its error.
+            rank = os.environ.get("RANK", "?")
+            print(
+                f"error: process {rank} stopped after another process's error above "
+                f"({type(err).__name__}: {user_message(err)})",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(1) from None
         except KeyboardInterrupt:
             # Ctrl-C: one line instead of a traceback (every output is written atomically, so
             # what was cut short is absent), then death by SIGINT as Python's own: a shell

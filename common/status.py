@@ -5,6 +5,7 @@ like `python -m train` (2 for a user error, 75 when preempted), the launcher nam
 EXIT_STATUS_ENV and the training processes record their status there before exiting.
 """
 
+import contextlib
 import os
 
 EXIT_USER_ERROR = 2  # bad input the user can fix; the one-line message says how
@@ -14,11 +15,13 @@ EXIT_STATUS_ENV = "PIPELINE_EXIT_STATUS_FILE"
 
 
 def record_exit_status(code: int) -> None:
-    """Write `code` to the file the launcher named, if it named one (several processes may
-    write; each writes its whole status with one small write)."""
+    """Write `code` to the file the launcher named, if it named one and no process of the run
+    has yet: the first to end tells why. The others' statuses are its consequences: a process
+    left in a collective by a failed peer is sent SIGTERM by torchrun's agent and, stuck, would
+    record 75 after `stop_timeout_s`, turning bad input into a requeue (one small write each)."""
     path = os.environ.get(EXIT_STATUS_ENV)
     if path:
-        with open(path, "w") as fh:
+        with contextlib.suppress(FileExistsError), open(path, "x") as fh:
             fh.write(f"{code}\n")
 
 
@@ -38,3 +41,10 @@ def read_exit_status(path: str) -> int | None:
             return int(fh.read().strip())
     except (OSError, ValueError):
         return None
+
+
+def user_error_recorded() -> bool:
+    """Whether a process of this launch has ended on bad input (its one line printed): what
+    the others then fail of is that process, not a bug of theirs."""
+    path = os.environ.get(EXIT_STATUS_ENV)
+    return bool(path) and read_exit_status(path) == EXIT_USER_ERROR

@@ -18,10 +18,17 @@ import yaml
 
 from common.errors import UserError
 from common.processes import children, kill_tree
-from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, status_for_agent
+from common.status import (
+    EXIT_PREEMPTED,
+    EXIT_STATUS_ENV,
+    read_exit_status,
+    record_exit_status,
+    status_for_agent,
+    user_error_recorded,
+)
 from tests import fake_slurm
 from tests.conftest import NARROW, ROOT, run_command
-from train import launch, slurm
+from train import agent, launch, slurm
 from train.launch import ACCELERATE_LAUNCH, gpu_count, launch_args, runs_module
 
 
@@ -79,7 +86,8 @@ def test_every_machines_options_parse_under_accelerates_own_launch_command(monke
     that module's main() uses must take what launch_args gives for each kind of machine."""
     from accelerate.commands.launch import launch_command_parser
 
-    assert ACCELERATE_LAUNCH == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert ACCELERATE_LAUNCH == [sys.executable, "-m", "train.agent"]
+    assert agent.accelerate_launch.__module__ == "accelerate.commands.launch"
     monkeypatch.setattr(launch, "available_cpus", lambda: 8)
     for procs, gpus in ((None, 0), (2, 0), (None, 4), (None, 1), (1, 4)):
         options = launch_args(None, procs, gpus)
@@ -408,12 +416,75 @@ def test_a_full_disk_on_one_process_stops_every_process_with_its_line(tiny_dir, 
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert time.monotonic() - started < 150  # not a collective's timeout
     checkpoints = out / "demo_resnet18" / "checkpoints"
-    # (torchrun's agent then prints its own report of a worker's non-zero exit)
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr  # no report
     [line] = {line for line in proc.stderr.splitlines() if line.startswith("error: ")}
     assert line.startswith(
         f"error: no space left in {checkpoints} for checkpoint step 2 (No space left on device); "
     ), proc.stderr
     assert list(checkpoints.iterdir()) == []  # the partial folder removed, nothing sealed
+
+
+BAD_INPUT_ON_RANK_1 = """
+import os, threading
+
+import train.run as run
+from common.errors import UserError
+
+_step = run.Run.train_step
+
+
+def step(self, *args, **kwargs):  # in epoch 2, process 1 fails; process 0 waits on it for good
+    if self.epoch == 1:
+        if os.environ.get("RANK") == "1":
+            raise UserError("bad input seen by process 1 alone")
+        threading.Event().wait()  # as in an NCCL collective whose peer has gone
+    return _step(self, *args, **kwargs)
+
+
+run.Run.train_step = step
+"""
+
+
+@pytest.mark.slow
+def test_bad_input_on_one_process_exits_2_in_its_line_though_the_other_then_stops_late(
+    tiny_dir, tmp_path
+):
+    """torchrun's agent SIGTERMs the process left waiting, which after stop_timeout_s records
+    75: that turned bad input into a requeue. The first status recorded now stands, and the
+    agent's 40-line report of the failure is left out."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(BAD_INPUT_ON_RANK_1)
+    args = [*TWO_PROCESS_RUN, f"data_dir={tiny_dir}", f"out_dir={tmp_path}", "stop_timeout_s=2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.launch", "--num_processes", "2", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: bad input seen by process 1 alone" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert "closing signal" not in proc.stderr  # the agent's log of the failure, left out too
+
+
+def test_a_stop_nobody_sent_after_a_crash_is_a_failure_not_a_preemption(tmp_path):
+    """A process crashed without recording; the agent's SIGTERM left another stuck past
+    stop_timeout_s, which recorded 75: the job must not requeue a crash."""
+    record_75 = f"import os; open(os.environ['{EXIT_STATUS_ENV}'], 'x').write('75')"
+    recorded_75_then_failed = f"{record_75}; raise SystemExit(1)"
+    assert launch.run([sys.executable, "-c", recorded_75_then_failed]) == 1
+    stopped_cleanly = recorded_75_then_failed.replace("SystemExit(1)", "SystemExit(0)")
+    assert launch.run([sys.executable, "-c", stopped_cleanly]) == EXIT_PREEMPTED
+
+
+def test_the_first_status_recorded_stands(tmp_path, monkeypatch):
+    monkeypatch.setenv(EXIT_STATUS_ENV, str(tmp_path / "status"))
+    record_exit_status(2)
+    record_exit_status(EXIT_PREEMPTED)
+    assert read_exit_status(str(tmp_path / "status")) == 2 and user_error_recorded()
 
 
 def assert_stopped_with_a_checkpoint(code: int, output: str, seconds: float, run) -> None:

@@ -42,10 +42,11 @@ from common.yamlio import load_yaml
 from train.config import CONFIG_DIR, load_config
 from train.stop import CTRL_C, write_stderr
 
-# `accelerate launch` itself, through the module behind it: the same parser and launchers, without
-# the CLI's other commands, whose imports (timm among them) are half of its 4 s of start-up on
-# 2 cores; and no `accelerate` script looked for beside a python that may not have one.
-ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+# `accelerate launch` itself, through the module behind it (wrapped by train/agent.py, which
+# leaves out torchrun's report of bad input): the same parser and launchers, without the CLI's
+# other commands, whose imports (timm among them) are half of its 4 s of start-up on 2 cores;
+# and no `accelerate` script looked for beside a python that may not have one.
+ACCELERATE_LAUNCH = [sys.executable, "-m", "train.agent"]
 
 
 # One entry per GPU wherever the NVIDIA driver is loaded, nvidia-smi installed or not.
@@ -135,6 +136,10 @@ def run(command: list[str]) -> int:
         status_file = str(Path(folder) / "exit_status")
         code, stopped = _run_relaying(command, {**os.environ, EXIT_STATUS_ENV: status_file})
         recorded = read_exit_status(status_file)
+    if recorded == EXIT_PREEMPTED and code != 0 and not stopped:
+        # A stop nobody sent: torchrun's agent SIGTERMs the rest when a process crashes (one
+        # that records nothing first). A failure, not a preemption for the job to requeue.
+        return code
     if recorded is not None and (code != 0 or recorded == EXIT_PREEMPTED):
         return recorded  # a stopped run under torchrun's agent exits 0 with 75 recorded
     return EXIT_PREEMPTED if stopped and code != 0 else code
