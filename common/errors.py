@@ -20,6 +20,7 @@ from typing import TypeVar
 from common.status import (
     EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
+    after_peer_error,
     record_exit_status,
     user_error_recorded,
 )
@@ -78,13 +79,8 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
                 raise
             # A peer of a launch ended on bad input and this process's next collective failed
             # (gloo: "Connection closed by peer"): one line, not a traceback after its error.
-            rank = os.environ.get("RANK", "?")
-            print(
-                f"error: process {rank} stopped after another process's error above "
-                f"({type(err).__name__}: {user_message(err)})",
-                file=sys.stderr,
-                flush=True,
-            )
+            detail = f"{type(err).__name__}: {user_message(err)}"
+            print(after_peer_error(detail), file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         except KeyboardInterrupt:
             # Ctrl-C: one line instead of a traceback (every output is written atomically, so

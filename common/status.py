@@ -48,3 +48,12 @@ def user_error_recorded() -> bool:
     the others then fail of is that process, not a bug of theirs."""
     path = os.environ.get(EXIT_STATUS_ENV)
     return bool(path) and read_exit_status(path) == EXIT_USER_ERROR
+
+
+def after_peer_error(detail: str = "") -> str:
+    """The one line of a process stopped by another process of its launch ending on bad input
+    (whose line is above): its own failure, or its stop's deadline, is that one's consequence."""
+    rank = os.environ.get("RANK", "?")
+    return f"error: process {rank} stopped after another process's error above" + (
+        f" ({detail})" if detail else ""
+    )

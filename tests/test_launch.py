@@ -466,6 +466,8 @@ def test_bad_input_on_one_process_exits_2_in_its_line_though_the_other_then_stop
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "error: bad input seen by process 1 alone" in proc.stderr
+    assert "error: process 0 stopped after another process's error above" in proc.stderr
+    assert "stop_timeout_s" not in proc.stderr  # not the deadline of a stop nobody asked for
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
     assert "closing signal" not in proc.stderr  # the agent's log of the failure, left out too
 

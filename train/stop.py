@@ -38,8 +38,10 @@ import time
 from common.status import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
+    after_peer_error,
     record_exit_status,
     status_for_agent,
+    user_error_recorded,
 )
 
 # Ctrl-C (SIGINT) stops like the others; a second one, or one after a stop signal, interrupts
@@ -145,8 +147,8 @@ class StopRequest:
         while not self._closed.is_set():
             deadline, late = self._clock()  # again at each wake: an inner clock may be handed in
             left = deadline - time.monotonic()
-            if left <= 0:
-                _exit(late, EXIT_PREEMPTED)
+            if left <= 0:  # (stuck in a collective whose peer ended on bad input: say so)
+                _exit(f"{after_peer_error()}\n" if user_error_recorded() else late, EXIT_PREEMPTED)
             if not select.select([self._read_fd], [], [], left)[0]:
                 continue
             if signal.SIGINT in os.read(self._read_fd, 64) and not self._closed.wait(GRACE_S):
