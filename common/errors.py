@@ -74,11 +74,12 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
             print(f"error: {user_message(err)}", file=sys.stderr, flush=True)
             record_exit_status(EXIT_USER_ERROR)
             raise SystemExit(EXIT_USER_ERROR) from None
-        except Exception as err:
+        except RuntimeError as err:
             if not user_error_recorded():
                 raise
             # A peer of a launch ended on bad input and this process's next collective failed
             # (gloo: "Connection closed by peer"): one line, not a traceback after its error.
+            # (torch's errors are RuntimeErrors; a TypeError or the like keeps its traceback.)
             detail = f"{type(err).__name__}: {user_message(err)}"
             print(after_peer_error(detail), file=sys.stderr, flush=True)
             raise SystemExit(1) from None

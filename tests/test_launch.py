@@ -101,6 +101,7 @@ def test_a_users_cpu_config_with_several_processes_is_corrected(tmp_path):
     user = tmp_path / "mine.yaml"
     user.write_text("distributed_type: 'NO'\nuse_cpu: true\nnum_processes: 2\n")
     assert "--multi_gpu" in launch_args(str(user), None, gpus=0)
+    assert option(launch_args(str(user), None, gpus=0), "--num_processes") == "2"  # the file's
     assert "--multi_gpu" not in launch_args(str(user), None, gpus=8)
 
 
@@ -319,7 +320,7 @@ def test_a_stop_reaches_the_training_process_alone_even_before_it_exists(tmp_pat
     """SIGTERM while the launcher runs its probe: kept until the training process catches
     it, and given to nobody else (not the probe, not the launcher: torchrun's agent)."""
     launcher = [sys.executable, "-c", LAUNCHER, PROBE, WORKER, str(tmp_path)]
-    code = f"import sys; from train.launch import run; sys.exit(run({launcher!r}))"
+    code = f"import sys; from train.launch import run; sys.exit(run({launcher!r}, agent=True))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
     deadline = time.monotonic() + 60
@@ -477,9 +478,11 @@ def test_a_stop_nobody_sent_after_a_crash_is_a_failure_not_a_preemption(tmp_path
     stop_timeout_s, which recorded 75: the job must not requeue a crash."""
     record_75 = f"import os; open(os.environ['{EXIT_STATUS_ENV}'], 'x').write('75')"
     recorded_75_then_failed = f"{record_75}; raise SystemExit(1)"
-    assert launch.run([sys.executable, "-c", recorded_75_then_failed]) == 1
+    assert launch.run([sys.executable, "-c", recorded_75_then_failed], agent=True) == 1
     stopped_cleanly = recorded_75_then_failed.replace("SystemExit(1)", "SystemExit(0)")
-    assert launch.run([sys.executable, "-c", stopped_cleanly]) == EXIT_PREEMPTED
+    assert launch.run([sys.executable, "-c", stopped_cleanly], agent=True) == EXIT_PREEMPTED
+    # One process: accelerate's plain launcher reports its 75 (a `kill` of it alone) as 1.
+    assert launch.run([sys.executable, "-c", recorded_75_then_failed], agent=False) == 75
 
 
 def test_the_first_status_recorded_stands(tmp_path, monkeypatch):

@@ -109,7 +109,7 @@ def launch_args(config_file: str | None, num_processes: int | None, gpus: int) -
         raise UserError(f"accelerate config {path} does not exist; pass an existing file")
     settings = load_yaml(path.read_text()) or {}
     procs = num_processes or int(settings.get("num_processes", 1))
-    args = ["--config_file", str(path)] + (["--num_processes", str(procs)] if num_processes else [])
+    args = ["--config_file", str(path), "--num_processes", str(procs)]  # the file's, or asked for
     if gpus == 0 and procs > 1 and settings.get("distributed_type") != "MULTI_GPU":
         print(f"launch: {path} asks for {procs} CPU processes; launching them as --multi_gpu")
         args.append("--multi_gpu")
@@ -129,20 +129,25 @@ def cpu_threads(gpus: int, procs: int) -> list[str]:
     return ["--num_cpu_threads_per_process", threads]
 
 
-def run(command: list[str]) -> int:
+def run(command: list[str], agent: bool) -> int:
     """Run the launcher in a session of its own, relaying stop signals to the training processes;
-    exit with their own status where accelerate reports only 1 (or, under torchrun's agent, 0)."""
+    exit with their own status where accelerate reports only 1 (or, under torchrun's agent, 0).
+    `agent`: several processes, under torchrun's agent."""
     with tempfile.TemporaryDirectory(prefix="train-launch-") as folder:
         status_file = str(Path(folder) / "exit_status")
-        code, stopped = _run_relaying(command, {**os.environ, EXIT_STATUS_ENV: status_file})
+        code, relayed, interrupted = _run_relaying(
+            command, {**os.environ, EXIT_STATUS_ENV: status_file}
+        )
         recorded = read_exit_status(status_file)
-    if recorded == EXIT_PREEMPTED and code != 0 and not stopped:
-        # A stop nobody sent: torchrun's agent SIGTERMs the rest when a process crashes (one
-        # that records nothing first). A failure, not a preemption for the job to requeue.
+    if agent and recorded == EXIT_PREEMPTED and code != 0 and not relayed:
+        # A stop nobody sent: the agent SIGTERMs the rest when a process crashes (one that
+        # records nothing first), and a stopped process exits 0 under it: the agent's failure
+        # is the crash's, not a preemption for the job to requeue. (One process exits 75 to
+        # accelerate's plain launcher, which reports 1: a `kill` of it alone is a stop.)
         return code
     if recorded is not None and (code != 0 or recorded == EXIT_PREEMPTED):
         return recorded  # a stopped run under torchrun's agent exits 0 with 75 recorded
-    return EXIT_PREEMPTED if stopped and code != 0 else code
+    return EXIT_PREEMPTED if relayed and not interrupted and code != 0 else code
 
 
 # What the training processes get for a SIGTERM or SIGUSR1: they stop on either, checkpoint in
@@ -178,8 +183,9 @@ def runs_module(argv: list[str], module: str) -> bool:
     return any(argv[k : k + 2] == ["-m", module] for k in range(len(argv) - 1))
 
 
-def _run_relaying(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
-    """(The launcher's status, whether a stop was relayed). A stop is kept until every training
+def _run_relaying(command: list[str], env: dict[str, str]) -> tuple[int, bool, bool]:
+    """(The launcher's status, whether a stop came, whether a Ctrl-C interrupted the
+    processes after it). A stop is kept until every training
     process has it: each is told once it catches the signal (train/__main__.py installs that
     first thing), so a stop that comes while accelerate starts them is neither lost nor fatal.
     A first Ctrl-C is such a stop; another (or one after a stop) goes to the whole tree at once,
@@ -222,7 +228,7 @@ def _run_relaying(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
                     os.kill(pid, PREEMPT_SIGNAL)
     while any(running(pid) for pid in interrupted):  # after Ctrl-C, workers outlive the agent
         time.sleep(0.5)
-    return code, bool(stops) and not interrupted
+    return code, bool(stops), bool(interrupted)
 
 
 @cli_main
@@ -239,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     options += shlex.split(args.accelerate_args)
     # --quiet: a failing run has printed its one-line error; no launcher traceback after it.
     command = [*ACCELERATE_LAUNCH, "--quiet", *options, "-m", "train", args.model]
-    return run(command + args.overrides)
+    agent = int(options[options.index("--num_processes") + 1]) > 1
+    return run(command + args.overrides, agent)
 
 
 if __name__ == "__main__":
