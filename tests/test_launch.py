@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from common.errors import UserError
+from common.errors import UserError, cli_main
 from common.processes import children, kill_tree
 from common.status import (
     EXIT_PREEMPTED,
@@ -490,6 +490,27 @@ def test_the_first_status_recorded_stands(tmp_path, monkeypatch):
     record_exit_status(2)
     record_exit_status(EXIT_PREEMPTED)
     assert read_exit_status(str(tmp_path / "status")) == 2 and user_error_recorded()
+
+
+def test_after_a_peers_bad_input_its_failed_collective_is_one_line_and_a_bug_keeps_its_traceback(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv(EXIT_STATUS_ENV, str(tmp_path / "status"))
+    monkeypatch.setenv("RANK", "0")
+    record_exit_status(2)  # by the peer, which printed its line
+
+    def collective():
+        raise RuntimeError("[gloo] Connection closed by peer")
+
+    with pytest.raises(SystemExit) as ended:
+        cli_main(collective)()
+    assert ended.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: process 0 stopped after another process's error above "
+        "(RuntimeError: [gloo] Connection closed by peer)\n"
+    )
+    with pytest.raises(TypeError):
+        cli_main(lambda: None + 1)()
 
 
 def assert_stopped_with_a_checkpoint(code: int, output: str, seconds: float, run) -> None:
