@@ -397,7 +397,8 @@ def test_a_step_in_its_own_process_reports_its_times_and_compile_counters(tiny_d
 
 @pytest.mark.slow
 def test_the_real_loop_reports_its_images_per_second_for_each_epoch(tiny_dir, tmp_path):
-    per_epoch, samples, cut = gpu_check.loop_rates(gpu_check.B2, toy(tiny_dir, tmp_path), 2)
+    overrides = [*toy(tiny_dir, tmp_path), "batch_size=16"]  # 5 steps an epoch: as many rates
+    per_epoch, samples, cut = gpu_check.loop_rates(gpu_check.B2, overrides, 2)
     assert len(per_epoch) == 2 and min(per_epoch) > 0 and cut is None
     assert samples == []  # no GPU to sample here
 
