@@ -378,6 +378,21 @@ def stop_two_process_launch(tmp_path, args: list[str], stop) -> tuple[int, str, 
     return proc.returncode, output, time.monotonic() - stopped
 
 
+def two_process_launch_with(tmp_path, hook: str, args: list[str]) -> subprocess.CompletedProcess:
+    """A 2-process `train.launch` whose processes first run `hook` (their sitecustomize)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(hook)
+    return subprocess.run(
+        [sys.executable, "-m", "train.launch", "--num_processes", "2", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 FULL_ON_RANK_1 = """
 import errno, os
 
@@ -400,20 +415,10 @@ checkpoint._save_tensor_file = save
 def test_a_full_disk_on_one_process_stops_every_process_with_its_line(tiny_dir, tmp_path):
     """The failing process alone raising left the other in the next collective until the
     launcher's timeout (and its cleanup removed the folder the main process was writing in)."""
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(FULL_ON_RANK_1)
     out = tmp_path / "out"
     args = [*TWO_PROCESS_RUN, f"data_dir={tiny_dir}", f"out_dir={out}", "ckpt_every_steps=2"]
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "train.launch", "--num_processes", "2", *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = two_process_launch_with(tmp_path, FULL_ON_RANK_1, args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert time.monotonic() - started < 150  # not a collective's timeout
     checkpoints = out / "demo_resnet18" / "checkpoints"
@@ -453,18 +458,8 @@ def test_bad_input_on_one_process_exits_2_in_its_line_though_the_other_then_stop
     """torchrun's agent SIGTERMs the process left waiting, which after stop_timeout_s records
     75: that turned bad input into a requeue. The first status recorded now stands, and the
     agent's 40-line report of the failure is left out."""
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(BAD_INPUT_ON_RANK_1)
     args = [*TWO_PROCESS_RUN, f"data_dir={tiny_dir}", f"out_dir={tmp_path}", "stop_timeout_s=2"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "train.launch", "--num_processes", "2", *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = two_process_launch_with(tmp_path, BAD_INPUT_ON_RANK_1, args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "error: bad input seen by process 1 alone" in proc.stderr
     assert "error: process 0 stopped after another process's error above" in proc.stderr
@@ -590,15 +585,10 @@ run.predict_crops_of = predict
 def test_a_stop_to_one_process_during_a_two_process_evaluation_ends_it_on_both(tiny_dir, tmp_path):
     """Process 0 leaves its held-out pass after one batch, process 1 ends its own: they agree
     at its end (no collective left unmatched), save the unfinished epoch, and the rerun ends it."""
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(STOP_RANK_0_IN_EVALUATION)
     out = tmp_path / "out"
     args = [*TWO_PROCESS_RUN, f"data_dir={tiny_dir}", f"out_dir={out}", "train_splits=[train]"]
     args.append("epochs=1")  # the stop comes in epoch 1's evaluation: the rerun only ends it
-    launch = [sys.executable, "-m", "train.launch", "--num_processes", "2", *args]
-    env = {**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}"}
-    proc = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = two_process_launch_with(tmp_path, STOP_RANK_0_IN_EVALUATION, args)
     assert proc.returncode == 75, proc.stdout + proc.stderr
     assert "stopped on request; checkpoint at step 10" in proc.stdout
     run = out / "demo_resnet18"
