@@ -184,12 +184,12 @@ def runs_module(argv: list[str], module: str) -> bool:
 
 
 def _run_relaying(command: list[str], env: dict[str, str]) -> tuple[int, bool, bool]:
-    """(The launcher's status, whether a stop came, whether a Ctrl-C interrupted the
-    processes after it). A stop is kept until every training
-    process has it: each is told once it catches the signal (train/__main__.py installs that
-    first thing), so a stop that comes while accelerate starts them is neither lost nor fatal.
-    A first Ctrl-C is such a stop; another (or one after a stop) goes to the whole tree at once,
-    as a terminal would send it, and the training processes quit without a checkpoint."""
+    """(The launcher's status, whether a stop came, whether a Ctrl-C interrupted the processes
+    after it). A stop is kept until every training process has it: each is told once it catches
+    the signal (train/__main__.py installs that first thing), so a stop that comes while
+    accelerate starts them is neither lost nor fatal. A first Ctrl-C is such a stop; another (or
+    one after a stop) goes to the whole tree at once, as a terminal would send it, and the
+    training processes quit without a checkpoint."""
     stops: list[int] = []
     told: set[int] = set()
     interrupted: set[int] = set()
