@@ -24,6 +24,10 @@ DATA ?=
 ARGS ?=
 ACCELERATE_CONFIG ?=
 NPROC ?=
+# make logits NPROC=N: N processes under torchrun's agent (train/agent.py: bad input is one line,
+# exit 2); a free port, and the launch values the logits take from their config, not from here
+LOGITS_LAUNCH = --quiet --multi_gpu --num_machines 1 --main_process_port 0 --mixed_precision no \
+	--dynamo_backend no
 # make ensemble: ENSEMBLE=<configs/ensembles name or .yaml>, or MODELS="a b" WEIGHTS="1 2" NAME=<name>
 ENSEMBLE ?= vipriors16
 MODELS ?=
@@ -67,7 +71,7 @@ train: setup ## train MODEL= [DATA=] [ARGS="epochs=2 ..."] under accelerate laun
 		$(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS)
 
 logits: setup ## TenCrop probabilities of MODEL= for val and test (NPROC= processes)
-	$(if $(filter-out 1,$(or $(NPROC),1)),$(PY) -m accelerate.commands.launch --multi_gpu --num_processes $(NPROC),$(PY)) \
+	$(if $(filter-out 1,$(or $(NPROC),1)),$(PY) -m train.agent $(LOGITS_LAUNCH) --num_processes $(NPROC),$(PY)) \
 		-m ensemble.logits $(MODEL) $(if $(DATA),data=$(DATA)) $(ARGS)
 
 ensemble: setup ## average models into submissions/<name>.csv/.zip/.json (ARGS=key=value as for logits)

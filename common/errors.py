@@ -71,8 +71,11 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             result = fn(*args, **kwargs)
         except UserError as err:
-            print(f"error: {user_message(err)}", file=sys.stderr, flush=True)
-            record_exit_status(EXIT_USER_ERROR)
+            line = f"error: {user_message(err)}"
+            if record_exit_status(EXIT_USER_ERROR, line):
+                # Process 0 draws the progress bar: another's line starts a line of its own.
+                ahead = "\n" if os.environ.get("RANK", "0") != "0" else ""
+                print(ahead + line, file=sys.stderr, flush=True)
             raise SystemExit(EXIT_USER_ERROR) from None
         except RuntimeError as err:
             if not user_error_recorded():

@@ -14,15 +14,29 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT: a shell's status for a process ended by 
 EXIT_STATUS_ENV = "PIPELINE_EXIT_STATUS_FILE"
 
 
-def record_exit_status(code: int) -> None:
-    """Write `code` to the file the launcher named, if it named one and no process of the run
-    has yet: the first to end tells why. The others' statuses are its consequences: a process
-    left in a collective by a failed peer is sent SIGTERM by torchrun's agent and, stuck, would
-    record 75 after `stop_timeout_s`, turning bad input into a requeue (one small write each)."""
+def record_exit_status(code: int, line: str = "") -> bool:
+    """Write `code` (and the one line printed for it) to the file the launcher named, if it named
+    one and no process of the run has yet: the first to end tells why. The others' statuses are
+    its consequences: a process left in a collective by a failed peer is sent SIGTERM by
+    torchrun's agent and, stuck, would record 75 after `stop_timeout_s`, turning bad input into a
+    requeue (a small file each, linked into place). False where another process recorded this
+    very status and line first: every process met the same bad input (a config each reads),
+    whose line is then printed once."""
     path = os.environ.get(EXIT_STATUS_ENV)
-    if path:
-        with contextlib.suppress(FileExistsError), open(path, "x") as fh:
-            fh.write(f"{code}\n")
+    if not path:
+        return True
+    record = f"{code}\n{line}\n"
+    written = f"{path}.{os.getpid()}"
+    with open(written, "w") as fh:
+        fh.write(record)
+    try:
+        os.link(written, path)  # the record appears whole, or not at all: another came first
+    except FileExistsError:
+        with contextlib.suppress(OSError), open(path) as fh:
+            return fh.read() != record
+    finally:
+        os.unlink(written)
+    return True
 
 
 def status_for_agent(code: int) -> int:
@@ -38,7 +52,7 @@ def read_exit_status(path: str) -> int | None:
     """The status a training process recorded in `path`, or None."""
     try:
         with open(path) as fh:
-            return int(fh.read().strip())
+            return int(fh.readline().strip())
     except (OSError, ValueError):
         return None
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import shutil
-import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -411,30 +412,25 @@ def test_the_ensemble_chooses_weights_only_on_images_every_member_held_out(
     assert "val (9 images, trained on)" in proc.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def make_logits(paths: dict, nproc: int, *args: str, check: bool = True):
+    """`make logits NPROC=` as a user runs it: its launch options are the Makefile's."""
+    variables = [f"PY={sys.executable}", f"NPROC={nproc}", f"MODEL={paths['model']}"]
+    variables.append("ARGS=" + shlex.join(args))
+    proc = subprocess.run(
+        ["make", "-s", "logits", *variables], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"make logits exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 @pytest.mark.slow
 def test_two_process_logits_equal_one_process_logits_row_for_row(world):
     # One image per forward in both runs: the same batches, so CPU kernels round alike and the
     # rows must be bit-identical; shards of 5 and 4 val images test the uneven gather.
-    args = [world["model"], "name=tiny_1", "--batch-size", "1"]
-    run_command("-m", "ensemble.logits", *args, *common(world, "one"))
-    run_command(
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "ensemble.logits",
-        *args,
-        *common(world, "two"),
-    )
+    args = ["name=tiny_1", "--batch-size", "1"]
+    run_command("-m", "ensemble.logits", world["model"], *args, *common(world, "one"))
+    make_logits(world, 2, *args, *common(world, "two"))
     one, two = world["base"] / "one" / "tiny_1", world["base"] / "two" / "tiny_1"
     for split in ("val", "test"):
         a, b = load(one / f"{split}.npz"), load(two / f"{split}.npz")
@@ -450,6 +446,17 @@ def test_two_process_logits_equal_one_process_logits_row_for_row(world):
     assert remakes[0].replace("/one", "/two") == remakes[1]
     assert all(len(h) == 64 for h in hashes)
     assert meta_one == meta_two
+
+
+@pytest.mark.slow
+def test_bad_input_to_two_process_logits_is_one_line_and_exit_2(world):
+    """Both processes meet it; torchrun's agent reports their failure in 40 lines unless told
+    it was bad input (train/agent.py), and each would print the same line."""
+    proc = make_logits(world, 2, "nosuch_key=1", *common(world, "bad"), check=False)
+    lines = [line for line in proc.stderr.splitlines() if line and not line.startswith("make: ")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: command line: unknown config key nosuch_key;")
+    assert not (world["base"] / "bad").exists()
 
 
 def test_logits_and_the_submission_record_where_every_row_came_from(world, logits_0):

@@ -482,9 +482,27 @@ def test_a_stop_nobody_sent_after_a_crash_is_a_failure_not_a_preemption(tmp_path
 
 def test_the_first_status_recorded_stands(tmp_path, monkeypatch):
     monkeypatch.setenv(EXIT_STATUS_ENV, str(tmp_path / "status"))
-    record_exit_status(2)
-    record_exit_status(EXIT_PREEMPTED)
+    assert record_exit_status(2, "error: a")
+    assert not record_exit_status(2, "error: a")  # the same line from another process: not again
+    assert record_exit_status(2, "error: b") and record_exit_status(EXIT_PREEMPTED)
     assert read_exit_status(str(tmp_path / "status")) == 2 and user_error_recorded()
+
+
+def test_the_same_bad_input_met_by_every_process_is_printed_once(tmp_path, monkeypatch, capsys):
+    def bad_input():
+        raise UserError("unknown config key x")
+
+    def two_processes_meet_it() -> str:
+        for _process in range(2):
+            with pytest.raises(SystemExit) as ended:
+                cli_main(bad_input)()
+            assert ended.value.code == 2
+        return capsys.readouterr().err
+
+    monkeypatch.delenv(EXIT_STATUS_ENV, raising=False)
+    assert two_processes_meet_it() == "error: unknown config key x\n" * 2  # each on its own
+    monkeypatch.setenv(EXIT_STATUS_ENV, str(tmp_path / "status"))
+    assert two_processes_meet_it() == "error: unknown config key x\n"  # one launch
 
 
 def test_after_a_peers_bad_input_its_failed_collective_is_one_line_and_a_bug_keeps_its_traceback(

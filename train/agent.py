@@ -1,35 +1,51 @@
-"""`accelerate launch` as train.launch runs it, less torchrun's report of bad input.
+"""`accelerate launch` as train.launch and `make logits NPROC=` run it, less torchrun's report of
+bad input.
 
-A training process that ends on bad input prints its one line and records status 2
-(common/status.py). Under torchrun's agent (every run of several processes) the agent then logs
-the failure and raises a ChildFailedError whose 40-line report follows the user's one line
-(accelerate's `--quiet` covers its plain launcher only). Here that report is left out when a user
-error is recorded; any other failure keeps it, since a crash's report is what its user needs.
+A process that ends on bad input prints its one line and records status 2 (common/status.py).
+Under torchrun's agent (every launch of several processes) the agent then logs the failure and
+raises a ChildFailedError whose 40-line report follows the user's one line (accelerate's `--quiet`
+covers its plain launcher only). Here that report is left out when a user error is recorded; any
+other failure keeps it, since a crash's report is what its user needs. Run directly (`make logits
+NPROC=`), with no status file named by train.launch, it names its own and exits with the status
+recorded there, 2 for bad input, as the one-process command does.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from accelerate.commands.launch import main as accelerate_launch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from common.status import user_error_recorded
+from common.status import EXIT_STATUS_ENV, read_exit_status, user_error_recorded
 
 # The agent's logger for a worker's failure and the SIGTERM it then sends the others.
 AGENT_LOG = "torch.distributed.elastic.multiprocessing.api"
 
 
-def main() -> int:
+def launch() -> int:
     logging.getLogger(AGENT_LOG).addFilter(lambda record: not user_error_recorded())
     try:
         accelerate_launch()
     except ChildFailedError:
         if not user_error_recorded():
             raise
-        return 1  # train.launch exits with the status recorded
+        return 1  # the launcher exits with the status recorded
     return 0
+
+
+def main() -> int:
+    if os.environ.get(EXIT_STATUS_ENV):  # under train.launch, which reads the status itself
+        return launch()
+    with tempfile.TemporaryDirectory(prefix="train-agent-") as folder:
+        os.environ[EXIT_STATUS_ENV] = status_file = str(Path(folder) / "exit_status")
+        code = launch()
+        recorded = read_exit_status(status_file)
+    return recorded if code != 0 and recorded is not None else code
 
 
 if __name__ == "__main__":
