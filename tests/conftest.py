@@ -19,6 +19,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests marked `longest` first: with two workers, one runs it while the other takes
     the rest, instead of one running it alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("longest") is None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_pytests_folder(tmp_path_factory):
+    """The temporary files of the tests and of the commands they start (the launcher's status
+    folder, DataLoader's and torchrun's) go under pytest's folder, which keeps the last three
+    sessions: the runs the tests SIGKILL cannot remove theirs, and they piled up in /tmp, about
+    twenty a suite."""
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
+    tempfile.tempdir = None  # read TMPDIR again
 
 
 @pytest.fixture(scope="session")
