@@ -25,9 +25,10 @@ ARGS ?=
 ACCELERATE_CONFIG ?=
 NPROC ?=
 # make logits NPROC=N: N processes under torchrun's agent (train/agent.py: bad input is one line,
-# exit 2); a free port, and the launch values the logits take from their config, not from here
-LOGITS_LAUNCH = --quiet --multi_gpu --num_machines 1 --main_process_port 0 --mixed_precision no \
-	--dynamo_backend no
+# exit 2); a free port, every value given (a user's accelerate default config is not read for
+# them), the precision the logits take from their config
+LOGITS_LAUNCH = --quiet --multi_gpu --num_machines 1 --gpu_ids all --main_process_port 0 \
+	--mixed_precision no --dynamo_backend no
 # make ensemble: ENSEMBLE=<configs/ensembles name or .yaml>, or MODELS="a b" WEIGHTS="1 2" NAME=<name>
 ENSEMBLE ?= vipriors16
 MODELS ?=

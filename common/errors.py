@@ -9,12 +9,14 @@ is accepted but odd gets one `warning:` line (`warn`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import gc
 import os
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from common.status import (
@@ -61,6 +63,24 @@ def end_without_final_collections() -> None:
     atexit.register(gc.freeze)
 
 
+@contextlib.contextmanager
+def sigterm_held() -> Iterator[None]:
+    """SIGTERM held until the block ends, then taken as it would have been: between recording
+    the line that its peers then leave unprinted and printing it, a process must not die."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        yield  # a handler set outside Python, or a thread that cannot set one: left as is
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if held:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
     """Run a command's main; report `UserError` as `error: <message>` and exit 2, and Ctrl-C
     as one line and death by SIGINT (status 130 in a shell)."""
@@ -72,10 +92,11 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
             result = fn(*args, **kwargs)
         except UserError as err:
             line = f"error: {user_message(err)}"
-            if record_exit_status(EXIT_USER_ERROR, line):
-                # Process 0 draws the progress bar: another's line starts a line of its own.
-                ahead = "\n" if os.environ.get("RANK", "0") != "0" else ""
-                print(ahead + line, file=sys.stderr, flush=True)
+            with sigterm_held():  # torchrun's agent SIGTERMs the rest once a process has ended
+                if record_exit_status(EXIT_USER_ERROR, line):
+                    # Process 0 draws the progress bar: another's line starts a line of its own.
+                    ahead = "\n" if os.environ.get("RANK", "0") != "0" else ""
+                    print(ahead + line, file=sys.stderr, flush=True)
             raise SystemExit(EXIT_USER_ERROR) from None
         except RuntimeError as err:
             if not user_error_recorded():

@@ -7,6 +7,7 @@ EXIT_STATUS_ENV and the training processes record their status there before exit
 
 import contextlib
 import os
+import tempfile
 
 EXIT_USER_ERROR = 2  # bad input the user can fix; the one-line message says how
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; rerun to continue
@@ -19,23 +20,43 @@ def record_exit_status(code: int, line: str = "") -> bool:
     one and no process of the run has yet: the first to end tells why. The others' statuses are
     its consequences: a process left in a collective by a failed peer is sent SIGTERM by
     torchrun's agent and, stuck, would record 75 after `stop_timeout_s`, turning bad input into a
-    requeue (a small file each, linked into place). False where another process recorded this
-    very status and line first: every process met the same bad input (a config each reads),
-    whose line is then printed once."""
+    requeue (a small file each). False where another process recorded this very status and line
+    first: every process met the same bad input (a config each reads), whose line is then
+    printed once. A status that cannot be written (a full disk) is left out: the exit and its
+    line matter more."""
     path = os.environ.get(EXIT_STATUS_ENV)
     if not path:
         return True
     record = f"{code}\n{line}\n"
-    written = f"{path}.{os.getpid()}"
-    with open(written, "w") as fh:
-        fh.write(record)
     try:
-        os.link(written, path)  # the record appears whole, or not at all: another came first
+        if _write_first(path, record):
+            return True
+    except OSError:
+        return True
+    with contextlib.suppress(OSError), open(path) as fh:
+        return fh.read() != record
+    return True
+
+
+def _write_first(path: str, record: str) -> bool:
+    """Whether this process wrote `path`, whole: linked into place where the file system has
+    hard links, so that no process reads a record half-written, else created, then written."""
+    fd, written = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".status-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(record)
+        os.link(written, path)
     except FileExistsError:
-        with contextlib.suppress(OSError), open(path) as fh:
-            return fh.read() != record
+        return False
+    except OSError:  # no hard links here (some FUSE mounts)
+        try:
+            with open(path, "x") as fh:
+                fh.write(record)
+        except FileExistsError:
+            return False
     finally:
-        os.unlink(written)
+        with contextlib.suppress(OSError):
+            os.unlink(written)
     return True
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from common.errors import UserError, cli_main
+from common.errors import UserError, cli_main, sigterm_held
 from common.processes import children, kill_tree
 from common.status import (
     EXIT_PREEMPTED,
@@ -486,6 +486,34 @@ def test_the_first_status_recorded_stands(tmp_path, monkeypatch):
     assert not record_exit_status(2, "error: a")  # the same line from another process: not again
     assert record_exit_status(2, "error: b") and record_exit_status(EXIT_PREEMPTED)
     assert read_exit_status(str(tmp_path / "status")) == 2 and user_error_recorded()
+
+
+def test_a_status_is_recorded_without_hard_links_and_not_at_all_where_it_cannot_be(
+    tmp_path, monkeypatch
+):
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")  # as on some FUSE mounts
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setenv(EXIT_STATUS_ENV, str(tmp_path / "status"))
+    assert record_exit_status(2, "error: a") and not record_exit_status(2, "error: a")
+    assert read_exit_status(str(tmp_path / "status")) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["status"]  # no temporary file left
+    monkeypatch.setenv(EXIT_STATUS_ENV, str(tmp_path / "gone" / "status"))
+    assert record_exit_status(2, "error: a")  # the line is printed all the same
+
+
+def test_a_sigterm_between_recording_a_line_and_printing_it_waits_for_the_print():
+    taken = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: taken.append(signum))
+    try:
+        with sigterm_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert taken == []
+        assert taken == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_the_same_bad_input_met_by_every_process_is_printed_once(tmp_path, monkeypatch, capsys):
