@@ -31,11 +31,10 @@ def record_exit_status(code: int, line: str = "") -> bool:
     try:
         if _write_first(path, record):
             return True
-    except OSError:
+        with open(path) as fh:
+            return fh.read() != record
+    except OSError:  # not written, or not read back: the line is printed all the same
         return True
-    with contextlib.suppress(OSError), open(path) as fh:
-        return fh.read() != record
-    return True
 
 
 def _write_first(path: str, record: str) -> bool:
