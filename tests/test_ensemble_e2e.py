@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -416,8 +417,15 @@ def make_logits(paths: dict, nproc: int, *args: str, check: bool = True):
     """`make logits NPROC=` as a user runs it: its launch options are the Makefile's."""
     variables = [f"PY={sys.executable}", f"NPROC={nproc}", f"MODEL={paths['model']}"]
     variables.append("ARGS=" + shlex.join(args))
+    # Not a sub-make of `make test`: make[1] would name itself in the output a user never sees.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     proc = subprocess.run(
-        ["make", "-s", "logits", *variables], cwd=ROOT, capture_output=True, text=True, timeout=600
+        ["make", "-s", "logits", *variables],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"make logits exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
