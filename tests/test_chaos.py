@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from scripts.ops import chaos
 from scripts.ops.chaos import compare, schedule
 from tests.conftest import run_command
 
@@ -35,6 +36,36 @@ def test_the_schedule_meets_a_checkpoint_write_and_an_evaluation_in_run_order():
         modes = [mode for mode, _ in plan]
         assert modes.count("checkpoint") == 1 and modes.count("evaluation") == 1
         assert dict(plan)["evaluation"] in (9, 18)  # the last checkpoint before an epoch's end
+
+
+def test_a_kill_the_run_outran_is_tried_again_from_its_folder_as_it_was(tmp_path, monkeypatch):
+    """A busy machine can make the reference's pace a poor guide: the run ends before the kill."""
+    out = tmp_path / "killed"
+    checkpoints = out / chaos.MODEL / "checkpoints"
+    (checkpoints / "step_000000003").mkdir(parents=True)
+    starts, waits = [], []
+    outcomes = iter(["missed: the run ended first", "at random (newest complete: step 3)"])
+
+    def run_to_the_end(data, out_dir):
+        starts.append(sorted(p.name for p in checkpoints.iterdir()))
+        (checkpoints / "step_000000020").mkdir()
+
+    def kill(proc, run, mode, after, gap, rng):
+        waits.append(gap)
+        return next(outcomes)
+
+    monkeypatch.setattr(chaos, "start", run_to_the_end)
+    monkeypatch.setattr(chaos, "kill_once", kill)
+    where = chaos.kill_landing(tmp_path, out, "random", 3, 1.0, None)
+    assert where == "at random (newest complete: step 3) (try 2: the run outran the kill)"
+    assert starts == [["step_000000003"]] * 2 and waits == [1.0, 0.5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed"]
+
+    (checkpoints / "step_000000020").rmdir()  # the landed kill's start went to the end too
+    outcomes = iter(["missed: the run ended first"] * chaos.TRIES)
+    where = chaos.kill_landing(tmp_path, out, "random", 3, 1.0, None)
+    assert where == f"missed: the run ended first {chaos.TRIES} times"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000000003"]
 
 
 def fake_run(root, weight: float):
