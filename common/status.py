@@ -8,11 +8,20 @@ EXIT_STATUS_ENV and the training processes record their status there before exit
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 
 EXIT_USER_ERROR = 2  # bad input the user can fix; the one-line message says how
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; rerun to continue
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: a shell's status for a process ended by Ctrl-C
 EXIT_STATUS_ENV = "PIPELINE_EXIT_STATUS_FILE"
+
+
+@contextlib.contextmanager
+def launch_status_file() -> Iterator[str]:
+    """The file a launcher names in EXIT_STATUS_ENV for the processes it starts, in a folder of
+    its own removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="launch-status-") as folder:
+        yield os.path.join(folder, "exit_status")
 
 
 def record_exit_status(code: int, line: str = "") -> bool:

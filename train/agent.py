@@ -15,13 +15,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 from accelerate.commands.launch import main as accelerate_launch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from common.status import EXIT_STATUS_ENV, read_exit_status, user_error_recorded
+from common.status import (
+    EXIT_STATUS_ENV,
+    launch_status_file,
+    read_exit_status,
+    user_error_recorded,
+)
 
 # The agent's logger for a worker's failure and the SIGTERM it then sends the others.
 AGENT_LOG = "torch.distributed.elastic.multiprocessing.api"
@@ -41,8 +44,8 @@ def launch() -> int:
 def main() -> int:
     if os.environ.get(EXIT_STATUS_ENV):  # under train.launch, which reads the status itself
         return launch()
-    with tempfile.TemporaryDirectory(prefix="train-agent-") as folder:
-        os.environ[EXIT_STATUS_ENV] = status_file = str(Path(folder) / "exit_status")
+    with launch_status_file() as status_file:
+        os.environ[EXIT_STATUS_ENV] = status_file
         code = launch()
         recorded = read_exit_status(status_file)
     return recorded if code != 0 and recorded is not None else code

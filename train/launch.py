@@ -24,7 +24,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from common.processes import (
     process_tree,
     running,
 )
-from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, read_exit_status
+from common.status import EXIT_PREEMPTED, EXIT_STATUS_ENV, launch_status_file, read_exit_status
 from common.yamlio import load_yaml
 from train.config import CONFIG_DIR, load_config
 from train.stop import CTRL_C, write_stderr
@@ -133,8 +132,7 @@ def run(command: list[str], agent: bool) -> int:
     """Run the launcher in a session of its own, relaying stop signals to the training processes;
     exit with their own status where accelerate reports only 1 (or, under torchrun's agent, 0).
     `agent`: several processes, under torchrun's agent."""
-    with tempfile.TemporaryDirectory(prefix="train-launch-") as folder:
-        status_file = str(Path(folder) / "exit_status")
+    with launch_status_file() as status_file:
         code, relayed, interrupted = _run_relaying(
             command, {**os.environ, EXIT_STATUS_ENV: status_file}
         )
