@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -438,7 +439,9 @@ def test_two_process_logits_equal_one_process_logits_row_for_row(world):
     # rows must be bit-identical; shards of 5 and 4 val images test the uneven gather.
     args = ["name=tiny_1", "--batch-size", "1"]
     run_command("-m", "ensemble.logits", world["model"], *args, *common(world, "one"))
+    agent_logs = set(Path(tempfile.gettempdir()).glob("torchelastic*"))
     make_logits(world, 2, *args, *common(world, "two"))
+    assert set(Path(tempfile.gettempdir()).glob("torchelastic*")) == agent_logs  # none left
     one, two = world["base"] / "one" / "tiny_1", world["base"] / "two" / "tiny_1"
     for split in ("val", "test"):
         a, b = load(one / f"{split}.npz"), load(two / f"{split}.npz")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 
 from accelerate.commands.launch import main as accelerate_launch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -32,12 +33,17 @@ AGENT_LOG = "torch.distributed.elastic.multiprocessing.api"
 
 def launch() -> int:
     logging.getLogger(AGENT_LOG).addFilter(lambda record: not user_error_recorded())
-    try:
-        accelerate_launch()
-    except ChildFailedError:
-        if not user_error_recorded():
-            raise
-        return 1  # the launcher exits with the status recorded
+    # torchrun's agent makes a folder for its processes' logs in /tmp and leaves it behind, one a
+    # launch, empty unless asked to keep logs (`--log_dir`, `--tee`): here it is the launch's own.
+    with tempfile.TemporaryDirectory(prefix="torchelastic-") as logs:
+        if "--log_dir" not in sys.argv:
+            sys.argv[1:1] = ["--log_dir", logs]
+        try:
+            accelerate_launch()
+        except ChildFailedError:
+            if not user_error_recorded():
+                raise
+            return 1  # the launcher exits with the status recorded
     return 0
 
 
