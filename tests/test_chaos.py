@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import re
 import shutil
+import subprocess
 
 import pandas as pd
 import pytest
@@ -28,8 +30,6 @@ def test_ten_kills_including_checkpoint_writes_and_evaluation_are_all_survived()
 
 
 def test_the_schedule_meets_a_checkpoint_write_and_an_evaluation_in_run_order():
-    import random
-
     for seed in range(20):
         plan = schedule(10, random.Random(seed))
         assert len(plan) == 10 and [after for _, after in plan] == sorted(a for _, a in plan)
@@ -43,29 +43,38 @@ def test_a_kill_the_run_outran_is_tried_again_from_its_folder_as_it_was(tmp_path
     out = tmp_path / "killed"
     checkpoints = out / chaos.MODEL / "checkpoints"
     (checkpoints / "step_000000003").mkdir(parents=True)
-    starts, waits = [], []
+    starts, draws, status = [], [], [0]
     outcomes = iter(["missed: the run ended first", "at random (newest complete: step 3)"])
 
     def run_to_the_end(data, out_dir):
         starts.append(sorted(p.name for p in checkpoints.iterdir()))
         (checkpoints / "step_000000020").mkdir()
+        return subprocess.CompletedProcess([], status[0])
 
-    def kill(proc, run, mode, after, gap, rng):
-        waits.append(gap)
+    def kill(proc, run, mode, after, gap, draw):
+        draws.append(draw)
         return next(outcomes)
 
     monkeypatch.setattr(chaos, "start", run_to_the_end)
     monkeypatch.setattr(chaos, "kill_once", kill)
-    where = chaos.kill_landing(tmp_path, out, "random", 3, 1.0, None)
+    where = chaos.kill_landing(tmp_path, out, "random", 3, 1.0, random.Random(7))
     assert where == "at random (newest complete: step 3) (try 2: the run outran the kill)"
-    assert starts == [["step_000000003"]] * 2 and waits == [1.0, 0.5]
+    first = random.Random(7).random()
+    assert starts == [["step_000000003"]] * 2 and draws == [first, first / 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed"]
 
     (checkpoints / "step_000000020").rmdir()  # the landed kill's start went to the end too
     outcomes = iter(["missed: the run ended first"] * chaos.TRIES)
-    where = chaos.kill_landing(tmp_path, out, "random", 3, 1.0, None)
+    where = chaos.kill_landing(tmp_path, out, "random", 3, 1.0, random.Random(7))
     assert where == f"missed: the run ended first {chaos.TRIES} times"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000000003"]
+
+    # A run that fails is not tried again: the failure is the finding, its folder kept as it is.
+    status[0], outcomes = 1, iter(["missed: the run ended first"])
+    where = chaos.kill_landing(tmp_path, out, "random", 3, 1.0, random.Random(7))
+    assert where == f"failed: the run exited 1; see {out / 'log.txt'}"
+    assert len(starts) == 2 + chaos.TRIES + 1 and (checkpoints / "step_000000020").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed"]
 
 
 def fake_run(root, weight: float):

@@ -6,7 +6,7 @@ it after each kill (a rerun resumes). The moments are drawn from `--seed`: one w
 checkpoint folder is being written, one during an evaluation, the rest a random time after a
 random checkpoint (loading data, a step, a write, an evaluation, or the resume itself). A kill
 the run outran (a busy machine makes the reference's pace a poor guide) is tried again from the
-run folder as it was before that start, with half the random wait, at most three times. Then
+run folder as it was before that start, its wait halved each time, at most three times. Then
 every checkpoint both runs kept is compared file by file: student and teacher weights, optimiser,
 scheduler and loop state, and every process's RNG snapshot, bit for bit; metrics.csv too, timing
 aside. Prints "kills survived: N/N" (N/N only when everything matched) and exits 1 otherwise.
@@ -136,8 +136,11 @@ def schedule(kills: int, rng: random.Random) -> list[tuple[str, int]]:
     return sorted(plan, key=lambda item: item[1])
 
 
-def kill_once(proc: subprocess.Popen, run: Path, mode: str, after: int, gap: float, rng) -> str:
-    """Wait for checkpoint `after`, then kill as `mode` says; returns where the kill landed."""
+def kill_once(
+    proc: subprocess.Popen, run: Path, mode: str, after: int, gap: float, draw: float
+) -> str:
+    """Wait for checkpoint `after`, then kill as `mode` says; returns where the kill landed.
+    `draw` in [0, 1): where in its window of time a kill in evaluation or at random falls."""
     if not wait_until(proc, lambda: newest(run) >= after):
         return "missed: the run ended first"
     if mode == "checkpoint":
@@ -150,9 +153,9 @@ def kill_once(proc: subprocess.Popen, run: Path, mode: str, after: int, gap: flo
         trainer = set(children(proc.pid))
         if not wait_until(proc, lambda: set(children(proc.pid)) - trainer):
             return "missed: the run ended first"
-        time.sleep(rng.uniform(0, 0.3))
+        time.sleep(0.3 * draw)
     else:
-        time.sleep(rng.uniform(0, 1.5 * gap))
+        time.sleep(1.5 * gap * draw)
     if proc.poll() is not None:
         return "missed: the run ended first"
     proc.kill()
@@ -164,18 +167,23 @@ def kill_once(proc: subprocess.Popen, run: Path, mode: str, after: int, gap: flo
 
 
 def kill_landing(data: Path, out: Path, mode: str, after: int, gap: float, rng) -> str:
-    """Start the run and kill it as planned; a run that ends first is put back as it was before
-    that start and tried again with half the random wait (the kill then says which try landed)."""
+    """Start the run and kill it as planned. A run that ends first, cleanly, is put back as it was
+    before that start and tried again with its wait halved (the kill then says which try landed);
+    one that fails is reported as such, its folder left to inspect."""
     run, before = out / MODEL, out.with_name(out.name + "-before")
+    draw = rng.random()  # one a kill: retries leave the later kills' draws as the seed gives them
     try:
         for attempt in range(TRIES):
             shutil.rmtree(before, ignore_errors=True)
             if run.exists():
                 shutil.copytree(run, before)
-            where = kill_once(start(data, out), run, mode, after, gap / 2**attempt, rng)
+            proc = start(data, out)
+            where = kill_once(proc, run, mode, after, gap, draw / 2**attempt)
             if not where.startswith("missed"):
                 return where + (f" (try {attempt + 1}: the run outran the kill)" if attempt else "")
-            shutil.rmtree(run)
+            if proc.returncode != 0:
+                return f"failed: the run exited {proc.returncode}; see {out / 'log.txt'}"
+            shutil.rmtree(run, ignore_errors=True)
             if before.exists():
                 before.rename(run)
         return f"{where} {TRIES} times"
@@ -189,7 +197,7 @@ def chaos(data: Path, out: Path, kills: int, gap: float, rng: random.Random) -> 
     landed = 0
     for i, (mode, after) in enumerate(schedule(kills, rng), start=1):
         where = kill_landing(data, out, mode, after, gap, rng)
-        landed += not where.startswith("missed")
+        landed += not where.startswith(("missed", "failed"))
         print(f"kill {i}/{kills} ({mode}, after step {after}): {where}", flush=True)
     proc = start(data, out)
     if proc.wait() != 0:
