@@ -97,6 +97,24 @@ def test_every_machines_options_parse_under_accelerates_own_launch_command(monke
         assert parsed.training_script_args == ["effnet_b7"]
 
 
+def test_the_agents_log_folder_is_the_launchs_own_unless_logs_are_asked_for():
+    """The folder train/agent.py names with `--log_dir` parses as accelerate's option; a user's
+    `--tee` or log folder keeps torchrun's own behaviour. Options after the module are its own."""
+    from accelerate.commands.launch import launch_command_parser
+
+    parsed = launch_command_parser().parse_args(["--log_dir", "/logs", "-m", "train", "demo"])
+    assert parsed.log_dir == "/logs" and parsed.training_script_args == ["demo"]
+    for options in (
+        ["--tee", "3"],
+        ["-t", "3"],
+        ["--log_dir=/mine"],
+        ["--quiet", "--log_dir", "x"],
+    ):
+        assert agent.asks_for_logs([*options, "-m", "ensemble.logits", "tiny.yaml"]), options
+    for options in ([], ["--quiet", "--num_processes", "2"]):
+        assert not agent.asks_for_logs([*options, "-m", "train", "demo", "--log_dir", "x"])
+
+
 def test_a_users_cpu_config_with_several_processes_is_corrected(tmp_path):
     user = tmp_path / "mine.yaml"
     user.write_text("distributed_type: 'NO'\nuse_cpu: true\nnum_processes: 2\n")

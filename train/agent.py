@@ -31,12 +31,19 @@ from common.status import (
 AGENT_LOG = "torch.distributed.elastic.multiprocessing.api"
 
 
+def asks_for_logs(argv: list[str]) -> bool:
+    """Whether `accelerate launch` options (those before the module or script) name a log folder
+    or ask for the processes' output in files."""
+    options = argv[: argv.index("-m")] if "-m" in argv else argv
+    return any(arg.split("=")[0] in ("--log_dir", "--tee", "-t") for arg in options)
+
+
 def launch() -> int:
     logging.getLogger(AGENT_LOG).addFilter(lambda record: not user_error_recorded())
     # torchrun's agent makes a folder for its processes' logs in /tmp and leaves it behind, one a
-    # launch, empty unless asked to keep logs (`--log_dir`, `--tee`): here it is the launch's own.
-    with tempfile.TemporaryDirectory(prefix="torchelastic-") as logs:
-        if "--log_dir" not in sys.argv:
+    # launch, empty unless logs are asked for: then it stays where they go, else it is the launch's.
+    with tempfile.TemporaryDirectory(prefix="torchelastic-", ignore_cleanup_errors=True) as logs:
+        if not asks_for_logs(sys.argv[1:]):
             sys.argv[1:1] = ["--log_dir", logs]
         try:
             accelerate_launch()
